@@ -1,0 +1,124 @@
+"""GPT-2's layers as pure functions.
+
+Each function's signature names exactly the parameters it needs, so a block's
+dict unpacks into it with ``**`` (as in picoGPT). Shapes: ``B`` batch, ``T``
+new tokens, ``D`` model width, ``H`` heads, ``hd = D // H``, ``L`` cache length.
+
+The only side effect anywhere is attention writing the new keys/values into the
+preallocated KV cache it is handed (see :mod:`gpt2fn.cache`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+
+from gpt2fn.cache import LayerKV
+from gpt2fn.errors import GPT2FnError
+
+Tensor = torch.Tensor
+AttentionBackend = Literal["manual", "sdpa"]
+ATTENTION_BACKENDS: tuple[str, ...] = ("manual", "sdpa")
+
+
+def gelu(x: Tensor) -> Tensor:
+    """GPT-2's GELU, the tanh approximation:
+    ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``."""
+    return F.gelu(x, approximate="tanh")
+
+
+def layer_norm(x: Tensor, g: Tensor, b: Tensor, eps: float = 1e-5) -> Tensor:
+    """``(x - mean) / sqrt(var + eps) * g + b`` over the last dim. x: [..., D]."""
+    return F.layer_norm(x, (x.shape[-1],), g, b, eps)
+
+
+def linear(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """``x @ w.T + b``. x: [..., in], w: [out, in], b: [out] -> [..., out]."""
+    return F.linear(x, w, b)
+
+
+def mlp(x: Tensor, c_fc: dict, c_proj: dict) -> Tensor:
+    """Position-wise feed-forward: [B, T, D] -> [B, T, 4D] -> [B, T, D]."""
+    return linear(gelu(linear(x, **c_fc)), **c_proj)
+
+
+# ``block`` receives the MLP's parameters as an argument named ``mlp`` (the key
+# in the params dict), which shadows the function inside it; this alias reaches it.
+_mlp = mlp
+
+
+def causal_mask(pos: Tensor, n_keys: int) -> Tensor:
+    """Boolean [T, n_keys]: query at position ``pos[i]`` may see key ``j`` iff ``j <= pos[i]``."""
+    return torch.arange(n_keys, device=pos.device)[None, :] <= pos[:, None]
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, backend: str) -> Tensor:
+    """Masked softmax attention. q: [B, H, T, hd]; k, v: [B, H, S, hd];
+    mask: bool [T, S] (True = may attend) -> [B, H, T, hd].
+
+    "manual" spells the computation out; "sdpa" hands it to PyTorch's fused
+    ``scaled_dot_product_attention``. Both compute the same function.
+    """
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if backend == "manual":
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # [B, H, T, S]
+        scores = scores.masked_fill(~mask, float("-inf"))
+        # softmax in fp32: exp() of reduced-precision scores loses the small weights
+        probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+        return probs @ v
+    raise GPT2FnError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
+
+
+def attention(
+    x: Tensor,
+    c_attn: dict,
+    c_proj: dict,
+    *,
+    n_head: int,
+    pos: Tensor,
+    kv: Optional[LayerKV] = None,
+    backend: AttentionBackend = "sdpa",
+) -> Tensor:
+    """Causal multi-head self-attention. x: [B, T, D] -> [B, T, D].
+
+    ``pos`` ([T], int64) gives the absolute position of each of the T tokens.
+    Without a cache (``kv=None``) the T tokens attend among themselves, so
+    ``pos`` must be ``0..T-1``. With a cache, their keys/values are first
+    written into ``kv`` at ``pos`` (in place), then the queries attend over the
+    whole cache, masked to positions ``<= pos``; the shapes never depend on how
+    much of the cache is filled.
+    """
+    B, T, D = x.shape
+    hd = D // n_head
+    q, k, v = linear(x, **c_attn).split(D, dim=-1)  # 3 x [B, T, D]
+    q, k, v = (t.view(B, T, n_head, hd).transpose(1, 2) for t in (q, k, v))  # [B, H, T, hd]
+    if kv is not None:
+        k_cache, v_cache = kv
+        k_cache.index_copy_(2, pos, k)
+        v_cache.index_copy_(2, pos, v)
+        k, v = k_cache, v_cache  # [B, H, L, hd]
+    y = attend(q, k, v, causal_mask(pos, k.shape[2]), backend)  # [B, H, T, hd]
+    return linear(y.transpose(1, 2).reshape(B, T, D), **c_proj)
+
+
+def block(
+    x: Tensor,
+    ln_1: dict,
+    attn: dict,
+    ln_2: dict,
+    mlp: dict,
+    *,
+    n_head: int,
+    eps: float,
+    pos: Tensor,
+    kv: Optional[LayerKV] = None,
+    backend: AttentionBackend = "sdpa",
+) -> Tensor:
+    """One pre-LayerNorm transformer block. x: [B, T, D] -> [B, T, D]."""
+    x = x + attention(layer_norm(x, **ln_1, eps=eps), **attn, n_head=n_head, pos=pos, kv=kv, backend=backend)
+    x = x + _mlp(layer_norm(x, **ln_2, eps=eps), **mlp)
+    return x

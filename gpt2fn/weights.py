@@ -1,0 +1,261 @@
+"""Getting parameters in and out of files. Safetensors only: nothing here
+unpickles, so a weights file cannot run code.
+
+* :func:`load_pretrained` takes a Hugging Face hub name (gpt2, gpt2-medium,
+  gpt2-large, gpt2-xl, or an ``owner/repo`` id), a local directory in the
+  Hugging Face layout (``config.json`` + ``model.safetensors``, possibly
+  sharded), or a ``.safetensors`` file (the project's own format, or a Hugging
+  Face file with ``config.json`` beside it).
+* :func:`save_params` / :func:`load_params` are the project's own format: the
+  flattened params dict with the config in the file's metadata, so a converted
+  or trained model is one self-describing file (kept under ``weights/``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from gpt2fn.config import PRESETS, GPTConfig
+from gpt2fn.errors import GPT2FnError
+from gpt2fn.params import Params, flatten_params, map_params, param_shapes, unflatten_params
+
+# Hugging Face repositories of the four released sizes.
+HUB_REPOS: dict[str, str] = {name: f"openai-community/{name}" for name in PRESETS}
+# Files a snapshot needs: weights, config, and the tokenizer's vocab/merges.
+HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "vocab.json", "merges.txt"]
+CONFIG_METADATA_KEY = "gpt2fn_config"
+
+
+# ----------------------------------------------------------------------------- finding files
+
+
+def resolve_model(name_or_path: str | os.PathLike, revision: Optional[str] = None) -> Path:
+    """A local file or directory holding the model: the path itself if it
+    exists, else a snapshot downloaded from (or already cached from) the Hub.
+
+    Downloads go to huggingface_hub's normal cache (``HF_HOME``/``HF_HUB_CACHE``),
+    with its progress bars; ``HF_HUB_OFFLINE=1`` uses the cache only.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    name = str(name_or_path)
+    if name in HUB_REPOS:
+        repo_id = HUB_REPOS[name]
+    elif name.count("/") == 1 and not name.startswith((".", "/")) and not name.endswith(".safetensors"):
+        repo_id = name  # an explicit "owner/repo" on the Hub
+    else:
+        raise GPT2FnError(
+            f"unknown model {name!r}: use one of {', '.join(HUB_REPOS)}, a Hub id 'owner/repo', "
+            "a directory with config.json + model.safetensors, or a .safetensors file"
+        )
+    return Path(_download_snapshot(repo_id, revision))
+
+
+def _download_snapshot(repo_id: str, revision: Optional[str]) -> str:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES)
+    except RevisionNotFoundError:
+        raise GPT2FnError(f"the Hub repo {repo_id} has no revision {revision!r}; check the name") from None
+    except RepositoryNotFoundError:
+        raise GPT2FnError(f"the Hub has no model {repo_id!r} (or it is private); check the name") from None
+    except LocalEntryNotFoundError:
+        raise GPT2FnError(
+            f"{repo_id} is not in the local Hugging Face cache and the Hub cannot be reached "
+            "(offline or HF_HUB_OFFLINE=1); connect once to download it, point HF_HOME at a cache "
+            "that has it, or pass a local directory"
+        ) from None
+    except OSError as e:  # network failures surface as OSError subclasses
+        raise GPT2FnError(f"could not download {repo_id} from the Hub: {_one_line(e)}") from None
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+# ----------------------------------------------------------------------------- reading safetensors
+
+
+def _read_safetensors(path: Path, keep=lambda name: True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors (that ``keep`` accepts) and the metadata of one file."""
+    if not path.is_file():
+        raise GPT2FnError(f"weights file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys() if keep(name)}
+    except SafetensorError as e:
+        raise GPT2FnError(
+            f"{path} is not a valid safetensors file ({_one_line(e)}); it may be truncated or corrupt: "
+            "download or save it again"
+        ) from None
+    return tensors, metadata
+
+
+def _hf_weight_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [directory / s for s in shards]
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if (directory / "pytorch_model.bin").exists():
+        raise GPT2FnError(
+            f"{directory} has only pytorch_model.bin (a pickle, which gpt2fn never loads); "
+            "convert it to model.safetensors first"
+        )
+    raise GPT2FnError(f"{directory} has no model.safetensors; it is not a Hugging Face GPT-2 checkpoint")
+
+
+def read_hf_config(directory: Path) -> GPTConfig:
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise GPT2FnError(f"{directory} has no config.json; a Hugging Face checkpoint needs one beside its weights")
+    try:
+        hf = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GPT2FnError(f"{config_path} is not valid JSON ({_one_line(e)})") from None
+    return GPTConfig.from_hf(hf)
+
+
+# ----------------------------------------------------------------------------- Hugging Face layout
+
+
+def _hf_is_buffer(name: str) -> bool:
+    # the causal-mask buffers some checkpoints carry; not parameters
+    return name.endswith((".attn.bias", ".attn.masked_bias"))
+
+
+def hf_name(name: str) -> str:
+    """Our dotted name -> the Hugging Face one (without ``transformer.``):
+    ``blocks.3.attn.c_attn.w`` -> ``h.3.attn.c_attn.weight``, ``wte`` -> ``wte.weight``."""
+    if name in ("wte", "wpe"):
+        return name + ".weight"
+    *path, leaf = name.removeprefix("blocks.").split(".")
+    prefix = "h." if name.startswith("blocks.") else ""
+    return prefix + ".".join(path) + {"w": ".weight", "g": ".weight", "b": ".bias"}[leaf]
+
+
+def _is_conv1d(name: str) -> bool:
+    # every linear weight of GPT-2 is a Conv1D in the reference: stored [in, out]
+    return name.endswith(".w")
+
+
+def params_from_hf(state: dict[str, torch.Tensor], config: GPTConfig) -> Params:
+    """Map a Hugging Face GPT-2 state dict (``GPT2LMHeadModel`` or
+    ``GPT2Model`` names, with or without the ``transformer.`` prefix, with or
+    without the attention-mask buffers) to the params dict."""
+    state = {k.removeprefix("transformer."): v for k, v in state.items() if not _hf_is_buffer(k)}
+    lm_head = state.pop("lm_head.weight", None)
+    shapes = param_shapes(config)
+    expected = {hf_name(n): (s[::-1] if _is_conv1d(n) else s) for n, s in shapes.items()}
+    _check_names_and_shapes(state, expected)
+    if lm_head is not None and not torch.equal(lm_head, state["wte.weight"]):
+        raise GPT2FnError("the checkpoint's lm_head differs from wte (untied); gpt2fn's LM head is tied to wte")
+    flat = {}
+    for name in shapes:
+        t = state[hf_name(name)]
+        flat[name] = t.T.contiguous() if _is_conv1d(name) else t
+    return unflatten_params(flat)
+
+
+def _check_names_and_shapes(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise GPT2FnError(f"the checkpoint lacks {len(missing)} weights the config needs, e.g. {missing[:3]}")
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise GPT2FnError(f"the checkpoint has {len(unexpected)} weights the config does not, e.g. {unexpected[:3]}")
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != shape:
+            raise GPT2FnError(
+                f"weight {name} has shape {tuple(state[name].shape)} but the config needs {shape}; "
+                "the config and the weights do not belong together"
+            )
+
+
+def load_hf_checkpoint(directory: Path, weights: Optional[Iterable[Path]] = None) -> tuple[Params, GPTConfig]:
+    config = read_hf_config(directory)
+    state: dict[str, torch.Tensor] = {}
+    for file in weights or _hf_weight_files(directory):
+        tensors, _ = _read_safetensors(file, keep=lambda name: not _hf_is_buffer(name))
+        state.update(tensors)
+    return params_from_hf(state, config), config
+
+
+# ----------------------------------------------------------------------------- the project's own format
+
+
+def save_params(params: Params, config: GPTConfig, path: str | os.PathLike) -> Path:
+    """Write params + config to one safetensors file, atomically: a temporary
+    file in the same directory renamed over the target, so a crash never
+    leaves a half-written file under the real name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flat = {name: t.detach().contiguous().cpu() for name, t in flatten_params(params).items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(flat, tmp, metadata={"format": "pt", CONFIG_METADATA_KEY: config.to_json()})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_params(path: str | os.PathLike) -> tuple[Params, GPTConfig]:
+    """Read a file written by :func:`save_params`."""
+    path = Path(path)
+    flat, metadata = _read_safetensors(path)
+    if CONFIG_METADATA_KEY not in metadata:
+        raise GPT2FnError(f"{path} has no gpt2fn config in its metadata; it was not written by save_params")
+    try:
+        config = GPTConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise GPT2FnError(f"{path} has a corrupt config in its metadata ({_one_line(e)})") from None
+    _check_names_and_shapes(flat, param_shapes(config))
+    return unflatten_params(flat), config
+
+
+# ----------------------------------------------------------------------------- one entry point
+
+
+def load_pretrained(
+    name_or_path: str | os.PathLike,
+    *,
+    revision: Optional[str] = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> tuple[Params, GPTConfig]:
+    """Load a model from anything :func:`resolve_model` understands.
+    Returns ``(params, config)`` with params cast to ``dtype`` on ``device``."""
+    path = resolve_model(name_or_path, revision)
+    if path.is_dir():
+        params, config = load_hf_checkpoint(path)
+    elif path.suffix == ".safetensors":
+        _, metadata = _read_safetensors(path, keep=lambda name: False)
+        if CONFIG_METADATA_KEY in metadata:
+            params, config = load_params(path)
+        else:  # a Hugging Face weights file: its config.json must sit beside it
+            params, config = load_hf_checkpoint(path.parent, weights=[path])
+    else:
+        raise GPT2FnError(f"{path} is neither a directory nor a .safetensors file")
+    return map_params(lambda t: t.to(device=device, dtype=dtype), params), config
