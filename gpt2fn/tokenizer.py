@@ -15,12 +15,13 @@ does), so a mismatched pair of files is refused rather than mis-tokenizing.
 
 from __future__ import annotations
 
+import codecs
 import functools
 import hashlib
 import importlib.util
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Iterator, Optional
 
 import tiktoken
 from tiktoken_ext.openai_public import r50k_pat_str
@@ -128,3 +129,17 @@ def encode(tokenizer: tiktoken.Encoding, text: str) -> list[int]:
 
 def decode(tokenizer: tiktoken.Encoding, ids: list[int]) -> str:
     return tokenizer.decode(ids)
+
+
+def decode_stream(tokenizer: tiktoken.Encoding, ids: Iterable[int]) -> Iterator[str]:
+    """Decode tokens one at a time as they arrive, yielding text as soon as it
+    is complete UTF-8: a character split across tokens (emoji, CJK) is held
+    back until its last byte arrives instead of printing as a replacement."""
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in ids:
+        text = utf8.decode(tokenizer.decode_single_token_bytes(token))
+        if text:
+            yield text
+    tail = utf8.decode(b"", final=True)
+    if tail:
+        yield tail

@@ -76,7 +76,7 @@ def _download_snapshot(repo_id: str, revision: Optional[str]) -> str:
         raise GPT2FnError(f"the Hub has no model {repo_id!r} (or it is private); check the name") from None
     except LocalEntryNotFoundError:
         raise GPT2FnError(
-            f"{repo_id} is not in the local Hugging Face cache and the Hub cannot be reached "
+            f"{repo_id}{f' at revision {revision}' if revision else ''} is not in the local Hugging Face cache and the Hub cannot be reached "
             "(offline or HF_HUB_OFFLINE=1); connect once to download it, point HF_HOME at a cache "
             "that has it, or pass a local directory"
         ) from None

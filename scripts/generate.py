@@ -1,0 +1,116 @@
+#!/usr/bin/env python
+"""Generate text with GPT-2, streaming it as it is made, then report timings.
+
+    python scripts/generate.py --prompt "Hello, I'm a language model," --max_tokens 50
+
+Prints the prompt and the continuation on stdout; prefill time, decode time
+and decode tokens/s on stderr. Bad input gets one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+
+import torch
+
+from gpt2fn.device import DTYPES, resolve_device, resolve_dtype
+from gpt2fn.errors import GPT2FnError
+from gpt2fn.generation import generate
+from gpt2fn.layers import ATTENTION_BACKENDS
+from gpt2fn.model import check_sequence_fits
+from gpt2fn.sampling import check_sampling_args
+from gpt2fn.tokenizer import ENDOFTEXT_ID, decode_stream, encode, get_tokenizer
+from gpt2fn.weights import load_pretrained, resolve_model
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--model", default="gpt2",
+                   help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hub id, a checkpoint directory or a .safetensors file")
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) for Hub models")
+    p.add_argument("--kvcaching", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode against the preallocated KV cache (default: on; --no-kvcaching recomputes "
+                        "the whole sequence every step)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda if present; default)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="parameter dtype (default float32)")
+    p.add_argument("--attention", default="sdpa", choices=ATTENTION_BACKENDS,
+                   help="sdpa (fused, default) or manual (softmax(QK^T/sqrt(d))V spelled out)")
+    p.add_argument("--max_tokens", type=int, default=50, help="new tokens to generate (default 50)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    p.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens (0 = off, default)")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus: smallest set with mass >= p (1 = off, default)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, printed at the end)")
+    p.add_argument("--ignore_eot", action="store_true", help="keep going past <|endoftext|>")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; bad input prints one ``error: ...`` line and returns 2."""
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except GPT2FnError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+def run(args: argparse.Namespace) -> int:
+    # Check everything that is cheap to check before loading any weights.
+    check_sampling_args(args.temperature, args.top_k, args.top_p)
+    if not args.prompt:
+        raise GPT2FnError("the prompt is empty; pass some text with --prompt")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype)
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+
+    model_path = resolve_model(args.model, args.revision)
+    tokenizer = get_tokenizer(model_path)
+    prompt_ids = encode(tokenizer, args.prompt)
+    params, config = load_pretrained(model_path, dtype=dtype, device=device)
+    check_sequence_fits(config, len(prompt_ids), args.max_tokens)
+
+    stream = generate(
+        params, config, torch.tensor([prompt_ids]), args.max_tokens,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        generator=torch.Generator(device).manual_seed(seed),
+        use_cache=args.kvcaching, attention=args.attention,
+        stop_token=None if args.ignore_eot else ENDOFTEXT_ID,
+    )  # fmt: skip
+    stats = None
+
+    def tokens():
+        nonlocal stats
+        try:
+            while True:
+                yield int(next(stream)[0])
+        except StopIteration as end:
+            stats = end.value
+
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    for text in decode_stream(tokenizer, tokens()):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+    mode = "kv-cache" if args.kvcaching else "no cache"
+    print(
+        f"[{args.model} {args.dtype} on {device}, {mode}, {args.attention} attention, seed {seed}] "
+        f"prompt {stats.n_prompt} tokens, generated {stats.n_new}\n"
+        f"prefill: {stats.prefill_s * 1000:.1f} ms ({stats.n_prompt / stats.prefill_s:.1f} tokens/s)\n"
+        f"decode:  {stats.decode_s * 1000:.1f} ms for {stats.decode_tokens} tokens "
+        f"({stats.decode_tokens_per_s:.1f} tokens/s)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

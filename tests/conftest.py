@@ -1,0 +1,68 @@
+"""Shared fixtures: Hugging Face checkpoints written by ``transformers`` itself
+(the test-only reference), with every parameter randomised so that no bias is
+zero and no LayerNorm gain is one (those would hide layout mistakes)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SMALL = dict(n_layer=2, n_head=4, n_embd=64, n_positions=128)
+GPT2_124M = dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024)
+
+
+@dataclass
+class Reference:
+    directory: Path  # config.json + model.safetensors, as save_pretrained writes them
+    model: "torch.nn.Module"  # transformers.GPT2LMHeadModel in eval mode, fp32
+
+
+def randomise_(model: torch.nn.Module, seed: int, weight_std: float) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if ".ln_" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * noise)
+            elif name.endswith("bias") or ".ln_" in name:
+                p.copy_(0.02 * noise)
+            else:
+                p.copy_(weight_std * noise)
+
+
+def make_reference(directory: Path, shape: dict, seed: int = 0, weight_std: float = 0.02) -> Reference:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(**shape)).eval()
+    randomise_(model, seed, weight_std)
+    model.save_pretrained(directory)  # safetensors, tied lm_head omitted: the real format
+    return Reference(directory, model)
+
+
+@pytest.fixture(scope="session")
+def small_ref(tmp_path_factory) -> Reference:
+    # wider weights than GPT-2's 0.02 so that 2 layers make peaked, input-dependent logits
+    return make_reference(tmp_path_factory.mktemp("small"), SMALL, seed=1, weight_std=0.1)
+
+
+@pytest.fixture(scope="session")
+def gpt2_ref(tmp_path_factory) -> Reference:
+    return make_reference(tmp_path_factory.mktemp("gpt2_124m"), GPT2_124M, seed=2, weight_std=0.02)
+
+
+@pytest.fixture(scope="session")
+def generate_cli():
+    """scripts/generate.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("generate_cli", ROOT / "scripts" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["generate_cli"] = module
+    spec.loader.exec_module(module)
+    return module

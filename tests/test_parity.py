@@ -1,0 +1,127 @@
+"""Exactness against the reference (transformers' GPT-2) and the internal
+equivalences: cache vs no cache, manual vs SDPA attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpt2fn import forward, generate_all, load_pretrained, make_cache
+from gpt2fn.config import GPTConfig
+from gpt2fn.model import decode_step
+
+TOL = 1e-5
+
+
+def prompt_ids(config: GPTConfig, batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def small(small_ref):
+    return load_pretrained(small_ref.directory)
+
+
+@pytest.fixture(scope="module")
+def gpt2(gpt2_ref):
+    return load_pretrained(gpt2_ref.directory)
+
+
+@pytest.mark.parametrize("attention", ["manual", "sdpa"])
+@pytest.mark.parametrize("which", ["small", "gpt2"])
+def test_logits_match_reference(which, attention, request):
+    ref = request.getfixturevalue(f"{which}_ref")
+    params, config = request.getfixturevalue(which)
+    tokens = prompt_ids(config, batch=2, length=64 if which == "gpt2" else 100)
+    with torch.no_grad():
+        expected = ref.model(tokens).logits
+    got = forward(params, config, tokens, attention=attention)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= TOL
+
+
+def test_logits_match_reference_over_the_full_context(small, small_ref):
+    params, config = small
+    tokens = prompt_ids(config, batch=1, length=config.n_ctx, seed=3)
+    with torch.no_grad():
+        expected = small_ref.model(tokens).logits
+    assert (forward(params, config, tokens) - expected).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("which", ["small", "gpt2"])
+def test_greedy_generation_is_token_identical_to_reference(which, request):
+    ref = request.getfixturevalue(f"{which}_ref")
+    params, config = request.getfixturevalue(which)
+    prompt = prompt_ids(config, batch=1, length=7, seed=5)
+    n_new = 64
+    with torch.no_grad():
+        expected = ref.model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new, min_new_tokens=n_new,
+            do_sample=False, pad_token_id=0,
+        )[0, prompt.shape[1]:]  # fmt: skip
+    for use_cache in (True, False):
+        got, stats = generate_all(params, config, prompt, n_new, temperature=0, use_cache=use_cache)
+        assert stats.n_new == n_new
+        assert got[0].tolist() == expected.tolist()
+    # the output must not be degenerate, or identity would prove little
+    assert len(set(expected.tolist())) > 8
+
+
+@pytest.mark.parametrize("attention", ["manual", "sdpa"])
+def test_cached_decode_equals_full_recompute_at_every_step(small, attention):
+    params, config = small
+    B, T, steps = 2, 9, 40
+    tokens = prompt_ids(config, B, T + steps, seed=7)
+    full = forward(params, config, tokens, attention=attention)  # [B, T+steps, V], no cache
+    cache = make_cache(config, B, T + steps)
+    prefill = forward(params, config, tokens[:, :T], cache, torch.arange(T), attention)
+    assert (prefill - full[:, :T]).abs().max().item() <= TOL
+    for t in range(T, T + steps):
+        logits = decode_step(params, config, tokens[:, t], cache, torch.tensor([t]), attention)
+        assert (logits - full[:, t]).abs().max().item() <= TOL, f"step {t}"
+
+
+def test_manual_and_sdpa_attention_agree(gpt2):
+    params, config = gpt2
+    tokens = prompt_ids(config, 1, 48, seed=11)
+    manual = forward(params, config, tokens, attention="manual")
+    sdpa = forward(params, config, tokens, attention="sdpa")
+    assert (manual - sdpa).abs().max().item() <= TOL
+    caches = [make_cache(config, 1, 64) for _ in range(2)]
+    for cache, backend in zip(caches, ("manual", "sdpa")):
+        forward(params, config, tokens, cache, torch.arange(48), backend)
+    outs = [decode_step(params, config, tokens[:, 0], c, torch.tensor([48]), b) for c, b in zip(caches, ("manual", "sdpa"))]
+    assert (outs[0] - outs[1]).abs().max().item() <= TOL
+
+
+def test_cache_is_written_in_place_and_never_reallocated(small):
+    params, config = small
+    T, L = 5, 12
+    cache = make_cache(config, 1, L)
+    assert isinstance(cache, tuple) and len(cache) == config.n_layer
+    assert all(isinstance(kv, tuple) and len(kv) == 2 for kv in cache)
+    pointers = [t.data_ptr() for kv in cache for t in kv]
+    tokens = prompt_ids(config, 1, T + 3, seed=13)
+    forward(params, config, tokens[:, :T], cache, torch.arange(T))
+    for t in range(T, T + 3):
+        decode_step(params, config, tokens[:, t], cache, torch.tensor([t]))
+    assert [t.data_ptr() for kv in cache for t in kv] == pointers
+    for k, v in cache:
+        assert k.shape == (1, config.n_head, L, config.head_dim)
+        # positions 0..T+2 were written, the rest is untouched
+        assert k[:, :, : T + 3].abs().sum() > 0 and v[:, :, : T + 3].abs().sum() > 0
+        assert k[:, :, T + 3 :].abs().sum() == 0 and v[:, :, T + 3 :].abs().sum() == 0
+
+
+def test_cache_holds_the_reference_keys_and_values(small, small_ref):
+    params, config = small
+    T = 6
+    tokens = prompt_ids(config, 1, T, seed=17)
+    cache = make_cache(config, 1, 8)
+    forward(params, config, tokens, cache, torch.arange(T))
+    with torch.no_grad():
+        past = small_ref.model(tokens, use_cache=True).past_key_values
+    for layer, (k, v) in enumerate(cache):
+        ref_k, ref_v = past.layers[layer].keys, past.layers[layer].values
+        assert (k[:, :, :T] - ref_k).abs().max().item() <= TOL
+        assert (v[:, :, :T] - ref_v).abs().max().item() <= TOL

@@ -1,0 +1,103 @@
+"""The offline tiktoken GPT-2 BPE against the reference tokenizer
+(transformers' GPT2TokenizerFast on the same files)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from gpt2fn import GPT2FnError, decode, encode, get_tokenizer
+from gpt2fn import tokenizer as tok
+from gpt2fn.tokenizer import ENDOFTEXT_ID, decode_stream
+
+SAMPLES = [
+    "Hello, world!",
+    "It's, I'm, you're, we've, they'd, she'll, don't",
+    "The  quick   brown\tfox\n\n\njumps    over\r\nthe lazy dog.  ",
+    "   leading and trailing spaces   ",
+    "\n\n\n\n",
+    "Ünïcödé: naïve café, Straße, Ελληνικά, русский, 日本語のテキスト, 한국어, العربية",
+    "emoji 😀👍🏽👨‍👩‍👧‍👦 🇫🇷 and ✨ sparkles",
+    "def f(x):\n    return {'a': [1, 2, 3]}  # comment\n\tif x != 0: pass",
+    "Numbers: 3.14159, 1,000,000, 2024-11-21, 0x1F, 1e-5, 123456789012345",
+    "<|endoftext|>The end.<|endoftext|>",
+    "URLs https://example.com/path?q=1&r=2 and e-mail a.b@c.org",
+    "",
+    " ",
+    "a" * 300,
+    "Mixed CASE and ALLCAPS and camelCase and snake_case_words",
+]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The reference tokenizer on the very same files, laid out as a Hub snapshot."""
+    from transformers import GPT2TokenizerFast
+
+    vocab, merges = tok._packaged_files()
+    d = tmp_path_factory.mktemp("hf_tokenizer")
+    shutil.copy(vocab, d / "vocab.json")
+    shutil.copy(merges, d / "merges.txt")
+    reference = GPT2TokenizerFast.from_pretrained(d)
+    assert len(reference) == 50257
+    return reference
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_ids_match_reference_and_round_trip(text, reference):
+    t = get_tokenizer()
+    ids = encode(t, text)
+    assert ids == reference(text)["input_ids"]
+    assert decode(t, ids) == text
+
+
+def test_vocabulary():
+    t = get_tokenizer()
+    assert t.n_vocab == 50257
+    assert t.eot_token == ENDOFTEXT_ID == 50256
+    assert encode(t, "<|endoftext|>") == [50256]
+
+
+def test_snapshot_files_are_used_and_agree(tmp_path):
+    vocab, merges = tok._packaged_files()
+    shutil.copy(vocab, tmp_path / "vocab.json")
+    shutil.copy(merges, tmp_path / "merges.txt")
+    snapshot = get_tokenizer(tmp_path)
+    assert snapshot is not get_tokenizer()  # built from the snapshot's own files
+    for text in SAMPLES:
+        assert encode(snapshot, text) == encode(get_tokenizer(), text)
+
+
+def test_packaged_files_are_hash_checked(tmp_path, monkeypatch):
+    vocab, merges = tok._packaged_files()
+    shutil.copy(vocab, tmp_path / "encoder.json")
+    (tmp_path / "vocab.bpe").write_bytes(merges.read_bytes().replace(b"\xc4\xa0 t", b"\xc4\xa0 a", 1))
+    monkeypatch.setattr(tok, "_packaged_files", lambda: (tmp_path / "encoder.json", tmp_path / "vocab.bpe"))
+    tok._encoding.cache_clear()
+    try:
+        with pytest.raises(GPT2FnError, match="sha256 mismatch"):
+            get_tokenizer()
+    finally:
+        tok._encoding.cache_clear()
+
+
+def test_mismatched_vocab_and_merges_are_refused(tmp_path):
+    vocab, merges = tok._packaged_files()
+    shutil.copy(vocab, tmp_path / "vocab.json")
+    lines = merges.read_text(encoding="utf-8").split("\n")
+    lines[1], lines[2] = lines[2], lines[1]  # swap two merges: ranks no longer line up
+    (tmp_path / "merges.txt").write_text("\n".join(lines), encoding="utf-8")
+    with pytest.raises(GPT2FnError, match="do not belong together"):
+        get_tokenizer(tmp_path)
+
+
+def test_streaming_decode_never_splits_a_character():
+    t = get_tokenizer()
+    text = "emoji 😀👍🏽 日本語 café"
+    ids = encode(t, text)
+    pieces = list(decode_stream(t, ids))
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    # at least one emoji spans several tokens, so holding bytes back mattered
+    assert len(pieces) < len(ids)
