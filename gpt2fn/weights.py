@@ -48,9 +48,11 @@ def resolve_model(name_or_path: str | os.PathLike, revision: Optional[str] = Non
     if path.exists():
         return path
     name = str(name_or_path)
+    if name.startswith((".", "/", "~")) or name.endswith(".safetensors") or name.count("/") > 1:
+        raise GPT2FnError(f"{name} does not exist; pass an existing checkpoint directory or .safetensors file")
     if name in HUB_REPOS:
         repo_id = HUB_REPOS[name]
-    elif name.count("/") == 1 and not name.startswith((".", "/")) and not name.endswith(".safetensors"):
+    elif name.count("/") == 1:
         repo_id = name  # an explicit "owner/repo" on the Hub
     else:
         raise GPT2FnError(

@@ -197,9 +197,15 @@ def test_own_format_without_config_is_refused(tmp_path):
         load_pretrained(tmp_path / "w.safetensors")
 
 
-@pytest.mark.parametrize("name", ["gpt3", "gpt2-huge", "./nowhere", "no/such/path.safetensors"])
+@pytest.mark.parametrize("name", ["gpt3", "gpt2-huge", "distilgpt2"])
 def test_unknown_model_name(name):
-    with pytest.raises(GPT2FnError, match="unknown model"):
+    with pytest.raises(GPT2FnError, match=f"unknown model '{name}': use one of gpt2, gpt2-medium"):
+        load_pretrained(name)
+
+
+@pytest.mark.parametrize("name", ["./nowhere", "/no/such/dir", "no/such/path.safetensors", "model.safetensors"])
+def test_missing_path(name):
+    with pytest.raises(GPT2FnError, match="does not exist"):
         load_pretrained(name)
 
 

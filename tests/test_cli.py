@@ -1,0 +1,115 @@
+"""scripts/generate.py: the flags, the streamed output and timings, and one
+clear line (exit 2) for every kind of bad input."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gpt2fn import decode, encode, generate_all, get_tokenizer, load_pretrained
+
+from conftest import ROOT
+
+
+def run_cli(cli, capsys, *args):
+    code = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_greedy_output_is_the_library_greedy_continuation(generate_cli, capsys, small_ref):
+    text = "The meaning of life is"
+    code, out, err = run_cli(generate_cli, capsys, "--prompt", text, "--model", str(small_ref.directory),
+                             "--max_tokens", "20", "--temperature", "0", "--ignore_eot", "--device", "cpu")
+    assert code == 0
+    params, config = load_pretrained(small_ref.directory)
+    t = get_tokenizer()
+    ids, _ = generate_all(params, config, torch.tensor([encode(t, text)]), 20, temperature=0)
+    assert out == text + decode(t, ids[0].tolist()) + "\n"
+    assert "prefill:" in err and "decode:" in err and "tokens/s" in err and "generated 20" in err
+
+
+def test_cache_flags_and_attention_backends_agree(generate_cli, capsys, small_ref):
+    base = ["--prompt", "Once upon a time", "--model", str(small_ref.directory), "--max_tokens", "15",
+            "--temperature", "0", "--ignore_eot"]
+    outputs = set()
+    for extra in (["--kvcaching"], ["--no-kvcaching"], ["--attention", "manual"], ["--attention", "manual", "--no-kvcaching"]):
+        code, out, err = run_cli(generate_cli, capsys, *base, *extra)
+        assert code == 0, err
+        assert ("no cache" in err) == ("--no-kvcaching" in extra)
+        outputs.add(out)
+    assert len(outputs) == 1
+
+
+def test_seeded_sampling_is_reproducible(generate_cli, capsys, small_ref):
+    args = ["--prompt", "Hello", "--model", str(small_ref.directory), "--max_tokens", "25", "--top_k", "40",
+            "--top_p", "0.9", "--temperature", "0.8", "--ignore_eot"]
+    a = run_cli(generate_cli, capsys, *args, "--seed", "3")[1]
+    b = run_cli(generate_cli, capsys, *args, "--seed", "3")[1]
+    c = run_cli(generate_cli, capsys, *args, "--seed", "4")[1]
+    assert a == b and a != c
+
+
+@pytest.fixture
+def truncated_checkpoint(small_ref, tmp_path):
+    d = tmp_path / "truncated"
+    shutil.copytree(small_ref.directory, d)
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 3])
+    return d
+
+
+BAD_INPUTS = {
+    "empty prompt": (["--prompt", ""], "the prompt is empty"),
+    "prompt too long": (["--prompt", "word " * 200], "the context holds 128; shorten the prompt"),
+    "max_tokens beyond context": (["--max_tokens", "500"], "exceeds the 128-token context; use max_tokens <= "),
+    "negative max_tokens": (["--max_tokens", "-3"], "max_tokens must be >= 0"),
+    "unknown model": (["--model", "gpt5"], "unknown model 'gpt5'"),
+    "missing file": (["--model", "/nonexistent/dir/model.safetensors"], "does not exist"),
+    "top_p zero": (["--top_p", "0"], "top_p must be in (0, 1]"),
+    "top_p above one": (["--top_p", "1.5"], "top_p must be in (0, 1]"),
+    "negative temperature": (["--temperature", "-1"], "temperature must be >= 0"),
+    "negative top_k": (["--top_k", "-2"], "top_k must be an integer >= 0"),
+    "bad device": (["--device", "tpu"], "unknown device 'tpu'"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_gets_one_clear_line(generate_cli, capsys, small_ref, name):
+    extra, message = BAD_INPUTS[name]
+    args = ["--prompt", "Hi", "--model", str(small_ref.directory), "--device", "cpu"]
+    code, out, err = run_cli(generate_cli, capsys, *args, *extra)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert out == ""
+
+
+def test_truncated_weights_get_one_clear_line(generate_cli, capsys, truncated_checkpoint):
+    code, out, err = run_cli(generate_cli, capsys, "--prompt", "Hi", "--model", str(truncated_checkpoint))
+    assert code == 2 and err.count("\n") == 1 and "truncated or corrupt" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA, so asking for it is not an error")
+def test_cuda_where_there_is_none(generate_cli, capsys, small_ref):
+    code, out, err = run_cli(generate_cli, capsys, "--prompt", "Hi", "--model", str(small_ref.directory), "--device", "cuda")
+    assert code == 2 and err.count("\n") == 1 and "CUDA is not available" in err and "--device cpu" in err
+
+
+def test_as_a_command(small_ref, tmp_path):
+    """The script runs as users run it: a subprocess, with an error path and a success path."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    script = str(ROOT / "scripts" / "generate.py")
+    bad = subprocess.run([sys.executable, script, "--prompt", "Hi", "--top_p", "2"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and bad.stdout == ""
+    offline = subprocess.run([sys.executable, script, "--prompt", "Hi"], capture_output=True, text=True, env=env)
+    assert offline.returncode == 2 and "not in the local Hugging Face cache" in offline.stderr
+    assert offline.stderr.strip().count("\n") == 0
+    ok = subprocess.run([sys.executable, script, "--prompt", "Hi", "--model", str(small_ref.directory),
+                         "--max_tokens", "5", "--seed", "0"], capture_output=True, text=True, env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith("Hi") and "tokens/s" in ok.stderr

@@ -1,0 +1,90 @@
+"""Generation: stopping rules, seeding, streaming stats, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpt2fn import GPT2FnError, generate, generate_all, load_pretrained
+
+
+@pytest.fixture(scope="module")
+def small(small_ref):
+    return load_pretrained(small_ref.directory)
+
+
+def prompt(n, seed=0):
+    return torch.randint(0, 50257, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_same_seed_same_tokens(small):
+    params, config = small
+
+    def run(seed, use_cache=True):
+        g = torch.Generator().manual_seed(seed)
+        return generate_all(params, config, prompt(5), 30, temperature=1.0, top_k=50, top_p=0.9, generator=g, use_cache=use_cache)[0]
+
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(2))
+
+
+def test_stops_at_the_stop_token_and_yields_it(small):
+    params, config = small
+    greedy, _ = generate_all(params, config, prompt(4), 20, temperature=0)
+    stop = int(greedy[0, 6])
+    first = greedy[0].tolist().index(stop)  # the stop token may already appear earlier
+    tokens, stats = generate_all(params, config, prompt(4), 20, temperature=0, stop_token=stop)
+    assert tokens[0].tolist() == greedy[0, : first + 1].tolist()
+    assert stats.n_new == first + 1
+
+
+def test_streams_one_token_at_a_time_and_reports_timings(small):
+    params, config = small
+    stream = generate(params, config, prompt(8), 10, temperature=0)
+    seen = []
+    while True:
+        try:
+            seen.append(next(stream))
+        except StopIteration as end:
+            stats = end.value
+            break
+    assert len(seen) == 10 and all(t.shape == (1,) for t in seen)
+    assert (stats.n_prompt, stats.n_new, stats.decode_tokens) == (8, 10, 9)
+    assert stats.prefill_s > 0 and stats.decode_s > 0
+    assert stats.decode_tokens_per_s == pytest.approx(9 / stats.decode_s)
+
+
+def test_zero_new_tokens(small):
+    params, config = small
+    tokens, stats = generate_all(params, config, prompt(3), 0)
+    assert tokens.shape == (1, 0) and stats.n_new == 0
+
+
+def test_fills_the_context_exactly(small):
+    params, config = small
+    n = config.n_ctx - 10
+    for use_cache in (True, False):
+        tokens, stats = generate_all(params, config, prompt(n), 10, temperature=0, use_cache=use_cache)
+        assert tokens.shape == (1, 10)
+
+
+@pytest.mark.parametrize(
+    "n_prompt, n_new, message",
+    [
+        (0, 5, "the prompt is empty"),
+        (129, 1, "the prompt is 129 tokens but the context holds 128"),
+        (100, 29, r"exceeds the 128-token context; use max_tokens <= 28"),
+        (5, 10_000, r"use max_tokens <= 123"),
+        (5, -1, "max_tokens must be >= 0"),
+    ],
+)
+def test_bad_lengths_are_refused(small, n_prompt, n_new, message):
+    params, config = small
+    with pytest.raises(GPT2FnError, match=message):
+        generate_all(params, config, prompt(n_prompt), n_new)
+
+
+def test_bad_sampling_parameters_are_refused_before_any_work(small):
+    params, config = small
+    with pytest.raises(GPT2FnError, match="top_p"):
+        next(generate(params, config, prompt(3), 5, top_p=0))

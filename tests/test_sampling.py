@@ -1,0 +1,130 @@
+"""Sampling: each filter does exactly what it claims, the draw follows the
+filtered distribution, and a seed fixes the result."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpt2fn import GPT2FnError, sample
+from gpt2fn.sampling import check_sampling_args, filtered_probs, top_k_filter, top_p_filter
+
+
+def random_logits(batch=4, vocab=1000, seed=0, scale=3.0):
+    return torch.randn(batch, vocab, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+@pytest.mark.parametrize("k", [1, 2, 7, 50, 999])
+def test_top_k_keeps_exactly_k_candidates(k):
+    logits = random_logits()
+    out = top_k_filter(logits, k)
+    kept = torch.isfinite(out)
+    assert (kept.sum(-1) == k).all()
+    # the kept ones are the k largest, unchanged
+    expected = torch.zeros_like(kept).scatter(-1, logits.topk(k, dim=-1).indices, True)
+    assert torch.equal(kept, expected)
+    assert torch.equal(out[kept], logits[kept])
+
+
+def test_top_k_with_ties_still_keeps_exactly_k():
+    logits = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.5]])
+    assert torch.isfinite(top_k_filter(logits, 2)).sum() == 2
+
+
+def test_top_k_off_or_larger_than_vocab_is_a_no_op():
+    logits = random_logits()
+    assert torch.equal(top_k_filter(logits, 0), logits)
+    assert torch.equal(top_k_filter(logits, 5000), logits)
+
+
+def smallest_nucleus(probs_row: list[float], p: float) -> set[int]:
+    """Plain-Python reference: take tokens most likely first until the mass reaches p."""
+    order = sorted(range(len(probs_row)), key=lambda i: -probs_row[i])
+    kept, mass = set(), 0.0
+    for i in order:
+        kept.add(i)
+        mass += probs_row[i]
+        if mass >= p:
+            break
+    return kept
+
+
+@pytest.mark.parametrize("p", [1e-6, 0.1, 0.5, 0.9, 0.999])
+def test_top_p_keeps_the_smallest_set_reaching_p(p):
+    logits = random_logits(batch=3, vocab=200, seed=1, scale=2.0)
+    out = top_p_filter(logits, p)
+    probs = torch.softmax(logits.double(), -1)
+    for row in range(logits.shape[0]):
+        kept = set(torch.isfinite(out[row]).nonzero().flatten().tolist())
+        assert kept == smallest_nucleus(probs[row].tolist(), p)
+        assert len(kept) >= 1
+        assert probs[row, list(kept)].sum() >= p - 1e-6
+
+
+def test_top_p_one_is_a_no_op():
+    logits = random_logits()
+    assert torch.equal(top_p_filter(logits, 1.0), logits)
+
+
+def test_filters_apply_in_order_temperature_top_k_top_p():
+    logits = random_logits(batch=1, vocab=100, seed=2)
+    probs = filtered_probs(logits, temperature=0.7, top_k=10, top_p=0.8)
+    assert torch.allclose(probs.sum(-1), torch.ones(1))
+    scaled = logits / 0.7
+    top10 = scaled.topk(10).indices[0].tolist()
+    p10 = torch.softmax(scaled[0, top10].double(), -1).tolist()
+    nucleus = {top10[i] for i in smallest_nucleus(p10, 0.8)}
+    assert set(probs[0].nonzero().flatten().tolist()) == nucleus
+
+
+def test_greedy_and_temperature_to_zero():
+    logits = random_logits(batch=8, vocab=500, seed=3)
+    greedy = sample(logits, temperature=0)
+    assert torch.equal(greedy, logits.argmax(-1))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        assert torch.equal(sample(logits, temperature=1e-4, generator=g), greedy)
+
+
+def test_same_seed_same_tokens_and_different_seed_differs():
+    logits = random_logits(batch=16, vocab=50257, seed=4, scale=1.0)
+
+    def draws(seed):
+        g = torch.Generator().manual_seed(seed)
+        return torch.stack([sample(logits, 1.0, 40, 0.95, g) for _ in range(10)])
+
+    assert torch.equal(draws(123), draws(123))
+    assert not torch.equal(draws(123), draws(124))
+
+
+def test_draws_follow_the_filtered_distribution():
+    """The exponential race picks i with probability p_i: compare empirical
+    frequencies with the distribution over 40,000 draws (fixed seed)."""
+    logits = torch.log(torch.tensor([[0.4, 0.25, 0.15, 0.1, 0.06, 0.04]]))
+    n = 40_000
+    g = torch.Generator().manual_seed(7)
+    for top_k, top_p in [(0, 1.0), (3, 1.0), (0, 0.7)]:
+        probs = filtered_probs(logits, 1.0, top_k, top_p)[0]
+        draws = sample(logits.expand(n, -1), 1.0, top_k, top_p, g)
+        freq = torch.bincount(draws, minlength=6).double() / n
+        # 4.5 standard deviations of a binomial proportion: a real bias fails, noise does not
+        sigma = (probs.double() * (1 - probs.double()) / n).sqrt()
+        assert ((freq - probs.double()).abs() <= 4.5 * sigma + 1e-12).all(), (top_k, top_p, freq, probs)
+        assert (freq[probs == 0] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(temperature=-0.5), "temperature must be >= 0"),
+        (dict(temperature=float("nan")), "temperature must be >= 0"),
+        (dict(top_k=-1), "top_k must be an integer >= 0"),
+        (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+        (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (dict(top_p=-0.1), r"top_p must be in \(0, 1\]"),
+    ],
+)
+def test_impossible_parameters_are_refused(kwargs, message):
+    args = dict(temperature=1.0, top_k=0, top_p=1.0) | kwargs
+    with pytest.raises(GPT2FnError, match=message):
+        check_sampling_args(**args)
