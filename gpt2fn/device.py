@@ -1,18 +1,11 @@
-"""Turning the user's device and dtype strings into torch objects, with one
-clear line when what was asked for is not there."""
+"""Turning the user's device string into a torch device, with one clear line
+when what was asked for is not there."""
 
 from __future__ import annotations
 
 import torch
 
 from gpt2fn.errors import GPT2FnError
-
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
-}  # fmt: skip
-
 
 def resolve_device(name: str = "auto") -> torch.device:
     """"auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N"."""
@@ -33,13 +26,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     elif device.type != "cpu":
         raise GPT2FnError(f"device type {device.type!r} is not supported; use cpu or cuda")
     return device
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise GPT2FnError(f"unknown dtype {name!r}; use one of float32, bfloat16, float16") from None
 
 
 def synchronize(device: torch.device) -> None:

@@ -10,6 +10,7 @@ collects both.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Generator, Optional
@@ -20,9 +21,10 @@ from gpt2fn.cache import make_cache
 from gpt2fn.config import GPTConfig
 from gpt2fn.device import synchronize
 from gpt2fn.layers import AttentionBackend
-from gpt2fn.model import check_sequence_fits, decode_step, forward
+from gpt2fn.model import check_sequence_fits, forward
 from gpt2fn.params import Params, params_device, params_dtype
-from gpt2fn.sampling import check_sampling_args, sample
+from gpt2fn.sampling import check_sampling_args, choose_token, noise_width, uniform_noise
+from gpt2fn.steps import compile_steps, eager_steps, prepare_for_compiled_steps
 
 Tensor = torch.Tensor
 
@@ -32,16 +34,22 @@ class GenerationStats:
     n_prompt: int  # prompt tokens per sequence
     n_new: int  # tokens generated per sequence
     prefill_s: float  # prompt forward pass + choosing the first new token
-    decode_s: float  # all later tokens (one decode step each)
-
-    @property
-    def decode_tokens(self) -> int:
-        """Tokens made by decode steps: every new token after the first."""
-        return max(self.n_new - 1, 0)
+    decode_s: float  # the timed decode steps, one new token each
+    decode_tokens: int  # how many decode steps decode_s covers
+    compile_s: float = 0.0  # with compile=True: the first decode step, which compiles (or loads) the graph
 
     @property
     def decode_tokens_per_s(self) -> float:
         return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+def recompute_and_choose(
+    params: Params, tokens: Tensor, noise: Optional[Tensor],
+    *, config: GPTConfig, attention: AttentionBackend, temperature: float, top_k: int, top_p: float,
+) -> Tensor:  # fmt: skip
+    """The no-cache step: the whole sequence [B, T] -> the next token [B]."""
+    logits = forward(params, config, tokens, attention=attention, last_only=True)[:, -1]
+    return choose_token(logits, noise, temperature, top_k, top_p)
 
 
 def generate(
@@ -57,6 +65,7 @@ def generate(
     use_cache: bool = True,
     attention: AttentionBackend = "sdpa",
     stop_token: Optional[int] = None,
+    compile: bool = False,
 ) -> Generator[Tensor, None, GenerationStats]:
     """Yield new tokens ([B] int64 each) for a batch of equal-length prompts
     ([B, T] int64), then return the timings.
@@ -64,17 +73,37 @@ def generate(
     Stops after ``max_new_tokens``, or once every row has produced
     ``stop_token`` (which is yielded). Raises :class:`~gpt2fn.errors.GPT2FnError`
     if the prompt is empty or prompt + new tokens exceed the context.
-    ``temperature=0`` is greedy. Time spent by the caller between tokens is
-    not counted.
+    ``temperature=0`` is greedy. ``compile=True`` runs the decode step under
+    ``torch.compile`` (see :mod:`gpt2fn.steps`); the first decode step, which
+    compiles the graph (or loads it from the on-disk cache), is reported as
+    ``compile_s`` and left out of ``decode_s``. Time spent by the caller
+    between tokens is not counted.
     """
     check_sampling_args(temperature, top_k, top_p)
     B, T = prompt.shape
     check_sequence_fits(config, T, max_new_tokens)
+    if max_new_tokens == 0:
+        return GenerationStats(T, 0, 0.0, 0.0, 0)
     device = params_device(params)
     prompt = prompt.to(device)
-    choose = lambda logits: sample(logits, temperature, top_k, top_p, generator)  # noqa: E731
-    if max_new_tokens == 0:
-        return GenerationStats(T, 0, 0.0, 0.0)
+    settings = dict(attention=attention, temperature=temperature, top_k=top_k, top_p=top_p)
+
+    def noise() -> Optional[Tensor]:
+        if temperature == 0:
+            return None
+        return uniform_noise((B, noise_width(config.vocab_size, top_k)), generator, device)
+
+    if use_cache:
+        steps = compile_steps(config, device, **settings) if compile else eager_steps(config, **settings)
+        cache = make_cache(config, B, T + max_new_tokens, params_dtype(params), device)
+        if compile:
+            prepare_for_compiled_steps(params, cache)
+    else:
+        recompute = functools.partial(recompute_and_choose, config=config, **settings)
+        if compile:
+            recompute = torch.compile(recompute, fullgraph=True, dynamic=True)
+        sequence = prompt
+
     done = torch.zeros(B, dtype=torch.bool, device=device)
 
     def finished(token: Tensor) -> bool:
@@ -88,16 +117,13 @@ def generate(
     start = time.perf_counter()
     with torch.inference_mode():
         if use_cache:
-            cache = make_cache(config, B, T + max_new_tokens, params_dtype(params), device)
-            logits = forward(params, config, prompt, cache, torch.arange(T, device=device), attention)
+            token = steps.prefill(params, prompt, cache, torch.arange(T, device=device), noise())
         else:
-            sequence = prompt
-            logits = forward(params, config, sequence, attention=attention)
-        token = choose(logits[:, -1])
+            token = recompute(params, sequence, noise())
         synchronize(device)
     prefill_s = time.perf_counter() - start
     yield token
-    n_new, decode_s = 1, 0.0
+    n_new, decode_s, compile_s = 1, 0.0, 0.0
     stop = finished(token)
 
     while n_new < max_new_tokens and not stop:
@@ -105,17 +131,20 @@ def generate(
         with torch.inference_mode():
             if use_cache:
                 pos = torch.tensor([T + n_new - 1], device=device)
-                logits = decode_step(params, config, token, cache, pos, attention)
+                token = steps.decode(params, token, cache, pos, noise())
             else:
                 sequence = torch.cat([sequence, token[:, None]], dim=1)
-                logits = forward(params, config, sequence, attention=attention)[:, -1]
-            token = choose(logits)
+                token = recompute(params, sequence, noise())
             synchronize(device)
-        decode_s += time.perf_counter() - start
+        if compile and n_new == 1:  # the first compiled step pays for compiling
+            compile_s = time.perf_counter() - start
+        else:
+            decode_s += time.perf_counter() - start
         n_new += 1
         yield token
         stop = finished(token)
-    return GenerationStats(T, n_new, prefill_s, decode_s)
+    decode_tokens = n_new - 1 - (compile_s > 0)
+    return GenerationStats(T, n_new, prefill_s, decode_s, decode_tokens, compile_s)
 
 
 def generate_all(

@@ -19,7 +19,7 @@ import torch
 from gpt2fn.cache import KVCache, cache_len
 from gpt2fn.config import GPTConfig
 from gpt2fn.errors import GPT2FnError
-from gpt2fn.layers import AttentionBackend, block, layer_norm
+from gpt2fn.layers import AttentionBackend, block, embedding, layer_norm, linear
 from gpt2fn.params import Params
 
 Tensor = torch.Tensor
@@ -32,8 +32,11 @@ def forward(
     cache: Optional[KVCache] = None,
     pos: Optional[Tensor] = None,
     attention: AttentionBackend = "sdpa",
+    last_only: bool = False,
 ) -> Tensor:
-    """tokens: [B, T] int64 -> logits [B, T, V] (in the params' dtype).
+    """tokens: [B, T] int64 -> logits [B, T, V] (in the params' dtype), or
+    [B, 1, V] for the last position only with ``last_only`` (all that
+    generation needs: it skips the LM head, the largest matrix, for the rest).
 
     ``pos`` ([T] int64, default ``0..T-1``) are the absolute positions of the
     tokens; with a ``cache`` they are also where the new keys/values are written.
@@ -41,12 +44,15 @@ def forward(
     B, T = tokens.shape
     if pos is None:
         pos = torch.arange(T, device=tokens.device)
-    x = params["wte"][tokens] + params["wpe"][pos]  # [B, T, D]
+    wte, wte_scale = params["wte"], params.get("wte_scale")  # wte_scale: int8 weights only
+    x = embedding(tokens, wte, wte_scale, params["wpe"].dtype) + params["wpe"][pos]  # [B, T, D]
     for i, block_params in enumerate(params["blocks"]):
         kv = None if cache is None else cache[i]
         x = block(x, **block_params, n_head=config.n_head, eps=config.layer_norm_eps, pos=pos, kv=kv, backend=attention)
+    if last_only:
+        x = x[:, -1:]
     x = layer_norm(x, **params["ln_f"], eps=config.layer_norm_eps)
-    return x @ params["wte"].T  # the LM head is the token embedding (tied): [B, T, V]
+    return linear(x, wte, scale=wte_scale)  # the LM head is the token embedding (tied): [B, T, V]
 
 
 def decode_step(

@@ -134,7 +134,9 @@ def count_params(params: Params, *, include_position_embedding: bool = True) -> 
 
 
 def params_dtype(params: Params) -> torch.dtype:
-    return params["wte"].dtype
+    """The dtype activations (and the KV cache) are computed in. ``wpe`` is
+    never quantized, so its dtype is that even for int8 weights."""
+    return params["wpe"].dtype
 
 
 def params_device(params: Params) -> torch.device:

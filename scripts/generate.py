@@ -15,11 +15,12 @@ import sys
 
 import torch
 
-from gpt2fn.device import DTYPES, resolve_device, resolve_dtype
+from gpt2fn.device import resolve_device
 from gpt2fn.errors import GPT2FnError
 from gpt2fn.generation import generate
 from gpt2fn.layers import ATTENTION_BACKENDS
 from gpt2fn.model import check_sequence_fits
+from gpt2fn.quantize import WEIGHT_DTYPES, cast_params
 from gpt2fn.sampling import check_sampling_args
 from gpt2fn.tokenizer import ENDOFTEXT_ID, decode_stream, encode, get_tokenizer
 from gpt2fn.weights import load_pretrained, resolve_model
@@ -35,7 +36,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="decode against the preallocated KV cache (default: on; --no-kvcaching recomputes "
                         "the whole sequence every step)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda if present; default)")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="parameter dtype (default float32)")
+    p.add_argument("--dtype", default="float32", choices=WEIGHT_DTYPES,
+                   help="weights: float32 (default), bfloat16, float16, or int8 (weight-only, fp32 compute)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (one graph for every step; the first run compiles)")
     p.add_argument("--attention", default="sdpa", choices=ATTENTION_BACKENDS,
                    help="sdpa (fused, default) or manual (softmax(QK^T/sqrt(d))V spelled out)")
     p.add_argument("--max_tokens", type=int, default=50, help="new tokens to generate (default 50)")
@@ -66,13 +70,13 @@ def run(args: argparse.Namespace) -> int:
     if not args.prompt:
         raise GPT2FnError("the prompt is empty; pass some text with --prompt")
     device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype)
     seed = args.seed if args.seed is not None else random.randrange(2**31)
 
     model_path = resolve_model(args.model, args.revision)
     tokenizer = get_tokenizer(model_path)
     prompt_ids = encode(tokenizer, args.prompt)
-    params, config = load_pretrained(model_path, dtype=dtype, device=device)
+    params, config = load_pretrained(model_path, device=device)
+    params = cast_params(params, args.dtype)
     check_sequence_fits(config, len(prompt_ids), args.max_tokens)
 
     stream = generate(
@@ -80,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         generator=torch.Generator(device).manual_seed(seed),
         use_cache=args.kvcaching, attention=args.attention,
-        stop_token=None if args.ignore_eot else ENDOFTEXT_ID,
+        stop_token=None if args.ignore_eot else ENDOFTEXT_ID, compile=args.compile,
     )  # fmt: skip
     stats = None
 
@@ -100,10 +104,11 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     sys.stdout.flush()
 
-    mode = "kv-cache" if args.kvcaching else "no cache"
+    mode = ("kv-cache" if args.kvcaching else "no cache") + (", compiled" if args.compile else "")
+    compiled = f"compile: {stats.compile_s:.1f} s (first decode step)\n" if args.compile else ""
     print(
         f"[{args.model} {args.dtype} on {device}, {mode}, {args.attention} attention, seed {seed}] "
-        f"prompt {stats.n_prompt} tokens, generated {stats.n_new}\n"
+        f"prompt {stats.n_prompt} tokens, generated {stats.n_new}\n{compiled}"
         f"prefill: {stats.prefill_s * 1000:.1f} ms ({stats.n_prompt / stats.prefill_s:.1f} tokens/s)\n"
         f"decode:  {stats.decode_s * 1000:.1f} ms for {stats.decode_tokens} tokens "
         f"({stats.decode_tokens_per_s:.1f} tokens/s)",
