@@ -1,0 +1,92 @@
+"""The compiled decode step: one graph for every step and prompt, the same
+tokens and logits as eager, and the same sampling distribution."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from gpt2fn import GPTConfig, generate_all, init_params, load_pretrained, make_cache
+from gpt2fn.model import decode_step, forward
+from gpt2fn.sampling import choose_token, filtered_probs, noise_width, uniform_noise
+from gpt2fn.steps import DECODE_OPTIONS
+
+LONG = GPTConfig(vocab_size=50257, n_ctx=1024, n_embd=32, n_layer=2, n_head=2)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def prompt(n, seed=0):
+    return torch.randint(0, 50257, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_one_graph_for_every_step_and_every_prompt_length():
+    params = init_params(LONG, seed=0)
+    first, stats = generate_all(params, LONG, prompt(5), 600, temperature=0, compile=True)
+    assert stats.n_new == 600 and stats.decode_tokens == 598 and stats.compile_s > 0
+    assert counters["stats"]["unique_graphs"] == 1
+    # another prompt length, another cache length, another generation: no new graph
+    generate_all(params, LONG, prompt(37, seed=1), 300, temperature=0, compile=True)
+    generate_all(params, LONG, prompt(2, seed=2), 20, temperature=0, compile=True)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert torch.equal(first, generate_all(params, LONG, prompt(5), 600, temperature=0)[0])
+
+
+@pytest.mark.parametrize("which", ["small", "gpt2"])
+def test_compiled_decode_matches_eager_logits_and_greedy_tokens(which, request):
+    params, config = load_pretrained(request.getfixturevalue(f"{which}_ref").directory)
+    T, steps = 6, 24
+    compiled = torch.compile(functools.partial(decode_step, config=config), fullgraph=True, options=DECODE_OPTIONS)
+    caches = [make_cache(config, 1, T + steps) for _ in range(2)]
+    tokens = prompt(T, seed=3)
+    with torch.inference_mode():
+        for cache in caches:
+            forward(params, config, tokens, cache, torch.arange(T))
+        token = tokens[0, -1:].clone()  # contiguous and an inference tensor, like every later token
+        for t in range(T, T + steps):
+            pos = torch.tensor([t])
+            eager = decode_step(params, config, token, caches[0], pos)
+            fast = compiled(params, token=token, cache=caches[1], pos=pos)
+            assert (eager - fast).abs().max().item() <= 1e-4, f"step {t}"
+            assert torch.equal(eager.argmax(-1), fast.argmax(-1))
+            token = eager.argmax(-1)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_compiled_generation_equals_eager_greedy_and_seeded(small_ref):
+    params, config = load_pretrained(small_ref.directory)
+    greedy = generate_all(params, config, prompt(7), 64, temperature=0)[0]
+    assert torch.equal(generate_all(params, config, prompt(7), 64, temperature=0, compile=True)[0], greedy)
+    for top_k, top_p in [(20, 0.9), (0, 0.8)]:
+        runs = [
+            generate_all(params, config, prompt(7), 40, temperature=0.9, top_k=top_k, top_p=top_p,
+                         generator=torch.Generator().manual_seed(11), compile=c)[0]
+            for c in (False, True)
+        ]  # fmt: skip
+        assert torch.equal(runs[0], runs[1]), (top_k, top_p)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (3, 1.0), (0, 0.7), (4, 0.8)])
+def test_compiled_sampler_follows_the_filtered_distribution(top_k, top_p):
+    """40,000 draws from the compiled sampler, one distribution: the empirical
+    frequencies must sit within 4.5 binomial standard deviations."""
+    V, n = 6, 40_000
+    logits = torch.log(torch.tensor([[0.4, 0.25, 0.15, 0.1, 0.06, 0.04]])).expand(n, V)
+    noise = uniform_noise((n, noise_width(V, top_k)), torch.Generator().manual_seed(5))
+    sampler = torch.compile(functools.partial(choose_token, temperature=1.0, top_k=top_k, top_p=top_p), fullgraph=True)
+    draws = sampler(logits, noise)
+    assert torch.equal(draws, choose_token(logits, noise, 1.0, top_k, top_p))  # compiled == eager, draw by draw
+    probs = filtered_probs(logits[:1], 1.0, top_k, top_p)[0].double()
+    freq = torch.bincount(draws, minlength=V).double() / n
+    sigma = (probs * (1 - probs) / n).sqrt()
+    assert ((freq - probs).abs() <= 4.5 * sigma + 1e-12).all(), (freq, probs)
+    assert (freq[probs == 0] == 0).all()
