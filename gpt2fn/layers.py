@@ -41,15 +41,16 @@ def linear(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[Ten
     ``scale`` ([out], fp32) marks an int8 weight-only quantized ``w``: the
     product is ``(x @ w.T) * scale`` (see :mod:`gpt2fn.quantize`).
 
-    Inside ``torch.compile``, a single row (batch-1 decoding) takes a
-    matrix-vector path spelled as a broadcast multiply and a sum: inductor
+    Inside ``torch.compile`` on the CPU, a single row (batch-1 decoding) takes
+    a matrix-vector path spelled as a broadcast multiply and a sum: inductor
     turns that into one fused, vectorised, multi-threaded loop that reads each
     weight once, upcasts it in registers (bf16 or int8 -> fp32) and accumulates
     in fp32. On the 2-core CPU we measured it at ~35 GB/s on the 154 MB LM head,
     where the library matrix-vector call reaches ~13 GB/s; decoding is bound by
-    exactly this weight traffic. Everywhere else: ``F.linear``.
+    exactly this weight traffic. Everywhere else (and on CUDA, where cuBLAS
+    serves matrix-vector products well): ``F.linear``.
     """
-    if torch.compiler.is_compiling() and x.numel() == x.shape[-1]:
+    if torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == x.shape[-1]:
         y = (x.float()[..., None, :] * w.float()).sum(-1)
         if scale is not None:
             y = y * scale

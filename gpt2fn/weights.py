@@ -178,6 +178,16 @@ def params_from_hf(state: dict[str, torch.Tensor], config: GPTConfig) -> Params:
     return unflatten_params(flat)
 
 
+def hf_state_dict(params: Params) -> dict[str, torch.Tensor]:
+    """The inverse mapping: params -> a ``GPT2LMHeadModel`` state dict
+    (``transformer.*`` names, Conv1D ``[in, out]`` weights, tied ``lm_head``)."""
+    state = {}
+    for name, t in flatten_params(params).items():
+        state["transformer." + hf_name(name)] = t.T.contiguous() if _is_conv1d(name) else t
+    state["lm_head.weight"] = state["transformer.wte.weight"]
+    return state
+
+
 def _check_names_and_shapes(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
     missing = sorted(set(expected) - set(state))
     if missing:

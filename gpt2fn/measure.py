@@ -1,0 +1,113 @@
+"""Measuring decoding: the machine's weight-streaming limit, per-step decode
+time at a given sequence length, and peak memory. Used by
+``scripts/benchmark.py``; every function here returns numbers, none prints.
+
+Batch-1 decoding reads every weight once per token and does two flops per
+weight read, so it is bound by memory bandwidth: the time to stream the
+weights once is the floor of a decode step, and tokens/s divided by
+``1 / floor`` says how close a variant gets to the machine's limit.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+
+from gpt2fn.cache import make_cache
+from gpt2fn.config import GPTConfig
+from gpt2fn.device import synchronize
+from gpt2fn.model import forward
+from gpt2fn.params import Params, flatten_params, params_device, params_dtype
+from gpt2fn.steps import Step, prepare_for_compiled_steps
+
+
+def weight_bytes(params: Params) -> int:
+    """Bytes a decode step must read: every tensor of the params, once."""
+    return sum(t.numel() * t.element_size() for t in flatten_params(params).values())
+
+
+def median_time(fn: Callable[[], object], repeats: int, device: torch.device, warmup: int = 1) -> float:
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` calls."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def streaming_limit_s(n_bytes: int, device: torch.device, repeats: int = 7) -> tuple[float, float]:
+    """(seconds, GB/s): the fastest we can read ``n_bytes`` of contiguous
+    memory once, the floor under any decode step that reads that much.
+
+    Best of three reads of one buffer: ``torch.sum`` over fp32, and a compiled
+    row-sum over the buffer as fp32 and as int8 (the compiler's loop is what
+    the compiled decode step uses; the library sum is the reference).
+    """
+    int8 = torch.ones(n_bytes // 16384 * 16384, dtype=torch.int8, device=device)  # whole fp32 rows of 4096
+    fp32 = int8.view(torch.float32)
+    row_sum = torch.compile(lambda x: x.view(-1, 4096).float().sum(-1), fullgraph=True)
+    best = min(
+        median_time(lambda: fp32.sum(), repeats, device),
+        median_time(lambda: row_sum(fp32), repeats, device, warmup=2),
+        median_time(lambda: row_sum(int8), repeats, device, warmup=2),
+    )
+    return best, n_bytes / best / 1e9
+
+
+def decode_step_time(
+    params: Params, config: GPTConfig, decode: Step, seq_len: int, repeats: int = 5, cache_len: Optional[int] = None
+) -> float:
+    """Seconds per cached decode step with ``seq_len - 1`` tokens already in
+    the cache (the step at position ``seq_len - 1``), greedy."""
+    device = params_device(params)
+    cache = make_cache(config, 1, cache_len or seq_len, params_dtype(params), device)
+    prepare_for_compiled_steps(params, cache)
+    tokens = torch.randint(0, config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+    pos = torch.tensor([seq_len - 1], device=device)
+    with torch.inference_mode():
+        forward(params, config, tokens[:, :-1], cache, torch.arange(seq_len - 1, device=device), last_only=True)
+        token = tokens[0, -1:].clone()
+        return median_time(lambda: decode(params, token, cache, pos, None), repeats, device, warmup=2)
+
+
+def recompute_step_time(params: Params, config: GPTConfig, recompute: Callable, seq_len: int, repeats: int = 3) -> float:
+    """Seconds per no-cache step at sequence length ``seq_len``: a forward over all of it."""
+    device = params_device(params)
+    tokens = torch.randint(0, config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.inference_mode():
+        return median_time(lambda: recompute(params, tokens, None), repeats, device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window (Linux resident set, or CUDA allocator)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # writing 5 to clear_refs resets the kernel's high-water mark, VmHWM
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory since :func:`reset_peak_memory`: process RSS on CPU (Linux),
+    allocated memory on CUDA. NaN where it cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e6
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1e3
+    except OSError:
+        pass
+    return float("nan")

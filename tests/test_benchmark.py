@@ -1,0 +1,32 @@
+"""scripts/benchmark.py runs end to end (tiny model, few tokens) and writes
+every number it promises, as JSON and as a plot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_benchmark_writes_json_and_plot(small_ref, tmp_path):
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--model", str(small_ref.directory),
+         "--dtypes", "float32,int8", "--new-tokens", "12", "--rounds", "1", "--lengths", "16,64",
+         "--json", str(out_json), "--plot", str(out_png)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads(out_json.read_text())
+    assert set(results["limit"]) == {"float32", "int8"}
+    assert results["limit"]["int8"]["weight_mb"] < results["limit"]["float32"]["weight_mb"] / 3
+    names = set(results["generation"])
+    assert {"gpt2fn eager float32", "gpt2fn compiled float32", "gpt2fn compiled int8", "transformers generate float32"} <= names
+    assert all(g["tokens_per_s"] > 0 for g in results["generation"].values())
+    assert results["graphs_compiled_during_timed_runs"] == 0
+    assert set(results["sweep"]["tokens_per_s"]) == {"eager, cache", "compiled, cache", "eager, no cache", "compiled, no cache"}
+    assert all(c["cold_s"] > 0 and c["warm_s"] > 0 for c in results["compile"].values())
+    assert "compiled / eager" in run.stdout and "vs transformers" in run.stdout
+    assert out_png.stat().st_size > 10_000 and out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
