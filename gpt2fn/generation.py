@@ -24,7 +24,7 @@ from gpt2fn.layers import AttentionBackend
 from gpt2fn.model import check_sequence_fits, forward
 from gpt2fn.params import Params, params_device, params_dtype
 from gpt2fn.sampling import check_sampling_args, choose_token, noise_width, uniform_noise
-from gpt2fn.steps import compile_steps, eager_steps, prepare_for_compiled_steps
+from gpt2fn.steps import compile_steps, eager_steps, prepare_for_compiled_steps, resolve_attention
 
 Tensor = torch.Tensor
 
@@ -63,7 +63,7 @@ def generate(
     top_p: float = 1.0,
     generator: Optional[torch.Generator] = None,
     use_cache: bool = True,
-    attention: AttentionBackend = "sdpa",
+    attention: str = "auto",
     stop_token: Optional[int] = None,
     compile: bool = False,
 ) -> Generator[Tensor, None, GenerationStats]:
@@ -73,7 +73,8 @@ def generate(
     Stops after ``max_new_tokens``, or once every row has produced
     ``stop_token`` (which is yielded). Raises :class:`~gpt2fn.errors.GPT2FnError`
     if the prompt is empty or prompt + new tokens exceed the context.
-    ``temperature=0`` is greedy. ``compile=True`` runs the decode step under
+    ``temperature=0`` is greedy. ``attention`` is "manual", "sdpa" or "auto"
+    (see :func:`gpt2fn.steps.resolve_attention`). ``compile=True`` runs the decode step under
     ``torch.compile`` (see :mod:`gpt2fn.steps`); the first decode step, which
     compiles the graph (or loads it from the on-disk cache), is reported as
     ``compile_s`` and left out of ``decode_s``. Time spent by the caller
@@ -99,6 +100,7 @@ def generate(
         if compile:
             prepare_for_compiled_steps(params, cache)
     else:
+        settings["attention"] = resolve_attention(attention)
         recompute = functools.partial(recompute_and_choose, config=config, **settings)
         if compile:
             recompute = torch.compile(recompute, fullgraph=True, dynamic=True)

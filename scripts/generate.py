@@ -40,8 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="weights: float32 (default), bfloat16, float16, or int8 (weight-only, fp32 compute)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (one graph for every step; the first run compiles)")
-    p.add_argument("--attention", default="sdpa", choices=ATTENTION_BACKENDS,
-                   help="sdpa (fused, default) or manual (softmax(QK^T/sqrt(d))V spelled out)")
+    p.add_argument("--attention", default="auto", choices=("auto", *ATTENTION_BACKENDS),
+                   help="sdpa (PyTorch's fused kernel), manual (softmax(QK^T/sqrt(d))V spelled out), or auto "
+                        "(default: sdpa, but manual in the compiled CPU decode step, where it is faster)")
     p.add_argument("--max_tokens", type=int, default=50, help="new tokens to generate (default 50)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
     p.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens (0 = off, default)")
