@@ -98,16 +98,27 @@ def reset_peak_memory(device: torch.device) -> None:
         pass
 
 
+def _proc_status_mb(field: str) -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1e3
+    except OSError:
+        pass
+    return float("nan")
+
+
+def memory_mb(device: torch.device) -> float:
+    """Memory in use now: process RSS on CPU (Linux), allocated memory on CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 1e6
+    return _proc_status_mb("VmRSS")
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory since :func:`reset_peak_memory`: process RSS on CPU (Linux),
     allocated memory on CUDA. NaN where it cannot be read."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e6
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1e3
-    except OSError:
-        pass
-    return float("nan")
+    return _proc_status_mb("VmHWM")

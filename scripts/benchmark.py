@@ -16,7 +16,8 @@ only ratios measured side by side mean anything):
 4. decode speed against sequence length up to the full context: eager and
    compiled, with and without the KV cache;
 5. prefill time per prompt length, eager and compiled;
-6. peak memory of each generation.
+6. peak memory of each generation, above what the process held before it
+   (weights already loaded: the cache, activations and workspace).
 
 Prints tables of tokens/s and ratios (compiled/eager, cache/no-cache,
 ours/transformers, ours/limit), writes JSON with ``--json`` and a PNG of
@@ -50,6 +51,7 @@ from gpt2fn.errors import GPT2FnError
 from gpt2fn.generation import generate_all, recompute_and_choose
 from gpt2fn.measure import (
     decode_step_time,
+    memory_mb,
     peak_memory_mb,
     recompute_step_time,
     reset_peak_memory,
@@ -151,9 +153,10 @@ def main(argv=None) -> int:
             for d in dtypes:
                 limit_s[d].append(streaming_limit_s(weight_bytes(params[d]), device)[0])
             for name, run in contenders.items():
+                before = memory_mb(device)
                 reset_peak_memory(device)
                 tokens_per_s = run()[1].decode_tokens_per_s if name.startswith("gpt2fn") else run()
-                runs.setdefault(name, []).append((tokens_per_s, peak_memory_mb(device)))
+                runs.setdefault(name, []).append((tokens_per_s, peak_memory_mb(device) - before))
                 bar.update()
     recompiles = counters["stats"]["unique_graphs"]  # graphs made during the timed runs: 0 = no recompile
     generation = {
@@ -242,12 +245,12 @@ def print_report(results, dtypes, lengths) -> None:
               f"= {L['tokens_per_s']:6.1f} tokens/s at most")  # fmt: skip
     print(f"\nGeneration: {results['prompt_len']}-token prompt + {results['new_tokens']} new tokens, decode tokens/s "
           f"(median of {len(next(iter(gen.values()))['all'])} interleaved rounds)")  # fmt: skip
-    print(f"  {'variant':32s} {'tok/s':>8s} {'ms/tok':>8s} {'vs transformers':>16s} {'vs limit':>9s} {'peak MB':>8s}")
+    print(f"  {'variant':32s} {'tok/s':>8s} {'ms/tok':>8s} {'vs transformers':>16s} {'vs limit':>9s} {'+peak MB':>9s}")
     for name, g in gen.items():
         d = name.split()[-1]
         tps = g["tokens_per_s"]
         of_limit = tps / limit[d]["tokens_per_s"] if d in limit else float("nan")
-        print(f"  {name:32s} {tps:8.1f} {1000 / tps:8.2f} {fmt_ratio(tps / hf):>16s} {of_limit:8.0%} {g['peak_memory_mb']:8.0f}")
+        print(f"  {name:32s} {tps:8.1f} {1000 / tps:8.2f} {fmt_ratio(tps / hf):>16s} {of_limit:8.0%} {g['peak_memory_mb']:9.0f}")
     print("\n  compiled / eager:  " + ", ".join(
         f"{d} {fmt_ratio(gen[f'gpt2fn compiled {d}']['tokens_per_s'] / gen[f'gpt2fn eager {d}']['tokens_per_s'])}" for d in dtypes))
     print(f"  graphs compiled during the timed runs: {results['graphs_compiled_during_timed_runs']} (0 = no recompilation)")
