@@ -12,9 +12,11 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
+import torch.utils.checkpoint
 
 from gpt2fn.cache import KVCache, cache_len
 from gpt2fn.config import GPTConfig
@@ -33,6 +35,7 @@ def forward(
     pos: Optional[Tensor] = None,
     attention: AttentionBackend = "sdpa",
     last_only: bool = False,
+    checkpoint_blocks: bool = False,
 ) -> Tensor:
     """tokens: [B, T] int64 -> logits [B, T, V] (in the params' dtype), or
     [B, 1, V] for the last position only with ``last_only`` (all that
@@ -40,6 +43,8 @@ def forward(
 
     ``pos`` ([T] int64, default ``0..T-1``) are the absolute positions of the
     tokens; with a ``cache`` they are also where the new keys/values are written.
+    ``checkpoint_blocks`` recomputes each block's activations in the backward
+    pass instead of storing them (training memory for compute).
     """
     B, T = tokens.shape
     if pos is None:
@@ -48,7 +53,9 @@ def forward(
     x = embedding(tokens, wte, wte_scale, params["wpe"].dtype) + params["wpe"][pos]  # [B, T, D]
     for i, block_params in enumerate(params["blocks"]):
         kv = None if cache is None else cache[i]
-        x = block(x, **block_params, n_head=config.n_head, eps=config.layer_norm_eps, pos=pos, kv=kv, backend=attention)
+        run = functools.partial(block, **block_params, n_head=config.n_head, eps=config.layer_norm_eps, pos=pos, kv=kv, backend=attention)
+        # activation checkpointing (training): keep only each block's input, recompute the rest in backward
+        x = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False) if checkpoint_blocks else run(x)
     if last_only:
         x = x[:, -1:]
     x = layer_norm(x, **params["ln_f"], eps=config.layer_norm_eps)

@@ -32,6 +32,8 @@ HUB_REPOS: dict[str, str] = {name: f"openai-community/{name}" for name in PRESET
 # Files a snapshot needs: weights, config, and the tokenizer's vocab/merges.
 HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "vocab.json", "merges.txt"]
 CONFIG_METADATA_KEY = "gpt2fn_config"
+# Models that ship with the project (weights/NAME.safetensors) load by NAME.
+BUNDLED_DIR = Path(__file__).resolve().parents[1] / "weights"
 
 
 # ----------------------------------------------------------------------------- finding files
@@ -39,7 +41,8 @@ CONFIG_METADATA_KEY = "gpt2fn_config"
 
 def resolve_model(name_or_path: str | os.PathLike, revision: Optional[str] = None) -> Path:
     """A local file or directory holding the model: the path itself if it
-    exists, else a snapshot downloaded from (or already cached from) the Hub.
+    exists, a bundled model (``weights/NAME.safetensors``) by name, else a
+    snapshot downloaded from (or already cached from) the Hub.
 
     Downloads go to huggingface_hub's normal cache (``HF_HOME``/``HF_HUB_CACHE``),
     with its progress bars; ``HF_HUB_OFFLINE=1`` uses the cache only.
@@ -48,6 +51,9 @@ def resolve_model(name_or_path: str | os.PathLike, revision: Optional[str] = Non
     if path.exists():
         return path
     name = str(name_or_path)
+    bundled = BUNDLED_DIR / f"{name}.safetensors"
+    if "/" not in name and bundled.is_file():  # a model that ships with the project, by name
+        return bundled
     if name.startswith((".", "/", "~")) or name.endswith(".safetensors") or name.count("/") > 1:
         raise GPT2FnError(f"{name} does not exist; pass an existing checkpoint directory or .safetensors file")
     if name in HUB_REPOS:

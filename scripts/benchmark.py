@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from gpt2fn.config import PRESETS
 from gpt2fn.device import resolve_device
-from gpt2fn.errors import GPT2FnError
+from gpt2fn.errors import GPT2FnError, run_cli
 from gpt2fn.generation import generate_all, recompute_and_choose
 from gpt2fn.measure import (
     decode_step_time,
@@ -59,6 +59,7 @@ from gpt2fn.measure import (
     weight_bytes,
 )
 from gpt2fn.params import init_params
+from gpt2fn.plotting import pyplot
 from gpt2fn.quantize import WEIGHT_DTYPES, cast_params
 from gpt2fn.steps import compile_steps, eager_steps, resolve_attention
 from gpt2fn.weights import hf_state_dict, load_pretrained
@@ -271,13 +272,8 @@ def print_report(results, dtypes, lengths) -> None:
 
 
 def plot(results, path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print('matplotlib is not installed, no plot written (pip install -e ".[plot]")')
+    plt = pyplot()
+    if plt is None:
         return
     sweep = results["sweep"]["tokens_per_s"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -296,8 +292,4 @@ def plot(results, path) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except GPT2FnError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli(main))

@@ -16,7 +16,7 @@ import sys
 import torch
 
 from gpt2fn.device import resolve_device
-from gpt2fn.errors import GPT2FnError
+from gpt2fn.errors import GPT2FnError, run_cli
 from gpt2fn.generation import generate
 from gpt2fn.layers import ATTENTION_BACKENDS
 from gpt2fn.model import check_sequence_fits
@@ -54,15 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; bad input prints one ``error: ...`` line and returns 2."""
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except GPT2FnError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
+    return run_cli(run, parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> int:

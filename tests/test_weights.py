@@ -4,7 +4,6 @@ ships), the project's own format, the Hub cache, and every bad file."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import pytest

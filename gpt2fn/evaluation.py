@@ -1,0 +1,73 @@
+"""Perplexity of a model over a long token sequence.
+
+Texts longer than the context are scored with a sliding window: windows of
+``context`` tokens start every ``stride`` tokens, and each window scores only
+the tokens no earlier window scored, each with between ``context - stride``
+and ``context - 1`` tokens of history. ``stride = context`` is fastest
+(disjoint windows; the first token of each window has no history inside it
+and is not scored); a smaller stride gives every token more context at more
+compute. This is the recipe of Hugging Face's perplexity guide, token for token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from gpt2fn.config import GPTConfig
+from gpt2fn.errors import GPT2FnError
+from gpt2fn.model import forward
+from gpt2fn.params import Params, params_device
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    nll: float  # mean negative log-likelihood, nats per predicted token
+    n_tokens: int  # tokens predicted
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll)
+
+
+@torch.inference_mode()
+def perplexity(
+    params: Params, config: GPTConfig, tokens: torch.Tensor, context: Optional[int] = None,
+    stride: Optional[int] = None, progress: bool = False,
+) -> Perplexity:  # fmt: skip
+    """Mean NLL and perplexity of ``tokens`` ([N] int) under the model."""
+    context = context or config.n_ctx
+    stride = stride or context
+    if not 1 < context <= config.n_ctx:
+        raise GPT2FnError(f"context must be between 2 and the model's {config.n_ctx}, got {context}")
+    if not 0 < stride <= context:
+        raise GPT2FnError(f"stride must be between 1 and the context ({context}), got {stride}")
+    tokens = tokens.to(torch.int64).to(params_device(params))
+    if len(tokens) < 2:
+        raise GPT2FnError("need at least 2 tokens to measure perplexity")
+    total, count, scored_until = 0.0, 0, 1  # token 0 is never predicted
+    starts = range(0, len(tokens) - 1, stride)
+    for begin in tqdm(starts, desc="perplexity", unit="window", disable=not progress):
+        end = min(begin + context, len(tokens))
+        window = tokens[begin:end]
+        logits = forward(params, config, window[None, :-1])[0].float()  # predicts window[1:]
+        new = min(end - scored_until, len(window) - 1)  # targets no earlier window scored
+        nll = F.cross_entropy(logits[-new:], window[-new:], reduction="sum")
+        total, count, scored_until = total + nll.item(), count + new, end
+        if end == len(tokens):
+            break
+    return Perplexity(total / count, count)
+
+
+def unigram_perplexity(train_tokens: torch.Tensor, eval_tokens: torch.Tensor, vocab_size: int) -> Perplexity:
+    """Baseline: a model that ignores context and predicts each token with its
+    training-set frequency (add-one smoothed, so unseen tokens stay finite)."""
+    counts = torch.bincount(train_tokens.to(torch.int64), minlength=vocab_size).double() + 1
+    log_probs = (counts / counts.sum()).log()
+    nll = -log_probs[eval_tokens.to(torch.int64)].mean().item()
+    return Perplexity(nll, len(eval_tokens))

@@ -1,0 +1,210 @@
+"""Training: the loss as a pure function of (params, tokens), AdamW, a
+warmup + cosine learning rate, gradient accumulation and clipping, bf16
+autocast, activation checkpointing, evaluation, and atomic, exactly
+resumable checkpoints.
+
+Gradients flow through the very ``forward`` that inference uses: there is no
+second model definition. The params dict's tensors are the trainable state
+(fp32 leaves with ``requires_grad``); the optimizer updates them in place.
+
+Weight decay (decoupled, AdamW) applies to the 2-D matrices only: the four
+linear weights of each block and the two embeddings (``wte`` is also the LM
+head, a matrix of the last product). Biases and LayerNorm gains/biases are not
+decayed: shrinking them towards 0 has no regularising meaning. This is the
+split of nanoGPT's GPT-2 recipe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from gpt2fn.config import GPTConfig
+from gpt2fn.data import random_windows
+from gpt2fn.errors import GPT2FnError
+from gpt2fn.model import forward
+from gpt2fn.params import Params, flatten_params, unflatten_params
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 16  # windows per micro-batch
+    block_size: int = 128  # tokens per window
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 1000
+    lr: float = 1e-3  # peak learning rate
+    min_lr: float = 1e-4  # end of the cosine
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    autocast_bf16: bool = False  # bf16 autocast for the forward/backward (weights stay fp32)
+    checkpoint_activations: bool = False
+    eval_interval: int = 100
+    eval_batches: int = 20
+    seed: int = 0
+
+
+def loss_fn(params: Params, config: GPTConfig, windows: Tensor, checkpoint_blocks: bool = False) -> Tensor:
+    """Mean next-token cross-entropy. windows: [B, T + 1] int64 -> scalar."""
+    logits = forward(params, config, windows[:, :-1], attention="sdpa", checkpoint_blocks=checkpoint_blocks)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+
+
+def lr_at(step: int, tc: TrainConfig) -> float:
+    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine down to ``min_lr`` at ``max_steps``."""
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    progress = min(1.0, (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps))
+    return tc.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (tc.lr - tc.min_lr)
+
+
+def trainable(params: Params) -> Params:
+    """fp32 leaf copies with ``requires_grad``: the state training updates."""
+    flat = {name: t.detach().float().clone().requires_grad_(True) for name, t in flatten_params(params).items()}
+    return unflatten_params(flat)
+
+
+def make_optimizer(params: Params, tc: TrainConfig) -> torch.optim.AdamW:
+    flat = flatten_params(params)
+    decay = [t for t in flat.values() if t.ndim == 2]
+    no_decay = [t for t in flat.values() if t.ndim != 2]
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2))
+
+
+def train_step(
+    params: Params, config: GPTConfig, optimizer: torch.optim.Optimizer, micro_batches: list[Tensor], lr: float, tc: TrainConfig
+) -> tuple[float, float]:
+    """One optimizer step over ``micro_batches`` (gradient accumulation):
+    returns (mean loss, gradient norm before clipping)."""
+    autocast = torch.autocast("cpu" if micro_batches[0].device.type == "cpu" else "cuda", dtype=torch.bfloat16)
+    total = 0.0
+    for windows in micro_batches:
+        with autocast if tc.autocast_bf16 else contextlib.nullcontext():
+            loss = loss_fn(params, config, windows, tc.checkpoint_activations)
+        (loss / len(micro_batches)).backward()
+        total += loss.item()
+    tensors = list(flatten_params(params).values())
+    norm = torch.nn.utils.clip_grad_norm_(tensors, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / len(micro_batches), float(norm)
+
+
+@torch.no_grad()
+def evaluate(params: Params, config: GPTConfig, tokens: Tensor, tc: TrainConfig, seed: int = 1234) -> float:
+    """Mean loss over ``eval_batches`` random windows, always the same ones (fixed seed)."""
+    g = torch.Generator().manual_seed(seed)
+    losses = [loss_fn(params, config, random_windows(tokens, tc.batch_size, tc.block_size, g)).item()
+              for _ in range(tc.eval_batches)]  # fmt: skip
+    return sum(losses) / len(losses)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(
+    path: str | os.PathLike, params: Params, config: GPTConfig, optimizer: torch.optim.Optimizer,
+    step: int, data_generator: torch.Generator, tc: TrainConfig, history: list[dict],
+) -> Path:  # fmt: skip
+    """Everything needed to continue exactly: params, optimizer state, step,
+    the data sampler's RNG, configs and the loss history. Written to a
+    temporary file in the same directory and renamed over the target, so a
+    crash mid-write never destroys the last good checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "params": {k: t.detach() for k, t in flatten_params(params).items()},
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "data_rng": data_generator.get_state(),
+        "config": config.to_dict(),
+        "train_config": dataclasses.asdict(tc),
+        "history": history,
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint without unpickling code (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise GPT2FnError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, wrong format, or a pickle that is not plain data
+        raise GPT2FnError(f"{path} is not a readable gpt2fn checkpoint ({type(e).__name__}); it may be corrupt") from None
+    state["config"] = GPTConfig.from_dict(state["config"])
+    state["train_config"] = TrainConfig(**state["train_config"])
+    return state
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(
+    params: Params,
+    config: GPTConfig,
+    tc: TrainConfig,
+    train_tokens: Tensor,
+    val_tokens: Optional[Tensor] = None,
+    checkpoint_path: Optional[str | os.PathLike] = None,
+    resume: Optional[dict] = None,
+    stop_at: Optional[int] = None,
+    on_step: Optional[Callable[[dict], None]] = None,
+) -> tuple[Params, list[dict]]:
+    """Train from ``params`` (or from ``resume``, a loaded checkpoint) until
+    ``tc.max_steps`` (or ``stop_at``, for a deliberate interruption).
+    Evaluates every ``eval_interval`` steps and at the end, writes the
+    checkpoint at each evaluation, and returns (params, history)."""
+    if config.n_ctx < tc.block_size:
+        raise GPT2FnError(f"block_size {tc.block_size} exceeds the model's context {config.n_ctx}")
+    data_rng = torch.Generator().manual_seed(tc.seed)
+    if resume is not None:
+        params = unflatten_params({k: t.requires_grad_(True) for k, t in resume["params"].items()})
+        optimizer = make_optimizer(params, tc)
+        optimizer.load_state_dict(resume["optimizer"])
+        data_rng.set_state(resume["data_rng"])
+        step, history = resume["step"], list(resume["history"])
+    else:
+        params = trainable(params)
+        optimizer = make_optimizer(params, tc)
+        step, history = 0, []
+    end = tc.max_steps if stop_at is None else min(stop_at, tc.max_steps)
+    while step < end:
+        batches = [random_windows(train_tokens, tc.batch_size, tc.block_size, data_rng) for _ in range(tc.grad_accum)]
+        lr = lr_at(step, tc)
+        loss, norm = train_step(params, config, optimizer, batches, lr, tc)
+        step += 1
+        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm}
+        if val_tokens is not None and (step % tc.eval_interval == 0 or step == tc.max_steps):
+            record["val_loss"] = evaluate(params, config, val_tokens, tc)
+        history.append(record)
+        if checkpoint_path is not None and (step % tc.eval_interval == 0 or step == end):
+            save_checkpoint(checkpoint_path, params, config, optimizer, step, data_rng, tc, history)
+        if on_step is not None:
+            on_step(record)
+    return params, history

@@ -1,0 +1,47 @@
+#!/usr/bin/env python
+"""Perplexity of a model over a text file (sliding window for long texts).
+
+    python scripts/eval_ppl.py --model gpt2 --file ../shared/data/tinyshakespeare.txt --stride 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from gpt2fn.device import resolve_device
+from gpt2fn.errors import GPT2FnError, run_cli
+from gpt2fn.evaluation import perplexity
+from gpt2fn.tokenizer import get_tokenizer
+from gpt2fn.weights import load_pretrained, resolve_model
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="gpt2")
+    p.add_argument("--file", required=True, help="UTF-8 text file")
+    p.add_argument("--context", type=int, default=None, help="window length (default: the model's context)")
+    p.add_argument("--stride", type=int, default=None, help="window step (default: the context)")
+    p.add_argument("--device", default="auto")
+    return run_cli(run, p.parse_args(argv))
+
+
+def run(args) -> int:
+    device = resolve_device(args.device)
+    path = Path(args.file)
+    if not path.is_file():
+        raise GPT2FnError(f"{path} does not exist")
+    model_path = resolve_model(args.model)
+    params, config = load_pretrained(model_path, device=device)
+    tokens = torch.tensor(get_tokenizer(model_path).encode_ordinary(path.read_text(encoding="utf-8")))
+    result = perplexity(params, config, tokens, args.context, args.stride, progress=True)
+    print(f"{args.model} on {path.name}: {result.n_tokens} tokens, NLL {result.nll:.4f} nats/token, "
+          f"perplexity {result.perplexity:.2f}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Train a GPT-2 from scratch (GPT-2 init) or fine-tune any loadable model.
+
+    python scripts/prepare_data.py ../shared/data/tinyshakespeare.txt --out data/shakespeare
+    python scripts/train.py --data data/shakespeare --out runs/shk/ckpt.pt \\
+        --n_layer 4 --n_head 4 --n_embd 128 --n_ctx 256 --block_size 256 --max_steps 600 \\
+        --export weights/gpt2-shakespeare.safetensors --plot runs/shk/loss.png
+
+Progress bar with loss and tokens/s; a checkpoint at every evaluation
+(``--resume`` continues exactly); ``--export`` writes the final weights in the
+project's format (16-bit), loadable by ``scripts/generate.py --model``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from gpt2fn.config import GPTConfig
+from gpt2fn.data import load_tokens
+from gpt2fn.errors import run_cli
+from gpt2fn.params import init_params, map_params
+from gpt2fn.plotting import pyplot
+from gpt2fn.training import TrainConfig, load_checkpoint, train
+from gpt2fn.weights import load_pretrained, save_params
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="directory with train.bin and val.bin")
+    p.add_argument("--out", required=True, help="checkpoint file (written at every evaluation)")
+    p.add_argument("--resume", action="store_true", help="continue from --out")
+    p.add_argument("--from_model", default=None, help="fine-tune this model instead of training from scratch")
+    p.add_argument("--n_layer", type=int, default=4)
+    p.add_argument("--n_head", type=int, default=4)
+    p.add_argument("--n_embd", type=int, default=128)
+    p.add_argument("--n_ctx", type=int, default=256)
+    for field in dataclasses.fields(TrainConfig):
+        kind = {bool: "flag", int: int, float: float}[type(field.default)]
+        if kind == "flag":
+            p.add_argument(f"--{field.name}", action="store_true")
+        else:
+            p.add_argument(f"--{field.name}", type=kind, default=field.default)
+    p.add_argument("--export", default=None, help="write the final weights here (.safetensors)")
+    p.add_argument("--export_dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--plot", default=None, help="write the loss curve PNG here (needs matplotlib)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    return run_cli(run, parse_args(argv))
+
+
+def run(args) -> int:
+    tc = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    train_tokens = load_tokens(Path(args.data) / "train.bin")
+    val_tokens = load_tokens(Path(args.data) / "val.bin")
+    resume = None
+    if args.resume:
+        resume = load_checkpoint(args.out)
+        config, tc, params = resume["config"], resume["train_config"], None
+        print(f"resuming from {args.out} at step {resume['step']}")
+    elif args.from_model:
+        params, config = load_pretrained(args.from_model)
+    else:
+        config = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, n_ctx=args.n_ctx)
+        params = init_params(config, seed=tc.seed)
+    tokens_per_step = tc.batch_size * tc.block_size * tc.grad_accum
+    bar = tqdm(total=tc.max_steps, initial=resume["step"] if resume else 0, desc="training", unit="step")
+    last = time.perf_counter()
+
+    def on_step(record):
+        nonlocal last
+        now = time.perf_counter()
+        shown = {"loss": f"{record['loss']:.3f}", "tok/s": f"{tokens_per_step / (now - last):.0f}"}
+        if "val_loss" in record:
+            shown["val"] = f"{record['val_loss']:.3f}"
+            tqdm.write(f"step {record['step']}: train {record['loss']:.4f}  val {record['val_loss']:.4f}  lr {record['lr']:.2e}")
+        bar.set_postfix(shown)
+        bar.update()
+        last = now
+
+    start = time.perf_counter()
+    params, history = train(params, config, tc, train_tokens, val_tokens, args.out, resume=resume, on_step=on_step)
+    bar.close()
+    print(f"done: {history[-1]['step']} steps in {time.perf_counter() - start:.0f} s, "
+          f"final val loss {history[-1].get('val_loss', float('nan')):.4f}")  # fmt: skip
+    if args.export:
+        final = map_params(lambda t: t.detach().to(getattr(torch, args.export_dtype)), params)
+        print(f"wrote {save_params(final, config, args.export)}")
+    if args.plot:
+        plot_losses(history, args.plot)
+    return 0
+
+
+def plot_losses(history, path) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot([r["step"] for r in history], [r["loss"] for r in history], label="train", alpha=0.6)
+    val = [r for r in history if "val_loss" in r]
+    ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], marker="o", label="val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Training: data preparation, the loss against the reference, the optimizer
+set-up, learning, exact resumption, checkpoints, and perplexity."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gpt2fn import GPT2FnError, GPTConfig, init_params, load_pretrained
+from gpt2fn.data import load_tokens, prepare, random_windows
+from gpt2fn.evaluation import perplexity, unigram_perplexity
+from gpt2fn.params import flatten_params
+from gpt2fn.tokenizer import ENDOFTEXT_ID, get_tokenizer
+from gpt2fn.training import (
+    TrainConfig, load_checkpoint, loss_fn, lr_at, make_optimizer, save_checkpoint, train, trainable,
+)  # fmt: skip
+
+TINY = GPTConfig(vocab_size=50257, n_ctx=64, n_embd=32, n_layer=2, n_head=2)
+TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 40
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    (d / "a.txt").write_text(TEXT)
+    (d / "b.txt").write_text("The slings and arrows of outrageous fortune,\n" * 30)
+    counts = prepare([d / "a.txt", d / "b.txt"], d / "out", val_fraction=0.1)
+    return d, counts
+
+
+def test_prepare_splits_off_the_tail(data):
+    d, counts = data
+    t = get_tokenizer()
+    expected = t.encode_ordinary(TEXT) + [ENDOFTEXT_ID] + t.encode_ordinary((d / "b.txt").read_text())
+    train_tokens, val_tokens = load_tokens(d / "out" / "train.bin"), load_tokens(d / "out" / "val.bin")
+    assert train_tokens.dtype == torch.uint16
+    assert counts == {"train": len(train_tokens), "val": len(val_tokens)} and counts["val"] == int(len(expected) * 0.1)
+    assert train_tokens.tolist() + val_tokens.tolist() == expected
+    windows = random_windows(train_tokens, 5, 16, torch.Generator().manual_seed(0))
+    assert windows.shape == (5, 17) and windows.dtype == torch.int64
+    stream = train_tokens.tolist()
+    for row in windows.tolist():  # each window is a contiguous piece of the stream
+        starts = [i for i in range(len(stream) - 16) if stream[i : i + 17] == row]
+        assert starts
+
+
+def test_bad_data_inputs(tmp_path):
+    with pytest.raises(GPT2FnError, match="does not exist"):
+        load_tokens(tmp_path / "missing.bin")
+    (tmp_path / "tiny.txt").write_text("hi")
+    with pytest.raises(GPT2FnError, match="too little text"):
+        prepare([tmp_path / "tiny.txt"], tmp_path / "out")
+
+
+def test_loss_matches_reference(small_ref):
+    params, config = load_pretrained(small_ref.directory)
+    windows = torch.randint(0, 50257, (3, 33), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = small_ref.model(windows, labels=windows).loss  # the reference shifts internally
+    assert abs(loss_fn(params, config, windows).item() - expected.item()) <= 1e-5
+
+
+def test_learning_rate_schedule():
+    tc = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
+    lrs = [lr_at(s, tc) for s in range(110)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # cosine never rises
+    assert lr_at(110, tc) == pytest.approx(1e-4) and lr_at(60, tc) == pytest.approx(5.5e-4)
+
+
+def test_weight_decay_only_on_matrices():
+    params = trainable(init_params(TINY))
+    groups = make_optimizer(params, TrainConfig()).param_groups
+    flat = flatten_params(params)
+    decayed = {id(t) for t in groups[0]["params"]}
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    assert {n for n, t in flat.items() if id(t) in decayed} == {n for n, t in flat.items() if t.ndim == 2}
+    assert {"wte", "wpe", "blocks.0.attn.c_attn.w"} <= {n for n, t in flat.items() if id(t) in decayed}
+
+
+def test_training_learns(data):
+    d, _ = data
+    tc = TrainConfig(batch_size=8, block_size=32, max_steps=60, lr=3e-3, warmup_steps=5, eval_interval=60, eval_batches=4)
+    train_tokens, val_tokens = load_tokens(d / "out" / "train.bin"), load_tokens(d / "out" / "val.bin")
+    _, history = train(init_params(TINY), TINY, tc, train_tokens, val_tokens)
+    assert history[0]["loss"] > math.log(50257) - 1  # starts near uniform
+    assert history[-1]["val_loss"] < 0.5 * history[0]["loss"]  # the repeated text is learnable
+
+
+def test_resume_is_bit_identical(data, tmp_path):
+    d, _ = data
+    tokens = load_tokens(d / "out" / "train.bin")
+    tc = TrainConfig(batch_size=4, block_size=16, max_steps=8, warmup_steps=2, eval_interval=4, grad_accum=2)
+    straight, _ = train(init_params(TINY, seed=3), TINY, tc, tokens)
+    ckpt = tmp_path / "ckpt.pt"
+    train(init_params(TINY, seed=3), TINY, tc, tokens, checkpoint_path=ckpt, stop_at=4)
+    state = load_checkpoint(ckpt)
+    assert state["step"] == 4 and len(state["history"]) == 4
+    resumed, history = train(None, state["config"], state["train_config"], tokens, resume=state)
+    assert len(history) == 8
+    a, b = flatten_params(straight), flatten_params(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    windows = torch.randint(0, 50257, (2, 17), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for checkpoint in (False, True):
+        params = trainable(init_params(TINY, seed=1))
+        loss_fn(params, TINY, windows, checkpoint_blocks=checkpoint).backward()
+        grads.append({k: t.grad for k, t in flatten_params(params).items()})
+    assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-6) for k in grads[0])
+
+
+def test_checkpoints_are_atomic_and_never_unpickled(tmp_path):
+    params = trainable(init_params(TINY))
+    opt = make_optimizer(params, TrainConfig())
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, params, TINY, opt, 1, torch.Generator(), TrainConfig(), [])
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(GPT2FnError, match="may be corrupt"):
+        load_checkpoint(path)
+
+    class Evil:  # a pickle that would run code is refused by weights_only=True
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(GPT2FnError, match="not a readable gpt2fn checkpoint"):
+        load_checkpoint(tmp_path / "evil.pt")
+
+
+def reference_sliding_nll(model, tokens, context, stride):
+    """Hugging Face's perplexity-guide loop, with the reference model."""
+    nlls, counted, prev_end = 0.0, 0, 0
+    for begin in range(0, len(tokens), stride):
+        end = min(begin + context, len(tokens))
+        target_len = end - prev_end
+        ids = tokens[None, begin:end]
+        labels = ids.clone()
+        labels[:, :-target_len] = -100
+        with torch.no_grad():
+            loss = model(ids, labels=labels).loss
+        valid = (labels[:, 1:] != -100).sum().item()
+        nlls += loss.item() * valid
+        counted += valid
+        prev_end = end
+        if end == len(tokens):
+            break
+    return nlls / counted, counted
+
+
+@pytest.mark.parametrize("context, stride", [(128, 128), (128, 50), (64, 16)])
+def test_perplexity_matches_reference(small_ref, context, stride):
+    params, config = load_pretrained(small_ref.directory)
+    tokens = torch.randint(0, 50257, (700,), generator=torch.Generator().manual_seed(4))
+    ours = perplexity(params, config, tokens, context, stride)
+    nll, n = reference_sliding_nll(small_ref.model, tokens, context, stride)
+    assert ours.n_tokens == n
+    assert n == 699 - (699 // context if stride == context else 0)  # disjoint windows skip their first token
+    assert abs(ours.nll - nll) <= 1e-5 and ours.perplexity == pytest.approx(math.exp(nll), rel=1e-5)
+
+
+def test_perplexity_bad_arguments(small_ref):
+    params, config = load_pretrained(small_ref.directory)
+    with pytest.raises(GPT2FnError, match="stride"):
+        perplexity(params, config, torch.arange(10), 64, 100)
+    with pytest.raises(GPT2FnError, match="context"):
+        perplexity(params, config, torch.arange(10), 1000)
+
+
+def test_unigram_baseline():
+    train_tokens = torch.tensor([1, 1, 1, 2])
+    ppl = unigram_perplexity(train_tokens, torch.tensor([1, 2]), vocab_size=4)
+    # add-one counts: [1, 4, 2, 1] / 8
+    assert ppl.nll == pytest.approx(-(math.log(4 / 8) + math.log(2 / 8)) / 2)
