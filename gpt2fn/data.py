@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from gpt2fn.errors import GPT2FnError
+from gpt2fn.files import atomic_write
 from gpt2fn.tokenizer import ENDOFTEXT_ID, get_tokenizer
 
 
@@ -39,13 +40,11 @@ def tokenize_files(paths: Iterable[str | os.PathLike]) -> list[int]:
 
 def write_tokens(ids: list[int], path: str | os.PathLike) -> Path:
     """uint16 token file, written to a temporary name and renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        array.array("H", ids).tofile(f)
-    os.replace(tmp, path)
-    return path
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            array.array("H", ids).tofile(f)
+
+    return atomic_write(path, write)
 
 
 def prepare(paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike, val_fraction: float = 0.1) -> dict[str, int]:

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from gpt2fn.config import GPTConfig
 from gpt2fn.data import random_windows
 from gpt2fn.errors import GPT2FnError
+from gpt2fn.files import atomic_write
 from gpt2fn.model import forward
 from gpt2fn.params import Params, flatten_params, unflatten_params
 
@@ -39,7 +40,7 @@ Tensor = torch.Tensor
 
 @dataclass(frozen=True)
 class TrainConfig:
-    batch_size: int = 16  # windows per micro-batch
+    batch_size: int = 16  # windows per micro-batch, over all processes when distributed
     block_size: int = 128  # tokens per window
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 1000
@@ -72,9 +73,33 @@ def lr_at(step: int, tc: TrainConfig) -> float:
 
 
 def trainable(params: Params) -> Params:
-    """fp32 leaf copies with ``requires_grad``: the state training updates."""
-    flat = {name: t.detach().float().clone().requires_grad_(True) for name, t in flatten_params(params).items()}
+    """fp32 leaf copies with ``requires_grad``: the state training updates.
+    They are ``nn.Parameter``s (plain tensors to every function here) only so
+    that DistributedDataParallel can register them."""
+    flat = {name: torch.nn.Parameter(t.detach().float().clone()) for name, t in flatten_params(params).items()}
     return unflatten_params(flat)
+
+
+class _DistributedLoss(torch.nn.Module):
+    """Training-only adapter: DistributedDataParallel wants a module whose
+    parameters it all-reduces; this one holds the params dict's tensors (the
+    same objects) and its forward is :func:`loss_fn`. Inference never sees it."""
+
+    def __init__(self, params: Params, config: GPTConfig, checkpoint_blocks: bool):
+        super().__init__()
+        self.tree, self.config, self.checkpoint_blocks = params, config, checkpoint_blocks
+        for i, t in enumerate(flatten_params(params).values()):
+            self.register_parameter(f"p{i}", t)
+
+    def forward(self, windows: Tensor) -> Tensor:
+        return loss_fn(self.tree, self.config, windows, self.checkpoint_blocks)
+
+
+def distributed_world() -> tuple[int, int]:
+    """(world size, rank): (1, 0) unless torch.distributed is initialised (torchrun)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
 
 
 def make_optimizer(params: Params, tc: TrainConfig) -> torch.optim.AdamW:
@@ -86,15 +111,18 @@ def make_optimizer(params: Params, tc: TrainConfig) -> torch.optim.AdamW:
 
 
 def train_step(
-    params: Params, config: GPTConfig, optimizer: torch.optim.Optimizer, micro_batches: list[Tensor], lr: float, tc: TrainConfig
-) -> tuple[float, float]:
+    params: Params, config: GPTConfig, optimizer: torch.optim.Optimizer, micro_batches: list[Tensor], lr: float,
+    tc: TrainConfig, compute_loss: Optional[Callable[[Tensor], Tensor]] = None,
+) -> tuple[float, float]:  # fmt: skip
     """One optimizer step over ``micro_batches`` (gradient accumulation):
-    returns (mean loss, gradient norm before clipping)."""
+    returns (mean loss, gradient norm before clipping). ``compute_loss``
+    defaults to :func:`loss_fn`; the distributed loop passes its DDP module."""
+    compute_loss = compute_loss or functools.partial(loss_fn, params, config, checkpoint_blocks=tc.checkpoint_activations)
     autocast = torch.autocast("cpu" if micro_batches[0].device.type == "cpu" else "cuda", dtype=torch.bfloat16)
     total = 0.0
     for windows in micro_batches:
         with autocast if tc.autocast_bf16 else contextlib.nullcontext():
-            loss = loss_fn(params, config, windows, tc.checkpoint_activations)
+            loss = compute_loss(windows)
         (loss / len(micro_batches)).backward()
         total += loss.item()
     tensors = list(flatten_params(params).values())
@@ -126,8 +154,6 @@ def save_checkpoint(
     the data sampler's RNG, configs and the loss history. Written to a
     temporary file in the same directory and renamed over the target, so a
     crash mid-write never destroys the last good checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "params": {k: t.detach() for k, t in flatten_params(params).items()},
         "optimizer": optimizer.state_dict(),
@@ -137,15 +163,7 @@ def save_checkpoint(
         "train_config": dataclasses.asdict(tc),
         "history": history,
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -184,7 +202,7 @@ def train(
         raise GPT2FnError(f"block_size {tc.block_size} exceeds the model's context {config.n_ctx}")
     data_rng = torch.Generator().manual_seed(tc.seed)
     if resume is not None:
-        params = unflatten_params({k: t.requires_grad_(True) for k, t in resume["params"].items()})
+        params = unflatten_params({k: torch.nn.Parameter(t) for k, t in resume["params"].items()})
         optimizer = make_optimizer(params, tc)
         optimizer.load_state_dict(resume["optimizer"])
         data_rng.set_state(resume["data_rng"])
@@ -193,18 +211,34 @@ def train(
         params = trainable(params)
         optimizer = make_optimizer(params, tc)
         step, history = 0, []
+    # Data parallel (under torchrun): every rank draws the same global batch
+    # from the same RNG and keeps its own slice of rows; DDP averages the
+    # gradients, so N ranks take exactly the step one process would take on
+    # the whole batch.
+    world, rank = distributed_world()
+    if tc.batch_size % world:
+        raise GPT2FnError(f"batch_size {tc.batch_size} is not divisible by the {world} processes")
+    rows = slice(rank * tc.batch_size // world, (rank + 1) * tc.batch_size // world)
+    compute_loss = None
+    if world > 1:
+        compute_loss = torch.nn.parallel.DistributedDataParallel(_DistributedLoss(params, config, tc.checkpoint_activations))
     end = tc.max_steps if stop_at is None else min(stop_at, tc.max_steps)
     while step < end:
-        batches = [random_windows(train_tokens, tc.batch_size, tc.block_size, data_rng) for _ in range(tc.grad_accum)]
+        batches = [random_windows(train_tokens, tc.batch_size, tc.block_size, data_rng)[rows] for _ in range(tc.grad_accum)]
         lr = lr_at(step, tc)
-        loss, norm = train_step(params, config, optimizer, batches, lr, tc)
+        loss, norm = train_step(params, config, optimizer, batches, lr, tc, compute_loss)
+        if world > 1:  # report the global batch's loss, not this rank's slice
+            loss_t = torch.tensor(loss)
+            torch.distributed.all_reduce(loss_t)
+            loss = loss_t.item() / world
         step += 1
         record = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm}
         if val_tokens is not None and (step % tc.eval_interval == 0 or step == tc.max_steps):
             record["val_loss"] = evaluate(params, config, val_tokens, tc)
         history.append(record)
-        if checkpoint_path is not None and (step % tc.eval_interval == 0 or step == end):
+        if checkpoint_path is not None and rank == 0 and (step % tc.eval_interval == 0 or step == end):
             save_checkpoint(checkpoint_path, params, config, optimizer, step, data_rng, tc, history)
         if on_step is not None:
             on_step(record)
     return params, history
+

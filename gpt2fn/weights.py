@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -25,6 +24,7 @@ from safetensors.torch import save_file
 
 from gpt2fn.config import PRESETS, GPTConfig
 from gpt2fn.errors import GPT2FnError
+from gpt2fn.files import atomic_write
 from gpt2fn.params import Params, flatten_params, map_params, param_shapes, unflatten_params
 
 # Hugging Face repositories of the four released sizes.
@@ -225,18 +225,9 @@ def save_params(params: Params, config: GPTConfig, path: str | os.PathLike) -> P
     """Write params + config to one safetensors file, atomically: a temporary
     file in the same directory renamed over the target, so a crash never
     leaves a half-written file under the real name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     flat = {name: t.detach().contiguous().cpu() for name, t in flatten_params(params).items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(flat, tmp, metadata={"format": "pt", CONFIG_METADATA_KEY: config.to_json()})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    metadata = {"format": "pt", CONFIG_METADATA_KEY: config.to_json()}
+    return atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
 
 
 def load_params(path: str | os.PathLike) -> tuple[Params, GPTConfig]:
@@ -277,3 +268,4 @@ def load_pretrained(
     else:
         raise GPT2FnError(f"{path} is neither a directory nor a .safetensors file")
     return map_params(lambda t: t.to(device=device, dtype=dtype), params), config
+

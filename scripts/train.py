@@ -9,12 +9,17 @@
 Progress bar with loss and tokens/s; a checkpoint at every evaluation
 (``--resume`` continues exactly); ``--export`` writes the final weights in the
 project's format (16-bit), loadable by ``scripts/generate.py --model``.
+Data parallel on several processes (gloo on CPU, nccl on CUDA), the same
+command under torchrun; ``--batch_size`` is the global batch:
+
+    torchrun --nproc_per_node 2 scripts/train.py --data data/shakespeare --out runs/ddp/ckpt.pt ...
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -58,6 +63,18 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
+    if "RANK" in os.environ:  # launched by torchrun: join the process group
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    try:
+        return train_and_export(args)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def train_and_export(args) -> int:
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     tc = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     train_tokens = load_tokens(Path(args.data) / "train.bin")
     val_tokens = load_tokens(Path(args.data) / "val.bin")
@@ -72,7 +89,8 @@ def run(args) -> int:
         config = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, n_ctx=args.n_ctx)
         params = init_params(config, seed=tc.seed)
     tokens_per_step = tc.batch_size * tc.block_size * tc.grad_accum
-    bar = tqdm(total=tc.max_steps, initial=resume["step"] if resume else 0, desc="training", unit="step")
+    bar = tqdm(total=tc.max_steps, initial=resume["step"] if resume else 0, desc="training", unit="step",
+               disable=rank != 0)
     last = time.perf_counter()
 
     def on_step(record):
@@ -81,7 +99,8 @@ def run(args) -> int:
         shown = {"loss": f"{record['loss']:.3f}", "tok/s": f"{tokens_per_step / (now - last):.0f}"}
         if "val_loss" in record:
             shown["val"] = f"{record['val_loss']:.3f}"
-            tqdm.write(f"step {record['step']}: train {record['loss']:.4f}  val {record['val_loss']:.4f}  lr {record['lr']:.2e}")
+            if rank == 0:
+                tqdm.write(f"step {record['step']}: train {record['loss']:.4f}  val {record['val_loss']:.4f}  lr {record['lr']:.2e}")
         bar.set_postfix(shown)
         bar.update()
         last = now
@@ -91,6 +110,8 @@ def run(args) -> int:
     bar.close()
     print(f"done: {history[-1]['step']} steps in {time.perf_counter() - start:.0f} s, "
           f"final val loss {history[-1].get('val_loss', float('nan')):.4f}")  # fmt: skip
+    if rank != 0:
+        return 0
     if args.export:
         final = map_params(lambda t: t.detach().to(getattr(torch, args.export_dtype)), params)
         print(f"wrote {save_params(final, config, args.export)}")

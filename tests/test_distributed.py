@@ -1,0 +1,55 @@
+"""Data-parallel training through torchrun + gloo: two CPU processes with the
+global batch split between them end with the same parameters as one process
+with the whole batch."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+
+from gpt2fn.data import prepare
+from gpt2fn.params import flatten_params
+from gpt2fn.weights import load_params
+
+from conftest import ROOT
+
+ARGS = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--n_ctx", "32", "--block_size", "16",
+        "--batch_size", "8", "--max_steps", "4", "--warmup_steps", "1", "--eval_interval", "2",
+        "--eval_batches", "1", "--export_dtype", "float32"]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_equal_one_process(tmp_path):
+    (tmp_path / "t.txt").write_text("Now is the winter of our discontent made glorious summer by this sun of York;\n" * 60)
+    prepare([tmp_path / "t.txt"], tmp_path / "data")
+    script = str(ROOT / "scripts" / "train.py")
+    common = ["--data", str(tmp_path / "data"), *ARGS]
+    single = subprocess.run([sys.executable, script, *common, "--out", str(tmp_path / "one.pt"),
+                             "--export", str(tmp_path / "one.safetensors")], capture_output=True, text=True)  # fmt: skip
+    assert single.returncode == 0, single.stderr[-2000:]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port())]  # fmt: skip
+    ddp = subprocess.run([*launcher, script, *common, "--out", str(tmp_path / "two.pt"),
+                          "--export", str(tmp_path / "two.safetensors")], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one, _ = load_params(tmp_path / "one.safetensors")
+    two, _ = load_params(tmp_path / "two.safetensors")
+    a, b = flatten_params(one), flatten_params(two)
+    start = flatten_params(load_params_init())
+    moved = max((a[k] - start[k]).abs().max().item() for k in a)
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert moved > 1e-3  # training changed the weights...
+    assert diff <= 1e-5, diff  # ...and the same way in both set-ups (float reduction order aside)
+
+
+def load_params_init():
+    from gpt2fn import GPTConfig, init_params
+
+    return init_params(GPTConfig(n_layer=2, n_head=2, n_embd=32, n_ctx=32), seed=0)
