@@ -40,7 +40,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="directory with train.bin and val.bin")
     p.add_argument("--out", required=True, help="checkpoint file (written at every evaluation)")
-    p.add_argument("--resume", action="store_true", help="continue from --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run saved in --out, with its own saved settings, to its max_steps")
+    p.add_argument("--stop_at", type=int, default=None,
+                   help="stop after this step (a checkpoint is written), to --resume later")
     p.add_argument("--from_model", default=None, help="fine-tune this model instead of training from scratch")
     p.add_argument("--n_layer", type=int, default=4)
     p.add_argument("--n_head", type=int, default=4)
@@ -106,7 +109,8 @@ def train_and_export(args) -> int:
         last = now
 
     start = time.perf_counter()
-    params, history = train(params, config, tc, train_tokens, val_tokens, args.out, resume=resume, on_step=on_step)
+    params, history = train(params, config, tc, train_tokens, val_tokens, args.out, resume=resume,
+                            stop_at=args.stop_at, on_step=on_step)
     bar.close()
     print(f"done: {history[-1]['step']} steps in {time.perf_counter() - start:.0f} s, "
           f"final val loss {history[-1].get('val_loss', float('nan')):.4f}")  # fmt: skip

@@ -177,3 +177,50 @@ def test_unigram_baseline():
     ppl = unigram_perplexity(train_tokens, torch.tensor([1, 2]), vocab_size=4)
     # add-one counts: [1, 4, 2, 1] / 8
     assert ppl.nll == pytest.approx(-(math.log(4 / 8) + math.log(2 / 8)) / 2)
+
+
+def test_train_script_fine_tunes_resumes_and_plots(small_ref, data, tmp_path):
+    """scripts/train.py from a Hugging Face checkpoint: trains, writes the
+    checkpoint, the exported weights and the loss curve; --resume continues."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    from gpt2fn.weights import load_params
+
+    d, _ = data
+    script = str(ROOT / "scripts" / "train.py")
+    args = ["--data", str(d / "out"), "--out", str(tmp_path / "ckpt.pt"), "--block_size", "32", "--batch_size", "4",
+            "--warmup_steps", "1", "--eval_interval", "2", "--eval_batches", "1", "--export_dtype", "float32"]  # fmt: skip
+    first = subprocess.run([sys.executable, script, *args, "--from_model", str(small_ref.directory), "--max_steps", "4",
+                            "--stop_at", "2"], capture_output=True, text=True)  # fmt: skip
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 2
+    again = subprocess.run([sys.executable, script, *args, "--resume", "--export",
+                            str(tmp_path / "tuned.safetensors"), "--plot", str(tmp_path / "loss.png")],
+                           capture_output=True, text=True)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming from" in again.stdout
+    tuned, config = load_params(tmp_path / "tuned.safetensors")
+    original, original_config = load_pretrained(small_ref.directory)
+    state = load_checkpoint(tmp_path / "ckpt.pt")
+    assert config == original_config and state["step"] == 4 and len(state["history"]) == 4
+    assert not torch.equal(tuned["wte"], original["wte"])
+    png = (tmp_path / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_eval_ppl_script_prints_the_library_figure(small_ref, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    (tmp_path / "t.txt").write_text(TEXT)
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "eval_ppl.py"), "--model", str(small_ref.directory),
+                          "--file", str(tmp_path / "t.txt"), "--stride", "64"], capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    params, config = load_pretrained(small_ref.directory)
+    expected = perplexity(params, config, torch.tensor(get_tokenizer().encode_ordinary(TEXT)), stride=64)
+    assert f"perplexity {expected.perplexity:.2f}" in run.stdout
