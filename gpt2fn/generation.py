@@ -101,9 +101,10 @@ def generate(
             prepare_for_compiled_steps(params, cache)
     else:
         settings["attention"] = resolve_attention(attention)
-        recompute = functools.partial(recompute_and_choose, config=config, **settings)
-        if compile:
-            recompute = torch.compile(recompute, fullgraph=True, dynamic=True)
+        # The prompt's pass runs eager, as with the cache, so that compilation
+        # happens in the first decode step and is reported as compile_s there.
+        recompute_prompt = functools.partial(recompute_and_choose, config=config, **settings)
+        recompute = torch.compile(recompute_prompt, fullgraph=True, dynamic=True) if compile else recompute_prompt
         sequence = prompt
 
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -121,7 +122,7 @@ def generate(
         if use_cache:
             token = steps.prefill(params, prompt, cache, torch.arange(T, device=device), noise())
         else:
-            token = recompute(params, sequence, noise())
+            token = recompute_prompt(params, sequence, noise())
         synchronize(device)
     prefill_s = time.perf_counter() - start
     yield token

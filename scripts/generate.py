@@ -102,12 +102,16 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"[{args.model} {args.dtype} on {device}, {mode}, {args.attention} attention, seed {seed}] "
         f"prompt {stats.n_prompt} tokens, generated {stats.n_new}\n{compiled}"
-        f"prefill: {stats.prefill_s * 1000:.1f} ms ({stats.n_prompt / stats.prefill_s:.1f} tokens/s)\n"
+        f"prefill: {stats.prefill_s * 1000:.1f} ms ({per_second(stats.n_prompt, stats.prefill_s)} tokens/s)\n"
         f"decode:  {stats.decode_s * 1000:.1f} ms for {stats.decode_tokens} tokens "
-        f"({stats.decode_tokens_per_s:.1f} tokens/s)",
+        f"({per_second(stats.decode_tokens, stats.decode_s)} tokens/s)",
         file=sys.stderr,
     )
     return 0
+
+
+def per_second(count: int, seconds: float) -> str:
+    return f"{count / seconds:.1f}" if seconds > 0 else "-"
 
 
 if __name__ == "__main__":

@@ -113,3 +113,8 @@ def test_as_a_command(small_ref, tmp_path):
                          "--max_tokens", "5", "--seed", "0"], capture_output=True, text=True, env=env)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith("Hi") and "tokens/s" in ok.stderr
+
+
+def test_zero_new_tokens_prints_the_prompt_and_no_rates(generate_cli, capsys, small_ref):
+    code, out, err = run_cli(generate_cli, capsys, "--prompt", "Hi", "--model", str(small_ref.directory), "--max_tokens", "0")
+    assert code == 0 and out == "Hi\n" and "generated 0" in err and "(- tokens/s)" in err

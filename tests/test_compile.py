@@ -90,3 +90,11 @@ def test_compiled_sampler_follows_the_filtered_distribution(top_k, top_p):
     sigma = (probs * (1 - probs) / n).sqrt()
     assert ((freq - probs).abs() <= 4.5 * sigma + 1e-12).all(), (freq, probs)
     assert (freq[probs == 0] == 0).all()
+
+
+def test_compiled_no_cache_generation_equals_eager_and_reports_compile_apart(small_ref):
+    params, config = load_pretrained(small_ref.directory)
+    eager = generate_all(params, config, prompt(5), 12, temperature=0, use_cache=False)[0]
+    tokens, stats = generate_all(params, config, prompt(5), 12, temperature=0, use_cache=False, compile=True)
+    assert torch.equal(tokens, eager)
+    assert stats.compile_s > 0 and stats.decode_tokens == 10
