@@ -20,6 +20,7 @@ import torch
 from gpt2fn.cache import make_cache
 from gpt2fn.config import GPTConfig
 from gpt2fn.device import synchronize
+from gpt2fn.errors import GPT2FnError
 from gpt2fn.layers import AttentionBackend
 from gpt2fn.model import check_sequence_fits, forward
 from gpt2fn.params import Params, params_device, params_dtype
@@ -165,3 +166,87 @@ def generate_all(
     if not tokens:
         return torch.empty(prompt.shape[0], 0, dtype=torch.long), stats
     return torch.stack(tokens, dim=1), stats
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    tokens: list[list[int]]  # new tokens per prompt (a stop token, when hit, is the last)
+    stats: GenerationStats  # n_prompt: the longest prompt; n_new: steps run
+
+
+def generate_batch(
+    params: Params,
+    config: GPTConfig,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+    attention: str = "auto",
+    stop_token: Optional[int] = None,
+) -> BatchResult:
+    """Generate for prompts of different lengths in one batch, against one
+    preallocated cache.
+
+    Per-row positions, no left padding: prompts are right-padded to the
+    longest and prefilled together at positions ``0..T-1``; row ``b``'s first
+    new token comes from its own last prompt position, and its ``i``-th decode
+    step writes and reads at position ``len_b + i``, so padding slots are
+    overwritten before any query of that row can see them (the causal mask
+    hides positions beyond the query's own). Nothing about a row depends on
+    the others, so greedy rows equal generating each prompt alone.
+
+    Each row stops on its own: at ``stop_token``, after ``max_new_tokens``, or
+    when it reaches the context; the batch runs until every row has stopped
+    (finished rows keep their fixed-shape slot, their further tokens dropped).
+    """
+    check_sampling_args(temperature, top_k, top_p)
+    if not prompts:
+        raise GPT2FnError("no prompts given")
+    for i, p in enumerate(prompts):
+        if not p:
+            raise GPT2FnError(f"prompt {i + 1} is empty; give at least one token of text")
+        if len(p) > config.n_ctx:
+            raise GPT2FnError(f"prompt {i + 1} is {len(p)} tokens but the context holds {config.n_ctx}; shorten it")
+    if max_new_tokens < 0:
+        raise GPT2FnError(f"max_tokens must be >= 0, got {max_new_tokens}")
+    device = params_device(params)
+    B, T = len(prompts), max(len(p) for p in prompts)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    limits = [min(max_new_tokens, config.n_ctx - len(p)) for p in prompts]  # each row's own length limit
+    out: list[list[int]] = [[] for _ in prompts]
+    if max(limits) == 0:
+        return BatchResult(out, GenerationStats(T, 0, 0.0, 0.0, 0))
+    padded = torch.tensor([p + [0] * (T - len(p)) for p in prompts], device=device)
+    cache = make_cache(config, B, min(config.n_ctx, T + max_new_tokens), params_dtype(params), device)
+    backend = resolve_attention(attention)
+
+    def choose(logits: Tensor) -> Tensor:
+        noise = None if temperature == 0 else uniform_noise((B, noise_width(config.vocab_size, top_k)), generator, device)
+        return choose_token(logits, noise, temperature, top_k, top_p)
+
+    def record(token: Tensor) -> bool:
+        """Append each live row's token; True while any row is still going."""
+        for b, t in enumerate(token.tolist()):
+            if len(out[b]) < limits[b] and not (out[b] and out[b][-1] == stop_token):
+                out[b].append(t)
+        return any(len(o) < lim and not (o and o[-1] == stop_token) for o, lim in zip(out, limits))
+
+    start = time.perf_counter()
+    with torch.inference_mode():
+        logits = forward(params, config, padded, cache, torch.arange(T, device=device), backend, out_index=lengths - 1)
+        token = choose(logits[:, -1])
+        going = record(token)
+    prefill_s = time.perf_counter() - start
+    steps, start = 1, time.perf_counter()
+    with torch.inference_mode():
+        while going:
+            pos = (lengths + steps - 1)[:, None]  # [B, 1]: each row's own next position
+            pos = pos.clamp(max=cache[0][0].shape[2] - 1)  # finished rows may run past their end; ignored
+            token = choose(forward(params, config, token[:, None], cache, pos, backend)[:, -1])
+            steps += 1
+            going = record(token)
+    decode_s = time.perf_counter() - start
+    return BatchResult(out, GenerationStats(T, steps, prefill_s, decode_s, steps - 1))

@@ -80,8 +80,11 @@ _mlp = mlp
 
 
 def causal_mask(pos: Tensor, n_keys: int) -> Tensor:
-    """Boolean [T, n_keys]: query at position ``pos[i]`` may see key ``j`` iff ``j <= pos[i]``."""
-    return torch.arange(n_keys, device=pos.device)[None, :] <= pos[:, None]
+    """Boolean [T, n_keys] for shared positions ``pos`` [T], or [B, 1, T, n_keys]
+    for per-row positions [B, T]: the query at position ``p`` may see key
+    ``j`` iff ``j <= p``."""
+    mask = torch.arange(n_keys, device=pos.device) <= pos[..., None]
+    return mask if pos.dim() == 1 else mask[:, None]  # broadcast over heads
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, backend: str) -> Tensor:
@@ -114,7 +117,8 @@ def attention(
 ) -> Tensor:
     """Causal multi-head self-attention. x: [B, T, D] -> [B, T, D].
 
-    ``pos`` ([T], int64) gives the absolute position of each of the T tokens.
+    ``pos`` ([T], int64) gives the absolute position of each of the T tokens;
+    [B, T] gives every row its own positions (batches of ragged prompts).
     Without a cache (``kv=None``) the T tokens attend among themselves, so
     ``pos`` must be ``0..T-1``. With a cache, their keys/values are first
     written into ``kv`` at ``pos`` (in place), then the queries attend over the
@@ -127,8 +131,13 @@ def attention(
     q, k, v = (t.view(B, T, n_head, hd).transpose(1, 2) for t in (q, k, v))  # [B, H, T, hd]
     if kv is not None:
         k_cache, v_cache = kv
-        k_cache.index_copy_(2, pos, k)
-        v_cache.index_copy_(2, pos, v)
+        if pos.dim() == 1:
+            k_cache.index_copy_(2, pos, k)
+            v_cache.index_copy_(2, pos, v)
+        else:  # per-row positions: row b's tokens go to slots pos[b]
+            index = pos[:, None, :, None].expand(B, n_head, T, hd)
+            k_cache.scatter_(2, index, k)
+            v_cache.scatter_(2, index, v)
         k, v = k_cache, v_cache  # [B, H, L, hd]
     y = attend(q, k, v, causal_mask(pos, k.shape[2]), backend)  # [B, H, T, hd]
     return linear(y.transpose(1, 2).reshape(B, T, D), **c_proj)

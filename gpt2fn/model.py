@@ -36,6 +36,7 @@ def forward(
     attention: AttentionBackend = "sdpa",
     last_only: bool = False,
     checkpoint_blocks: bool = False,
+    out_index: Optional[Tensor] = None,
 ) -> Tensor:
     """tokens: [B, T] int64 -> logits [B, T, V] (in the params' dtype), or
     [B, 1, V] for the last position only with ``last_only`` (all that
@@ -45,6 +46,9 @@ def forward(
     tokens; with a ``cache`` they are also where the new keys/values are written.
     ``checkpoint_blocks`` recomputes each block's activations in the backward
     pass instead of storing them (training memory for compute).
+    ``pos`` may also be [B, T], one row of positions per sequence (ragged
+    batches); ``out_index`` ([B]) then picks the one position per row whose
+    logits to return ([B, 1, V]), e.g. each prompt's last real token.
     """
     B, T = tokens.shape
     if pos is None:
@@ -58,6 +62,8 @@ def forward(
         x = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False) if checkpoint_blocks else run(x)
     if last_only:
         x = x[:, -1:]
+    elif out_index is not None:
+        x = x[torch.arange(B, device=x.device), out_index][:, None]
     x = layer_norm(x, **params["ln_f"], eps=config.layer_norm_eps)
     return linear(x, wte, scale=wte_scale)  # the LM head is the token embedding (tied): [B, T, V]
 

@@ -12,23 +12,27 @@ from __future__ import annotations
 import argparse
 import random
 import sys
+from pathlib import Path
 
 import torch
 
 from gpt2fn.device import resolve_device
 from gpt2fn.errors import GPT2FnError, run_cli
-from gpt2fn.generation import generate
+from gpt2fn.generation import generate, generate_batch
 from gpt2fn.layers import ATTENTION_BACKENDS
 from gpt2fn.model import check_sequence_fits
 from gpt2fn.quantize import WEIGHT_DTYPES, cast_params
 from gpt2fn.sampling import check_sampling_args
-from gpt2fn.tokenizer import ENDOFTEXT_ID, decode_stream, encode, get_tokenizer
+from gpt2fn.tokenizer import ENDOFTEXT_ID, decode, decode_stream, encode, get_tokenizer
 from gpt2fn.weights import load_pretrained, resolve_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--prompt", action="append", default=[],
+                   help="text to continue; repeat it for several prompts, generated together in one batch")
+    p.add_argument("--prompt-file", dest="prompt_file", default=None,
+                   help="a file of prompts, one per line (blank lines skipped), generated in one batch")
     p.add_argument("--model", default="gpt2",
                    help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hub id, a checkpoint directory or a .safetensors file")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) for Hub models")
@@ -60,16 +64,23 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     # Check everything that is cheap to check before loading any weights.
     check_sampling_args(args.temperature, args.top_k, args.top_p)
-    if not args.prompt:
+    prompts = list(args.prompt) + read_prompt_file(args.prompt_file)
+    if not prompts:
+        raise GPT2FnError("no prompt given; pass --prompt TEXT (repeatable) or --prompt-file FILE")
+    if any(not p for p in prompts):
         raise GPT2FnError("the prompt is empty; pass some text with --prompt")
+    if len(prompts) > 1 and (args.compile or not args.kvcaching):
+        raise GPT2FnError("several prompts run as one eager batch with the KV cache; drop --compile / --no-kvcaching")
     device = resolve_device(args.device)
     seed = args.seed if args.seed is not None else random.randrange(2**31)
 
     model_path = resolve_model(args.model, args.revision)
     tokenizer = get_tokenizer(model_path)
-    prompt_ids = encode(tokenizer, args.prompt)
     params, config = load_pretrained(model_path, device=device)
     params = cast_params(params, args.dtype)
+    if len(prompts) > 1:
+        return run_batch(args, prompts, tokenizer, params, config, device, seed)
+    prompt_ids = encode(tokenizer, prompts[0])
     check_sequence_fits(config, len(prompt_ids), args.max_tokens)
 
     stream = generate(
@@ -89,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         except StopIteration as end:
             stats = end.value
 
-    sys.stdout.write(args.prompt)
+    sys.stdout.write(prompts[0])
     sys.stdout.flush()
     for text in decode_stream(tokenizer, tokens()):
         sys.stdout.write(text)
@@ -105,6 +116,40 @@ def run(args: argparse.Namespace) -> int:
         f"prefill: {stats.prefill_s * 1000:.1f} ms ({per_second(stats.n_prompt, stats.prefill_s)} tokens/s)\n"
         f"decode:  {stats.decode_s * 1000:.1f} ms for {stats.decode_tokens} tokens "
         f"({per_second(stats.decode_tokens, stats.decode_s)} tokens/s)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def read_prompt_file(path: str | None) -> list[str]:
+    if path is None:
+        return []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise GPT2FnError(f"cannot read prompt file {path} ({e})") from None
+    return [line for line in lines if line.strip()]
+
+
+def run_batch(args, prompts, tokenizer, params, config, device, seed) -> int:
+    """Several prompts: one batch, each row stopping on its own; each result
+    printed when the batch is done."""
+    result = generate_batch(
+        params, config, [encode(tokenizer, p) for p in prompts], args.max_tokens,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        generator=torch.Generator(device).manual_seed(seed), attention=args.attention,
+        stop_token=None if args.ignore_eot else ENDOFTEXT_ID,
+    )  # fmt: skip
+    for i, (prompt, tokens) in enumerate(zip(prompts, result.tokens)):
+        print(f"--- [{i + 1}/{len(prompts)}] ---\n{prompt}{decode(tokenizer, tokens)}")
+    stats = result.stats
+    made = sum(len(t) for t in result.tokens)
+    print(
+        f"[{args.model} {args.dtype} on {device}, batch of {len(prompts)}, seed {seed}] "
+        f"longest prompt {stats.n_prompt} tokens, {made} tokens generated in {stats.n_new} steps\n"
+        f"prefill: {stats.prefill_s * 1000:.1f} ms\n"
+        f"decode:  {stats.decode_s * 1000:.1f} ms for {stats.decode_tokens} steps "
+        f"({per_second(stats.decode_tokens * len(prompts), stats.decode_s)} tokens/s over the batch)",
         file=sys.stderr,
     )
     return 0

@@ -82,7 +82,7 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
 def test_bad_input_gets_one_clear_line(generate_cli, capsys, small_ref, name):
     extra, message = BAD_INPUTS[name]
-    args = ["--prompt", "Hi", "--model", str(small_ref.directory), "--device", "cpu"]
+    args = ([] if "--prompt" in extra else ["--prompt", "Hi"]) + ["--model", str(small_ref.directory), "--device", "cpu"]
     code, out, err = run_cli(generate_cli, capsys, *args, *extra)
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
@@ -118,3 +118,32 @@ def test_as_a_command(small_ref, tmp_path):
 def test_zero_new_tokens_prints_the_prompt_and_no_rates(generate_cli, capsys, small_ref):
     code, out, err = run_cli(generate_cli, capsys, "--prompt", "Hi", "--model", str(small_ref.directory), "--max_tokens", "0")
     assert code == 0 and out == "Hi\n" and "generated 0" in err and "(- tokens/s)" in err
+
+
+def test_several_prompts_run_as_one_batch(generate_cli, capsys, small_ref, tmp_path):
+    from gpt2fn.generation import generate_batch
+
+    (tmp_path / "prompts.txt").write_text("Second prompt\n\n   \nThird, longer prompt here\n")
+    code, out, err = run_cli(generate_cli, capsys, "--prompt", "First", "--prompt-file", str(tmp_path / "prompts.txt"),
+                             "--model", str(small_ref.directory), "--max_tokens", "12", "--temperature", "0", "--ignore_eot")
+    assert code == 0, err
+    texts = ["First", "Second prompt", "Third, longer prompt here"]
+    params, config = load_pretrained(small_ref.directory)
+    t = get_tokenizer()
+    result = generate_batch(params, config, [encode(t, x) for x in texts], 12, temperature=0)
+    expected = "".join(f"--- [{i + 1}/3] ---\n{x}{decode(t, toks)}\n" for i, (x, toks) in enumerate(zip(texts, result.tokens)))
+    assert out == expected
+    assert "batch of 3" in err and "tokens/s over the batch" in err
+
+
+def test_several_prompts_refuse_compile_and_no_cache(generate_cli, capsys, small_ref):
+    for flag in ("--compile", "--no-kvcaching"):
+        code, out, err = run_cli(generate_cli, capsys, "--prompt", "a", "--prompt", "b", flag, "--model", str(small_ref.directory))
+        assert code == 2 and err.count("\n") == 1 and "one eager batch" in err
+
+
+def test_missing_prompt_and_unreadable_prompt_file(generate_cli, capsys, small_ref, tmp_path):
+    code, out, err = run_cli(generate_cli, capsys, "--model", str(small_ref.directory))
+    assert code == 2 and "no prompt given" in err
+    code, out, err = run_cli(generate_cli, capsys, "--prompt-file", str(tmp_path / "none.txt"))
+    assert code == 2 and "cannot read prompt file" in err and err.count("\n") == 1
