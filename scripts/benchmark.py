@@ -12,6 +12,7 @@ only ratios measured side by side mean anything):
 2. compile time of the decode step, cold (empty inductor cache) and warm
    (from the on-disk cache), and whether any step recompiles;
 3. generation (prompt + N new tokens, greedy): eager and compiled, per dtype,
+   a batch of ``--batch`` prompts decoded together (tokens/s over all rows),
    and transformers' ``generate()`` on the same weights when it is installed;
 4. decode speed against sequence length up to the full context: eager and
    compiled, with and without the KV cache;
@@ -48,7 +49,7 @@ from tqdm import tqdm
 from gpt2fn.config import PRESETS
 from gpt2fn.device import resolve_device
 from gpt2fn.errors import GPT2FnError, run_cli
-from gpt2fn.generation import generate_all, recompute_and_choose
+from gpt2fn.generation import generate_all, generate_batch, recompute_and_choose
 from gpt2fn.measure import (
     decode_step_time,
     memory_mb,
@@ -74,6 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attention", default="auto", choices=["auto", "manual", "sdpa"])
     p.add_argument("--prompt-len", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8, help="also decode this many prompts in one batch (1 = skip)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the generation runs (median)")
     p.add_argument("--lengths", default="64,256,512,1024", help="sequence lengths for the per-step sweep")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
@@ -140,6 +142,11 @@ def main(argv=None) -> int:
                 generate_all, params[d], config, prompt, args.new_tokens, temperature=0,
                 attention=args.attention, compile=compiled,
             )  # fmt: skip
+    if args.batch > 1:  # the same prompt length per row, so every row runs all steps
+        prompts = torch.randint(0, config.vocab_size, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(1))
+        for d in dtypes[:1]:
+            contenders[f"gpt2fn eager {d} batch {args.batch}"] = functools.partial(
+                batch_tokens_per_s, params[d], config, prompts.tolist(), args.new_tokens, args.attention)
     if hf_model is not None:
         contenders["transformers generate float32"] = functools.partial(hf_generate, hf_model, prompt, args.new_tokens)
     for d in dtypes:  # put every compiled graph back in memory (warm, from disk) before timing
@@ -156,7 +163,8 @@ def main(argv=None) -> int:
             for name, run in contenders.items():
                 before = memory_mb(device)
                 reset_peak_memory(device)
-                tokens_per_s = run()[1].decode_tokens_per_s if name.startswith("gpt2fn") else run()
+                outcome = run()
+                tokens_per_s = outcome if isinstance(outcome, float) else outcome[1].decode_tokens_per_s
                 runs.setdefault(name, []).append((tokens_per_s, peak_memory_mb(device) - before))
                 bar.update()
     recompiles = counters["stats"]["unique_graphs"]  # graphs made during the timed runs: 0 = no recompile
@@ -221,6 +229,12 @@ def transformers_model(params32, config, device):
     return model
 
 
+def batch_tokens_per_s(params, config, prompts, n_new, attention) -> float:
+    """Decode tokens/s over a whole batch (all rows), greedy, stop token off."""
+    stats = generate_batch(params, config, prompts, n_new, temperature=0, attention=attention).stats
+    return stats.decode_tokens * len(prompts) / stats.decode_s
+
+
 def hf_generate(model, prompt, n_new) -> float:
     """Decode tokens/s of transformers' generate() (default dynamic cache), timed
     as ours: the first token (prefill) left out."""
@@ -248,10 +262,16 @@ def print_report(results, dtypes, lengths) -> None:
           f"(median of {len(next(iter(gen.values()))['all'])} interleaved rounds)")  # fmt: skip
     print(f"  {'variant':32s} {'tok/s':>8s} {'ms/tok':>8s} {'vs transformers':>16s} {'vs limit':>9s} {'+peak MB':>9s}")
     for name, g in gen.items():
-        d = name.split()[-1]
+        d = name.split()[2] if name.startswith("gpt2fn") else name.split()[-1]
         tps = g["tokens_per_s"]
         of_limit = tps / limit[d]["tokens_per_s"] if d in limit else float("nan")
         print(f"  {name:32s} {tps:8.1f} {1000 / tps:8.2f} {fmt_ratio(tps / hf):>16s} {of_limit:8.0%} {g['peak_memory_mb']:9.0f}")
+    batch = [name for name in gen if " batch " in name]
+    for name in batch:
+        d = name.split()[2]
+        single = gen[f"gpt2fn eager {d}"]["tokens_per_s"]
+        print(f"\n  batch throughput: {name} / batch 1 = {fmt_ratio(gen[name]['tokens_per_s'] / single)} "
+              f"(vs compiled batch 1: {fmt_ratio(gen[name]['tokens_per_s'] / gen[f'gpt2fn compiled {d}']['tokens_per_s'])})")
     print("\n  compiled / eager:  " + ", ".join(
         f"{d} {fmt_ratio(gen[f'gpt2fn compiled {d}']['tokens_per_s'] / gen[f'gpt2fn eager {d}']['tokens_per_s'])}" for d in dtypes))
     print(f"  graphs compiled during the timed runs: {results['graphs_compiled_during_timed_runs']} (0 = no recompilation)")

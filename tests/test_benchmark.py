@@ -14,7 +14,7 @@ def test_benchmark_writes_json_and_plot(small_ref, tmp_path):
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
     run = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--model", str(small_ref.directory),
-         "--dtypes", "float32,int8", "--new-tokens", "12", "--rounds", "1", "--lengths", "16,64",
+         "--dtypes", "float32,int8", "--new-tokens", "12", "--batch", "3", "--rounds", "1", "--lengths", "16,64",
          "--json", str(out_json), "--plot", str(out_png)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -23,7 +23,9 @@ def test_benchmark_writes_json_and_plot(small_ref, tmp_path):
     assert set(results["limit"]) == {"float32", "int8"}
     assert results["limit"]["int8"]["weight_mb"] < results["limit"]["float32"]["weight_mb"] / 3
     names = set(results["generation"])
-    assert {"gpt2fn eager float32", "gpt2fn compiled float32", "gpt2fn compiled int8", "transformers generate float32"} <= names
+    assert {"gpt2fn eager float32", "gpt2fn compiled float32", "gpt2fn compiled int8", "gpt2fn eager float32 batch 3",
+            "transformers generate float32"} <= names
+    assert "batch throughput" in run.stdout
     assert all(g["tokens_per_s"] > 0 for g in results["generation"].values())
     assert results["graphs_compiled_during_timed_runs"] == 0
     assert set(results["sweep"]["tokens_per_s"]) == {"eager, cache", "compiled, cache", "eager, no cache", "compiled, no cache"}
