@@ -11,7 +11,7 @@ preallocated KV cache it is handed (see :mod:`gpt2fn.cache`).
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -69,9 +69,18 @@ def embedding(tokens: Tensor, wte: Tensor, scale: Optional[Tensor] = None, dtype
     return wte[tokens].to(dtype) * scale[tokens][..., None].to(dtype)
 
 
-def mlp(x: Tensor, c_fc: dict, c_proj: dict) -> Tensor:
-    """Position-wise feed-forward: [B, T, D] -> [B, T, 4D] -> [B, T, D]."""
-    return linear(gelu(linear(x, **c_fc)), **c_proj)
+# A tap sees intermediate tensors by name and layer and returns them, or a
+# replacement (see gpt2fn.interp). None (the default) costs one `if` per point.
+Tap = Callable[[str, int, Tensor], Tensor]
+
+
+def mlp(x: Tensor, c_fc: dict, c_proj: dict, tap: Optional[Tap] = None, layer: int = 0) -> Tensor:
+    """Position-wise feed-forward: [B, T, D] -> [B, T, 4D] -> [B, T, D].
+    Tap point "mlp_act": the GELU output, [B, T, 4D]."""
+    h = gelu(linear(x, **c_fc))
+    if tap is not None:
+        h = tap("mlp_act", layer, h)
+    return linear(h, **c_proj)
 
 
 # ``block`` receives the MLP's parameters as an argument named ``mlp`` (the key
@@ -87,12 +96,15 @@ def causal_mask(pos: Tensor, n_keys: int) -> Tensor:
     return mask if pos.dim() == 1 else mask[:, None]  # broadcast over heads
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, backend: str) -> Tensor:
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor, backend: str, tap: Optional[Tap] = None, layer: int = 0
+) -> Tensor:
     """Masked softmax attention. q: [B, H, T, hd]; k, v: [B, H, S, hd];
     mask: bool [T, S] (True = may attend) -> [B, H, T, hd].
 
     "manual" spells the computation out; "sdpa" hands it to PyTorch's fused
-    ``scaled_dot_product_attention``. Both compute the same function.
+    ``scaled_dot_product_attention``. Both compute the same function. Tap
+    point "attn_probs" ([B, H, T, S]) exists on the manual path only.
     """
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -101,6 +113,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, backend: str) -> Tenso
         scores = scores.masked_fill(~mask, float("-inf"))
         # softmax in fp32: exp() of reduced-precision scores loses the small weights
         probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+        if tap is not None:
+            probs = tap("attn_probs", layer, probs)
         return probs @ v
     raise GPT2FnError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
 
@@ -114,6 +128,8 @@ def attention(
     pos: Tensor,
     kv: Optional[LayerKV] = None,
     backend: AttentionBackend = "sdpa",
+    tap: Optional[Tap] = None,
+    layer: int = 0,
 ) -> Tensor:
     """Causal multi-head self-attention. x: [B, T, D] -> [B, T, D].
 
@@ -139,8 +155,11 @@ def attention(
             k_cache.scatter_(2, index, k)
             v_cache.scatter_(2, index, v)
         k, v = k_cache, v_cache  # [B, H, L, hd]
-    y = attend(q, k, v, causal_mask(pos, k.shape[2]), backend)  # [B, H, T, hd]
-    return linear(y.transpose(1, 2).reshape(B, T, D), **c_proj)
+    y = attend(q, k, v, causal_mask(pos, k.shape[2]), backend, tap, layer).transpose(1, 2)  # [B, T, H, hd]
+    if tap is not None:
+        y = tap("attn_heads", layer, y)  # each head's output before the projection mixes them
+    out = linear(y.reshape(B, T, D), **c_proj)
+    return out if tap is None else tap("attn_out", layer, out)
 
 
 def block(
@@ -155,8 +174,12 @@ def block(
     pos: Tensor,
     kv: Optional[LayerKV] = None,
     backend: AttentionBackend = "sdpa",
+    tap: Optional[Tap] = None,
+    layer: int = 0,
 ) -> Tensor:
-    """One pre-LayerNorm transformer block. x: [B, T, D] -> [B, T, D]."""
-    x = x + attention(layer_norm(x, **ln_1, eps=eps), **attn, n_head=n_head, pos=pos, kv=kv, backend=backend)
-    x = x + _mlp(layer_norm(x, **ln_2, eps=eps), **mlp)
-    return x
+    """One pre-LayerNorm transformer block. x: [B, T, D] -> [B, T, D].
+    Tap point "resid": the residual stream after the block."""
+    x = x + attention(layer_norm(x, **ln_1, eps=eps), **attn, n_head=n_head, pos=pos, kv=kv, backend=backend,
+                      tap=tap, layer=layer)  # fmt: skip
+    x = x + _mlp(layer_norm(x, **ln_2, eps=eps), **mlp, tap=tap, layer=layer)
+    return x if tap is None else tap("resid", layer, x)

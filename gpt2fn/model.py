@@ -21,7 +21,7 @@ import torch.utils.checkpoint
 from gpt2fn.cache import KVCache, cache_len
 from gpt2fn.config import GPTConfig
 from gpt2fn.errors import GPT2FnError
-from gpt2fn.layers import AttentionBackend, block, embedding, layer_norm, linear
+from gpt2fn.layers import AttentionBackend, Tap, block, embedding, layer_norm, linear
 from gpt2fn.params import Params
 
 Tensor = torch.Tensor
@@ -37,6 +37,7 @@ def forward(
     last_only: bool = False,
     checkpoint_blocks: bool = False,
     out_index: Optional[Tensor] = None,
+    tap: Optional[Tap] = None,
 ) -> Tensor:
     """tokens: [B, T] int64 -> logits [B, T, V] (in the params' dtype), or
     [B, 1, V] for the last position only with ``last_only`` (all that
@@ -49,15 +50,24 @@ def forward(
     ``pos`` may also be [B, T], one row of positions per sequence (ragged
     batches); ``out_index`` ([B]) then picks the one position per row whose
     logits to return ([B, 1, V]), e.g. each prompt's last real token.
+    ``tap`` (research, see :mod:`gpt2fn.interp`) is called with every
+    intermediate ("resid", "attn_probs", "attn_heads", "attn_out", "mlp_act",
+    with the layer index) and may replace it; with a tap the attention is
+    the manual one, whose probabilities exist.
     """
     B, T = tokens.shape
+    if tap is not None:
+        attention = "manual"
     if pos is None:
         pos = torch.arange(T, device=tokens.device)
     wte, wte_scale = params["wte"], params.get("wte_scale")  # wte_scale: int8 weights only
     x = embedding(tokens, wte, wte_scale, params["wpe"].dtype) + params["wpe"][pos]  # [B, T, D]
     for i, block_params in enumerate(params["blocks"]):
         kv = None if cache is None else cache[i]
-        run = functools.partial(block, **block_params, n_head=config.n_head, eps=config.layer_norm_eps, pos=pos, kv=kv, backend=attention)
+        run = functools.partial(
+            block, **block_params, n_head=config.n_head, eps=config.layer_norm_eps, pos=pos, kv=kv,
+            backend=attention, tap=tap, layer=i,
+        )  # fmt: skip
         # activation checkpointing (training): keep only each block's input, recompute the rest in backward
         x = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False) if checkpoint_blocks else run(x)
     if last_only:

@@ -1,0 +1,83 @@
+"""The research toolkit: taps observe without changing anything, and each
+intervention does exactly what it claims."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gpt2fn import forward, load_pretrained
+from gpt2fn.interp import ablate_head, logit_lens, patch, run_with_cache, zero_head_tap
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def model(small_ref):
+    return load_pretrained(small_ref.directory)
+
+
+def tokens(n=12, seed=0, batch=2):
+    return torch.randint(0, 50257, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_recording_changes_nothing_and_records_everything(model):
+    params, config = model
+    x = tokens()
+    logits, cache = run_with_cache(params, config, x)
+    assert torch.equal(logits, forward(params, config, x, attention="manual"))
+    assert (logits - forward(params, config, x)).abs().max() <= TOL  # the default (SDPA) path
+    B, T, D, H = 2, 12, config.n_embd, config.n_head
+    for layer in range(config.n_layer):
+        assert cache[("resid", layer)].shape == (B, T, D)
+        assert cache[("attn_heads", layer)].shape == (B, T, H, D // H)
+        assert cache[("attn_out", layer)].shape == (B, T, D)
+        assert cache[("mlp_act", layer)].shape == (B, T, 4 * D)
+        probs = cache[("attn_probs", layer)]
+        assert probs.shape == (B, H, T, T)
+        assert torch.allclose(probs.sum(-1), torch.ones(B, H, T))
+        assert (probs.triu(diagonal=1) == 0).all()  # causal: nothing from the future
+
+
+def test_logit_lens_on_the_last_layer_is_the_model(model):
+    params, config = model
+    logits, cache = run_with_cache(params, config, tokens())
+    last = cache[("resid", config.n_layer - 1)]
+    assert torch.equal(logit_lens(params, config, last), logits)
+    early = logit_lens(params, config, cache[("resid", 0)])
+    assert early.shape == logits.shape and not torch.allclose(early, logits)
+
+
+@pytest.mark.parametrize("layer, head", [(0, 1), (1, 3)])
+def test_ablating_a_head_removes_exactly_its_contribution(model, layer, head):
+    params, config = model
+    x = tokens(seed=1)
+    _, clean = run_with_cache(params, config, x)
+    _, ablated = run_with_cache(ablate_head(params, layer, head, config.n_head), config, x)
+    hd = config.n_embd // config.n_head
+    w = params["blocks"][layer]["attn"]["c_proj"]["w"][:, head * hd : (head + 1) * hd]
+    contribution = clean[("attn_heads", layer)][:, :, head] @ w.T  # [B, T, D]
+    delta = clean[("attn_out", layer)] - ablated[("attn_out", layer)]
+    assert (delta - contribution).abs().max() <= TOL
+    for earlier in range(layer):  # layers before it are untouched
+        assert torch.equal(clean[("resid", earlier)], ablated[("resid", earlier)])
+    # the params edit and the replacement function are the same intervention
+    by_tap, _ = run_with_cache(params, config, x, tap=zero_head_tap(layer, head))
+    assert (by_tap - forward(ablate_head(params, layer, head, config.n_head), config, x, attention="manual")).abs().max() <= TOL
+    assert params["blocks"][layer]["attn"]["c_proj"]["w"][:, head * hd].abs().sum() > 0  # the original is intact
+
+
+def test_patching_a_whole_layer_residual_reproduces_the_source_run(model):
+    params, config = model
+    source, target = tokens(seed=2), tokens(seed=3)
+    source_logits, source_cache = run_with_cache(params, config, source)
+    for layer in range(config.n_layer):
+        patched = forward(params, config, target, tap=patch("resid", layer, source_cache[("resid", layer)]))
+        assert (patched - source_logits).abs().max() <= TOL
+    # patching one position only changes that position and the ones after it
+    one = source_cache[("resid", 0)].clone()
+    clean_target, target_cache = run_with_cache(params, config, target)
+    mixed = target_cache[("resid", 0)].clone()
+    mixed[:, 5] = one[:, 5]
+    out = forward(params, config, target, tap=patch("resid", 0, mixed))
+    assert torch.equal(out[:, :5], clean_target[:, :5]) and not torch.allclose(out[:, 5:], clean_target[:, 5:])
