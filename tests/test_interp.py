@@ -81,3 +81,44 @@ def test_patching_a_whole_layer_residual_reproduces_the_source_run(model):
     mixed[:, 5] = one[:, 5]
     out = forward(params, config, target, tap=patch("resid", 0, mixed))
     assert torch.equal(out[:, :5], clean_target[:, :5]) and not torch.allclose(out[:, 5:], clean_target[:, 5:])
+
+
+def png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_visualize_writes_the_three_kinds_of_picture(small_ref, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    from gpt2fn import encode, get_tokenizer
+
+    prompt = "ROMEO: But soft, what light"
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "visualize.py"), "--model", str(small_ref.directory),
+                          "--prompt", prompt, "--out", str(tmp_path)], capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    n = len(encode(get_tokenizer(), prompt))
+    side = round(100 * 2 * max(3.0, 0.25 * n))  # 4 heads: a 2 x 2 grid of max(3, T/4)-inch panels at 100 dpi
+    for layer in range(2):
+        path = tmp_path / f"attention_layer{layer}.png"
+        assert png_size(path) == (side, side) and path.stat().st_size > 20_000
+    assert png_size(tmp_path / "position_embedding.png") == (800, 450)
+    assert png_size(tmp_path / "weight_blocks_0_attn_c_attn_w.png") == (800, 1600)  # [192, 64]: height capped at 2x
+    assert (tmp_path / "weight_blocks_0_attn_c_attn_w.png").stat().st_size > 20_000
+
+
+def test_interventions_example_runs_and_patching_reproduces_the_source(small_ref):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "interventions.py"), "--model", str(small_ref.directory),
+                          "--layer", "1"], capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "1. Logit lens" in run.stdout and "head 3:" in run.stdout
+    assert "max |logit difference| to the source run 0.0e+00" in run.stdout

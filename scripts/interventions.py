@@ -1,0 +1,73 @@
+#!/usr/bin/env python
+"""Three interventions on the pure forward, on the bundled model by default:
+a logit lens, zero-ablating attention heads, and patching the residual
+stream from another prompt.
+
+    python scripts/interventions.py --prompt "ROMEO: O, she doth teach the torches to burn"
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from gpt2fn.errors import GPT2FnError, run_cli
+from gpt2fn.interp import ablate_head, logit_lens, patch, run_with_cache
+from gpt2fn.model import forward
+from gpt2fn.tokenizer import encode, get_tokenizer
+from gpt2fn.weights import load_pretrained, resolve_model
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="gpt2-shakespeare")
+    p.add_argument("--prompt", default="ROMEO: O, she doth teach the torches to burn")
+    p.add_argument("--source", default="ROMEO: O, he doth teach the candles to weep",
+                   help="the prompt whose residual stream is patched in (same token count as --prompt)")
+    p.add_argument("--layer", type=int, default=None, help="layer to ablate / patch (default: the middle one)")
+    return run_cli(run, p.parse_args(argv))
+
+
+def run(args) -> int:
+    path = resolve_model(args.model)
+    params, config = load_pretrained(path)
+    tok = get_tokenizer(path)
+    ids = torch.tensor([encode(tok, args.prompt)])
+    if ids.shape[1] < 2:
+        raise GPT2FnError("the prompt needs at least two tokens")
+    layer = config.n_layer // 2 if args.layer is None else args.layer
+    if not 0 <= layer < config.n_layer:
+        raise GPT2FnError(f"--layer must be between 0 and {config.n_layer - 1}")
+    show = lambda i: repr(tok.decode([int(i)]))  # noqa: E731
+
+    logits, cache = run_with_cache(params, config, ids)
+    top = int(logits[0, -1].argmax())
+    print(f"prompt: {args.prompt!r}\nmodel's next token: {show(top)}\n")
+
+    print("1. Logit lens: each layer's residual stream read through the final LayerNorm and the LM head")
+    for i in range(config.n_layer):
+        lens = logit_lens(params, config, cache[("resid", i)])[0, -1]
+        print(f"   after layer {i}: top {show(lens.argmax())}, log-prob of {show(top)} {lens.log_softmax(-1)[top]:.2f}")
+
+    print(f"\n2. Zero-ablating each head of layer {layer}: change in the log-prob of {show(top)}")
+    base = logits[0, -1].log_softmax(-1)[top]
+    for h in range(config.n_head):
+        ablated = forward(ablate_head(params, layer, h, config.n_head), config, ids)[0, -1].log_softmax(-1)[top]
+        print(f"   head {h}: {ablated - base:+.3f}")
+
+    src = torch.tensor([encode(tok, args.source)])
+    if src.shape != ids.shape:
+        raise GPT2FnError(f"--source has {src.shape[1]} tokens, --prompt {ids.shape[1]}: patching needs the same length")
+    src_logits, src_cache = run_with_cache(params, config, src)
+    patched = forward(params, config, ids, tap=patch("resid", layer, src_cache[("resid", layer)]))
+    print(f"\n3. Patching layer {layer}'s whole residual stream from {args.source!r}:")
+    print(f"   next token {show(logits[0, -1].argmax())} -> {show(patched[0, -1].argmax())} "
+          f"(the source run says {show(src_logits[0, -1].argmax())}; max |logit difference| to the source run "
+          f"{(patched - src_logits).abs().max():.1e})")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

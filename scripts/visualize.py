@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+"""Pictures of a model, as PNG files (needs matplotlib: pip install -e ".[plot]"):
+
+* attention_layer{i}.png: every head's attention pattern for a prompt, tokens on both axes;
+* position_embedding.png: a few columns of the learned position embedding against position;
+* weight_{name}.png: one weight matrix as an image.
+
+    python scripts/visualize.py --prompt "ROMEO: But soft, what light" --out viz/
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from gpt2fn.errors import GPT2FnError, run_cli
+from gpt2fn.interp import run_with_cache
+from gpt2fn.params import flatten_params
+from gpt2fn.plotting import pyplot
+from gpt2fn.tokenizer import encode, get_tokenizer
+from gpt2fn.weights import load_pretrained, resolve_model
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="gpt2-shakespeare")
+    p.add_argument("--prompt", default="ROMEO: But soft, what light through yonder window breaks?")
+    p.add_argument("--out", required=True, help="directory for the PNG files")
+    p.add_argument("--layers", default=None, help="comma-separated layers to draw (default: all)")
+    p.add_argument("--columns", default="0,1,2,3,4", help="position-embedding columns to plot")
+    p.add_argument("--weight", default="blocks.0.attn.c_attn.w", help="dotted name of the matrix to draw")
+    return run_cli(run, p.parse_args(argv))
+
+
+def run(args) -> int:
+    plt = pyplot()
+    if plt is None:
+        return 1
+    path = resolve_model(args.model)
+    params, config = load_pretrained(path)
+    tok = get_tokenizer(path)
+    ids = encode(tok, args.prompt)
+    if not ids:
+        raise GPT2FnError("the prompt is empty")
+    if len(ids) > config.n_ctx:
+        raise GPT2FnError(f"the prompt is {len(ids)} tokens; the context holds {config.n_ctx}")
+    layers = range(config.n_layer) if args.layers is None else [int(i) for i in args.layers.split(",")]
+    flat = flatten_params(params)
+    if args.weight not in flat or flat[args.weight].ndim != 2:
+        matrices = [n for n, t in flat.items() if t.ndim == 2]
+        raise GPT2FnError(f"no matrix named {args.weight!r}; e.g. {', '.join(matrices[:4])}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = [tok.decode([i]) for i in ids]
+
+    _, cache = run_with_cache(params, config, torch.tensor([ids]))
+    for layer in layers:
+        probs = cache[("attn_probs", layer)][0]  # [H, T, T]
+        cols = math.ceil(math.sqrt(config.n_head))
+        rows = math.ceil(config.n_head / cols)
+        size = max(3.0, 0.25 * len(ids))
+        fig, axes = plt.subplots(rows, cols, figsize=(cols * size, rows * size), squeeze=False)
+        for h, ax in enumerate(axes.flat):
+            if h >= config.n_head:
+                ax.axis("off")
+                continue
+            ax.imshow(probs[h].numpy(), cmap="viridis", vmin=0, vmax=1)
+            ax.set_title(f"layer {layer}, head {h}")
+            ax.set_xticks(range(len(ids)), labels, rotation=90, fontsize=7)
+            ax.set_yticks(range(len(ids)), labels, fontsize=7)
+            ax.set_xlabel("key (attended to)")
+            ax.set_ylabel("query")
+        fig.tight_layout()
+        save(fig, out / f"attention_layer{layer}.png", plt)
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    wpe = params["wpe"].float()
+    for c in [int(c) for c in args.columns.split(",")]:
+        ax.plot(wpe[:, c].numpy(), label=f"column {c}")
+    ax.set_xlabel("position")
+    ax.set_ylabel("value")
+    ax.set_title("learned position embedding (wpe), a few columns")
+    ax.legend()
+    save(fig, out / "position_embedding.png", plt)
+
+    w = flat[args.weight].float()
+    fig, ax = plt.subplots(figsize=(8, 8 * min(2.0, w.shape[0] / w.shape[1])))
+    image = ax.imshow(w.numpy(), cmap="RdBu", aspect="auto", vmin=-w.abs().max(), vmax=w.abs().max())
+    fig.colorbar(image, ax=ax)
+    ax.set_title(f"{args.weight} {tuple(w.shape)} [out, in]")
+    save(fig, out / f"weight_{args.weight.replace('.', '_')}.png", plt)
+    return 0
+
+
+def save(fig, path: Path, plt) -> None:
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
