@@ -24,7 +24,7 @@ from gpt2fn.errors import GPT2FnError
 from gpt2fn.layers import AttentionBackend
 from gpt2fn.model import check_sequence_fits, forward
 from gpt2fn.params import Params, params_device, params_dtype
-from gpt2fn.sampling import check_sampling_args, choose_token, noise_width, uniform_noise
+from gpt2fn.sampling import check_sampling_args, choose_token, noise_width, sample, uniform_noise
 from gpt2fn.steps import compile_steps, eager_steps, prepare_for_compiled_steps, resolve_attention
 
 Tensor = torch.Tensor
@@ -224,8 +224,7 @@ def generate_batch(
     backend = resolve_attention(attention)
 
     def choose(logits: Tensor) -> Tensor:
-        noise = None if temperature == 0 else uniform_noise((B, noise_width(config.vocab_size, top_k)), generator, device)
-        return choose_token(logits, noise, temperature, top_k, top_p)
+        return sample(logits, temperature, top_k, top_p, generator)
 
     def record(token: Tensor) -> bool:
         """Append each live row's token; True while any row is still going."""

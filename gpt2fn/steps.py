@@ -38,7 +38,7 @@ import torch
 from gpt2fn.cache import KVCache
 from gpt2fn.config import GPTConfig
 from gpt2fn.layers import AttentionBackend
-from gpt2fn.model import forward
+from gpt2fn.model import decode_step, forward
 from gpt2fn.params import Params, flatten_params
 from gpt2fn.sampling import choose_token
 
@@ -77,8 +77,7 @@ def decode_and_choose(
     *, config: GPTConfig, attention: AttentionBackend, temperature: float, top_k: int, top_p: float,
 ) -> Tensor:  # fmt: skip
     """The last token [B] at position ``pos`` [1] -> the next token [B]."""
-    logits = forward(params, config, token[:, None], cache, pos, attention)[:, -1]
-    return choose_token(logits, noise, temperature, top_k, top_p)
+    return choose_token(decode_step(params, config, token, cache, pos, attention), noise, temperature, top_k, top_p)
 
 
 def resolve_attention(attention: str, compiled_decode: bool = False, device: torch.device | None = None) -> str:
@@ -104,7 +103,7 @@ def compile_steps(
     config: GPTConfig, device: torch.device, attention: str = "auto", compile_prefill: bool = False, **sampling
 ) -> Steps:
     """The same steps under ``torch.compile`` (see the module docstring)."""
-    prefill = functools.partial(prefill_and_choose, config=config, attention=resolve_attention(attention), **sampling)
+    prefill = eager_steps(config, attention, **sampling).prefill
     if compile_prefill:
         prefill = torch.compile(prefill, fullgraph=True, dynamic=True)
     decode = functools.partial(
@@ -133,6 +132,7 @@ def prepare_for_compiled_steps(params: Params, cache: KVCache) -> None:
             torch._dynamo.mark_dynamic(t, 2)
             if t.is_cuda:
                 torch._dynamo.mark_static_address(t)
-    if any(t.is_cuda for t in flatten_params(params).values()):
-        for t in flatten_params(params).values():
+    tensors = flatten_params(params).values()
+    if any(t.is_cuda for t in tensors):
+        for t in tensors:
             torch._dynamo.mark_static_address(t)
