@@ -16,7 +16,7 @@ from typing import Iterable
 import torch
 from tqdm import tqdm
 
-from gpt2fn.errors import GPT2FnError
+from gpt2fn.errors import GPT2FnError, check_input_file, check_number, check_output_dir
 from gpt2fn.files import atomic_write
 from gpt2fn.tokenizer import ENDOFTEXT_ID, get_tokenizer
 
@@ -51,13 +51,13 @@ def prepare(paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike, val_
     """Tokenize text files into ``out_dir/train.bin`` and ``out_dir/val.bin``:
     the last ``val_fraction`` of the tokens is the validation split (held out
     as one contiguous piece, so no window straddles the two)."""
-    if not 0 < val_fraction < 1:
-        raise GPT2FnError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    check_number("val_fraction", val_fraction, 0, 1, low_open=True, high_open=True)
+    paths = [check_input_file(p, "text file") for p in paths]
+    out = check_output_dir(out_dir, "output directory")
     ids = tokenize_files(paths)
     n_val = int(len(ids) * val_fraction)
     if n_val < 2 or len(ids) - n_val < 2:
         raise GPT2FnError(f"only {len(ids)} tokens: too little text to split into train and val")
-    out = Path(out_dir)
     write_tokens(ids[: len(ids) - n_val], out / "train.bin")
     write_tokens(ids[len(ids) - n_val :], out / "val.bin")
     return {"train": len(ids) - n_val, "val": n_val}
@@ -69,6 +69,8 @@ def load_tokens(path: str | os.PathLike) -> torch.Tensor:
     if not path.is_file():
         raise GPT2FnError(f"token file {path} does not exist; run scripts/prepare_data.py first")
     n = path.stat().st_size // 2
+    if n == 0:
+        raise GPT2FnError(f"token file {path} is empty; run scripts/prepare_data.py again")
     return torch.from_file(str(path), shared=True, size=n, dtype=torch.uint16)
 
 

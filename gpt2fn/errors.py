@@ -1,9 +1,18 @@
-"""The one exception type users see for bad input.
+"""The one exception type users see for bad input, and the checks that raise it.
 
 Everything the user can get wrong (a prompt, a flag, a file, a device) raises
 :class:`GPT2FnError` with a single line that says what is wrong and what to do.
 The CLI prints that line and exits with status 2; library callers can catch it.
+
+The checks below only look: none of them creates, truncates or writes
+anything, so a run refused at the start leaves the file system as it was.
 """
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
 
 
 class GPT2FnError(ValueError):
@@ -12,7 +21,9 @@ class GPT2FnError(ValueError):
 
 def run_cli(run, *args) -> int:
     """Call a script's ``run(*args)``: bad input prints one ``error: ...``
-    line on stderr and returns exit status 2; Ctrl-C returns 130 quietly."""
+    line on stderr and returns exit status 2; so does a file-system error on a
+    path the user gave (permission denied, not a directory, disk full);
+    Ctrl-C returns 130 quietly."""
     import sys
 
     try:
@@ -20,6 +31,112 @@ def run_cli(run, *args) -> int:
     except GPT2FnError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+
+
+# ----------------------------------------------------------------------------- numbers
+
+
+def check_int(name: str, value, low: int = 1) -> int:
+    """An integer >= ``low`` (a count or a size: ``low`` is 1 unless 0 means something)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise GPT2FnError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def check_number(name: str, value, low: float = -math.inf, high: float = math.inf, *,
+                 low_open: bool = False, high_open: bool = False) -> float:  # fmt: skip
+    """A finite number in the interval from ``low`` to ``high`` (closed unless
+    ``low_open`` / ``high_open``)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        if high == math.inf:
+            where = f"{'>' if low_open else '>='} {low:g}"
+        else:
+            where = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise GPT2FnError(f"{name} must be a finite number {where}, got {value!r}")
+    return value
+
+
+def parse_int_list(name: str, text: str, low: int = 1) -> list[int]:
+    """``"64,256"`` -> ``[64, 256]``, each an integer >= ``low``."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or any(v < low for v in values):
+        raise GPT2FnError(f"{name} must be a comma-separated list of integers >= {low} (e.g. 64,256), got {text!r}")
+    return values
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+def check_input_file(path: str | os.PathLike, what: str = "file") -> Path:
+    """An existing, readable file."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise GPT2FnError(f"{what} {path} does not exist")
+    if not path.is_file():
+        raise GPT2FnError(f"{what} {path} is not a file")
+    if not os.access(path, os.R_OK):
+        raise GPT2FnError(f"{what} {path} is not readable (permission denied)")
+    return path
+
+
+def check_input_dir(path: str | os.PathLike, what: str = "directory") -> Path:
+    """An existing, readable directory."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise GPT2FnError(f"{what} {path} {'is not a directory' if path.exists() else 'does not exist'}")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise GPT2FnError(f"{what} {path} is not readable (permission denied)")
+    return path
+
+
+def _check_creatable(path: Path, what: str) -> None:
+    """``path`` (absent) could be made: its nearest existing ancestor is a
+    writable directory."""
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise GPT2FnError(f"cannot create {what} {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise GPT2FnError(f"cannot create {what} {path}: {parent} is not writable (permission denied)")
+
+
+def check_output_file(path: str | os.PathLike, what: str = "output file", suffix: str | None = None) -> Path:
+    """A file that can be written (created with its directories, or replaced);
+    nothing is created now."""
+    path = Path(path).expanduser()
+    if suffix is not None and path.suffix != suffix:
+        raise GPT2FnError(f"{what} {path} must end in {suffix}")
+    if path.is_dir():
+        raise GPT2FnError(f"{what} {path} is a directory; give a file name")
+    if path.exists():
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            raise GPT2FnError(f"cannot write {what} {path}: {path.parent} is not writable (permission denied)")
+    else:
+        _check_creatable(path, what)
+    return path
+
+
+def check_output_dir(path: str | os.PathLike, what: str = "output directory") -> Path:
+    """A directory that exists and is writable, or can be created; nothing is created now."""
+    path = Path(path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise GPT2FnError(f"{what} {path} is a file, not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise GPT2FnError(f"{what} {path} is not writable (permission denied)")
+    else:
+        _check_creatable(path, what)
+    return path

@@ -30,10 +30,10 @@ import torch.nn.functional as F
 
 from gpt2fn.config import GPTConfig
 from gpt2fn.data import random_windows
-from gpt2fn.errors import GPT2FnError
-from gpt2fn.files import atomic_write
+from gpt2fn.errors import GPT2FnError, check_int, check_number
+from gpt2fn.files import atomic_write, remove_stale_temporaries
 from gpt2fn.model import forward
-from gpt2fn.params import Params, flatten_params, unflatten_params
+from gpt2fn.params import Params, flatten_params, params_device, unflatten_params
 
 Tensor = torch.Tensor
 
@@ -56,6 +56,27 @@ class TrainConfig:
     eval_interval: int = 100
     eval_batches: int = 20
     seed: int = 0
+    # Bit-identical results run to run (see deterministic_mode). None = the
+    # device's default: on for the CPU (it costs nothing measurable there),
+    # off for CUDA (where it costs speed). train() records the resolved value.
+    deterministic: Optional[bool] = None
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "block_size", "grad_accum", "max_steps", "eval_interval", "eval_batches"):
+            check_int(name, getattr(self, name))
+        check_int("warmup_steps", self.warmup_steps, low=0)
+        check_int("seed", self.seed, low=0)
+        if self.warmup_steps > self.max_steps:
+            raise GPT2FnError(f"warmup_steps {self.warmup_steps} exceeds max_steps {self.max_steps}; "
+                              f"use warmup_steps <= {self.max_steps}")  # fmt: skip
+        check_number("lr", self.lr, 0, low_open=True)
+        check_number("min_lr", self.min_lr, 0, self.lr)
+        check_number("weight_decay", self.weight_decay, 0)
+        check_number("beta1", self.beta1, 0, 1, high_open=True)
+        check_number("beta2", self.beta2, 0, 1, high_open=True)
+        check_number("grad_clip", self.grad_clip, 0)
+        if self.deterministic not in (None, True, False):
+            raise GPT2FnError(f"deterministic must be True, False or None (the device's default), got {self.deterministic!r}")
 
 
 def loss_fn(params: Params, config: GPTConfig, windows: Tensor, checkpoint_blocks: bool = False) -> Tensor:
@@ -110,28 +131,45 @@ def make_optimizer(params: Params, tc: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2))
 
 
+class NonFiniteLoss(GPT2FnError):
+    """The loss or the gradient norm was NaN or infinite: the step was not taken."""
+
+
 def train_step(
     params: Params, config: GPTConfig, optimizer: torch.optim.Optimizer, micro_batches: list[Tensor], lr: float,
     tc: TrainConfig, compute_loss: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> tuple[float, float]:  # fmt: skip
     """One optimizer step over ``micro_batches`` (gradient accumulation):
     returns (mean loss, gradient norm before clipping). ``compute_loss``
-    defaults to :func:`loss_fn`; the distributed loop passes its DDP module."""
+    defaults to :func:`loss_fn`; the distributed loop passes its DDP module,
+    and the loss returned is then the mean over all processes.
+
+    A NaN or infinite loss or gradient norm raises :class:`NonFiniteLoss`
+    before the optimizer moves, so the params stay those of the last good
+    step (every process sees the same all-reduced values and stops together)."""
     compute_loss = compute_loss or functools.partial(loss_fn, params, config, checkpoint_blocks=tc.checkpoint_activations)
     autocast = torch.autocast("cpu" if micro_batches[0].device.type == "cpu" else "cuda", dtype=torch.bfloat16)
-    total = 0.0
+    total = torch.zeros((), device=micro_batches[0].device)
     for windows in micro_batches:
         with autocast if tc.autocast_bf16 else contextlib.nullcontext():
             loss = compute_loss(windows)
         (loss / len(micro_batches)).backward()
-        total += loss.item()
+        total += loss.detach().float()
+    world, _ = distributed_world()
+    if world > 1:  # report the global batch's loss, not this process's rows
+        torch.distributed.all_reduce(total)
+        total /= world
     tensors = list(flatten_params(params).values())
     norm = torch.nn.utils.clip_grad_norm_(tensors, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+    mean_loss, norm = total.item() / len(micro_batches), float(norm)
+    if not (math.isfinite(mean_loss) and math.isfinite(norm)):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLoss(f"the loss is {mean_loss} (gradient norm {norm})")
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total / len(micro_batches), float(norm)
+    return mean_loss, norm
 
 
 @torch.no_grad()
@@ -180,6 +218,61 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return state
 
 
+def check_fits(config: GPTConfig, tc: TrainConfig, train_tokens: Tensor, val_tokens: Optional[Tensor] = None) -> None:
+    """The windows fit the model's context and each split holds at least one."""
+    if config.n_ctx < tc.block_size:
+        raise GPT2FnError(f"block_size {tc.block_size} exceeds the model's context {config.n_ctx}")
+    for split, tokens in (("training", train_tokens), ("validation", val_tokens)):
+        if tokens is not None and len(tokens) < tc.block_size + 1:
+            raise GPT2FnError(f"the {split} data holds {len(tokens)} tokens, less than one window of block_size + 1 = "
+                              f"{tc.block_size + 1}; use a smaller block_size or more text")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- determinism
+
+
+def resolve_deterministic(tc: TrainConfig, device: torch.device) -> bool:
+    """``tc.deterministic``, or the device's default when it is None: on for
+    the CPU, off for CUDA (where deterministic kernels cost speed)."""
+    return tc.deterministic if tc.deterministic is not None else device.type == "cpu"
+
+
+@contextlib.contextmanager
+def deterministic_mode(enabled: bool):
+    """Within the block, every kernel PyTorch runs is its deterministic
+    variant, or raises if it has none (``torch.use_deterministic_algorithms``,
+    strict); on CUDA also cuDNN's deterministic algorithms without autotuning,
+    and the fixed cuBLAS workspace PyTorch's reproducibility notes require
+    (``CUBLAS_WORKSPACE_CONFIG=:4096:8``, set unless the user set it, before
+    the first CUDA matmul of the run). The previous settings come back on exit.
+
+    On the CPU the one nondeterministic kernel of training was the backward of
+    ``wte[tokens]`` (a scatter-add with atomics across threads); the layers
+    use ``F.embedding``, whose backward is ordered, so CPU training is
+    repeatable even with this off; the mode guards what future ops may add.
+    Disabled, the block runs with the settings it finds."""
+    if not enabled:
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             cudnn.deterministic, cudnn.benchmark)  # fmt: skip
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        cudnn.deterministic, cudnn.benchmark = saved[2], saved[3]
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    if isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    return isinstance(e, RuntimeError) and any(s in str(e) for s in ("out of memory", "can't allocate memory"))
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -197,9 +290,14 @@ def train(
     """Train from ``params`` (or from ``resume``, a loaded checkpoint) until
     ``tc.max_steps`` (or ``stop_at``, for a deliberate interruption).
     Evaluates every ``eval_interval`` steps and at the end, writes the
-    checkpoint at each evaluation, and returns (params, history)."""
-    if config.n_ctx < tc.block_size:
-        raise GPT2FnError(f"block_size {tc.block_size} exceeds the model's context {config.n_ctx}")
+    checkpoint at each evaluation, and returns (params, history).
+
+    Runs in :func:`deterministic_mode` when ``tc.deterministic`` (resolved for
+    the device) says so, and records that setting in the checkpoint; resuming
+    restores it with the rest. A step whose loss is NaN or infinite, memory
+    that runs out, or a checkpoint that cannot be written stops the run with
+    one line naming the step and the last good checkpoint, which is intact."""
+    check_fits(config, tc, train_tokens, val_tokens)
     data_rng = torch.Generator().manual_seed(tc.seed)
     if resume is not None:
         params = unflatten_params({k: torch.nn.Parameter(t) for k, t in resume["params"].items()})
@@ -211,6 +309,7 @@ def train(
         params = trainable(params)
         optimizer = make_optimizer(params, tc)
         step, history = 0, []
+    tc = dataclasses.replace(tc, deterministic=resolve_deterministic(tc, params_device(params)))
     # Data parallel (under torchrun): every rank draws the same global batch
     # from the same RNG and keeps its own slice of rows; DDP averages the
     # gradients, so N ranks take exactly the step one process would take on
@@ -222,23 +321,45 @@ def train(
     compute_loss = None
     if world > 1:
         compute_loss = torch.nn.parallel.DistributedDataParallel(_DistributedLoss(params, config, tc.checkpoint_activations))
-    end = tc.max_steps if stop_at is None else min(stop_at, tc.max_steps)
-    while step < end:
-        batches = [random_windows(train_tokens, tc.batch_size, tc.block_size, data_rng)[rows] for _ in range(tc.grad_accum)]
-        lr = lr_at(step, tc)
-        loss, norm = train_step(params, config, optimizer, batches, lr, tc, compute_loss)
-        if world > 1:  # report the global batch's loss, not this rank's slice
-            loss_t = torch.tensor(loss)
-            torch.distributed.all_reduce(loss_t)
-            loss = loss_t.item() / world
-        step += 1
-        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm}
-        if val_tokens is not None and (step % tc.eval_interval == 0 or step == tc.max_steps):
-            record["val_loss"] = evaluate(params, config, val_tokens, tc)
-        history.append(record)
-        if checkpoint_path is not None and rank == 0 and (step % tc.eval_interval == 0 or step == end):
-            save_checkpoint(checkpoint_path, params, config, optimizer, step, data_rng, tc, history)
-        if on_step is not None:
-            on_step(record)
-    return params, history
+    if checkpoint_path is not None and rank == 0:
+        remove_stale_temporaries(checkpoint_path)  # left by a run killed mid-write
+    saved_step = None if resume is None else resume["step"]
 
+    def last_good() -> str:
+        if checkpoint_path is None:
+            return "no checkpoint path was given, so none was written"
+        if saved_step is None:
+            return f"no checkpoint was written yet (one is written every {tc.eval_interval} steps)"
+        return f"the last good checkpoint is {checkpoint_path} (step {saved_step}), intact"
+
+    end = tc.max_steps if stop_at is None else min(stop_at, tc.max_steps)
+    with deterministic_mode(tc.deterministic):
+        while step < end:
+            batches = [random_windows(train_tokens, tc.batch_size, tc.block_size, data_rng)[rows] for _ in range(tc.grad_accum)]
+            lr = lr_at(step, tc)
+            try:
+                loss, norm = train_step(params, config, optimizer, batches, lr, tc, compute_loss)
+            except NonFiniteLoss as e:
+                again = "resume with --resume" if saved_step is not None else "start again"
+                raise GPT2FnError(f"{e} at step {step + 1}, so training stopped there without updating the weights; "
+                                  f"{last_good()}; lower the lr (or check the data) and {again}") from None  # fmt: skip
+            except (RuntimeError, MemoryError) as e:
+                if not _is_out_of_memory(e):
+                    raise
+                raise GPT2FnError(f"out of memory at step {step + 1}; {last_good()}: use a smaller batch_size "
+                                  "(a larger grad_accum keeps the batch) or checkpoint_activations") from None  # fmt: skip
+            step += 1
+            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm}
+            if val_tokens is not None and (step % tc.eval_interval == 0 or step == tc.max_steps):
+                record["val_loss"] = evaluate(params, config, val_tokens, tc)
+            history.append(record)
+            if checkpoint_path is not None and rank == 0 and (step % tc.eval_interval == 0 or step == end):
+                try:
+                    save_checkpoint(checkpoint_path, params, config, optimizer, step, data_rng, tc, history)
+                except OSError as e:
+                    raise GPT2FnError(f"cannot write the checkpoint at step {step} ({e.strerror or e}); "
+                                      f"{last_good()}") from None  # fmt: skip
+                saved_step = step
+            if on_step is not None:
+                on_step(record)
+    return params, history

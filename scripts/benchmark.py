@@ -36,6 +36,7 @@ import platform
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 # A fresh inductor cache makes the first compilation truly cold. Set before torch
 # is imported; --warm-cache keeps the user's cache instead.
@@ -48,7 +49,8 @@ from tqdm import tqdm
 
 from gpt2fn.config import PRESETS
 from gpt2fn.device import resolve_device
-from gpt2fn.errors import GPT2FnError, run_cli
+from gpt2fn.errors import GPT2FnError, check_int, check_output_file, parse_int_list, run_cli
+from gpt2fn.files import atomic_write
 from gpt2fn.generation import generate_all, generate_batch, recompute_and_choose
 from gpt2fn.measure import (
     decode_step_time,
@@ -60,7 +62,7 @@ from gpt2fn.measure import (
     weight_bytes,
 )
 from gpt2fn.params import init_params
-from gpt2fn.plotting import pyplot
+from gpt2fn.plotting import require_pyplot, save_figure
 from gpt2fn.quantize import WEIGHT_DTYPES, cast_params
 from gpt2fn.steps import compile_steps, eager_steps, resolve_attention
 from gpt2fn.weights import hf_state_dict, load_pretrained
@@ -89,14 +91,29 @@ def fmt_ratio(x: float) -> str:
     return f"{x:.2f}x" if x == x else "-"
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    device = resolve_device(args.device)
+def check_args(args) -> tuple[list[str], list[int]]:
+    """Refuse bad flags before any work; returns (dtypes, lengths)."""
+    check_int("--prompt-len", args.prompt_len)
+    check_int("--new-tokens", args.new_tokens, low=3)  # the compiled run spends its first step compiling
+    check_int("--batch", args.batch)
+    check_int("--rounds", args.rounds)
+    lengths = parse_int_list("--lengths", args.lengths, low=2)
     dtypes = args.dtypes.split(",")
     for d in dtypes:
         if d not in WEIGHT_DTYPES:
-            raise GPT2FnError(f"unknown dtype {d!r}; use {', '.join(WEIGHT_DTYPES)}")
-    lengths = [int(n) for n in args.lengths.split(",")]
+            raise GPT2FnError(f"unknown dtype {d!r} in --dtypes; use a comma-separated list from {', '.join(WEIGHT_DTYPES)}")
+    if args.json:
+        check_output_file(args.json, "--json file")
+    if args.plot:
+        check_output_file(args.plot, "--plot file", suffix=".png")
+        require_pyplot("--plot")
+    return dtypes, lengths
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    dtypes, lengths = check_args(args)
+    device = resolve_device(args.device)
     if args.model:
         params32, config = load_pretrained(args.model, device=device)
         model_name = args.model
@@ -206,9 +223,7 @@ def main(argv=None) -> int:
 
     print_report(results, dtypes, lengths)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"wrote {args.json}")
+        print(f"wrote {atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))}")
     if args.plot:
         plot(results, args.plot)
     return 0
@@ -293,9 +308,7 @@ def print_report(results, dtypes, lengths) -> None:
 
 
 def plot(results, path) -> None:
-    plt = pyplot()
-    if plt is None:
-        return
+    plt = require_pyplot("--plot")
     sweep = results["sweep"]["tokens_per_s"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, by_len in sweep.items():
@@ -308,8 +321,7 @@ def plot(results, path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

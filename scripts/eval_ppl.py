@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
 from gpt2fn.device import resolve_device
-from gpt2fn.errors import GPT2FnError, run_cli
+from gpt2fn.errors import GPT2FnError, check_input_file, check_int, run_cli
 from gpt2fn.evaluation import perplexity
 from gpt2fn.tokenizer import get_tokenizer
 from gpt2fn.weights import load_pretrained, resolve_model
@@ -30,13 +29,21 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
+    if args.context is not None:
+        check_int("--context", args.context, low=2)
+    if args.stride is not None:
+        check_int("--stride", args.stride)
+    path = check_input_file(args.file, "text file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise GPT2FnError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     device = resolve_device(args.device)
-    path = Path(args.file)
-    if not path.is_file():
-        raise GPT2FnError(f"{path} does not exist")
     model_path = resolve_model(args.model)
+    tokens = torch.tensor(get_tokenizer(model_path).encode_ordinary(text), dtype=torch.int64)
+    if len(tokens) < 2:
+        raise GPT2FnError(f"{path} holds {len(tokens)} token(s); perplexity needs at least 2")
     params, config = load_pretrained(model_path, device=device)
-    tokens = torch.tensor(get_tokenizer(model_path).encode_ordinary(path.read_text(encoding="utf-8")))
     result = perplexity(params, config, tokens, args.context, args.stride, progress=True)
     print(f"{args.model} on {path.name}: {result.n_tokens} tokens, NLL {result.nll:.4f} nats/token, "
           f"perplexity {result.perplexity:.2f}")  # fmt: skip

@@ -32,14 +32,19 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     path = resolve_model(args.model)
-    params, config = load_pretrained(path)
     tok = get_tokenizer(path)
     ids = torch.tensor([encode(tok, args.prompt)])
     if ids.shape[1] < 2:
         raise GPT2FnError("the prompt needs at least two tokens")
+    src = torch.tensor([encode(tok, args.source)])
+    if src.shape != ids.shape:
+        raise GPT2FnError(f"--source has {src.shape[1]} tokens, --prompt {ids.shape[1]}: patching needs the same length")
+    params, config = load_pretrained(path)
+    if ids.shape[1] > config.n_ctx:
+        raise GPT2FnError(f"the prompt is {ids.shape[1]} tokens; the context holds {config.n_ctx}")
     layer = config.n_layer // 2 if args.layer is None else args.layer
     if not 0 <= layer < config.n_layer:
-        raise GPT2FnError(f"--layer must be between 0 and {config.n_layer - 1}")
+        raise GPT2FnError(f"--layer must be between 0 and {config.n_layer - 1}, got {layer}")
     show = lambda i: repr(tok.decode([int(i)]))  # noqa: E731
 
     logits, cache = run_with_cache(params, config, ids)
@@ -57,9 +62,6 @@ def run(args) -> int:
         ablated = forward(ablate_head(params, layer, h, config.n_head), config, ids)[0, -1].log_softmax(-1)[top]
         print(f"   head {h}: {ablated - base:+.3f}")
 
-    src = torch.tensor([encode(tok, args.source)])
-    if src.shape != ids.shape:
-        raise GPT2FnError(f"--source has {src.shape[1]} tokens, --prompt {ids.shape[1]}: patching needs the same length")
     src_logits, src_cache = run_with_cache(params, config, src)
     patched = forward(params, config, ids, tap=patch("resid", layer, src_cache[("resid", layer)]))
     print(f"\n3. Patching layer {layer}'s whole residual stream from {args.source!r}:")

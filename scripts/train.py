@@ -29,10 +29,10 @@ from tqdm import tqdm
 
 from gpt2fn.config import GPTConfig
 from gpt2fn.data import load_tokens
-from gpt2fn.errors import run_cli
+from gpt2fn.errors import GPT2FnError, check_input_dir, check_input_file, check_int, check_output_file, run_cli
 from gpt2fn.params import init_params, map_params
-from gpt2fn.plotting import pyplot
-from gpt2fn.training import TrainConfig, load_checkpoint, train
+from gpt2fn.plotting import require_pyplot, save_figure
+from gpt2fn.training import TrainConfig, check_fits, load_checkpoint, resolve_deterministic, train
 from gpt2fn.weights import load_pretrained, save_params
 
 
@@ -50,6 +50,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n_embd", type=int, default=128)
     p.add_argument("--n_ctx", type=int, default=256)
     for field in dataclasses.fields(TrainConfig):
+        if field.name == "deterministic":
+            p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
+                           help="bit-identical runs (default: on for the CPU, where it costs nothing measurable; "
+                                "off for CUDA, where it costs speed)")
+            continue
         kind = {bool: "flag", int: int, float: float}[type(field.default)]
         if kind == "flag":
             p.add_argument(f"--{field.name}", action="store_true")
@@ -76,21 +81,50 @@ def run(args) -> int:
             torch.distributed.destroy_process_group()
 
 
+def check_args(args):
+    """Everything that can be refused before any work (no weights loaded, no
+    file written): returns the TrainConfig, the checkpoint to resume (or
+    None), the model config (None until --from_model is loaded) and the
+    memory-mapped train and val tokens."""
+    if args.stop_at is not None:
+        check_int("stop_at", args.stop_at)
+    tc = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})  # validates itself
+    data = check_input_dir(args.data, "data directory")
+    train_tokens, val_tokens = (load_tokens(check_input_file(data / f"{s}.bin", "token file")) for s in ("train", "val"))
+    if args.export:
+        check_output_file(args.export, "--export file", suffix=".safetensors")
+    if args.plot:
+        check_output_file(args.plot, "--plot file", suffix=".png")
+        require_pyplot("--plot")
+    resume, config = None, None
+    if args.resume:
+        if not Path(args.out).exists():
+            raise GPT2FnError(f"nothing to resume: checkpoint {args.out} does not exist (start the run without --resume)")
+        resume = load_checkpoint(args.out)  # its own settings replace the command line's
+        tc, config = resume["train_config"], resume["config"]
+    elif check_output_file(args.out, "checkpoint").exists():
+        raise GPT2FnError(f"checkpoint {args.out} already exists; pass --resume to continue that run, "
+                          "or choose another --out (a new run would overwrite it)")  # fmt: skip
+    elif not args.from_model:
+        config = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, n_ctx=args.n_ctx)
+    if config is not None:
+        check_fits(config, tc, train_tokens, val_tokens)
+    return tc, resume, config, train_tokens, val_tokens
+
+
 def train_and_export(args) -> int:
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    tc = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    train_tokens = load_tokens(Path(args.data) / "train.bin")
-    val_tokens = load_tokens(Path(args.data) / "val.bin")
-    resume = None
-    if args.resume:
-        resume = load_checkpoint(args.out)
-        config, tc, params = resume["config"], resume["train_config"], None
+    tc, resume, config, train_tokens, val_tokens = check_args(args)
+    params = None
+    if resume is not None:
         print(f"resuming from {args.out} at step {resume['step']}")
-    elif args.from_model:
+    elif config is None:
         params, config = load_pretrained(args.from_model)
     else:
-        config = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, n_ctx=args.n_ctx)
         params = init_params(config, seed=tc.seed)
+    if rank == 0:
+        deterministic = resolve_deterministic(tc, torch.device("cpu"))
+        print(f"deterministic: {'on (bit-identical runs)' if deterministic else 'off'}")
     tokens_per_step = tc.batch_size * tc.block_size * tc.grad_accum
     bar = tqdm(total=tc.max_steps, initial=resume["step"] if resume else 0, desc="training", unit="step",
                disable=rank != 0)
@@ -109,9 +143,11 @@ def train_and_export(args) -> int:
         last = now
 
     start = time.perf_counter()
-    params, history = train(params, config, tc, train_tokens, val_tokens, args.out, resume=resume,
-                            stop_at=args.stop_at, on_step=on_step)
-    bar.close()
+    try:
+        params, history = train(params, config, tc, train_tokens, val_tokens, args.out, resume=resume,
+                                stop_at=args.stop_at, on_step=on_step)
+    finally:
+        bar.close()
     print(f"done: {history[-1]['step']} steps in {time.perf_counter() - start:.0f} s, "
           f"final val loss {history[-1].get('val_loss', float('nan')):.4f}")  # fmt: skip
     if rank != 0:
@@ -125,9 +161,7 @@ def train_and_export(args) -> int:
 
 
 def plot_losses(history, path) -> None:
-    plt = pyplot()
-    if plt is None:
-        return
+    plt = require_pyplot("--plot")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot([r["step"] for r in history], [r["loss"] for r in history], label="train", alpha=0.6)
     val = [r for r in history if "val_loss" in r]
@@ -137,8 +171,7 @@ def plot_losses(history, path) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

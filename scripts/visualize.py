@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from pathlib import Path
 
 import torch
 
-from gpt2fn.errors import GPT2FnError, run_cli
+from gpt2fn.errors import GPT2FnError, check_output_dir, parse_int_list, run_cli
 from gpt2fn.interp import run_with_cache
 from gpt2fn.params import flatten_params
-from gpt2fn.plotting import pyplot
+from gpt2fn.plotting import require_pyplot, save_figure
 from gpt2fn.tokenizer import encode, get_tokenizer
 from gpt2fn.weights import load_pretrained, resolve_model
 
@@ -37,24 +36,27 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    plt = pyplot()
-    if plt is None:
-        return 1
+    plt = require_pyplot("scripts/visualize.py")
+    if not args.prompt:
+        raise GPT2FnError("the prompt is empty; pass some text with --prompt")
+    layers = None if args.layers is None else parse_int_list("--layers", args.layers, low=0)
+    columns = parse_int_list("--columns", args.columns, low=0)
+    out = check_output_dir(args.out, "--out directory")
     path = resolve_model(args.model)
     params, config = load_pretrained(path)
     tok = get_tokenizer(path)
     ids = encode(tok, args.prompt)
-    if not ids:
-        raise GPT2FnError("the prompt is empty")
     if len(ids) > config.n_ctx:
         raise GPT2FnError(f"the prompt is {len(ids)} tokens; the context holds {config.n_ctx}")
-    layers = range(config.n_layer) if args.layers is None else [int(i) for i in args.layers.split(",")]
+    layers = range(config.n_layer) if layers is None else layers
+    if max(layers) >= config.n_layer:
+        raise GPT2FnError(f"--layers must be between 0 and {config.n_layer - 1}, got {args.layers}")
+    if max(columns) >= config.n_embd:
+        raise GPT2FnError(f"--columns must be between 0 and {config.n_embd - 1}, got {args.columns}")
     flat = flatten_params(params)
     if args.weight not in flat or flat[args.weight].ndim != 2:
         matrices = [n for n, t in flat.items() if t.ndim == 2]
         raise GPT2FnError(f"no matrix named {args.weight!r}; e.g. {', '.join(matrices[:4])}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     labels = [tok.decode([i]) for i in ids]
 
     _, cache = run_with_cache(params, config, torch.tensor([ids]))
@@ -75,31 +77,25 @@ def run(args) -> int:
             ax.set_xlabel("key (attended to)")
             ax.set_ylabel("query")
         fig.tight_layout()
-        save(fig, out / f"attention_layer{layer}.png", plt)
+        save_figure(fig, out / f"attention_layer{layer}.png", dpi=100)
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     wpe = params["wpe"].float()
-    for c in [int(c) for c in args.columns.split(",")]:
+    for c in columns:
         ax.plot(wpe[:, c].numpy(), label=f"column {c}")
     ax.set_xlabel("position")
     ax.set_ylabel("value")
     ax.set_title("learned position embedding (wpe), a few columns")
     ax.legend()
-    save(fig, out / "position_embedding.png", plt)
+    save_figure(fig, out / "position_embedding.png", dpi=100)
 
     w = flat[args.weight].float()
     fig, ax = plt.subplots(figsize=(8, 8 * min(2.0, w.shape[0] / w.shape[1])))
     image = ax.imshow(w.numpy(), cmap="RdBu", aspect="auto", vmin=-w.abs().max(), vmax=w.abs().max())
     fig.colorbar(image, ax=ax)
     ax.set_title(f"{args.weight} {tuple(w.shape)} [out, in]")
-    save(fig, out / f"weight_{args.weight.replace('.', '_')}.png", plt)
+    save_figure(fig, out / f"weight_{args.weight.replace('.', '_')}.png", dpi=100)
     return 0
-
-
-def save(fig, path: Path, plt) -> None:
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -58,11 +58,15 @@ def gpt2_ref(tmp_path_factory) -> Reference:
     return make_reference(tmp_path_factory.mktemp("gpt2_124m"), GPT2_124M, seed=2, weight_std=0.02)
 
 
-@pytest.fixture(scope="session")
-def generate_cli():
-    """scripts/generate.py as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("generate_cli", ROOT / "scripts" / "generate.py")
+def load_script(name: str):
+    """scripts/NAME.py as a module (scripts/ is not a package), to call its main(argv) in-process."""
+    spec = importlib.util.spec_from_file_location(f"{name}_cli", ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["generate_cli"] = module
+    sys.modules[f"{name}_cli"] = module
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def generate_cli():
+    return load_script("generate")

@@ -1,0 +1,275 @@
+"""Every script answers bad input with one line on stderr and exit status 2,
+before any work, and leaves the file system as it found it; a run that fails
+midway (NaN loss, out of memory, disk full) says so in one line and keeps the
+last good checkpoint intact. (scripts/generate.py: tests/test_cli.py.)"""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gpt2fn import GPT2FnError, GPTConfig, init_params, save_params
+from gpt2fn.data import load_tokens, prepare
+from gpt2fn.params import flatten_params
+from gpt2fn.training import TrainConfig, load_checkpoint, train
+
+from conftest import ROOT, load_script
+
+TEXT = "Now is the winter of our discontent made glorious summer by this sun of York;\n" * 40
+TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--n_ctx", "32", "--block_size", "16",
+        "--batch_size", "2", "--max_steps", "4", "--warmup_steps", "1", "--eval_interval", "2", "--eval_batches", "1"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad_input")
+    (d / "t.txt").write_text(TEXT)
+    prepare([d / "t.txt"], d / "data")
+    return d
+
+
+@pytest.fixture(scope="module")
+def scripts():
+    return {name: load_script(name) for name in ("train", "eval_ppl", "prepare_data", "visualize", "interventions")}
+
+
+def refused(capsys, script, *args) -> str:
+    """Run the script in-process; assert exit 2, one stderr line, nothing on stdout; return the line."""
+    code = script.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    assert code == 2, (out, err)
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert out == "", out
+    return err
+
+
+def failed_midway(capsys, script, *args) -> str:
+    """Run the script in-process; assert exit 2, no traceback, and one error line after the progress bar."""
+    code = script.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    assert code == 2 and "Traceback" not in err, err
+    last = err.rstrip("\n").split("\n")[-1]
+    assert last.startswith("error: ") and err.count("error") == 1, err
+    return last
+
+
+def a_file(tmp_path):
+    """A path whose parent is a file: no output can be created under it."""
+    (tmp_path / "plain").write_text("x")
+    return tmp_path / "plain" / "sub"
+
+
+# ----------------------------------------------------------------------------- train.py
+
+TRAIN_CASES = {  # extra args -> what the line says
+    "zero batch": (["--batch_size", "0"], "batch_size must be an integer >= 1, got 0"),
+    "zero steps": (["--max_steps", "0"], "max_steps must be an integer >= 1, got 0"),
+    "zero accumulation": (["--grad_accum", "0"], "grad_accum must be an integer >= 1"),
+    "zero interval": (["--eval_interval", "0"], "eval_interval must be an integer >= 1"),
+    "zero stop_at": (["--stop_at", "0"], "stop_at must be an integer >= 1"),
+    "negative lr": (["--lr", "-1"], "lr must be a finite number > 0, got -1.0"),
+    "nan lr": (["--lr", "nan"], "lr must be a finite number > 0, got nan"),
+    "min_lr above lr": (["--min_lr", "1"], "min_lr must be a finite number in [0, 0.001], got 1.0"),
+    "beta2 one": (["--beta2", "1"], "beta2 must be a finite number in [0, 1), got 1.0"),
+    "negative clip": (["--grad_clip", "-0.5"], "grad_clip must be a finite number >= 0"),
+    "warmup past the end": (["--warmup_steps", "9"], "warmup_steps 9 exceeds max_steps 4"),
+    "window past the context": (["--block_size", "64"], "block_size 64 exceeds the model's context 32"),
+    "heads do not divide": (["--n_head", "3"], "n_embd=16 is not divisible by n_head=3"),
+    "export suffix": (["--export", "w.bin"], "must end in .safetensors"),
+    "plot suffix": (["--plot", "loss.jpg"], "must end in .png"),
+}
+
+
+@pytest.mark.parametrize("name", list(TRAIN_CASES))
+def test_train_refuses_bad_numbers_and_names(scripts, capsys, data, tmp_path, name):
+    extra, message = TRAIN_CASES[name]
+    out = tmp_path / "run" / "ckpt.pt"
+    err = refused(capsys, scripts["train"], "--data", data / "data", "--out", out, *TINY, *extra)
+    assert message in err
+    assert not (tmp_path / "run").exists()  # nothing written, not even the directory
+
+
+def test_train_refuses_bad_paths(scripts, capsys, data, tmp_path):
+    train_cli, base = scripts["train"], [*TINY]
+    err = refused(capsys, train_cli, "--data", tmp_path / "none", "--out", tmp_path / "c.pt", *base)
+    assert f"data directory {tmp_path / 'none'} does not exist" in err
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "train.bin").write_bytes((data / "data" / "train.bin").read_bytes())
+    err = refused(capsys, train_cli, "--data", tmp_path / "half", "--out", tmp_path / "c.pt", *base)
+    assert "val.bin does not exist" in err
+    err = refused(capsys, train_cli, "--data", data / "data", "--out", a_file(tmp_path) / "c.pt", *base)
+    assert "cannot create checkpoint" in err and "is a file, not a directory" in err
+    err = refused(capsys, train_cli, "--data", data / "data", "--out", tmp_path / "c.pt", "--resume", *base)
+    assert "nothing to resume" in err
+    err = refused(capsys, train_cli, "--data", data / "data", "--out", tmp_path / "c.pt", "--export",
+                  a_file(tmp_path) / "w.safetensors", *base)  # fmt: skip
+    assert "cannot create --export file" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["half", "plain"]
+
+
+def test_train_refuses_to_overwrite_a_checkpoint_and_leaves_it_untouched(scripts, capsys, data, tmp_path):
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.write_bytes(b"a previous run's checkpoint")
+    err = refused(capsys, scripts["train"], "--data", data / "data", "--out", ckpt, *TINY)
+    assert "already exists; pass --resume" in err
+    assert ckpt.read_bytes() == b"a previous run's checkpoint"
+    err = refused(capsys, scripts["train"], "--data", data / "data", "--out", ckpt, "--resume", *TINY)
+    assert "not a readable gpt2fn checkpoint" in err
+    assert ckpt.read_bytes() == b"a previous run's checkpoint" and [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_train_config_refuses_what_the_cli_refuses():
+    for bad in (dict(batch_size=0), dict(lr=float("inf")), dict(beta1=-0.1), dict(eval_batches=0), dict(seed=-1),
+                dict(deterministic="yes")):  # fmt: skip
+        with pytest.raises(GPT2FnError):
+            TrainConfig(**bad)
+
+
+def test_nan_loss_stops_with_one_line_and_no_checkpoint(scripts, capsys, data, tmp_path):
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=16, n_ctx=32)
+    params = init_params(config)
+    params["ln_f"]["g"][0] = float("nan")  # every logit becomes NaN, so does the loss
+    save_params(params, config, tmp_path / "nan.safetensors")
+    err = failed_midway(capsys, scripts["train"], "--data", data / "data", "--out", tmp_path / "run" / "ckpt.pt",
+                        "--from_model", tmp_path / "nan.safetensors", *TINY[8:])  # fmt: skip
+    assert "the loss is nan" in err and "at step 1, so training stopped there without updating the weights" in err
+    assert "no checkpoint was written yet" in err and err.endswith("and start again")
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+MIDWAY = TrainConfig(batch_size=2, block_size=16, max_steps=6, warmup_steps=1, eval_interval=2, eval_batches=1)
+SMALL = GPTConfig(n_layer=1, n_head=2, n_embd=16, n_ctx=32)
+
+
+def fail_on_call(n, error):
+    """A stand-in for a function that works n - 1 times, then raises or returns NaN."""
+    import gpt2fn.training as training
+
+    real, calls = training.loss_fn, [0]
+
+    def loss_fn(*args, **kwargs):
+        calls[0] += 1
+        loss = real(*args, **kwargs)
+        if calls[0] < n:
+            return loss
+        if error is None:
+            return loss * float("nan")
+        raise error
+
+    return loss_fn
+
+
+@pytest.mark.parametrize("error, message", [
+    (None, "the loss is nan (gradient norm nan) at step 3"),
+    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "out of memory at step 3"),
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 99 GB"), "out of memory at step 3"),
+])  # fmt: skip
+def test_a_failure_midway_names_the_step_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch, error, message):
+    tokens = load_tokens(data / "data" / "train.bin")
+    ckpt = tmp_path / "ckpt.pt"
+    two_steps, _ = train(init_params(SMALL), SMALL, MIDWAY, tokens, stop_at=2)
+    monkeypatch.setattr("gpt2fn.training.loss_fn", fail_on_call(3, error))
+    with pytest.raises(GPT2FnError) as e:
+        train(init_params(SMALL), SMALL, MIDWAY, tokens, checkpoint_path=ckpt)
+    assert message in str(e.value) and f"the last good checkpoint is {ckpt} (step 2), intact" in str(e.value)
+    assert "\n" not in str(e.value)
+    state = load_checkpoint(ckpt)
+    assert state["step"] == 2 and all(torch.equal(state["params"][k], t) for k, t in flatten_params(two_steps).items())
+
+
+def test_a_full_disk_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
+    tokens = load_tokens(data / "data" / "train.bin")
+    ckpt = tmp_path / "ckpt.pt"
+    real_save, calls = torch.save, [0]
+
+    def save(obj, f, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2:
+            with open(f, "wb") as partial:
+                partial.write(b"PK\x03\x04 a few bytes, then the disk is full")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(GPT2FnError, match=r"cannot write the checkpoint at step 4 \(No space left on device\); "
+                                          r"the last good checkpoint is .* \(step 2\), intact"):  # fmt: skip
+        train(init_params(SMALL), SMALL, MIDWAY, tokens, checkpoint_path=ckpt)
+    assert load_checkpoint(ckpt)["step"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # the partial temporary is gone
+
+
+# ----------------------------------------------------------------------------- the other scripts
+
+
+def test_prepare_data_refuses_bad_input(scripts, capsys, data, tmp_path):
+    cli, text, out = scripts["prepare_data"], data / "t.txt", tmp_path / "out"
+    assert "val_fraction must be a finite number in (0, 1), got 1.5" in refused(
+        capsys, cli, text, "--out", out, "--val_fraction", "1.5")
+    assert "val_fraction must be a finite number in (0, 1), got nan" in refused(
+        capsys, cli, text, "--out", out, "--val_fraction", "nan")
+    assert f"text file {tmp_path / 'none.txt'} does not exist" in refused(capsys, cli, tmp_path / "none.txt", "--out", out)
+    assert "is not a file" in refused(capsys, cli, tmp_path, "--out", out)
+    assert "output directory" in refused(capsys, cli, text, "--out", a_file(tmp_path))
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    assert "cannot read" in refused(capsys, cli, tmp_path / "latin1.txt", "--out", out)
+    (tmp_path / "tiny.txt").write_text("hi")
+    assert "too little text" in refused(capsys, cli, tmp_path / "tiny.txt", "--out", out)
+    assert not out.exists()
+
+
+def test_eval_ppl_refuses_bad_input(scripts, capsys, small_ref, data, tmp_path):
+    cli, model, text = scripts["eval_ppl"], ["--model", small_ref.directory], data / "t.txt"
+    assert "--context must be an integer >= 2, got 1" in refused(capsys, cli, *model, "--file", text, "--context", "1")
+    assert "--stride must be an integer >= 1, got 0" in refused(capsys, cli, *model, "--file", text, "--stride", "0")
+    assert "context must be between 2 and the model's 128, got 500" in refused(
+        capsys, cli, *model, "--file", text, "--context", "500")
+    assert "stride must be between 1 and the context (64)" in refused(
+        capsys, cli, *model, "--file", text, "--context", "64", "--stride", "65")
+    assert f"text file {tmp_path / 'no.txt'} does not exist" in refused(capsys, cli, *model, "--file", tmp_path / "no.txt")
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00binary")
+    assert "is not UTF-8 text" in refused(capsys, cli, *model, "--file", tmp_path / "bin.txt")
+    (tmp_path / "one.txt").write_text("a")
+    assert "perplexity needs at least 2" in refused(capsys, cli, *model, "--file", tmp_path / "one.txt")
+    assert "unknown device 'tpu'" in refused(capsys, cli, *model, "--file", text, "--device", "tpu")
+
+
+def test_visualize_refuses_bad_input(scripts, capsys, small_ref, tmp_path):
+    cli, out = scripts["visualize"], tmp_path / "viz"
+    base = ["--model", small_ref.directory, "--out", out]
+    assert "--layers must be a comma-separated list of integers >= 0 (e.g. 64,256), got 'a,b'" in refused(
+        capsys, cli, *base, "--layers", "a,b")
+    assert "--layers must be between 0 and 1, got 0,5" in refused(capsys, cli, *base, "--layers", "0,5")
+    assert "--columns must be a comma-separated list" in refused(capsys, cli, *base, "--columns", "-1")
+    assert "--columns must be between 0 and 63" in refused(capsys, cli, *base, "--columns", "64")
+    assert "no matrix named 'nope'" in refused(capsys, cli, *base, "--weight", "nope")
+    assert "the prompt is empty" in refused(capsys, cli, *base, "--prompt", "")
+    assert "--out directory" in refused(capsys, cli, "--model", small_ref.directory, "--out", a_file(tmp_path))
+    assert not out.exists()
+
+
+def test_interventions_refuse_bad_input(scripts, capsys, small_ref):
+    cli, model = scripts["interventions"], ["--model", small_ref.directory]
+    assert "--layer must be between 0 and 1, got 7" in refused(capsys, cli, *model, "--layer", "7")
+    assert "the prompt needs at least two tokens" in refused(capsys, cli, *model, "--prompt", "a")
+    assert "patching needs the same length" in refused(capsys, cli, *model, "--source", "a much longer source prompt "
+                                                                                     "than the default one, by far")
+
+
+def test_benchmark_refuses_bad_input_before_any_work(small_ref, tmp_path):
+    """As a command (importing it would point inductor at a fresh cache for this whole process)."""
+    cases = {
+        "--new-tokens 0": "--new-tokens must be an integer >= 3, got 0",
+        "--lengths abc": "--lengths must be a comma-separated list of integers >= 2 (e.g. 64,256), got 'abc'",
+        "--rounds 0": "--rounds must be an integer >= 1, got 0",
+        "--dtypes float32,float64": "unknown dtype 'float64' in --dtypes",
+        f"--json {a_file(tmp_path)}/r.json": "cannot create --json file",
+    }
+    for args, message in cases.items():
+        run = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--model", str(small_ref.directory),
+                              *args.split()], capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert run.returncode == 2 and run.stderr.startswith("error: "), run.stderr[-2000:]
+        assert message in run.stderr and run.stderr.count("\n") == 1 and "gpt2fn benchmark" not in run.stdout
