@@ -64,9 +64,8 @@ def linear(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[Ten
 def embedding(tokens: Tensor, wte: Tensor, scale: Optional[Tensor] = None, dtype: Optional[torch.dtype] = None) -> Tensor:
     """Rows of the token embedding. tokens: [B, T] -> [B, T, D]; an int8 ``wte``
     is dequantized with its per-row ``scale`` into ``dtype``."""
-    if scale is None:
-        return wte[tokens]
-    return wte[tokens].to(dtype) * scale[tokens][..., None].to(dtype)
+    rows = F.embedding(tokens, wte)  # its backward adds rows in a fixed order (deterministic)
+    return rows if scale is None else rows.to(dtype) * scale[tokens][..., None].to(dtype)
 
 
 # A tap sees intermediate tensors by name and layer and returns them, or a

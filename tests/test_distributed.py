@@ -1,6 +1,6 @@
 """Data-parallel training through torchrun + gloo: two CPU processes with the
 global batch split between them end with the same parameters as one process
-with the whole batch."""
+with the whole batch, and the same two-process command twice ends bit-identical."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 
+import torch
 
 from gpt2fn.data import prepare
 from gpt2fn.params import flatten_params
@@ -34,19 +35,22 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     single = subprocess.run([sys.executable, script, *common, "--out", str(tmp_path / "one.pt"),
                              "--export", str(tmp_path / "one.safetensors")], capture_output=True, text=True)  # fmt: skip
     assert single.returncode == 0, single.stderr[-2000:]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-                "--master_addr", "127.0.0.1", "--master_port", str(free_port())]  # fmt: skip
-    ddp = subprocess.run([*launcher, script, *common, "--out", str(tmp_path / "two.pt"),
-                          "--export", str(tmp_path / "two.safetensors")], capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    for name in ("two", "two-again"):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+                    "--master_addr", "127.0.0.1", "--master_port", str(free_port())]  # fmt: skip
+        ddp = subprocess.run([*launcher, script, *common, "--out", str(tmp_path / f"{name}.pt"),
+                              "--export", str(tmp_path / f"{name}.safetensors")], capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert ddp.returncode == 0, ddp.stderr[-3000:]
     one, _ = load_params(tmp_path / "one.safetensors")
     two, _ = load_params(tmp_path / "two.safetensors")
-    a, b = flatten_params(one), flatten_params(two)
+    again, _ = load_params(tmp_path / "two-again.safetensors")
+    a, b, c = flatten_params(one), flatten_params(two), flatten_params(again)
     start = flatten_params(load_params_init())
     moved = max((a[k] - start[k]).abs().max().item() for k in a)
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     assert moved > 1e-3  # training changed the weights...
     assert diff <= 1e-5, diff  # ...and the same way in both set-ups (float reduction order aside)
+    assert all(torch.equal(b[k], c[k]) for k in b)  # the same DDP command twice: bit-identical (gloo's order is fixed)
 
 
 def load_params_init():
