@@ -34,7 +34,8 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def scripts():
-    return {name: load_script(name) for name in ("train", "eval_ppl", "prepare_data", "visualize", "interventions")}
+    names = ("train", "eval_ppl", "prepare_data", "visualize", "interventions", "benchmark_train")
+    return {name: load_script(name) for name in names}
 
 
 def refused(capsys, script, *args) -> str:
@@ -273,3 +274,11 @@ def test_benchmark_refuses_bad_input_before_any_work(small_ref, tmp_path):
                               *args.split()], capture_output=True, text=True, timeout=120)  # fmt: skip
         assert run.returncode == 2 and run.stderr.startswith("error: "), run.stderr[-2000:]
         assert message in run.stderr and run.stderr.count("\n") == 1 and "gpt2fn benchmark" not in run.stdout
+
+
+def test_benchmark_train_refuses_bad_input(scripts, capsys, tmp_path):
+    cli = scripts["benchmark_train"]
+    assert "--steps must be an integer >= 1, got 0" in refused(capsys, cli, "--steps", "0")
+    assert "--batch_size must be an integer >= 1, got -2" in refused(capsys, cli, "--batch_size", "-2")
+    assert "--block_size 512 exceeds the gpt2-shakespeare context 256" in refused(capsys, cli, "--block_size", "512")
+    assert "cannot create --json file" in refused(capsys, cli, "--json", a_file(tmp_path) / "r.json")

@@ -32,3 +32,17 @@ def test_benchmark_writes_json_and_plot(small_ref, tmp_path):
     assert all(c["cold_s"] > 0 and c["warm_s"] > 0 for c in results["compile"].values())
     assert "compiled / eager" in run.stdout and "vs transformers" in run.stdout
     assert out_png.stat().st_size > 10_000 and out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_benchmark_train_writes_json(tmp_path, capsys):
+    from conftest import load_script
+
+    out = tmp_path / "sub" / "train.json"
+    code = load_script("benchmark_train").main(["--batch_size", "2", "--block_size", "16", "--steps", "1", "--rounds", "2",
+                                                "--json", str(out)])  # fmt: skip
+    stdout = capsys.readouterr().out
+    assert code == 0
+    results = json.loads(out.read_text())
+    assert set(results["variants"]) == {"gpt2fn deterministic", "gpt2fn nondeterministic", "transformers GPT2LMHeadModel"}
+    assert all(len(v["all_step_s"]) == 2 and v["tokens_per_s"] > 0 for v in results["variants"].values())
+    assert "vs gpt2fn deterministic" in stdout and "transformers GPT2LMHeadModel" in stdout
