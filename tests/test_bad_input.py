@@ -249,12 +249,14 @@ def test_visualize_refuses_bad_input(scripts, capsys, small_ref, tmp_path):
     assert "no matrix named 'nope'" in refused(capsys, cli, *base, "--weight", "nope")
     assert "the prompt is empty" in refused(capsys, cli, *base, "--prompt", "")
     assert "--out directory" in refused(capsys, cli, "--model", small_ref.directory, "--out", a_file(tmp_path))
+    assert "does not exist" in refused(capsys, cli, "--model", tmp_path / "none.safetensors", "--out", out)
     assert not out.exists()
 
 
 def test_interventions_refuse_bad_input(scripts, capsys, small_ref):
     cli, model = scripts["interventions"], ["--model", small_ref.directory]
     assert "--layer must be between 0 and 1, got 7" in refused(capsys, cli, *model, "--layer", "7")
+    assert "unknown model 'gpt5'" in refused(capsys, cli, "--model", "gpt5")
     assert "the prompt needs at least two tokens" in refused(capsys, cli, *model, "--prompt", "a")
     assert "patching needs the same length" in refused(capsys, cli, *model, "--source", "a much longer source prompt "
                                                                                      "than the default one, by far")
@@ -268,10 +270,14 @@ def test_benchmark_refuses_bad_input_before_any_work(small_ref, tmp_path):
         "--rounds 0": "--rounds must be an integer >= 1, got 0",
         "--dtypes float32,float64": "unknown dtype 'float64' in --dtypes",
         f"--json {a_file(tmp_path)}/r.json": "cannot create --json file",
+        "--plot bench.svg": "--plot file bench.svg must end in .png",
+        "--device tpu": "unknown device 'tpu'",
     }
+    cases[f"--model {tmp_path / 'none'}"] = f"{tmp_path / 'none'} does not exist"
     for args, message in cases.items():
-        run = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--model", str(small_ref.directory),
-                              *args.split()], capture_output=True, text=True, timeout=120)  # fmt: skip
+        model = [] if args.startswith("--model") else ["--model", str(small_ref.directory)]
+        run = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), *model, *args.split()],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
         assert run.returncode == 2 and run.stderr.startswith("error: "), run.stderr[-2000:]
         assert message in run.stderr and run.stderr.count("\n") == 1 and "gpt2fn benchmark" not in run.stdout
 
