@@ -16,7 +16,7 @@ from typing import Iterable
 import torch
 from tqdm import tqdm
 
-from gpt2fn.errors import GPT2FnError, check_input_file, check_number, check_output_dir
+from gpt2fn.errors import GPT2FnError, check_input, check_number, check_output_dir
 from gpt2fn.files import atomic_write
 from gpt2fn.tokenizer import ENDOFTEXT_ID, get_tokenizer
 
@@ -52,7 +52,7 @@ def prepare(paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike, val_
     the last ``val_fraction`` of the tokens is the validation split (held out
     as one contiguous piece, so no window straddles the two)."""
     check_number("val_fraction", val_fraction, 0, 1, low_open=True, high_open=True)
-    paths = [check_input_file(p, "text file") for p in paths]
+    paths = [check_input(p, "text file") for p in paths]
     out = check_output_dir(out_dir, "output directory")
     ids = tokenize_files(paths)
     n_val = int(len(ids) * val_fraction)

@@ -79,24 +79,14 @@ def parse_int_list(name: str, text: str, low: int = 1) -> list[int]:
 # ----------------------------------------------------------------------------- paths
 
 
-def check_input_file(path: str | os.PathLike, what: str = "file") -> Path:
-    """An existing, readable file."""
+def check_input(path: str | os.PathLike, what: str = "file", directory: bool = False) -> Path:
+    """An existing, readable file (or directory)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise GPT2FnError(f"{what} {path} does not exist")
-    if not path.is_file():
-        raise GPT2FnError(f"{what} {path} is not a file")
-    if not os.access(path, os.R_OK):
-        raise GPT2FnError(f"{what} {path} is not readable (permission denied)")
-    return path
-
-
-def check_input_dir(path: str | os.PathLike, what: str = "directory") -> Path:
-    """An existing, readable directory."""
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        raise GPT2FnError(f"{what} {path} {'is not a directory' if path.exists() else 'does not exist'}")
-    if not os.access(path, os.R_OK | os.X_OK):
+    if path.is_dir() != directory:
+        raise GPT2FnError(f"{what} {path} is not a {'directory' if directory else 'file'}")
+    if not os.access(path, os.R_OK | (os.X_OK if directory else 0)):
         raise GPT2FnError(f"{what} {path} is not readable (permission denied)")
     return path
 

@@ -12,7 +12,7 @@ import sys
 import torch
 
 from gpt2fn.device import resolve_device
-from gpt2fn.errors import GPT2FnError, check_input_file, check_int, run_cli
+from gpt2fn.errors import GPT2FnError, check_input, check_int, run_cli
 from gpt2fn.evaluation import perplexity
 from gpt2fn.tokenizer import get_tokenizer
 from gpt2fn.weights import load_pretrained, resolve_model
@@ -33,7 +33,7 @@ def run(args) -> int:
         check_int("--context", args.context, low=2)
     if args.stride is not None:
         check_int("--stride", args.stride)
-    path = check_input_file(args.file, "text file")
+    path = check_input(args.file, "text file")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

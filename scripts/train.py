@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from gpt2fn.config import GPTConfig
 from gpt2fn.data import load_tokens
-from gpt2fn.errors import GPT2FnError, check_input_dir, check_input_file, check_int, check_output_file, run_cli
+from gpt2fn.errors import GPT2FnError, check_input, check_int, check_output_file, run_cli
 from gpt2fn.params import init_params, map_params
 from gpt2fn.plotting import require_pyplot, save_figure
 from gpt2fn.training import TrainConfig, check_fits, load_checkpoint, resolve_deterministic, train
@@ -89,8 +89,8 @@ def check_args(args):
     if args.stop_at is not None:
         check_int("stop_at", args.stop_at)
     tc = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})  # validates itself
-    data = check_input_dir(args.data, "data directory")
-    train_tokens, val_tokens = (load_tokens(check_input_file(data / f"{s}.bin", "token file")) for s in ("train", "val"))
+    data = check_input(args.data, "data directory", directory=True)
+    train_tokens, val_tokens = (load_tokens(check_input(data / f"{s}.bin", "token file")) for s in ("train", "val"))
     if args.export:
         check_output_file(args.export, "--export file", suffix=".safetensors")
     if args.plot:
