@@ -69,13 +69,20 @@ def resolve_model(name_or_path: str | os.PathLike, revision: Optional[str] = Non
 
 
 def _download_snapshot(repo_id: str, revision: Optional[str]) -> str:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    # These names exist in every huggingface_hub that setup.cfg admits (0.23 to 2.x).
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.utils import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
+    cached = _cached_snapshot(repo_id, revision)
+    if cached is not None and (constants.HF_HUB_OFFLINE or _is_commit(revision)):
+        return cached  # offline the cache is all there is; a commit's files never change
+    not_cached = GPT2FnError(
+        f"{repo_id}{f' at revision {revision}' if revision else ''} is not in the local Hugging Face cache and the Hub cannot be reached "
+        "(offline or HF_HUB_OFFLINE=1); connect once to download it, point HF_HOME at a cache "
+        "that has it, or pass a local directory"
+    )  # fmt: skip
+    if constants.HF_HUB_OFFLINE:
+        raise not_cached
     try:
         return snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES)
     except RevisionNotFoundError:
@@ -83,13 +90,27 @@ def _download_snapshot(repo_id: str, revision: Optional[str]) -> str:
     except RepositoryNotFoundError:
         raise GPT2FnError(f"the Hub has no model {repo_id!r} (or it is private); check the name") from None
     except LocalEntryNotFoundError:
-        raise GPT2FnError(
-            f"{repo_id}{f' at revision {revision}' if revision else ''} is not in the local Hugging Face cache and the Hub cannot be reached "
-            "(offline or HF_HUB_OFFLINE=1); connect once to download it, point HF_HOME at a cache "
-            "that has it, or pass a local directory"
-        ) from None
+        raise not_cached from None
     except OSError as e:  # network failures surface as OSError subclasses
         raise GPT2FnError(f"could not download {repo_id} from the Hub: {_one_line(e)}") from None
+
+
+def _is_commit(revision: Optional[str]) -> bool:
+    return revision is not None and len(revision) == 40 and all(c in "0123456789abcdef" for c in revision)
+
+
+def _cached_snapshot(repo_id: str, revision: Optional[str]) -> Optional[str]:
+    """The snapshot directory of ``repo_id`` at ``revision`` (a branch, tag or
+    commit; default main) in huggingface_hub's cache, if it holds a config and
+    weights; found with huggingface_hub's own ``try_to_load_from_cache``."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    config = try_to_load_from_cache(repo_id, "config.json", cache_dir=constants.HF_HUB_CACHE, revision=revision)
+    if not isinstance(config, str):  # None (unknown) or the "known missing" sentinel
+        return None
+    snapshot = Path(config).parent
+    has_weights = (snapshot / "model.safetensors").is_file() or (snapshot / "model.safetensors.index.json").is_file()
+    return str(snapshot) if has_weights else None
 
 
 def _one_line(e: BaseException) -> str:

@@ -234,3 +234,23 @@ def test_hub_name_loads_from_the_hf_cache_offline(small_ref, tmp_path, monkeypat
         load_pretrained("gpt2", revision="v2")
     with pytest.raises(GPT2FnError, match="gpt2-medium is not in the local Hugging Face cache"):
         load_pretrained("gpt2-medium")
+
+
+def test_a_cached_commit_loads_without_asking_the_hub(small_ref, tmp_path, monkeypatch):
+    """A commit's files never change: online too, a cached commit is read from
+    the cache and the Hub is not asked (whatever huggingface_hub's version)."""
+    commit = fake_hub_cache(tmp_path, small_ref.directory)
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the Hub was asked")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    expected, _ = load_pretrained(small_ref.directory)
+    assert_same_params(load_pretrained("gpt2", revision=commit)[0], expected)
+    with pytest.raises(AssertionError, match="the Hub was asked"):  # a branch may have moved: that asks the Hub
+        load_pretrained("gpt2", revision="main")
