@@ -54,21 +54,35 @@ class GPTConfig:
     def from_hf(cls, hf: Mapping[str, Any]) -> "GPTConfig":
         """Build from a Hugging Face GPT-2 ``config.json`` (as a dict).
 
-        Refuses configurations that describe a different architecture, rather
-        than silently computing something else.
+        Every ``GPT2Config`` field that changes what ``GPT2LMHeadModel``
+        computes is either honoured exactly or refused, never ignored (each is
+        tested against the reference): the five shape fields and
+        ``layer_norm_epsilon`` are honoured; ``activation_function`` must be
+        GPT-2's tanh GELU, ``n_inner`` 4 x ``n_embd``, ``scale_attn_weights``
+        true, the LM head tied, and ``scale_attn_by_inverse_layer_idx`` and
+        ``add_cross_attention`` off. ``reorder_and_upcast_attn`` only changes
+        the precision the reference computes attention in (fp32 here anyway),
+        and dropout acts only in training, so both are accepted. The rest
+        (token ids, the double-heads model's ``summary_*``, output switches)
+        do not change the logits.
         """
+        def refuse(why: str) -> GPT2FnError:
+            return GPT2FnError(f"config.json {why}, which gpt2fn does not support; it would compute another function")
+
         if hf.get("model_type", "gpt2") != "gpt2":
             raise GPT2FnError(f"config.json is for model_type {hf.get('model_type')!r}, not 'gpt2'")
         if hf.get("n_inner") not in (None, 4 * hf.get("n_embd", 768)):
-            raise GPT2FnError("config.json sets n_inner != 4*n_embd, which gpt2fn does not support")
+            raise refuse(f"sets n_inner={hf['n_inner']} (GPT-2's MLP is 4 x n_embd wide)")
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise GPT2FnError(
-                f"config.json activation {hf.get('activation_function')!r} is not GPT-2's tanh GELU"
-            )
-        if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
-            raise GPT2FnError("config.json enables attention variants that gpt2fn does not support")
+            raise refuse(f"uses activation {hf.get('activation_function')!r}, not GPT-2's tanh GELU")
+        if hf.get("scale_attn_weights", True) is not True:
+            raise refuse("sets scale_attn_weights=false (attention scores without the 1/sqrt(head_dim) scale)")
+        if hf.get("scale_attn_by_inverse_layer_idx", False):
+            raise refuse("sets scale_attn_by_inverse_layer_idx (attention scores divided by the layer number)")
+        if hf.get("add_cross_attention", False):
+            raise refuse("adds cross-attention layers (an encoder-decoder GPT-2)")
         if hf.get("tie_word_embeddings", True) is False:
-            raise GPT2FnError("config.json unties the LM head; gpt2fn ties it to the token embedding")
+            raise refuse("unties the LM head (gpt2fn's head is the token embedding)")
         return cls(
             vocab_size=hf.get("vocab_size", 50257),
             n_ctx=hf.get("n_positions", hf.get("n_ctx", 1024)),
@@ -77,6 +91,17 @@ class GPTConfig:
             n_head=hf.get("n_head", 12),
             layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
         )
+
+    def to_hf(self) -> dict[str, Any]:
+        """The Hugging Face ``GPT2Config`` fields of this model, for
+        ``GPT2Config(**config.to_hf())``: the inverse of :meth:`from_hf`.
+        Dropout is 0, as gpt2fn computes (and trains) without it."""
+        return {
+            "model_type": "gpt2", "vocab_size": self.vocab_size, "n_positions": self.n_ctx, "n_embd": self.n_embd,
+            "n_layer": self.n_layer, "n_head": self.n_head, "layer_norm_epsilon": self.layer_norm_eps,
+            "activation_function": "gelu_new", "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+            "tie_word_embeddings": True,
+        }  # fmt: skip
 
 
 # The four released GPT-2 sizes, keyed by their Hugging Face names.

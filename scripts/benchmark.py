@@ -236,9 +236,7 @@ def transformers_model(params32, config, device):
     except ImportError:
         print("transformers is not installed: skipping the baseline (pip install transformers)")
         return None
-    hf_config = GPT2Config(vocab_size=config.vocab_size, n_positions=config.n_ctx, n_embd=config.n_embd,
-                           n_layer=config.n_layer, n_head=config.n_head, layer_norm_epsilon=config.layer_norm_eps)  # fmt: skip
-    model = GPT2LMHeadModel(hf_config).eval().to(device)
+    model = GPT2LMHeadModel(GPT2Config(**config.to_hf())).eval().to(device)
     model.load_state_dict(hf_state_dict(params32), strict=False)
     model.tie_weights()
     return model

@@ -129,10 +129,7 @@ def transformers_step(params0, config, tc, windows):
     except ImportError:
         print("transformers is not installed: skipping the baseline (pip install transformers)")
         return None
-    hf_config = GPT2Config(vocab_size=config.vocab_size, n_positions=config.n_ctx, n_embd=config.n_embd,
-                           n_layer=config.n_layer, n_head=config.n_head, layer_norm_epsilon=config.layer_norm_eps,
-                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
-    model = GPT2LMHeadModel(hf_config).to(windows.device).train()
+    model = GPT2LMHeadModel(GPT2Config(**config.to_hf())).to(windows.device).train()
     model.load_state_dict(hf_state_dict(params0), strict=False)
     model.tie_weights()
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
