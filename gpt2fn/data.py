@@ -74,10 +74,13 @@ def load_tokens(path: str | os.PathLike) -> torch.Tensor:
     return torch.from_file(str(path), shared=True, size=n, dtype=torch.uint16)
 
 
-def random_windows(tokens: torch.Tensor, batch: int, length: int, generator: torch.Generator) -> torch.Tensor:
+def random_windows(tokens: torch.Tensor, batch: int, length: int, generator: torch.Generator,
+                   rows: slice = slice(None)) -> torch.Tensor:  # fmt: skip
     """``batch`` random contiguous windows of ``length + 1`` tokens: [B, length + 1]
-    int64 (inputs are ``[:, :-1]``, targets ``[:, 1:]``)."""
+    int64 (inputs are ``[:, :-1]``, targets ``[:, 1:]``). With ``rows``, only
+    those rows of the same draw are read (a data-parallel process's share);
+    the generator advances the same either way."""
     if len(tokens) < length + 1:
         raise GPT2FnError(f"{len(tokens)} tokens cannot fill a window of {length + 1}")
-    starts = torch.randint(0, len(tokens) - length, (batch,), generator=generator)
+    starts = torch.randint(0, len(tokens) - length, (batch,), generator=generator)[rows]
     return torch.stack([tokens[s : s + length + 1].to(torch.int64) for s in starts.tolist()])

@@ -1,6 +1,7 @@
 """Measuring decoding: the machine's weight-streaming limit, per-step decode
-time at a given sequence length, and peak memory. Used by
-``scripts/benchmark.py``; every function here returns numbers, none prints.
+time at a given sequence length, and peak memory; and training's model FLOPs
+utilisation (MFU). Used by the benchmarks and ``scripts/train.py``; every
+function here returns numbers, none prints.
 
 Batch-1 decoding reads every weight once per token and does two flops per
 weight read, so it is bound by memory bandwidth: the time to stream the
@@ -10,6 +11,7 @@ weights once is the floor of a decode step, and tokens/s divided by
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from typing import Callable, Optional
@@ -20,7 +22,7 @@ from gpt2fn.cache import make_cache
 from gpt2fn.config import GPTConfig
 from gpt2fn.device import synchronize
 from gpt2fn.model import forward
-from gpt2fn.params import Params, flatten_params, params_device, params_dtype
+from gpt2fn.params import Params, flatten_params, param_shapes, params_device, params_dtype
 from gpt2fn.steps import Step, prepare_for_compiled_steps
 
 
@@ -122,3 +124,40 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e6
     return _proc_status_mb("VmHWM")
+
+
+# ----------------------------------------------------------------------------- training FLOPs
+
+# Dense bf16 tensor-core peaks (FLOP/s, no sparsity) from NVIDIA's data sheets,
+# matched against torch.cuda.get_device_name(); the first key found in the name wins.
+PEAK_BF16_FLOPS: dict[str, float] = {
+    "B200": 2250e12,
+    "H200": 989e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,  # SXM ("NVIDIA H100 80GB HBM3")
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10": 125e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+}
+
+
+def peak_flops(device: torch.device) -> Optional[float]:
+    """The device's dense bf16 peak from :data:`PEAK_BF16_FLOPS`, or None
+    (CPUs, unknown GPUs: pass the figure yourself, e.g. ``--peak_flops``)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def training_flops_per_token(config: GPTConfig, block_size: int) -> float:
+    """FLOPs of one training token (forward + backward): 6 per parameter
+    (the position embedding is a lookup, not counted; the token embedding is
+    counted once, as the LM head's matrix), plus attention's scores and
+    weighted sum, 12 x layers x width x context (PaLM's appendix B, as nanoGPT)."""
+    n = sum(math.prod(shape) for name, shape in param_shapes(config).items() if name != "wpe")
+    return 6 * n + 12 * config.n_layer * config.n_embd * block_size

@@ -51,8 +51,11 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
-    autocast_bf16: bool = False  # bf16 autocast for the forward/backward (weights stay fp32)
+    # bf16 autocast for the forward/backward (weights stay fp32). None = the
+    # device's default: on for CUDA, off for the CPU. train() records the value.
+    autocast_bf16: Optional[bool] = None
     checkpoint_activations: bool = False
+    compile: bool = False  # torch.compile the loss (forward; backward through AOTAutograd)
     eval_interval: int = 100
     eval_batches: int = 20
     seed: int = 0
@@ -75,8 +78,9 @@ class TrainConfig:
         check_number("beta1", self.beta1, 0, 1, high_open=True)
         check_number("beta2", self.beta2, 0, 1, high_open=True)
         check_number("grad_clip", self.grad_clip, 0)
-        if self.deterministic not in (None, True, False):
-            raise GPT2FnError(f"deterministic must be True, False or None (the device's default), got {self.deterministic!r}")
+        for name in ("deterministic", "autocast_bf16"):
+            if getattr(self, name) not in (None, True, False):
+                raise GPT2FnError(f"{name} must be True, False or None (the device's default), got {getattr(self, name)!r}")
 
 
 def loss_fn(params: Params, config: GPTConfig, windows: Tensor, checkpoint_blocks: bool = False) -> Tensor:
@@ -93,11 +97,13 @@ def lr_at(step: int, tc: TrainConfig) -> float:
     return tc.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (tc.lr - tc.min_lr)
 
 
-def trainable(params: Params) -> Params:
-    """fp32 leaf copies with ``requires_grad``: the state training updates.
-    They are ``nn.Parameter``s (plain tensors to every function here) only so
-    that DistributedDataParallel can register them."""
-    flat = {name: torch.nn.Parameter(t.detach().float().clone()) for name, t in flatten_params(params).items()}
+def trainable(params: Params, device: torch.device | str | None = None) -> Params:
+    """fp32 leaf copies with ``requires_grad`` (on ``device``, default: where
+    they are): the state training updates. They are ``nn.Parameter``s (plain
+    tensors to every function here) only so that DistributedDataParallel can
+    register them."""
+    flat = {name: torch.nn.Parameter(t.detach().to(device=device, dtype=torch.float32, copy=True))
+            for name, t in flatten_params(params).items()}  # fmt: skip
     return unflatten_params(flat)
 
 
@@ -128,7 +134,8 @@ def make_optimizer(params: Params, tc: TrainConfig) -> torch.optim.AdamW:
     decay = [t for t in flat.values() if t.ndim == 2]
     no_decay = [t for t in flat.values() if t.ndim != 2]
     groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2))
+    fused = params_device(params).type == "cuda"  # one kernel for the whole update on the GPU
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=fused)
 
 
 class NonFiniteLoss(GPT2FnError):
@@ -138,22 +145,28 @@ class NonFiniteLoss(GPT2FnError):
 def train_step(
     params: Params, config: GPTConfig, optimizer: torch.optim.Optimizer, micro_batches: list[Tensor], lr: float,
     tc: TrainConfig, compute_loss: Optional[Callable[[Tensor], Tensor]] = None,
+    ddp: Optional[torch.nn.parallel.DistributedDataParallel] = None,
 ) -> tuple[float, float]:  # fmt: skip
     """One optimizer step over ``micro_batches`` (gradient accumulation):
     returns (mean loss, gradient norm before clipping). ``compute_loss``
-    defaults to :func:`loss_fn`; the distributed loop passes its DDP module,
-    and the loss returned is then the mean over all processes.
+    (windows -> loss) defaults to :func:`loss_fn` over ``params``; under data
+    parallelism it is the (maybe compiled) DDP module, ``ddp`` that module
+    itself: every micro-batch but the last runs under ``ddp.no_sync()``, so
+    the gradients are all-reduced once per step, and the loss returned is the
+    mean over all processes.
 
     A NaN or infinite loss or gradient norm raises :class:`NonFiniteLoss`
     before the optimizer moves, so the params stay those of the last good
     step (every process sees the same all-reduced values and stops together)."""
     compute_loss = compute_loss or functools.partial(loss_fn, params, config, checkpoint_blocks=tc.checkpoint_activations)
-    autocast = torch.autocast("cpu" if micro_batches[0].device.type == "cpu" else "cuda", dtype=torch.bfloat16)
-    total = torch.zeros((), device=micro_batches[0].device)
-    for windows in micro_batches:
-        with autocast if tc.autocast_bf16 else contextlib.nullcontext():
-            loss = compute_loss(windows)
-        (loss / len(micro_batches)).backward()
+    device = micro_batches[0].device
+    total = torch.zeros((), device=device)
+    for i, windows in enumerate(micro_batches):
+        accumulate_only = ddp is not None and i < len(micro_batches) - 1
+        with ddp.no_sync() if accumulate_only else contextlib.nullcontext():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(tc.autocast_bf16)):
+                loss = compute_loss(windows)
+            (loss / len(micro_batches)).backward()
         total += loss.detach().float()
     world, _ = distributed_world()
     if world > 1:  # report the global batch's loss, not this process's rows
@@ -172,13 +185,26 @@ def train_step(
     return mean_loss, norm
 
 
+def to_device(windows: Tensor, device: torch.device) -> Tensor:
+    """A batch drawn on the host, onto ``device``: through pinned memory and
+    without waiting for the copy on CUDA."""
+    if device.type != "cuda":
+        return windows.to(device)
+    return windows.pin_memory().to(device, non_blocking=True)
+
+
 @torch.no_grad()
 def evaluate(params: Params, config: GPTConfig, tokens: Tensor, tc: TrainConfig, seed: int = 1234) -> float:
-    """Mean loss over ``eval_batches`` random windows, always the same ones (fixed seed)."""
+    """Mean loss over ``eval_batches`` random windows, always the same ones
+    (fixed seed), on the params' device, with the training's autocast."""
     g = torch.Generator().manual_seed(seed)
-    losses = [loss_fn(params, config, random_windows(tokens, tc.batch_size, tc.block_size, g)).item()
-              for _ in range(tc.eval_batches)]  # fmt: skip
-    return sum(losses) / len(losses)
+    device = params_device(params)
+    total = torch.zeros((), device=device)
+    for _ in range(tc.eval_batches):
+        windows = to_device(random_windows(tokens, tc.batch_size, tc.block_size, g), device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(tc.autocast_bf16)):
+            total += loss_fn(params, config, windows).float()
+    return total.item() / tc.eval_batches
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -231,10 +257,31 @@ def check_fits(config: GPTConfig, tc: TrainConfig, train_tokens: Tensor, val_tok
 # ----------------------------------------------------------------------------- determinism
 
 
-def resolve_deterministic(tc: TrainConfig, device: torch.device) -> bool:
-    """``tc.deterministic``, or the device's default when it is None: on for
-    the CPU, off for CUDA (where deterministic kernels cost speed)."""
-    return tc.deterministic if tc.deterministic is not None else device.type == "cpu"
+def resolve_for_device(tc: TrainConfig, device: torch.device) -> TrainConfig:
+    """``tc`` with the device's defaults filled in where it says None:
+    deterministic on the CPU (free there) and not on CUDA (where it costs
+    speed); bf16 autocast on CUDA and not on the CPU."""
+    return dataclasses.replace(
+        tc,
+        deterministic=tc.deterministic if tc.deterministic is not None else device.type == "cpu",
+        autocast_bf16=tc.autocast_bf16 if tc.autocast_bf16 is not None else device.type == "cuda",
+    )
+
+
+@contextlib.contextmanager
+def tf32_matmuls(device: torch.device):
+    """On CUDA, fp32 matrix products on the tensor cores (TF32: 10-bit
+    mantissa inputs, fp32 accumulation), as every GPT-2 reproduction trains;
+    it changes precision, not repeatability. Restored on exit; nothing on the CPU."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 @contextlib.contextmanager
@@ -277,7 +324,7 @@ def _is_out_of_memory(e: BaseException) -> bool:
 
 
 def train(
-    params: Params,
+    params: Optional[Params],
     config: GPTConfig,
     tc: TrainConfig,
     train_tokens: Tensor,
@@ -286,41 +333,56 @@ def train(
     resume: Optional[dict] = None,
     stop_at: Optional[int] = None,
     on_step: Optional[Callable[[dict], None]] = None,
+    device: torch.device | str | None = None,
 ) -> tuple[Params, list[dict]]:
     """Train from ``params`` (or from ``resume``, a loaded checkpoint) until
-    ``tc.max_steps`` (or ``stop_at``, for a deliberate interruption).
+    ``tc.max_steps`` (or ``stop_at``, for a deliberate interruption), on
+    ``device`` (default: where ``params`` are; the CPU when resuming).
     Evaluates every ``eval_interval`` steps and at the end, writes the
     checkpoint at each evaluation, and returns (params, history).
 
-    Runs in :func:`deterministic_mode` when ``tc.deterministic`` (resolved for
-    the device) says so, and records that setting in the checkpoint; resuming
-    restores it with the rest. A step whose loss is NaN or infinite, memory
-    that runs out, or a checkpoint that cannot be written stops the run with
-    one line naming the step and the last good checkpoint, which is intact."""
+    ``tc``'s device defaults are resolved (:func:`resolve_for_device`) and
+    recorded in the checkpoint; resuming restores them with the rest. Runs in
+    :func:`deterministic_mode` when ``tc.deterministic`` says so, with TF32
+    matmuls on CUDA. Under torchrun, each process trains its rows of the
+    batch with DistributedDataParallel. A step whose loss is NaN or infinite,
+    memory that runs out, or a checkpoint that cannot be written stops the run
+    with one line naming the step and the last good checkpoint, which is intact."""
     check_fits(config, tc, train_tokens, val_tokens)
+    if device is None:
+        device = params_device(params) if resume is None else torch.device("cpu")
+    device = torch.device(device)
     data_rng = torch.Generator().manual_seed(tc.seed)
     if resume is not None:
-        params = unflatten_params({k: torch.nn.Parameter(t) for k, t in resume["params"].items()})
+        params = trainable(resume["params"], device)
         optimizer = make_optimizer(params, tc)
         optimizer.load_state_dict(resume["optimizer"])
         data_rng.set_state(resume["data_rng"])
         step, history = resume["step"], list(resume["history"])
     else:
-        params = trainable(params)
+        params = trainable(params, device)
         optimizer = make_optimizer(params, tc)
         step, history = 0, []
-    tc = dataclasses.replace(tc, deterministic=resolve_deterministic(tc, params_device(params)))
+    tc = resolve_for_device(tc, device)
     # Data parallel (under torchrun): every rank draws the same global batch
-    # from the same RNG and keeps its own slice of rows; DDP averages the
+    # from the same RNG and reads only its own slice of rows; DDP averages the
     # gradients, so N ranks take exactly the step one process would take on
     # the whole batch.
     world, rank = distributed_world()
     if tc.batch_size % world:
-        raise GPT2FnError(f"batch_size {tc.batch_size} is not divisible by the {world} processes")
+        raise GPT2FnError(f"batch_size {tc.batch_size} is not divisible by the {world} processes; "
+                          f"use a multiple of {world}")  # fmt: skip
     rows = slice(rank * tc.batch_size // world, (rank + 1) * tc.batch_size // world)
-    compute_loss = None
+    ddp = None
+    compute_loss = functools.partial(loss_fn, params, config, checkpoint_blocks=tc.checkpoint_activations)
     if world > 1:
-        compute_loss = torch.nn.parallel.DistributedDataParallel(_DistributedLoss(params, config, tc.checkpoint_activations))
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            _DistributedLoss(params, config, tc.checkpoint_activations),
+            device_ids=[device.index] if device.type == "cuda" else None,
+        )  # fmt: skip
+        compute_loss = ddp
+    if tc.compile:
+        compute_loss = torch.compile(compute_loss)
     if checkpoint_path is not None and rank == 0:
         remove_stale_temporaries(checkpoint_path)  # left by a run killed mid-write
     saved_step = None if resume is None else resume["step"]
@@ -333,12 +395,13 @@ def train(
         return f"the last good checkpoint is {checkpoint_path} (step {saved_step}), intact"
 
     end = tc.max_steps if stop_at is None else min(stop_at, tc.max_steps)
-    with deterministic_mode(tc.deterministic):
+    with deterministic_mode(tc.deterministic), tf32_matmuls(device):
         while step < end:
-            batches = [random_windows(train_tokens, tc.batch_size, tc.block_size, data_rng)[rows] for _ in range(tc.grad_accum)]
+            batches = [to_device(random_windows(train_tokens, tc.batch_size, tc.block_size, data_rng, rows), device)
+                       for _ in range(tc.grad_accum)]  # fmt: skip
             lr = lr_at(step, tc)
             try:
-                loss, norm = train_step(params, config, optimizer, batches, lr, tc, compute_loss)
+                loss, norm = train_step(params, config, optimizer, batches, lr, tc, compute_loss, ddp)
             except NonFiniteLoss as e:
                 again = "resume with --resume" if saved_step is not None else "start again"
                 raise GPT2FnError(f"{e} at step {step + 1}, so training stopped there without updating the weights; "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -29,11 +30,21 @@ from tqdm import tqdm
 
 from gpt2fn.config import GPTConfig
 from gpt2fn.data import load_tokens
-from gpt2fn.errors import GPT2FnError, check_input, check_int, check_output_file, run_cli
+from gpt2fn.device import resolve_device
+from gpt2fn.errors import GPT2FnError, check_input, check_int, check_number, check_output_file, run_cli
+from gpt2fn.files import atomic_write
+from gpt2fn.measure import peak_flops, training_flops_per_token
 from gpt2fn.params import init_params, map_params
 from gpt2fn.plotting import require_pyplot, save_figure
-from gpt2fn.training import TrainConfig, check_fits, load_checkpoint, resolve_deterministic, train
+from gpt2fn.training import TrainConfig, check_fits, distributed_world, load_checkpoint, resolve_for_device, train
 from gpt2fn.weights import load_pretrained, save_params
+
+
+DEVICE_DEFAULTS = {  # TrainConfig fields whose default depends on the device
+    "deterministic": "bit-identical runs (default: on for the CPU, where it costs nothing measurable; off for CUDA, "
+                     "where it costs speed)",
+    "autocast_bf16": "bf16 autocast for the forward and backward, weights in fp32 (default: on for CUDA, off for the CPU)",
+}  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,10 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n_embd", type=int, default=128)
     p.add_argument("--n_ctx", type=int, default=256)
     for field in dataclasses.fields(TrainConfig):
-        if field.name == "deterministic":
-            p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
-                           help="bit-identical runs (default: on for the CPU, where it costs nothing measurable; "
-                                "off for CUDA, where it costs speed)")
+        if field.name in DEVICE_DEFAULTS:
+            p.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction, default=None,
+                           help=DEVICE_DEFAULTS[field.name])
             continue
         kind = {bool: "flag", int: int, float: float}[type(field.default)]
         if kind == "flag":
@@ -63,6 +73,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--export", default=None, help="write the final weights here (.safetensors)")
     p.add_argument("--export_dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--plot", default=None, help="write the loss curve PNG here (needs matplotlib)")
+    p.add_argument("--log", default=None, help="append one JSON line per step here (loss, lr, tokens/s, MFU, val loss)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda if present; default); "
+                   "under torchrun on CUDA each process takes cuda:LOCAL_RANK")
+    p.add_argument("--peak_flops", type=float, default=None,
+                   help="the device's peak FLOP/s for MFU (default: looked up for known GPUs; none for CPUs)")
     return p.parse_args(argv)
 
 
@@ -71,11 +86,14 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    if "RANK" in os.environ:  # launched by torchrun: join the process group
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
+    device = resolve_device(args.device)
+    if "RANK" in os.environ:  # launched by torchrun: join the process group, one GPU per process
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return train_and_export(args)
+        return train_and_export(args, device)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -96,6 +114,10 @@ def check_args(args):
     if args.plot:
         check_output_file(args.plot, "--plot file", suffix=".png")
         require_pyplot("--plot")
+    if args.log and check_output_file(args.log, "--log file").exists() and not args.resume:
+        raise GPT2FnError(f"--log file {args.log} already exists; a new run needs a new log (or pass --resume)")
+    if args.peak_flops is not None:
+        check_number("--peak_flops", args.peak_flops, 0, low_open=True)
     resume, config = None, None
     if args.resume:
         if not Path(args.out).exists():
@@ -112,8 +134,8 @@ def check_args(args):
     return tc, resume, config, train_tokens, val_tokens
 
 
-def train_and_export(args) -> int:
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+def train_and_export(args, device: torch.device) -> int:
+    world, rank = distributed_world()
     tc, resume, config, train_tokens, val_tokens = check_args(args)
     params = None
     if resume is not None:
@@ -122,10 +144,14 @@ def train_and_export(args) -> int:
         params, config = load_pretrained(args.from_model)
     else:
         params = init_params(config, seed=tc.seed)
+    resolved = resolve_for_device(tc, device)
+    peak = args.peak_flops or peak_flops(device)
+    flops_per_step = training_flops_per_token(config, tc.block_size) * tc.batch_size * tc.block_size * tc.grad_accum
     if rank == 0:
-        deterministic = resolve_deterministic(tc, torch.device("cpu"))
-        print(f"deterministic: {'on (bit-identical runs)' if deterministic else 'off'}")
-    tokens_per_step = tc.batch_size * tc.block_size * tc.grad_accum
+        print(f"{device}{f' x {world} processes' if world > 1 else ''}, deterministic "
+              f"{'on (bit-identical runs)' if resolved.deterministic else 'off'}, bf16 autocast "
+              f"{'on' if resolved.autocast_bf16 else 'off'}{', compiled' if tc.compile else ''}")  # fmt: skip
+    log = StepLog(args.log, resume["step"] if resume else 0) if args.log and rank == 0 else None
     bar = tqdm(total=tc.max_steps, initial=resume["step"] if resume else 0, desc="training", unit="step",
                disable=rank != 0)
     last = time.perf_counter()
@@ -133,11 +159,17 @@ def train_and_export(args) -> int:
     def on_step(record):
         nonlocal last
         now = time.perf_counter()
-        shown = {"loss": f"{record['loss']:.3f}", "tok/s": f"{tokens_per_step / (now - last):.0f}"}
+        record = {**record, "tokens_per_s": tc.batch_size * tc.block_size * tc.grad_accum / (now - last)}
+        shown = {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"}
+        if peak:
+            record["mfu"] = flops_per_step / (now - last) / (peak * world)
+            shown["MFU"] = f"{record['mfu']:.1%}"
         if "val_loss" in record:
             shown["val"] = f"{record['val_loss']:.3f}"
             if rank == 0:
                 tqdm.write(f"step {record['step']}: train {record['loss']:.4f}  val {record['val_loss']:.4f}  lr {record['lr']:.2e}")
+        if log is not None:
+            log.write(record)
         bar.set_postfix(shown)
         bar.update()
         last = now
@@ -145,7 +177,7 @@ def train_and_export(args) -> int:
     start = time.perf_counter()
     try:
         params, history = train(params, config, tc, train_tokens, val_tokens, args.out, resume=resume,
-                                stop_at=args.stop_at, on_step=on_step)
+                                stop_at=args.stop_at, on_step=on_step, device=device)
     finally:
         bar.close()
     print(f"done: {history[-1]['step']} steps in {time.perf_counter() - start:.0f} s, "
@@ -153,11 +185,31 @@ def train_and_export(args) -> int:
     if rank != 0:
         return 0
     if args.export:
-        final = map_params(lambda t: t.detach().to(getattr(torch, args.export_dtype)), params)
+        final = map_params(lambda t: t.detach().to(device="cpu", dtype=getattr(torch, args.export_dtype)), params)
         print(f"wrote {save_params(final, config, args.export)}")
     if args.plot:
         plot_losses(history, args.plot)
     return 0
+
+
+class StepLog:
+    """One JSON line per step, appended and flushed as the run goes. A resumed
+    run first drops the lines of steps after its checkpoint (a killed run had
+    gone further), so the log is again one line per step."""
+
+    def __init__(self, path: str, resumed_at: int):
+        self.path = Path(path)
+        if self.path.exists():
+            try:
+                kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resumed_at]
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+                raise GPT2FnError(f"--log file {path} is not a step log (one JSON record per line); choose another") from None
+            atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def plot_losses(history, path) -> None:

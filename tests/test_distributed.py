@@ -18,7 +18,7 @@ from conftest import ROOT
 
 ARGS = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--n_ctx", "32", "--block_size", "16",
         "--batch_size", "8", "--max_steps", "4", "--warmup_steps", "1", "--eval_interval", "2",
-        "--eval_batches", "1", "--export_dtype", "float32"]  # fmt: skip
+        "--eval_batches", "1", "--export_dtype", "float32", "--grad_accum", "2", "--device", "cpu"]  # fmt: skip
 
 
 def free_port() -> int:
@@ -57,3 +57,37 @@ def load_params_init():
     from gpt2fn import GPTConfig, init_params
 
     return init_params(GPTConfig(n_layer=2, n_head=2, n_embd=32, n_ctx=32), seed=0)
+
+
+def test_gradients_are_all_reduced_once_per_step_not_per_micro_batch(tmp_path):
+    """Under DDP, every micro-batch but the last runs under no_sync: a comm
+    hook sees one reduction per bucket per optimizer step."""
+    import torch.distributed as dist
+
+    from gpt2fn import GPTConfig, init_params
+    from gpt2fn.training import TrainConfig, _DistributedLoss, make_optimizer, train_step, trainable
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        config = GPTConfig(n_layer=1, n_head=2, n_embd=16, n_ctx=32)
+        params = trainable(init_params(config))
+        ddp = torch.nn.parallel.DistributedDataParallel(_DistributedLoss(params, config, False))
+        reductions = []
+
+        def count(state, bucket):
+            reductions.append(bucket.index())
+            done = torch.futures.Future()
+            done.set_result(bucket.buffer())
+            return done
+
+        ddp.register_comm_hook(None, count)
+        tc = TrainConfig(batch_size=2, block_size=8, max_steps=2, warmup_steps=0)
+        optimizer = make_optimizer(params, tc)
+        micro_batches = [torch.randint(0, 50257, (2, 9), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+        train_step(params, config, optimizer, micro_batches, 1e-3, tc, ddp, ddp)
+        assert reductions == [0]  # one bucket (a small model), reduced once for three micro-batches
+        reductions.clear()
+        train_step(params, config, optimizer, micro_batches, 1e-3, tc, ddp)  # without the ddp handle: every time
+        assert reductions == [0, 0, 0]
+    finally:
+        dist.destroy_process_group()

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from gpt2fn.data import prepare
 from gpt2fn.layers import embedding
 from gpt2fn.params import flatten_params
-from gpt2fn.training import TrainConfig, deterministic_mode, load_checkpoint, resolve_deterministic
+from gpt2fn.training import TrainConfig, deterministic_mode, load_checkpoint, resolve_for_device
 from gpt2fn.weights import load_params
 
 from conftest import ROOT
@@ -85,7 +85,7 @@ def test_the_same_command_twice_gives_bit_identical_weights(data, uninterrupted,
     reference = uninterrupted(1)
     again = tmp_path / "ckpt.pt"
     run = run_to_end(data, again, "--grad_accum", "1")
-    assert "deterministic: on" in run.stdout
+    assert "deterministic on (bit-identical runs)" in run.stdout
     assert_same_run(reference, again)
     assert load_checkpoint(again)["train_config"].deterministic is True  # the CPU default, resolved and recorded
 
@@ -141,10 +141,10 @@ def test_the_checkpoint_records_the_setting_and_resume_restores_it(data, tmp_pat
     ckpt = tmp_path / "ckpt.pt"
     first = subprocess.run(command(data, ckpt, "--no-deterministic", "--stop_at", "3"), capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-2000:]
-    assert "deterministic: off" in first.stdout and load_checkpoint(ckpt)["train_config"].deterministic is False
+    assert "deterministic off" in first.stdout and load_checkpoint(ckpt)["train_config"].deterministic is False
     resumed = subprocess.run(command(data, ckpt, "--resume", "--stop_at", "6"), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "deterministic: off" in resumed.stdout
+    assert "deterministic off" in resumed.stdout
     state = load_checkpoint(ckpt)
     assert state["step"] == 6 and state["train_config"].deterministic is False
 
@@ -164,11 +164,13 @@ def test_deterministic_mode_sets_and_restores_the_settings(monkeypatch):
             torch.backends.cudnn.benchmark) == before  # fmt: skip
 
 
-def test_the_default_is_on_for_the_cpu_and_off_for_cuda():
-    assert resolve_deterministic(TrainConfig(), torch.device("cpu")) is True
-    assert resolve_deterministic(TrainConfig(), torch.device("cuda")) is False
-    assert resolve_deterministic(TrainConfig(deterministic=True), torch.device("cuda")) is True
-    assert resolve_deterministic(TrainConfig(deterministic=False), torch.device("cpu")) is False
+def test_the_device_defaults():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_for_device(TrainConfig(), cpu) == TrainConfig(deterministic=True, autocast_bf16=False)
+    assert resolve_for_device(TrainConfig(), cuda) == TrainConfig(deterministic=False, autocast_bf16=True)
+    explicit = TrainConfig(deterministic=True, autocast_bf16=False)
+    assert resolve_for_device(explicit, cuda) == explicit
+    assert resolve_for_device(TrainConfig(deterministic=False, autocast_bf16=True), cpu).deterministic is False
 
 
 def test_the_embedding_backward_is_deterministic_without_the_mode():
