@@ -43,6 +43,10 @@ def test_benchmark_train_writes_json(tmp_path, capsys):
     stdout = capsys.readouterr().out
     assert code == 0
     results = json.loads(out.read_text())
-    assert set(results["variants"]) == {"gpt2fn deterministic", "gpt2fn nondeterministic", "transformers GPT2LMHeadModel"}
+    assert set(results["variants"]) == {"gpt2fn eager", "gpt2fn eager, deterministic off", "gpt2fn compiled",
+                                        "transformers eager", "transformers compiled"}  # fmt: skip
     assert all(len(v["all_step_s"]) == 2 and v["tokens_per_s"] > 0 for v in results["variants"].values())
-    assert "vs gpt2fn deterministic" in stdout and "transformers GPT2LMHeadModel" in stdout
+    assert results["peak_flops"] is None and all(v["mfu"] is None for v in results["variants"].values())  # a CPU
+    # 6 x (4 blocks of 12 D^2 + 13 D, ln_f, wte) + 12 x layers x D x T; wpe not counted
+    assert results["flops_per_token"] == 6 * (4 * 12 * 128**2 + 4 * 13 * 128 + 2 * 128 + 50257 * 128) + 12 * 4 * 128 * 16
+    assert "vs gpt2fn eager" in stdout and "transformers compiled" in stdout
