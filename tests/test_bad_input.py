@@ -288,3 +288,16 @@ def test_benchmark_train_refuses_bad_input(scripts, capsys, tmp_path):
     assert "--batch_size must be an integer >= 1, got -2" in refused(capsys, cli, "--batch_size", "-2")
     assert "--block_size 512 exceeds the gpt2-shakespeare context 256" in refused(capsys, cli, "--block_size", "512")
     assert "cannot create --json file" in refused(capsys, cli, "--json", a_file(tmp_path) / "r.json")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA, so asking for it is not an error")
+def test_train_on_cuda_where_there_is_none(scripts, capsys, data, tmp_path):
+    err = refused(capsys, scripts["train"], "--data", data / "data", "--out", tmp_path / "c.pt", "--device", "cuda", *TINY)
+    assert "CUDA is not available" in err and "--device cpu" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_batch_that_does_not_split_among_the_processes(data, monkeypatch):
+    monkeypatch.setattr("gpt2fn.training.distributed_world", lambda: (4, 0))
+    with pytest.raises(GPT2FnError, match="batch_size 2 is not divisible by the 4 processes; use a multiple of 4"):
+        train(init_params(SMALL), SMALL, MIDWAY, load_tokens(data / "data" / "train.bin"))

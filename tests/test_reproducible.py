@@ -192,3 +192,13 @@ def test_the_embedding_backward_is_deterministic_without_the_mode():
         assert torch.equal(embedding(tokens, wte), F.embedding(tokens, wte))
     finally:
         torch.set_num_threads(threads)
+
+
+def test_compiled_training_is_bit_identical_run_to_run(data, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name / "ckpt.pt"
+        run = run_to_end(data, out, "--compile", "--max_steps", "6", "--eval_interval", "3")
+        assert "compiled" in run.stdout
+        runs.append(out)
+    assert_same_run(*runs)
