@@ -334,12 +334,15 @@ def train(
     stop_at: Optional[int] = None,
     on_step: Optional[Callable[[dict], None]] = None,
     device: torch.device | str | None = None,
+    evaluations: Optional[Callable[[Params], dict]] = None,
 ) -> tuple[Params, list[dict]]:
     """Train from ``params`` (or from ``resume``, a loaded checkpoint) until
     ``tc.max_steps`` (or ``stop_at``, for a deliberate interruption), on
     ``device`` (default: where ``params`` are; the CPU when resuming).
-    Evaluates every ``eval_interval`` steps and at the end, writes the
-    checkpoint at each evaluation, and returns (params, history).
+    Evaluates every ``eval_interval`` steps and at the end (the val loss,
+    and whatever ``evaluations(params)`` returns, e.g. HellaSwag accuracy,
+    merged into that step's record), writes the checkpoint at each
+    evaluation, and returns (params, history).
 
     ``tc``'s device defaults are resolved (:func:`resolve_for_device`) and
     recorded in the checkpoint; resuming restores them with the rest. Runs in
@@ -413,8 +416,11 @@ def train(
                                   "(a larger grad_accum keeps the batch) or checkpoint_activations") from None  # fmt: skip
             step += 1
             record = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm}
-            if val_tokens is not None and (step % tc.eval_interval == 0 or step == tc.max_steps):
-                record["val_loss"] = evaluate(params, config, val_tokens, tc)
+            if step % tc.eval_interval == 0 or step == tc.max_steps:
+                if val_tokens is not None:
+                    record["val_loss"] = evaluate(params, config, val_tokens, tc)
+                if evaluations is not None:
+                    record.update(evaluations(params))
             history.append(record)
             if checkpoint_path is not None and rank == 0 and (step % tc.eval_interval == 0 or step == end):
                 try:

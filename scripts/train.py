@@ -33,11 +33,13 @@ from gpt2fn.data import load_tokens
 from gpt2fn.device import resolve_device
 from gpt2fn.errors import GPT2FnError, check_input, check_int, check_number, check_output_file, run_cli
 from gpt2fn.files import atomic_write
+from gpt2fn.hellaswag import evaluate_hellaswag, load_examples
 from gpt2fn.measure import peak_flops, training_flops_per_token
 from gpt2fn.params import init_params, map_params
 from gpt2fn.plotting import require_pyplot, save_figure
 from gpt2fn.training import TrainConfig, check_fits, distributed_world, load_checkpoint, resolve_for_device, train
-from gpt2fn.weights import load_pretrained, save_params
+from gpt2fn.tokenizer import get_tokenizer
+from gpt2fn.weights import load_pretrained, resolve_model, save_params
 
 
 DEVICE_DEFAULTS = {  # TrainConfig fields whose default depends on the device
@@ -73,6 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--export", default=None, help="write the final weights here (.safetensors)")
     p.add_argument("--export_dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--plot", default=None, help="write the loss curve PNG here (needs matplotlib)")
+    p.add_argument("--hellaswag", default=None,
+                   help="HellaSwag jsonl (e.g. hellaswag_val.jsonl): its acc_norm at every evaluation")
+    p.add_argument("--hellaswag_limit", type=int, default=None, help="score only the first N HellaSwag examples")
     p.add_argument("--log", default=None, help="append one JSON line per step here (loss, lr, tokens/s, MFU, val loss)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda if present; default); "
                    "under torchrun on CUDA each process takes cuda:LOCAL_RANK")
@@ -118,6 +123,9 @@ def check_args(args):
         raise GPT2FnError(f"--log file {args.log} already exists; a new run needs a new log (or pass --resume)")
     if args.peak_flops is not None:
         check_number("--peak_flops", args.peak_flops, 0, low_open=True)
+    if args.hellaswag_limit is not None:
+        check_int("--hellaswag_limit", args.hellaswag_limit)
+    args.hellaswag_examples = load_examples(args.hellaswag, args.hellaswag_limit) if args.hellaswag else None
     resume, config = None, None
     if args.resume:
         if not Path(args.out).exists():
@@ -167,17 +175,27 @@ def train_and_export(args, device: torch.device) -> int:
         if "val_loss" in record:
             shown["val"] = f"{record['val_loss']:.3f}"
             if rank == 0:
-                tqdm.write(f"step {record['step']}: train {record['loss']:.4f}  val {record['val_loss']:.4f}  lr {record['lr']:.2e}")
+                hellaswag = f"  hellaswag acc_norm {record['hellaswag_acc_norm']:.4f}" if "hellaswag_acc_norm" in record else ""
+                tqdm.write(f"step {record['step']}: train {record['loss']:.4f}  val {record['val_loss']:.4f}  "
+                           f"lr {record['lr']:.2e}{hellaswag}")  # fmt: skip
         if log is not None:
             log.write(record)
         bar.set_postfix(shown)
         bar.update()
         last = now
 
+    evaluations = None
+    if args.hellaswag_examples:
+        tokenizer = get_tokenizer(resolve_model(args.from_model) if args.from_model else None)
+
+        def evaluations(params):
+            result = evaluate_hellaswag(params, config, tokenizer, args.hellaswag_examples)
+            return {"hellaswag_acc": result.acc, "hellaswag_acc_norm": result.acc_norm}
+
     start = time.perf_counter()
     try:
         params, history = train(params, config, tc, train_tokens, val_tokens, args.out, resume=resume,
-                                stop_at=args.stop_at, on_step=on_step, device=device)
+                                stop_at=args.stop_at, on_step=on_step, device=device, evaluations=evaluations)
     finally:
         bar.close()
     print(f"done: {history[-1]['step']} steps in {time.perf_counter() - start:.0f} s, "

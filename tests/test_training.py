@@ -260,3 +260,38 @@ def test_compiled_training_follows_eager_training(data):
     a, b = flatten_params(eager), flatten_params(compiled)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4
     assert all(abs(x["loss"] - y["loss"]) <= 1e-4 for x, y in zip(eager_history, compiled_history))
+
+
+def test_train_script_logs_every_step_and_scores_hellaswag(data, tmp_path):
+    """--log: one JSON line per step with tokens/s (and val loss and HellaSwag
+    at evaluations); a resumed run first drops what a killed run logged past
+    its checkpoint, so the log ends with each step once."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    d, _ = data
+    example = {"ctx": "To be, or not to be,", "endings": [" that is the question", "a cat", "the sea", "no"], "label": 0}
+    (tmp_path / "h.jsonl").write_text((json.dumps(example) + "\n") * 3)
+    log = tmp_path / "log.jsonl"
+    args = [sys.executable, str(ROOT / "scripts" / "train.py"), "--data", str(d / "out"), "--out", str(tmp_path / "c.pt"),
+            "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--n_ctx", "32", "--block_size", "16", "--batch_size", "2",
+            "--max_steps", "4", "--warmup_steps", "1", "--eval_interval", "2", "--eval_batches", "1",
+            "--hellaswag", str(tmp_path / "h.jsonl"), "--hellaswag_limit", "2", "--log", str(log)]  # fmt: skip
+    first = subprocess.run([*args, "--stop_at", "2"], capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-2000:]
+    with open(log, "a") as f:  # what a run killed after step 3 would have logged
+        f.write(json.dumps({"step": 3, "loss": 0.0}) + "\n")
+    again = subprocess.run([*args, "--resume"], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and records[2]["loss"] > 0
+    assert all(r["tokens_per_s"] > 0 and "mfu" not in r for r in records)  # a CPU: no known peak, no MFU
+    for r in records:
+        assert ("val_loss" in r) == ("hellaswag_acc_norm" in r) == (r["step"] % 2 == 0)
+        if "hellaswag_acc" in r:
+            assert r["hellaswag_acc"] in (0.0, 0.5, 1.0)
+    assert "hellaswag acc_norm" in again.stdout
+    assert load_checkpoint(tmp_path / "c.pt")["history"][-1]["hellaswag_acc_norm"] == records[-1]["hellaswag_acc_norm"]
