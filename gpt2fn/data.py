@@ -9,9 +9,10 @@ token, written with the standard library's ``array`` and mapped with
 from __future__ import annotations
 
 import array
+import hashlib
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from tqdm import tqdm
@@ -84,3 +85,15 @@ def random_windows(tokens: torch.Tensor, batch: int, length: int, generator: tor
         raise GPT2FnError(f"{len(tokens)} tokens cannot fill a window of {length + 1}")
     starts = torch.randint(0, len(tokens) - length, (batch,), generator=generator)[rows]
     return torch.stack([tokens[s : s + length + 1].to(torch.int64) for s in starts.tolist()])
+
+
+def data_fingerprint(train_tokens: torch.Tensor, val_tokens: Optional[torch.Tensor] = None) -> dict:
+    """What identifies a training set cheaply: each split's length and a
+    sha256 of its first and last 64K tokens. A checkpoint records it, so that
+    resuming on other data is refused rather than silently mixing corpora."""
+    def digest(tokens: torch.Tensor) -> str:
+        sample = torch.cat([tokens[:65536], tokens[-65536:]]).to(torch.int64).tolist()
+        return hashlib.sha256(array.array("H", sample).tobytes()).hexdigest()[:16]
+
+    splits = {"train": train_tokens} if val_tokens is None else {"train": train_tokens, "val": val_tokens}
+    return {name: {"tokens": len(t), "sha256": digest(t)} for name, t in splits.items()}

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2fn.config import GPTConfig
-from gpt2fn.data import random_windows
+from gpt2fn.data import data_fingerprint, random_windows
 from gpt2fn.errors import GPT2FnError, check_int, check_number
 from gpt2fn.files import atomic_write, remove_stale_temporaries
 from gpt2fn.model import forward
@@ -212,10 +212,11 @@ def evaluate(params: Params, config: GPTConfig, tokens: Tensor, tc: TrainConfig,
 
 def save_checkpoint(
     path: str | os.PathLike, params: Params, config: GPTConfig, optimizer: torch.optim.Optimizer,
-    step: int, data_generator: torch.Generator, tc: TrainConfig, history: list[dict],
+    step: int, data_generator: torch.Generator, tc: TrainConfig, history: list[dict], data: Optional[dict] = None,
 ) -> Path:  # fmt: skip
     """Everything needed to continue exactly: params, optimizer state, step,
-    the data sampler's RNG, configs and the loss history. Written to a
+    the data sampler's RNG, configs, the loss history and the data's
+    fingerprint (:func:`gpt2fn.data.data_fingerprint`). Written to a
     temporary file in the same directory and renamed over the target, so a
     crash mid-write never destroys the last good checkpoint."""
     state = {
@@ -226,6 +227,7 @@ def save_checkpoint(
         "config": config.to_dict(),
         "train_config": dataclasses.asdict(tc),
         "history": history,
+        "data": data,
     }
     return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
@@ -252,6 +254,19 @@ def check_fits(config: GPTConfig, tc: TrainConfig, train_tokens: Tensor, val_tok
         if tokens is not None and len(tokens) < tc.block_size + 1:
             raise GPT2FnError(f"the {split} data holds {len(tokens)} tokens, less than one window of block_size + 1 = "
                               f"{tc.block_size + 1}; use a smaller block_size or more text")  # fmt: skip
+
+
+def check_resume_data(resume: Optional[dict], train_tokens: Tensor, val_tokens: Optional[Tensor] = None) -> dict:
+    """The data's fingerprint, after checking that a checkpoint to resume was
+    trained on this same data (checkpoints from before fingerprints pass)."""
+    data = data_fingerprint(train_tokens, val_tokens)
+    if resume is not None and resume.get("data") not in (None, data):
+        was = resume["data"]
+        raise GPT2FnError(f"--resume with other data: the checkpoint trained on {was['train']['tokens']} train tokens "
+                          f"(sha256 {was['train']['sha256']}), this data has {data['train']['tokens']} "
+                          f"(sha256 {data['train']['sha256']}) or other val tokens; resume with the data it was "
+                          "trained on, or start a new run")  # fmt: skip
+    return data
 
 
 # ----------------------------------------------------------------------------- determinism
@@ -356,6 +371,7 @@ def train(
         device = params_device(params) if resume is None else torch.device("cpu")
     device = torch.device(device)
     data_rng = torch.Generator().manual_seed(tc.seed)
+    data = check_resume_data(resume, train_tokens, val_tokens)
     if resume is not None:
         params = trainable(resume["params"], device)
         optimizer = make_optimizer(params, tc)
@@ -424,7 +440,7 @@ def train(
             history.append(record)
             if checkpoint_path is not None and rank == 0 and (step % tc.eval_interval == 0 or step == end):
                 try:
-                    save_checkpoint(checkpoint_path, params, config, optimizer, step, data_rng, tc, history)
+                    save_checkpoint(checkpoint_path, params, config, optimizer, step, data_rng, tc, history, data)
                 except OSError as e:
                     raise GPT2FnError(f"cannot write the checkpoint at step {step} ({e.strerror or e}); "
                                       f"{last_good()}") from None  # fmt: skip

@@ -37,7 +37,9 @@ from gpt2fn.hellaswag import evaluate_hellaswag, load_examples
 from gpt2fn.measure import peak_flops, training_flops_per_token
 from gpt2fn.params import init_params, map_params
 from gpt2fn.plotting import require_pyplot, save_figure
-from gpt2fn.training import TrainConfig, check_fits, distributed_world, load_checkpoint, resolve_for_device, train
+from gpt2fn.training import (
+    TrainConfig, check_fits, check_resume_data, distributed_world, load_checkpoint, resolve_for_device, train,
+)  # fmt: skip
 from gpt2fn.tokenizer import get_tokenizer
 from gpt2fn.weights import load_pretrained, resolve_model, save_params
 
@@ -132,6 +134,7 @@ def check_args(args):
             raise GPT2FnError(f"nothing to resume: checkpoint {args.out} does not exist (start the run without --resume)")
         resume = load_checkpoint(args.out)  # its own settings replace the command line's
         tc, config = resume["train_config"], resume["config"]
+        check_resume_data(resume, train_tokens, val_tokens)
     elif check_output_file(args.out, "checkpoint").exists():
         raise GPT2FnError(f"checkpoint {args.out} already exists; pass --resume to continue that run, "
                           "or choose another --out (a new run would overwrite it)")  # fmt: skip

@@ -301,3 +301,16 @@ def test_a_batch_that_does_not_split_among_the_processes(data, monkeypatch):
     monkeypatch.setattr("gpt2fn.training.distributed_world", lambda: (4, 0))
     with pytest.raises(GPT2FnError, match="batch_size 2 is not divisible by the 4 processes; use a multiple of 4"):
         train(init_params(SMALL), SMALL, MIDWAY, load_tokens(data / "data" / "train.bin"))
+
+
+def test_resume_with_other_data_is_refused(scripts, capsys, data, tmp_path):
+    ckpt = tmp_path / "ckpt.pt"
+    code = scripts["train"].main(["--data", str(data / "data"), "--out", str(ckpt), *TINY, "--stop_at", "2"])
+    assert code == 0
+    (tmp_path / "other.txt").write_text("Friends, Romans, countrymen, lend me your ears;\n" * 50)
+    prepare([tmp_path / "other.txt"], tmp_path / "other")
+    capsys.readouterr()
+    before = ckpt.read_bytes()
+    err = refused(capsys, scripts["train"], "--data", tmp_path / "other", "--out", ckpt, "--resume")
+    assert "--resume with other data: the checkpoint trained on" in err and "resume with the data it was trained on" in err
+    assert ckpt.read_bytes() == before
