@@ -24,6 +24,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import torch
 from tqdm import tqdm
@@ -106,11 +107,18 @@ def run(args) -> int:
             torch.distributed.destroy_process_group()
 
 
-def check_args(args):
+class Checked(NamedTuple):
+    tc: TrainConfig
+    resume: Optional[dict]  # the checkpoint to continue, or None
+    config: Optional[GPTConfig]  # None until --from_model is loaded
+    train_tokens: torch.Tensor  # memory-mapped
+    val_tokens: torch.Tensor
+    hellaswag: Optional[list]  # the examples to score at every evaluation
+
+
+def check_args(args) -> Checked:
     """Everything that can be refused before any work (no weights loaded, no
-    file written): returns the TrainConfig, the checkpoint to resume (or
-    None), the model config (None until --from_model is loaded) and the
-    memory-mapped train and val tokens."""
+    file written), and what those checks read."""
     if args.stop_at is not None:
         check_int("stop_at", args.stop_at)
     tc = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})  # validates itself
@@ -127,7 +135,7 @@ def check_args(args):
         check_number("--peak_flops", args.peak_flops, 0, low_open=True)
     if args.hellaswag_limit is not None:
         check_int("--hellaswag_limit", args.hellaswag_limit)
-    args.hellaswag_examples = load_examples(args.hellaswag, args.hellaswag_limit) if args.hellaswag else None
+    hellaswag = load_examples(args.hellaswag, args.hellaswag_limit) if args.hellaswag else None
     resume, config = None, None
     if args.resume:
         if not Path(args.out).exists():
@@ -142,12 +150,12 @@ def check_args(args):
         config = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, n_ctx=args.n_ctx)
     if config is not None:
         check_fits(config, tc, train_tokens, val_tokens)
-    return tc, resume, config, train_tokens, val_tokens
+    return Checked(tc, resume, config, train_tokens, val_tokens, hellaswag)
 
 
 def train_and_export(args, device: torch.device) -> int:
     world, rank = distributed_world()
-    tc, resume, config, train_tokens, val_tokens = check_args(args)
+    tc, resume, config, train_tokens, val_tokens, hellaswag = check_args(args)
     params = None
     if resume is not None:
         print(f"resuming from {args.out} at step {resume['step']}")
@@ -188,11 +196,11 @@ def train_and_export(args, device: torch.device) -> int:
         last = now
 
     evaluations = None
-    if args.hellaswag_examples:
+    if hellaswag:
         tokenizer = get_tokenizer(resolve_model(args.from_model) if args.from_model else None)
 
         def evaluations(params):
-            result = evaluate_hellaswag(params, config, tokenizer, args.hellaswag_examples)
+            result = evaluate_hellaswag(params, config, tokenizer, hellaswag)
             return {"hellaswag_acc": result.acc, "hellaswag_acc_norm": result.acc_norm}
 
     start = time.perf_counter()
