@@ -59,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (the median is reported)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda if present; default)")
     p.add_argument("--peak_flops", type=float, default=None, help="the device's peak FLOP/s for MFU (default: known GPUs)")
+    p.add_argument("--autocast_bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast for every variant (default: the device's, on for CUDA, off for the CPU)")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     p.add_argument("--json", default=None, help="write all numbers here")
     return p.parse_args(argv)
@@ -80,7 +82,7 @@ def run(args) -> int:
         raise GPT2FnError(f"--block_size {args.block_size} exceeds the {args.shape} context {config.n_ctx}")
     device = resolve_device(args.device)
     tc = resolve_for_device(TrainConfig(batch_size=args.batch_size, block_size=args.block_size, max_steps=10**6,
-                                        warmup_steps=0), device)  # fmt: skip
+                                        warmup_steps=0, autocast_bf16=args.autocast_bf16), device)  # fmt: skip
     windows = torch.randint(0, config.vocab_size, (args.batch_size, args.block_size + 1),
                             generator=torch.Generator().manual_seed(0)).to(device)  # fmt: skip
     params0 = init_params(config, seed=0, device=device)

@@ -39,7 +39,7 @@ def test_benchmark_train_writes_json(tmp_path, capsys):
 
     out = tmp_path / "sub" / "train.json"
     code = load_script("benchmark_train").main(["--batch_size", "2", "--block_size", "16", "--steps", "1", "--rounds", "2",
-                                                "--json", str(out)])  # fmt: skip
+                                                "--device", "cpu", "--json", str(out)])  # fmt: skip
     stdout = capsys.readouterr().out
     assert code == 0
     results = json.loads(out.read_text())

@@ -29,7 +29,7 @@ SCRIPT = str(ROOT / "scripts" / "train.py")
 MAX_STEPS = 24
 ARGS = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--n_ctx", "32", "--block_size", "32", "--batch_size", "4",
         "--max_steps", str(MAX_STEPS), "--warmup_steps", "2", "--lr", "3e-3", "--eval_interval", "3",
-        "--eval_batches", "1", "--export_dtype", "float32"]  # fmt: skip
+        "--eval_batches", "1", "--export_dtype", "float32", "--device", "cpu"]  # fmt: skip
 TEXT = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
     "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n\n"

@@ -279,7 +279,7 @@ def test_train_script_logs_every_step_and_scores_hellaswag(data, tmp_path):
     args = [sys.executable, str(ROOT / "scripts" / "train.py"), "--data", str(d / "out"), "--out", str(tmp_path / "c.pt"),
             "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--n_ctx", "32", "--block_size", "16", "--batch_size", "2",
             "--max_steps", "4", "--warmup_steps", "1", "--eval_interval", "2", "--eval_batches", "1",
-            "--hellaswag", str(tmp_path / "h.jsonl"), "--hellaswag_limit", "2", "--log", str(log)]  # fmt: skip
+            "--hellaswag", str(tmp_path / "h.jsonl"), "--hellaswag_limit", "2", "--log", str(log), "--device", "cpu"]  # fmt: skip
     first = subprocess.run([*args, "--stop_at", "2"], capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-2000:]
     with open(log, "a") as f:  # what a run killed after step 3 would have logged
