@@ -1,67 +1,332 @@
-"""Training data: text files -> one uint16 token file per split, read back
-memory-mapped, and random contiguous windows as batches.
+"""Training data: text, jsonl or parquet -> fixed-size uint16 token shards
+(a train split and a val split), read back memory-mapped, and random
+contiguous windows as batches.
 
 GPT-2's vocabulary (50257) fits in 16 bits, so a token file is 2 bytes a
 token, written with the standard library's ``array`` and mapped with
-``torch.from_file``: no copy of the whole corpus in memory, no numpy.
+``torch.from_file``: no copy of the corpus in memory, no numpy.
+
+:func:`prepare` streams: inputs are read in pieces, tokenized by worker
+processes with tiktoken's batch encoder, and written shard by shard, so
+memory stays bounded whatever the corpus size. Each shard is written to a
+temporary name and renamed when complete, and ``manifest.json`` (the list of
+shards) is written last: a directory without it is an unfinished prepare,
+which :func:`load_split` refuses. A directory with the old ``train.bin`` /
+``val.bin`` still loads.
 """
 
 from __future__ import annotations
 
 import array
+import collections
 import hashlib
+import json
+import multiprocessing
 import os
+import re
+import time
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 from tqdm import tqdm
 
-from gpt2fn.errors import GPT2FnError, check_input, check_number, check_output_dir
+from gpt2fn.errors import GPT2FnError, check_input, check_int, check_number, check_output_dir
 from gpt2fn.files import atomic_write
 from gpt2fn.tokenizer import ENDOFTEXT_ID, get_tokenizer
 
-
-def tokenize_files(paths: Iterable[str | os.PathLike]) -> list[int]:
-    """All files' tokens, ``<|endoftext|>`` between files (text is encoded as
-    ordinary text: a literal "<|endoftext|>" in a file is not the special token)."""
-    tokenizer = get_tokenizer()
-    ids: list[int] = []
-    paths = [Path(p) for p in paths]
-    for path in tqdm(paths, desc="tokenizing", unit="file", disable=len(paths) < 2):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise GPT2FnError(f"cannot read {path} as UTF-8 text ({e})") from None
-        if ids:
-            ids.append(ENDOFTEXT_ID)
-        ids.extend(tokenizer.encode_ordinary(text))
-    return ids
+MANIFEST = "manifest.json"
+SHARD = re.compile(r"^(train|val)_\d{6}\.bin$")
+# A text file is read in pieces cut after a newline that has a non-space
+# character on both sides: GPT-2's pre-tokenizer never joins across such a
+# newline, so the pieces' tokens are exactly the whole file's.
+SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)")
+PIECE_CHARS = 1 << 20  # about 1 MB of text per piece
+BATCH_CHARS = 4 << 20  # about 4 MB of text per job sent to a worker
 
 
-def write_tokens(ids: list[int], path: str | os.PathLike) -> Path:
-    """uint16 token file, written to a temporary name and renamed into place."""
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            array.array("H", ids).tofile(f)
-
-    return atomic_write(path, write)
+# ----------------------------------------------------------------------------- reading inputs
 
 
-def prepare(paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike, val_fraction: float = 0.1) -> dict[str, int]:
-    """Tokenize text files into ``out_dir/train.bin`` and ``out_dir/val.bin``:
-    the last ``val_fraction`` of the tokens is the validation split (held out
-    as one contiguous piece, so no window straddles the two)."""
+def read_pieces(paths: Iterable[Path], piece_chars: int = PIECE_CHARS) -> Iterator[tuple[bool, str, int]]:
+    """(starts a new document, text, bytes of input consumed) for every piece
+    of every input: a text file is one document, a jsonl line (its ``text``)
+    one, a parquet row (its ``text`` column) one."""
+    for path in paths:
+        if path.suffix == ".jsonl":
+            yield from _jsonl_pieces(path)
+        elif path.suffix == ".parquet":
+            yield from _parquet_pieces(path)
+        else:
+            yield from _text_pieces(path, piece_chars)
+
+
+def _text_pieces(path: Path, piece_chars: int) -> Iterator[tuple[bool, str, int]]:
+    first, buffer = True, ""
+    try:
+        with open(path, encoding="utf-8") as f:
+            while chunk := f.read(piece_chars):
+                buffer += chunk
+                cuts = [m.start() for m in SAFE_CUT.finditer(buffer, 0, len(buffer) - 1)]
+                if cuts:
+                    piece, buffer = buffer[: cuts[-1]], buffer[cuts[-1] :]
+                    yield first, piece, len(piece.encode("utf-8"))
+                    first = False
+    except UnicodeDecodeError as e:
+        raise GPT2FnError(f"cannot read {path} as UTF-8 text ({e.reason} near byte {e.start})") from None
+    if buffer or first:
+        yield first, buffer, len(buffer.encode("utf-8"))
+
+
+def _jsonl_pieces(path: Path) -> Iterator[tuple[bool, str, int]]:
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path} line {number}"
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise GPT2FnError(f"{where} is not JSON ({getattr(e, 'msg', e)}); a .jsonl input holds one JSON object "
+                                  'per line with a "text" field') from None  # fmt: skip
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise GPT2FnError(f'{where} has no "text" field holding a string; each line needs one')
+            yield True, row["text"], len(line)
+
+
+def open_parquet(path: Path):
+    """A ``pyarrow.parquet.ParquetFile`` with a ``text`` column, or one line saying what is wrong."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise GPT2FnError(f'reading {path} needs pyarrow, which is not installed: pip install -e ".[data]"') from None
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow's own error types: not a parquet file, truncated
+        raise GPT2FnError(f"{path} is not a readable parquet file ({type(e).__name__}: {str(e)[:200]})") from None
+    columns = table.schema_arrow.names
+    if "text" not in columns:
+        raise GPT2FnError(f"{path} has no text column (its columns: {', '.join(columns[:10])}); the text must be in "
+                          "a column named text, as in FineWeb")  # fmt: skip
+    return table
+
+
+def _parquet_pieces(path: Path) -> Iterator[tuple[bool, str, int]]:
+    table = open_parquet(path)
+    per_row = path.stat().st_size / max(1, table.metadata.num_rows)
+    for batch in table.iter_batches(columns=["text"], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            yield True, text or "", int(per_row)
+
+
+# ----------------------------------------------------------------------------- tokenizing
+
+
+def encode_pieces(pieces: list[tuple[bool, str]]) -> bytes:
+    """Tokens of ``pieces`` as uint16 bytes, ``<|endoftext|>`` before each
+    piece that starts a new document (text is encoded as ordinary text: a
+    literal "<|endoftext|>" in the data is not the special token)."""
+    tokens = array.array("H")
+    encoded = get_tokenizer().encode_ordinary_batch([text for _, text in pieces], num_threads=1)
+    for (new_document, _), ids in zip(pieces, encoded):
+        if new_document:
+            tokens.append(ENDOFTEXT_ID)
+        tokens.extend(ids)
+    return tokens.tobytes()
+
+
+def _jobs(pieces: Iterator[tuple[bool, str, int]]) -> Iterator[tuple[list[tuple[bool, str]], int]]:
+    """Pieces grouped into jobs of about BATCH_CHARS; the stream's very first
+    document gets no separator before it."""
+    job, chars, consumed, first = [], 0, 0, True
+    for new_document, text, nbytes in pieces:
+        job.append((new_document and not first, text))
+        first = False
+        chars += len(text)
+        consumed += nbytes
+        if chars >= BATCH_CHARS:
+            yield job, consumed
+            job, chars, consumed = [], 0, 0
+    if job:
+        yield job, consumed
+
+
+def tokenized(pieces: Iterator[tuple[bool, str, int]], workers: int) -> Iterator[tuple[bytes, int]]:
+    """(uint16 token bytes, input bytes consumed) per job, in input order;
+    with several workers, at most 2 jobs per worker are in flight, so memory
+    stays bounded however large the input."""
+    if workers == 1:
+        for job, consumed in _jobs(pieces):
+            yield encode_pieces(job), consumed
+        return
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        in_flight: collections.deque = collections.deque()
+        for job, consumed in _jobs(pieces):
+            in_flight.append((pool.apply_async(encode_pieces, (job,)), consumed))
+            if len(in_flight) >= 2 * workers:
+                result, done = in_flight.popleft()
+                yield result.get(), done
+        while in_flight:
+            result, done = in_flight.popleft()
+            yield result.get(), done
+
+
+# ----------------------------------------------------------------------------- writing shards
+
+
+class ShardWriter:
+    """Token bytes in, ``SPLIT_000000.bin``-style shards of exactly
+    ``shard_tokens`` tokens out (the last one shorter), each written atomically."""
+
+    def __init__(self, out: Path, split: str, shard_tokens: int):
+        self.out, self.split, self.size = out, split, shard_tokens * 2
+        self.buffer = bytearray()
+        self.shards: list[tuple[str, int]] = []  # (file name, tokens)
+
+    def add(self, data: bytes | memoryview) -> None:
+        self.buffer += data
+        while len(self.buffer) >= self.size:
+            self._write(bytes(self.buffer[: self.size]))
+            del self.buffer[: self.size]
+
+    def close(self) -> list[tuple[str, int]]:
+        if self.buffer:
+            self._write(bytes(self.buffer))
+            self.buffer = bytearray()
+        return self.shards
+
+    def _write(self, data: bytes) -> None:
+        name = f"{self.split}_{len(self.shards):06d}.bin"
+        atomic_write(self.out / name, lambda tmp: Path(tmp).write_bytes(data))
+        self.shards.append((name, len(data) // 2))
+
+
+def _split_off_val(out: Path, shards: list[tuple[str, int]], n_val: int, shard_tokens: int) -> tuple[list, list]:
+    """Move the stream's last ``n_val`` tokens from the train shards into
+    val shards, a shard at a time; returns (train shards, val shards)."""
+    total = sum(n for _, n in shards)
+    first, offset = divmod(total - n_val, shard_tokens)
+    val = ShardWriter(out, "val", shard_tokens)
+    for i in range(first, len(shards)):
+        data = (out / shards[i][0]).read_bytes()
+        val.add(memoryview(data)[2 * offset :] if i == first else data)
+        if i == first and offset:
+            atomic_write(out / shards[i][0], lambda tmp: Path(tmp).write_bytes(data[: 2 * offset]))
+        else:
+            (out / shards[i][0]).unlink()
+    train = shards[:first] + ([(shards[first][0], offset)] if offset else [])
+    return train, val.close()
+
+
+def prepare(
+    paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike, val_fraction: float = 0.1, *,
+    val_tokens: Optional[int] = None, shard_tokens: int = 100_000_000, workers: int = 1, progress: bool = False,
+) -> dict[str, int]:  # fmt: skip
+    """Tokenize ``paths`` (text files, ``.jsonl`` with a ``text`` field,
+    ``.parquet`` with a ``text`` column) into shards under ``out_dir``:
+    ``<|endoftext|>`` between documents; the last ``val_tokens`` tokens (or
+    the last ``val_fraction`` of them) form the val split, held out as one
+    contiguous piece so no window straddles the two. Returns the token counts."""
     check_number("val_fraction", val_fraction, 0, 1, low_open=True, high_open=True)
-    paths = [check_input(p, "text file") for p in paths]
+    if val_tokens is not None:
+        check_int("val_tokens", val_tokens, low=2)
+    check_int("shard_tokens", shard_tokens, low=2)
+    check_int("workers", workers)
+    paths = [check_input(p, "input file") for p in paths]
+    for path in paths:
+        if path.suffix == ".parquet":
+            open_parquet(path)  # the schema, before any work
     out = check_output_dir(out_dir, "output directory")
-    ids = tokenize_files(paths)
-    n_val = int(len(ids) * val_fraction)
-    if n_val < 2 or len(ids) - n_val < 2:
-        raise GPT2FnError(f"only {len(ids)} tokens: too little text to split into train and val")
-    write_tokens(ids[: len(ids) - n_val], out / "train.bin")
-    write_tokens(ids[len(ids) - n_val :], out / "val.bin")
-    return {"train": len(ids) - n_val, "val": n_val}
+    if (out / MANIFEST).exists():
+        raise GPT2FnError(f"{out} already holds prepared data ({MANIFEST}); choose another --out or delete it")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [p for p in out.iterdir() if SHARD.match(p.name)]:  # left by an interrupted prepare
+        stale.unlink()
+    writer = ShardWriter(out, "train", shard_tokens)
+    total_bytes = sum(p.stat().st_size for p in paths)
+    start = time.perf_counter()
+    try:
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not progress) as bar:
+            tokens = 0
+            for data, consumed in tokenized(read_pieces(paths), workers):
+                writer.add(data)
+                tokens += len(data) // 2
+                bar.update(consumed)
+                bar.set_postfix(tokens=f"{tokens / 1e6:.1f}M", tok_s=f"{tokens / (time.perf_counter() - start):.3g}")
+        shards = writer.close()
+        total = sum(n for _, n in shards)
+        n_val = val_tokens if val_tokens is not None else int(total * val_fraction)
+        if n_val < 2 or total - n_val < 2:
+            raise GPT2FnError(f"only {total} tokens: too little text to split into train and val"
+                              + (f" (val_tokens {val_tokens})" if val_tokens else ""))  # fmt: skip
+        train_shards, val_shards = _split_off_val(out, shards, n_val, shard_tokens)
+        manifest = {"format": "gpt2fn-shards-1", "tokenizer": "gpt2", "shard_tokens": shard_tokens,
+                    "inputs": [str(p) for p in paths], "train": train_shards, "val": val_shards}  # fmt: skip
+        atomic_write(out / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
+    except BaseException:  # refused, interrupted or failed: no shards left that look like data
+        for p in [p for p in out.iterdir() if SHARD.match(p.name)]:
+            p.unlink()
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    return {"train": total - n_val, "val": n_val, "train_shards": len(train_shards), "val_shards": len(val_shards)}
+
+
+# ----------------------------------------------------------------------------- reading shards
+
+
+class TokenStream:
+    """Several memory-mapped shards read as one sequence: ``len`` and
+    slicing (``stream[a:b]``, negative bounds too) like a 1-D tensor."""
+
+    def __init__(self, shards: list[torch.Tensor]):
+        self.shards = shards
+        self.starts = [0]
+        for t in shards:
+            self.starts.append(self.starts[-1] + len(t))
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, index: slice) -> torch.Tensor:
+        start, stop, step = index.indices(len(self))
+        if step != 1:
+            raise ValueError("a TokenStream takes contiguous slices only")
+        pieces = []
+        for t, first in zip(self.shards, self.starts):
+            lo, hi = max(start, first), min(stop, first + len(t))
+            if lo < hi:
+                pieces.append(t[lo - first : hi - first])
+        if len(pieces) == 1:
+            return pieces[0]
+        return torch.cat(pieces) if pieces else self.shards[0][:0]
+
+
+def load_split(data_dir: str | os.PathLike, split: str) -> torch.Tensor | TokenStream:
+    """The ``train`` or ``val`` tokens of a prepared directory, memory-mapped:
+    its shards (listed in ``manifest.json``), or the old ``SPLIT.bin``."""
+    d = check_input(data_dir, "data directory", directory=True)
+    if (d / MANIFEST).is_file():
+        try:
+            listed = json.loads((d / MANIFEST).read_text())[split]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise GPT2FnError(f"{d / MANIFEST} is not a gpt2fn manifest; run scripts/prepare_data.py again") from None
+        shards = []
+        for name, n in listed:
+            tokens = load_tokens(d / name)
+            if len(tokens) != n:
+                raise GPT2FnError(f"shard {d / name} holds {len(tokens)} tokens, the manifest says {n}; it is "
+                                  "truncated or from another run: run scripts/prepare_data.py again")  # fmt: skip
+            shards.append(tokens)
+        if not shards:
+            raise GPT2FnError(f"{d} has no {split} shards; run scripts/prepare_data.py again")
+        return shards[0] if len(shards) == 1 else TokenStream(shards)
+    if (d / "train.bin").exists() or (d / "val.bin").exists():  # the format before shards
+        return load_tokens(d / f"{split}.bin")
+    if any(SHARD.match(p.name) for p in d.iterdir()):
+        raise GPT2FnError(f"{d} holds shards but no {MANIFEST}: its prepare did not finish; run scripts/prepare_data.py again")
+    raise GPT2FnError(f"{d} holds no prepared data (no {MANIFEST}, no train.bin); run scripts/prepare_data.py first")
 
 
 def load_tokens(path: str | os.PathLike) -> torch.Tensor:

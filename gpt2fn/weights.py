@@ -95,6 +95,64 @@ def _download_snapshot(repo_id: str, revision: Optional[str]) -> str:
         raise GPT2FnError(f"could not download {repo_id} from the Hub: {_one_line(e)}") from None
 
 
+def hub_dataset_files(repo_id: str, subset: Optional[str] = None, revision: Optional[str] = None) -> list[Path]:
+    """The parquet files of a Hub dataset, downloaded once into huggingface_hub's
+    cache (``HF_HUB_OFFLINE=1``: from the cache). ``subset`` is a config name
+    of the dataset card (``sample-10BT`` of ``HuggingFaceFW/fineweb-edu``,
+    whose files are ``sample/10BT/*``) or a folder; without it, the default
+    config's files, else every parquet file."""
+    import fnmatch
+
+    card = Path(_dataset_snapshot(repo_id, revision, ["README.md"])) / "README.md"
+    patterns = _subset_patterns(card, subset)
+    snapshot = Path(_dataset_snapshot(repo_id, revision, patterns))
+    files = sorted(p for p in snapshot.rglob("*.parquet")
+                   if any(fnmatch.fnmatch(p.relative_to(snapshot).as_posix(), pat) for pat in patterns))  # fmt: skip
+    if not files:
+        raise GPT2FnError(f"the Hub dataset {repo_id}{f' subset {subset}' if subset else ''} has no parquet files "
+                          f"matching {patterns}")  # fmt: skip
+    return files
+
+
+def _subset_patterns(card: Path, subset: Optional[str]) -> list[str]:
+    """File patterns of ``subset`` (or the default config) from the dataset
+    card's YAML ``configs``; a subset the card does not name is a folder."""
+    import yaml
+
+    configs = []
+    if card.is_file():
+        text = card.read_text(encoding="utf-8")
+        if text.startswith("---"):
+            header = yaml.safe_load(text.split("---")[1]) or {}
+            configs = header.get("configs") or [] if isinstance(header, dict) else []
+    wanted = subset or "default"
+    for config in configs:
+        if isinstance(config, dict) and config.get("config_name") == wanted:
+            files = config.get("data_files") or []
+            files = [files] if isinstance(files, (str, dict)) else files
+            paths = [f["path"] if isinstance(f, dict) else f for f in files if not isinstance(f, dict) or f.get("split", "train") == "train"]
+            patterns = [p for path in paths for p in ([path] if isinstance(path, str) else path)]
+            return [p if p.endswith(".parquet") else p.rstrip("*") + "*.parquet" for p in patterns]
+    return [f"{subset}/*.parquet"] if subset else ["*.parquet"]
+
+
+def _dataset_snapshot(repo_id: str, revision: Optional[str], patterns: list[str]) -> str:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        return snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=patterns)
+    except RevisionNotFoundError:
+        raise GPT2FnError(f"the Hub dataset {repo_id} has no revision {revision!r}; check the name") from None
+    except RepositoryNotFoundError:
+        raise GPT2FnError(f"the Hub has no dataset {repo_id!r} (or it is private); check the name") from None
+    except LocalEntryNotFoundError:
+        raise GPT2FnError(f"the dataset {repo_id} is not in the local Hugging Face cache and the Hub cannot be reached "
+                          "(offline or HF_HUB_OFFLINE=1); connect once to download it, or pass local files") from None  # fmt: skip
+    except OSError as e:
+        raise GPT2FnError(f"could not download the dataset {repo_id} from the Hub: {_one_line(e)}") from None
+
+
 def _is_commit(revision: Optional[str]) -> bool:
     return revision is not None and len(revision) == 40 and all(c in "0123456789abcdef" for c in revision)
 

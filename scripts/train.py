@@ -30,9 +30,9 @@ import torch
 from tqdm import tqdm
 
 from gpt2fn.config import GPTConfig
-from gpt2fn.data import load_tokens
+from gpt2fn.data import load_split
 from gpt2fn.device import resolve_device
-from gpt2fn.errors import GPT2FnError, check_input, check_int, check_number, check_output_file, run_cli
+from gpt2fn.errors import GPT2FnError, check_int, check_number, check_output_file, run_cli
 from gpt2fn.files import atomic_write
 from gpt2fn.hellaswag import evaluate_hellaswag, load_examples
 from gpt2fn.measure import peak_flops, training_flops_per_token
@@ -54,7 +54,7 @@ DEVICE_DEFAULTS = {  # TrainConfig fields whose default depends on the device
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="directory with train.bin and val.bin")
+    p.add_argument("--data", required=True, help="a directory made by scripts/prepare_data.py (shards, or train.bin + val.bin)")
     p.add_argument("--out", required=True, help="checkpoint file (written at every evaluation)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run saved in --out, with its own saved settings, to its max_steps")
@@ -122,8 +122,8 @@ def check_args(args) -> Checked:
     if args.stop_at is not None:
         check_int("stop_at", args.stop_at)
     tc = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})  # validates itself
-    data = check_input(args.data, "data directory", directory=True)
-    train_tokens, val_tokens = (load_tokens(check_input(data / f"{s}.bin", "token file")) for s in ("train", "val"))
+    data = args.data
+    train_tokens, val_tokens = load_split(data, "train"), load_split(data, "val")
     if args.export:
         check_output_file(args.export, "--export file", suffix=".safetensors")
     if args.plot:

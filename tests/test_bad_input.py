@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gpt2fn import GPT2FnError, GPTConfig, init_params, save_params
-from gpt2fn.data import load_tokens, prepare
+from gpt2fn.data import load_split, prepare
 from gpt2fn.params import flatten_params
 from gpt2fn.training import TrainConfig, load_checkpoint, train
 
@@ -99,9 +99,9 @@ def test_train_refuses_bad_paths(scripts, capsys, data, tmp_path):
     err = refused(capsys, train_cli, "--data", tmp_path / "none", "--out", tmp_path / "c.pt", *base)
     assert f"data directory {tmp_path / 'none'} does not exist" in err
     (tmp_path / "half").mkdir()
-    (tmp_path / "half" / "train.bin").write_bytes((data / "data" / "train.bin").read_bytes())
+    (tmp_path / "half" / "train.bin").write_bytes((data / "data" / "train_000000.bin").read_bytes())
     err = refused(capsys, train_cli, "--data", tmp_path / "half", "--out", tmp_path / "c.pt", *base)
-    assert "val.bin does not exist" in err
+    assert "val.bin does not exist" in err  # the format before shards: both files or neither
     err = refused(capsys, train_cli, "--data", data / "data", "--out", a_file(tmp_path) / "c.pt", *base)
     assert "cannot create checkpoint" in err and "is a file, not a directory" in err
     err = refused(capsys, train_cli, "--data", data / "data", "--out", tmp_path / "c.pt", "--resume", *base)
@@ -170,7 +170,7 @@ def fail_on_call(n, error):
     (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 99 GB"), "out of memory at step 3"),
 ])  # fmt: skip
 def test_a_failure_midway_names_the_step_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch, error, message):
-    tokens = load_tokens(data / "data" / "train.bin")
+    tokens = load_split(data / "data", "train")
     ckpt = tmp_path / "ckpt.pt"
     two_steps, _ = train(init_params(SMALL), SMALL, MIDWAY, tokens, stop_at=2)
     monkeypatch.setattr("gpt2fn.training.loss_fn", fail_on_call(3, error))
@@ -183,7 +183,7 @@ def test_a_failure_midway_names_the_step_and_keeps_the_last_good_checkpoint(data
 
 
 def test_a_full_disk_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
-    tokens = load_tokens(data / "data" / "train.bin")
+    tokens = load_split(data / "data", "train")
     ckpt = tmp_path / "ckpt.pt"
     real_save, calls = torch.save, [0]
 
@@ -212,14 +212,28 @@ def test_prepare_data_refuses_bad_input(scripts, capsys, data, tmp_path):
         capsys, cli, text, "--out", out, "--val_fraction", "1.5")
     assert "val_fraction must be a finite number in (0, 1), got nan" in refused(
         capsys, cli, text, "--out", out, "--val_fraction", "nan")
-    assert f"text file {tmp_path / 'none.txt'} does not exist" in refused(capsys, cli, tmp_path / "none.txt", "--out", out)
+    assert f"input file {tmp_path / 'none.txt'} does not exist" in refused(capsys, cli, tmp_path / "none.txt", "--out", out)
     assert "is not a file" in refused(capsys, cli, tmp_path, "--out", out)
     assert "output directory" in refused(capsys, cli, text, "--out", a_file(tmp_path))
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
-    assert "cannot read" in refused(capsys, cli, tmp_path / "latin1.txt", "--out", out)
+    assert "as UTF-8 text" in failed_midway(capsys, cli, tmp_path / "latin1.txt", "--out", out)  # found while streaming
     (tmp_path / "tiny.txt").write_text("hi")
-    assert "too little text" in refused(capsys, cli, tmp_path / "tiny.txt", "--out", out)
-    assert not out.exists()
+    assert "too little text" in failed_midway(capsys, cli, tmp_path / "tiny.txt", "--out", out)
+    assert "--workers must be an integer >= 1, got 0" in refused(capsys, cli, text, "--out", out, "--workers", "0")
+    assert "--shard_tokens must be an integer >= 2" in refused(capsys, cli, text, "--out", out, "--shard_tokens", "1")
+    assert "give input files or --hf_dataset" in refused(capsys, cli, "--out", out)
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
+    assert f"{tmp_path / 'bad.jsonl'} line 2 is not JSON" in failed_midway(capsys, cli, tmp_path / "bad.jsonl", "--out", out)
+    (tmp_path / "notext.jsonl").write_text('{"body": "x"}\n')
+    assert 'line 1 has no "text" field' in failed_midway(capsys, cli, tmp_path / "notext.jsonl", "--out", out)
+    import pyarrow
+    import pyarrow.parquet
+
+    pyarrow.parquet.write_table(pyarrow.table({"content": ["a", "b"]}), tmp_path / "t.parquet")
+    assert "has no text column (its columns: content)" in refused(capsys, cli, tmp_path / "t.parquet", "--out", out)
+    (tmp_path / "fake.parquet").write_bytes(b"not parquet at all")
+    assert "is not a readable parquet file" in refused(capsys, cli, tmp_path / "fake.parquet", "--out", out)
+    assert not out.exists()  # no shard directory left behind by any of these
 
 
 def test_eval_ppl_refuses_bad_input(scripts, capsys, small_ref, data, tmp_path):
@@ -300,7 +314,7 @@ def test_train_on_cuda_where_there_is_none(scripts, capsys, data, tmp_path):
 def test_a_batch_that_does_not_split_among_the_processes(data, monkeypatch):
     monkeypatch.setattr("gpt2fn.training.distributed_world", lambda: (4, 0))
     with pytest.raises(GPT2FnError, match="batch_size 2 is not divisible by the 4 processes; use a multiple of 4"):
-        train(init_params(SMALL), SMALL, MIDWAY, load_tokens(data / "data" / "train.bin"))
+        train(init_params(SMALL), SMALL, MIDWAY, load_split(data / "data", "train"))
 
 
 def test_resume_with_other_data_is_refused(scripts, capsys, data, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gpt2fn import GPT2FnError, GPTConfig, init_params, load_pretrained
-from gpt2fn.data import load_tokens, prepare, random_windows
+from gpt2fn.data import load_split, load_tokens, prepare, random_windows
 from gpt2fn.evaluation import perplexity, unigram_perplexity
 from gpt2fn.params import flatten_params
 from gpt2fn.tokenizer import ENDOFTEXT_ID, get_tokenizer
@@ -35,9 +35,10 @@ def test_prepare_splits_off_the_tail(data):
     d, counts = data
     t = get_tokenizer()
     expected = t.encode_ordinary(TEXT) + [ENDOFTEXT_ID] + t.encode_ordinary((d / "b.txt").read_text())
-    train_tokens, val_tokens = load_tokens(d / "out" / "train.bin"), load_tokens(d / "out" / "val.bin")
+    train_tokens, val_tokens = load_split(d / "out", "train"), load_split(d / "out", "val")
     assert train_tokens.dtype == torch.uint16
-    assert counts == {"train": len(train_tokens), "val": len(val_tokens)} and counts["val"] == int(len(expected) * 0.1)
+    assert counts == {"train": len(train_tokens), "val": len(val_tokens), "train_shards": 1, "val_shards": 1}
+    assert counts["val"] == int(len(expected) * 0.1)
     assert train_tokens.tolist() + val_tokens.tolist() == expected
     windows = random_windows(train_tokens, 5, 16, torch.Generator().manual_seed(0))
     assert windows.shape == (5, 17) and windows.dtype == torch.int64
@@ -84,7 +85,7 @@ def test_weight_decay_only_on_matrices():
 def test_training_learns(data):
     d, _ = data
     tc = TrainConfig(batch_size=8, block_size=32, max_steps=60, lr=3e-3, warmup_steps=5, eval_interval=60, eval_batches=4)
-    train_tokens, val_tokens = load_tokens(d / "out" / "train.bin"), load_tokens(d / "out" / "val.bin")
+    train_tokens, val_tokens = load_split(d / "out", "train"), load_split(d / "out", "val")
     _, history = train(init_params(TINY), TINY, tc, train_tokens, val_tokens)
     assert history[0]["loss"] > math.log(50257) - 1  # starts near uniform
     assert history[-1]["val_loss"] < 0.5 * history[0]["loss"]  # the repeated text is learnable
@@ -92,7 +93,7 @@ def test_training_learns(data):
 
 def test_resume_is_bit_identical(data, tmp_path):
     d, _ = data
-    tokens = load_tokens(d / "out" / "train.bin")
+    tokens = load_split(d / "out", "train")
     tc = TrainConfig(batch_size=4, block_size=16, max_steps=8, warmup_steps=2, eval_interval=4, grad_accum=2)
     straight, _ = train(init_params(TINY, seed=3), TINY, tc, tokens)
     ckpt = tmp_path / "ckpt.pt"
@@ -253,7 +254,7 @@ def test_compiled_training_follows_eager_training(data):
     rounding difference in a near-zero gradient can move an update by up to
     lr, which is why the bound is not tighter)."""
     d, _ = data
-    tokens = load_tokens(d / "out" / "train.bin")
+    tokens = load_split(d / "out", "train")
     tc = TrainConfig(batch_size=4, block_size=16, max_steps=6, warmup_steps=1, eval_interval=6, grad_accum=2)
     eager, eager_history = train(init_params(TINY, seed=2), TINY, tc, tokens)
     compiled, compiled_history = train(init_params(TINY, seed=2), TINY, dataclasses.replace(tc, compile=True), tokens)

@@ -1,0 +1,178 @@
+"""Sharded data preparation: the shards hold exactly the corpus's tokens
+(text, jsonl and parquet inputs, one worker or two, any shard size), the val
+split is the tail, an unfinished prepare is never mistaken for data, a
+directory of shards reads as one sequence, training runs on it, and a Hub
+dataset loads from a local cache laid out as huggingface_hub lays it out."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+
+import pyarrow
+import pyarrow.parquet
+import pytest
+import torch
+
+from gpt2fn import GPT2FnError
+from gpt2fn.data import TokenStream, encode_pieces, load_split, prepare, read_pieces
+from gpt2fn.tokenizer import ENDOFTEXT_ID, get_tokenizer
+
+from conftest import ROOT, load_script
+
+WORDS = "the of and to in is that it was for on are with as his they be at one have this from or had by".split()
+
+
+def corpus_text(seed: int, n_lines: int) -> str:
+    """English-like lines with the whitespace that BPE cares about: double
+    newlines, trailing spaces, indentation, punctuation, digits."""
+    rng = random.Random(seed)
+    lines = []
+    for i in range(n_lines):
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12)))
+        lines.append(rng.choice(["", "  ", "\t"]) + words.capitalize() + rng.choice([".", ",", "!", " 42.", "'s", " "]))
+        if i % 7 == 0:
+            lines.append("")
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    (d / "a.txt").write_text(corpus_text(0, 400))
+    (d / "b.jsonl").write_text("".join(json.dumps({"text": corpus_text(i, 20), "id": i}) + "\n" for i in range(1, 6)))
+    pyarrow.parquet.write_table(pyarrow.table({"id": [7, 8], "text": [corpus_text(7, 30), corpus_text(8, 30)]}),
+                                d / "c.parquet")  # fmt: skip
+    tok = get_tokenizer()
+    documents = [(d / "a.txt").read_text()] + [corpus_text(i, 20) for i in range(1, 6)] + [corpus_text(7, 30), corpus_text(8, 30)]
+    expected = []
+    for doc in documents:
+        if expected:
+            expected.append(ENDOFTEXT_ID)
+        expected.extend(tok.encode_ordinary(doc))
+    return d, [d / "a.txt", d / "b.jsonl", d / "c.parquet"], expected
+
+
+def all_tokens(directory) -> list[int]:
+    return load_split(directory, "train")[:].tolist() + load_split(directory, "val")[:].tolist()
+
+
+def test_text_pieces_tokenize_exactly_like_the_whole_file(inputs):
+    d, _, _ = inputs
+    text = (d / "a.txt").read_text()
+    pieces = list(read_pieces([d / "a.txt"], piece_chars=300))
+    assert len(pieces) > 10 and "".join(p for _, p, _ in pieces) == text
+    assert [new for new, _, _ in pieces] == [True] + [False] * (len(pieces) - 1)
+    tokens = torch.frombuffer(bytearray(encode_pieces([(False, p) for _, p, _ in pieces])), dtype=torch.uint16).tolist()
+    assert tokens == get_tokenizer().encode_ordinary(text)
+
+
+@pytest.mark.parametrize("workers, shard_tokens", [(1, 100_000_000), (1, 997), (2, 997)])
+def test_shards_hold_exactly_the_corpus(inputs, tmp_path, workers, shard_tokens):
+    _, paths, expected = inputs
+    counts = prepare(paths, tmp_path / "out", shard_tokens=shard_tokens, workers=workers)
+    assert all_tokens(tmp_path / "out") == expected
+    assert counts["val"] == int(len(expected) * 0.1) and counts["train"] + counts["val"] == len(expected)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    sizes = [n for _, n in manifest["train"]]
+    assert all(n == shard_tokens for n in sizes[:-1]) and sum(sizes) == counts["train"]
+    assert counts["train_shards"] == len(sizes) == -(-counts["train"] // shard_tokens)
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert files == sorted(["manifest.json"] + [n for n, _ in manifest["train"] + manifest["val"]])  # no temporaries
+
+
+def test_val_tokens_takes_the_tail(inputs, tmp_path):
+    _, paths, expected = inputs
+    counts = prepare(paths[:1], tmp_path / "out", val_tokens=1500, shard_tokens=1000)
+    val = load_split(tmp_path / "out", "val")
+    assert counts["val"] == 1500 and counts["val_shards"] == 2 and isinstance(val, TokenStream)
+    whole = get_tokenizer().encode_ordinary((paths[0]).read_text())
+    assert val[:].tolist() == whole[-1500:] and load_split(tmp_path / "out", "train")[:].tolist() == whole[:-1500]
+
+
+def test_a_token_stream_slices_like_one_tensor():
+    shards = [torch.arange(0, 5), torch.arange(5, 12), torch.arange(12, 13), torch.arange(13, 20)]
+    stream, whole = TokenStream(shards), torch.arange(20)
+    assert len(stream) == 20
+    for a in range(-20, 20):
+        for b in range(-20, 21):
+            assert torch.equal(stream[a:b], whole[a:b]), (a, b)
+
+
+def test_an_unfinished_prepare_is_not_data_and_a_rerun_clears_it(inputs, tmp_path):
+    _, paths, expected = inputs
+    out = tmp_path / "out"
+    prepare(paths, out, shard_tokens=997)
+    (out / "manifest.json").unlink()  # as if killed before the manifest was written
+    with pytest.raises(GPT2FnError, match="holds shards but no manifest.json: its prepare did not finish"):
+        load_split(out, "train")
+    prepare(paths, out, shard_tokens=2000)  # the stale shards are cleared, not mixed in
+    assert all_tokens(out) == expected
+    assert not any(p.name.startswith("train_") and int(p.stem[6:]) >= 5 for p in out.iterdir() if p.suffix == ".bin")
+    with pytest.raises(GPT2FnError, match="already holds prepared data"):
+        prepare(paths, out)
+    (out / "train_000001.bin").write_bytes(b"\x00\x00")
+    with pytest.raises(GPT2FnError, match="holds 1 tokens, the manifest says 2000; it is truncated"):
+        load_split(out, "train")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(GPT2FnError, match="holds no prepared data"):
+        load_split(empty, "train")
+
+
+def test_training_reads_a_directory_of_shards(inputs, tmp_path):
+    """scripts/train.py on several shards trains exactly as on the same
+    tokens in one file (the old train.bin/val.bin layout)."""
+    _, paths, _ = inputs
+    prepare(paths, tmp_path / "shards", shard_tokens=997)
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    for split in ("train", "val"):
+        (legacy / f"{split}.bin").write_bytes(load_split(tmp_path / "shards", split)[:].numpy().tobytes())
+    args = ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--n_ctx", "32", "--block_size", "32",
+            "--batch_size", "4", "--max_steps", "3", "--warmup_steps", "1", "--eval_interval", "3",
+            "--eval_batches", "1", "--device", "cpu"]  # fmt: skip
+    histories = []
+    for name in ("shards", "legacy"):
+        run = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--data", str(tmp_path / name),
+                              "--out", str(tmp_path / f"{name}.pt"), *args], capture_output=True, text=True)  # fmt: skip
+        assert run.returncode == 0, run.stderr[-2000:]
+        histories.append(torch.load(tmp_path / f"{name}.pt", weights_only=True)["history"])
+    assert histories[0] == histories[1]
+
+
+def test_a_hub_dataset_from_the_local_cache(inputs, tmp_path, monkeypatch, capsys):
+    """--hf_dataset REPO --hf_subset NAME: the subset's parquet files, found
+    through the dataset card's configs, read from huggingface_hub's cache."""
+    d, _, _ = inputs
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    snapshot = tmp_path / "hub" / "datasets--someone--web-edu" / "snapshots" / commit
+    (snapshot / "sample" / "10BT").mkdir(parents=True)
+    (snapshot / "data").mkdir()
+    (snapshot / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                        "    path: data/*\n- config_name: sample-10BT\n  data_files:\n  - split: train\n"
+                                        "    path: sample/10BT/*\n---\n# a card\n")  # fmt: skip
+    texts = [corpus_text(20 + i, 15) for i in range(6)]
+    for i in range(2):
+        pyarrow.parquet.write_table(pyarrow.table({"text": texts[3 * i : 3 * i + 3]}), snapshot / "sample" / "10BT" / f"00{i}.parquet")
+    shutil.copy(d / "c.parquet", snapshot / "data" / "000.parquet")  # another config's file: not read
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text(commit)
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    cli = load_script("prepare_data")
+    assert cli.main(["--hf_dataset", "someone/web-edu", "--hf_subset", "sample-10BT", "--out", str(tmp_path / "out")]) == 0
+    tok = get_tokenizer()
+    expected = []
+    for text in texts:
+        expected += ([ENDOFTEXT_ID] if expected else []) + tok.encode_ordinary(text)
+    assert all_tokens(tmp_path / "out") == expected
+    capsys.readouterr()
+    assert cli.main(["--hf_dataset", "someone/other", "--out", str(tmp_path / "o2")]) == 2
+    assert "not in the local Hugging Face cache" in capsys.readouterr().err
