@@ -37,18 +37,14 @@ from gpt2fn.tokenizer import ENDOFTEXT_ID, get_tokenizer
 
 MANIFEST = "manifest.json"
 SHARD = re.compile(r"^(train|val)_\d{6}\.bin$")
-# A text file is read in pieces cut after a newline that has a non-space
-# character on both sides: GPT-2's pre-tokenizer never joins across such a
-# newline, so the pieces' tokens are exactly the whole file's.
-SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)")
-PIECE_CHARS = 1 << 20  # about 1 MB of text per piece
+PIECE_BYTES = 1 << 20  # about 1 MB of text per piece
 BATCH_CHARS = 4 << 20  # about 4 MB of text per job sent to a worker
 
 
 # ----------------------------------------------------------------------------- reading inputs
 
 
-def read_pieces(paths: Iterable[Path], piece_chars: int = PIECE_CHARS) -> Iterator[tuple[bool, str, int]]:
+def read_pieces(paths: Iterable[Path], piece_bytes: int = PIECE_BYTES) -> Iterator[tuple[bool, str, int]]:
     """(starts a new document, text, bytes of input consumed) for every piece
     of every input: a text file is one document, a jsonl line (its ``text``)
     one, a parquet row (its ``text`` column) one."""
@@ -58,24 +54,39 @@ def read_pieces(paths: Iterable[Path], piece_chars: int = PIECE_CHARS) -> Iterat
         elif path.suffix == ".parquet":
             yield from _parquet_pieces(path)
         else:
-            yield from _text_pieces(path, piece_chars)
+            yield from _text_pieces(path, piece_bytes)
 
 
-def _text_pieces(path: Path, piece_chars: int) -> Iterator[tuple[bool, str, int]]:
-    first, buffer = True, ""
-    try:
-        with open(path, encoding="utf-8") as f:
-            while chunk := f.read(piece_chars):
-                buffer += chunk
-                cuts = [m.start() for m in SAFE_CUT.finditer(buffer, 0, len(buffer) - 1)]
-                if cuts:
-                    piece, buffer = buffer[: cuts[-1]], buffer[cuts[-1] :]
-                    yield first, piece, len(piece.encode("utf-8"))
-                    first = False
-    except UnicodeDecodeError as e:
-        raise GPT2FnError(f"cannot read {path} as UTF-8 text ({e.reason} near byte {e.start})") from None
-    if buffer or first:
-        yield first, buffer, len(buffer.encode("utf-8"))
+def _safe_cut(data: bytes) -> int:
+    """The last position just after a newline with an ASCII non-space byte on
+    both sides, or 0. GPT-2's pre-tokenizer never joins across such a
+    newline, so pieces cut there tokenize exactly like the whole text (and a
+    cut next to ASCII bytes never splits a UTF-8 character)."""
+    end = len(data) - 1
+    while (i := data.rfind(b"\n", 1, end)) > 0:
+        if 32 < data[i - 1] < 127 and 32 < data[i + 1] < 127:
+            return i + 1
+        end = i
+    return 0
+
+
+def _text_pieces(path: Path, piece_bytes: int) -> Iterator[tuple[bool, str, int]]:
+    first, buffer, offset = True, b"", 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(piece_bytes)
+            buffer += chunk
+            cut = _safe_cut(buffer) if chunk else len(buffer)
+            if cut or (first and not chunk):
+                piece, buffer = buffer[:cut], buffer[cut:]
+                try:
+                    text = piece.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise GPT2FnError(f"cannot read {path} as UTF-8 text ({e.reason} at byte {offset + e.start})") from None
+                yield first, text, len(piece)
+                first, offset = False, offset + len(piece)
+            if not chunk:
+                return
 
 
 def _jsonl_pieces(path: Path) -> Iterator[tuple[bool, str, int]]:
@@ -159,7 +170,9 @@ def tokenized(pieces: Iterator[tuple[bool, str, int]], workers: int) -> Iterator
         for job, consumed in _jobs(pieces):
             yield encode_pieces(job), consumed
         return
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    # fork where there is one (Linux): workers start at once, with the tokenizer's module already loaded
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with multiprocessing.get_context(method).Pool(workers) as pool:
         in_flight: collections.deque = collections.deque()
         for job, consumed in _jobs(pieces):
             in_flight.append((pool.apply_async(encode_pieces, (job,)), consumed))
@@ -186,19 +199,20 @@ class ShardWriter:
     def add(self, data: bytes | memoryview) -> None:
         self.buffer += data
         while len(self.buffer) >= self.size:
-            self._write(bytes(self.buffer[: self.size]))
+            self._write(self.size)
             del self.buffer[: self.size]
 
     def close(self) -> list[tuple[str, int]]:
         if self.buffer:
-            self._write(bytes(self.buffer))
+            self._write(len(self.buffer))
             self.buffer = bytearray()
         return self.shards
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, nbytes: int) -> None:
         name = f"{self.split}_{len(self.shards):06d}.bin"
-        atomic_write(self.out / name, lambda tmp: Path(tmp).write_bytes(data))
-        self.shards.append((name, len(data) // 2))
+        with memoryview(self.buffer) as view:  # no copy of the shard
+            atomic_write(self.out / name, lambda tmp: Path(tmp).write_bytes(view[:nbytes]))
+        self.shards.append((name, nbytes // 2))
 
 
 def _split_off_val(out: Path, shards: list[tuple[str, int]], n_val: int, shard_tokens: int) -> tuple[list, list]:

@@ -50,3 +50,18 @@ def test_benchmark_train_writes_json(tmp_path, capsys):
     # 6 x (4 blocks of 12 D^2 + 13 D, ln_f, wte) + 12 x layers x D x T; wpe not counted
     assert results["flops_per_token"] == 6 * (4 * 12 * 128**2 + 4 * 13 * 128 + 2 * 128 + 50257 * 128) + 12 * 4 * 128 * 16
     assert "vs gpt2fn eager" in stdout and "transformers compiled" in stdout
+
+
+def test_benchmark_prepare_writes_json(tmp_path, capsys):
+    from conftest import load_script
+
+    out = tmp_path / "prepare.json"
+    code = load_script("benchmark_prepare").main(["--throughput-mb", "1", "--memory-mb", "1", "--rounds", "1",
+                                                  "--json", str(out)])  # fmt: skip
+    stdout = capsys.readouterr().out
+    assert code == 0
+    results = json.loads(out.read_text())
+    assert set(results["throughput"]) == {"1", "2"}
+    assert all(r["tokenizing_mb_per_s"] > 0 and r["startup_s"] > 0 for r in results["throughput"].values())
+    assert 50 < results["memory"]["peak_pss_mb"] < 4000 and results["memory"]["workers"] == 2
+    assert "vs first" in stdout and "peak memory of the process tree" in stdout

@@ -23,7 +23,7 @@ from gpt2fn.tokenizer import ENDOFTEXT_ID, get_tokenizer
 
 from conftest import ROOT, load_script
 
-WORDS = "the of and to in is that it was for on are with as his they be at one have this from or had by".split()
+WORDS = "the of and to in is that it was for on are with as his they be at one have this from or had by café naïve 日本 😀".split()
 
 
 def corpus_text(seed: int, n_lines: int) -> str:
@@ -63,7 +63,7 @@ def all_tokens(directory) -> list[int]:
 def test_text_pieces_tokenize_exactly_like_the_whole_file(inputs):
     d, _, _ = inputs
     text = (d / "a.txt").read_text()
-    pieces = list(read_pieces([d / "a.txt"], piece_chars=300))
+    pieces = list(read_pieces([d / "a.txt"], piece_bytes=300))
     assert len(pieces) > 10 and "".join(p for _, p, _ in pieces) == text
     assert [new for new, _, _ in pieces] == [True] + [False] * (len(pieces) - 1)
     tokens = torch.frombuffer(bytearray(encode_pieces([(False, p) for _, p, _ in pieces])), dtype=torch.uint16).tolist()
