@@ -105,8 +105,8 @@ def _jsonl_pieces(path: Path) -> Iterator[tuple[bool, str, int]]:
             yield True, row["text"], len(line)
 
 
-def open_parquet(path: Path):
-    """A ``pyarrow.parquet.ParquetFile`` with a ``text`` column, or one line saying what is wrong."""
+def open_parquet(path: Path, columns: tuple[str, ...] = ("text",)):
+    """A ``pyarrow.parquet.ParquetFile`` with ``columns``, or one line saying what is wrong."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -115,10 +115,12 @@ def open_parquet(path: Path):
         table = pq.ParquetFile(path)
     except Exception as e:  # pyarrow's own error types: not a parquet file, truncated
         raise GPT2FnError(f"{path} is not a readable parquet file ({type(e).__name__}: {str(e)[:200]})") from None
-    columns = table.schema_arrow.names
-    if "text" not in columns:
-        raise GPT2FnError(f"{path} has no text column (its columns: {', '.join(columns[:10])}); the text must be in "
-                          "a column named text, as in FineWeb")  # fmt: skip
+    have = table.schema_arrow.names
+    missing = [c for c in columns if c not in have]
+    if missing:
+        raise GPT2FnError(f"{path} has no {' or '.join(missing)} column (its columns: {', '.join(have[:10])}); "
+                          + ("the text must be in a column named text, as in FineWeb" if columns == ("text",) else
+                             f"it needs {', '.join(columns)}"))  # fmt: skip
     return table
 
 

@@ -6,7 +6,8 @@ sum, ``acc_norm`` the highest mean per token. Published figures with this
 scoring on the validation set: GPT-2 124M acc_norm 0.2955, 1558M 0.4893.
 
 The data is the dataset's own jsonl (``hellaswag_val.jsonl``: one example per
-line with ``ctx``, ``endings`` and ``label``; other fields are ignored).
+line with ``ctx``, ``endings`` and ``label``; other fields are ignored), or
+the Hub's parquet copy of the validation split (:func:`hub_validation_file`).
 """
 
 from __future__ import annotations
@@ -44,10 +45,27 @@ class HellaSwagResult:
     n: int
 
 
+HUB_REPO, HUB_REVISION, HUB_VALIDATION = "Rowan/hellaswag", "refs/convert/parquet", "default/validation"
+
+
+def hub_validation_file() -> Path:
+    """The validation split from the Hub (the dataset's parquet conversion,
+    downloaded once into huggingface_hub's cache; offline: from the cache)."""
+    from gpt2fn.weights import hub_dataset_files
+
+    return hub_dataset_files(HUB_REPO, HUB_VALIDATION, HUB_REVISION)[0]
+
+
 def load_examples(path: str | os.PathLike, limit: Optional[int] = None) -> list[Example]:
-    """The first ``limit`` (default: all) examples of a HellaSwag jsonl file;
-    a line that is not an example is refused with its file and line number."""
+    """The first ``limit`` (default: all) examples of a HellaSwag jsonl file
+    (or the Hub's parquet copy); a line that is not an example is refused
+    with its file and line number."""
     path = check_input(path, "HellaSwag file")
+    if path.suffix == ".parquet":
+        from gpt2fn.data import open_parquet
+
+        rows = open_parquet(path, columns=("ctx", "endings", "label")).read(columns=["ctx", "endings", "label"]).to_pylist()
+        return [_example(row, f"{path} row {i + 1}") for i, row in enumerate(rows[:limit])]
     examples = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):

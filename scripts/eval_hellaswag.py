@@ -2,6 +2,7 @@
 """HellaSwag accuracy of a model, scored completion-style (see gpt2fn.hellaswag).
 
     python scripts/eval_hellaswag.py --model gpt2 --data hellaswag_val.jsonl
+    python scripts/eval_hellaswag.py --model gpt2          # the validation split from the Hub
     python scripts/eval_hellaswag.py --model weights/my-model.safetensors --data hellaswag_val.jsonl --limit 500
 
 Prints acc (highest summed log-probability) and acc_norm (highest mean per
@@ -15,7 +16,7 @@ import sys
 
 from gpt2fn.device import resolve_device
 from gpt2fn.errors import check_int, run_cli
-from gpt2fn.hellaswag import evaluate_hellaswag, load_examples
+from gpt2fn.hellaswag import evaluate_hellaswag, hub_validation_file, load_examples
 from gpt2fn.tokenizer import get_tokenizer
 from gpt2fn.weights import load_pretrained, resolve_model
 
@@ -23,7 +24,8 @@ from gpt2fn.weights import load_pretrained, resolve_model
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="gpt2")
-    p.add_argument("--data", required=True, help="HellaSwag jsonl (ctx, endings, label per line), e.g. hellaswag_val.jsonl")
+    p.add_argument("--data", default=None, help="HellaSwag jsonl (ctx, endings, label per line), e.g. "
+                   "hellaswag_val.jsonl; default: the validation split from the Hub (Rowan/hellaswag, needs pyarrow)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N examples")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda if present; default)")
     return run_cli(run, p.parse_args(argv))
@@ -32,7 +34,7 @@ def main(argv=None) -> int:
 def run(args) -> int:
     if args.limit is not None:
         check_int("--limit", args.limit)
-    examples = load_examples(args.data, args.limit)
+    examples = load_examples(args.data or hub_validation_file(), args.limit)
     device = resolve_device(args.device)
     path = resolve_model(args.model)
     params, config = load_pretrained(path, device=device)
