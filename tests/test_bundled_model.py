@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from gpt2fn import load_pretrained
-from gpt2fn.data import tokenize_files
+from gpt2fn.data import load_split, prepare
 from gpt2fn.evaluation import perplexity, unigram_perplexity
 from gpt2fn.weights import BUNDLED_DIR
 
@@ -42,10 +42,9 @@ def test_generates_offline_from_the_cli(tmp_path):
 
 
 @pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="tinyshakespeare.txt is not beside the repository")
-def test_val_perplexity_far_below_unigram():
-    ids = torch.tensor(tokenize_files([SHAKESPEARE]))
-    n_val = int(len(ids) * 0.1)
-    train_ids, val_ids = ids[:-n_val], ids[-n_val:]
+def test_val_perplexity_far_below_unigram(tmp_path):
+    prepare([SHAKESPEARE], tmp_path / "data")  # the split the model card describes: the last 10% is val
+    train_ids, val_ids = load_split(tmp_path / "data", "train").to(torch.int64), load_split(tmp_path / "data", "val").to(torch.int64)
     params, config = load_pretrained(NAME)
     model = perplexity(params, config, val_ids[:8192], stride=config.n_ctx // 2)
     unigram = unigram_perplexity(train_ids, val_ids[:8192], config.vocab_size)
