@@ -69,30 +69,40 @@ def resolve_model(name_or_path: str | os.PathLike, revision: Optional[str] = Non
 
 
 def _download_snapshot(repo_id: str, revision: Optional[str]) -> str:
-    # These names exist in every huggingface_hub that setup.cfg admits (0.23 to 2.x).
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.utils import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub import constants
 
     cached = _cached_snapshot(repo_id, revision)
     if cached is not None and (constants.HF_HUB_OFFLINE or _is_commit(revision)):
         return cached  # offline the cache is all there is; a commit's files never change
-    not_cached = GPT2FnError(
-        f"{repo_id}{f' at revision {revision}' if revision else ''} is not in the local Hugging Face cache and the Hub cannot be reached "
-        "(offline or HF_HUB_OFFLINE=1); connect once to download it, point HF_HOME at a cache "
-        "that has it, or pass a local directory"
-    )  # fmt: skip
     if constants.HF_HUB_OFFLINE:
-        raise not_cached
+        raise _not_cached(repo_id, revision, "model")
+    return _snapshot(repo_id, revision, HUB_FILES, "model")
+
+
+def _snapshot(repo_id: str, revision: Optional[str], patterns: list[str], repo_type: str) -> str:
+    """huggingface_hub's ``snapshot_download``, its errors each one line."""
+    # These names exist in every huggingface_hub that setup.cfg admits (0.23 to 2.x).
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
     try:
-        return snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES)
+        return snapshot_download(repo_id, repo_type=repo_type, revision=revision, allow_patterns=patterns)
     except RevisionNotFoundError:
-        raise GPT2FnError(f"the Hub repo {repo_id} has no revision {revision!r}; check the name") from None
+        raise GPT2FnError(f"the Hub {repo_type} {repo_id} has no revision {revision!r}; check the name") from None
     except RepositoryNotFoundError:
-        raise GPT2FnError(f"the Hub has no model {repo_id!r} (or it is private); check the name") from None
+        raise GPT2FnError(f"the Hub has no {repo_type} {repo_id!r} (or it is private); check the name") from None
     except LocalEntryNotFoundError:
-        raise not_cached from None
+        raise _not_cached(repo_id, revision, repo_type) from None
     except OSError as e:  # network failures surface as OSError subclasses
-        raise GPT2FnError(f"could not download {repo_id} from the Hub: {_one_line(e)}") from None
+        raise GPT2FnError(f"could not download the {repo_type} {repo_id} from the Hub: {_one_line(e)}") from None
+
+
+def _not_cached(repo_id: str, revision: Optional[str], repo_type: str) -> GPT2FnError:
+    return GPT2FnError(
+        f"{repo_id}{f' at revision {revision}' if revision else ''} is not in the local Hugging Face cache and the Hub "
+        "cannot be reached (offline or HF_HUB_OFFLINE=1); connect once to download it, point HF_HOME at a cache that "
+        f"has it, or pass {'a local directory' if repo_type == 'model' else 'local files'}"
+    )
 
 
 def hub_dataset_files(repo_id: str, subset: Optional[str] = None, revision: Optional[str] = None) -> list[Path]:
@@ -103,9 +113,9 @@ def hub_dataset_files(repo_id: str, subset: Optional[str] = None, revision: Opti
     config's files, else every parquet file."""
     import fnmatch
 
-    card = Path(_dataset_snapshot(repo_id, revision, ["README.md"])) / "README.md"
+    card = Path(_snapshot(repo_id, revision, ["README.md"], "dataset")) / "README.md"
     patterns = _subset_patterns(card, subset)
-    snapshot = Path(_dataset_snapshot(repo_id, revision, patterns))
+    snapshot = Path(_snapshot(repo_id, revision, patterns, "dataset"))
     files = sorted(p for p in snapshot.rglob("*.parquet")
                    if any(fnmatch.fnmatch(p.relative_to(snapshot).as_posix(), pat) for pat in patterns))  # fmt: skip
     if not files:
@@ -130,27 +140,11 @@ def _subset_patterns(card: Path, subset: Optional[str]) -> list[str]:
         if isinstance(config, dict) and config.get("config_name") == wanted:
             files = config.get("data_files") or []
             files = [files] if isinstance(files, (str, dict)) else files
-            paths = [f["path"] if isinstance(f, dict) else f for f in files if not isinstance(f, dict) or f.get("split", "train") == "train"]
+            train = [f for f in files if not isinstance(f, dict) or f.get("split", "train") == "train"]
+            paths = [f["path"] if isinstance(f, dict) else f for f in train]
             patterns = [p for path in paths for p in ([path] if isinstance(path, str) else path)]
             return [p if p.endswith(".parquet") else p.rstrip("*") + "*.parquet" for p in patterns]
     return [f"{subset}/*.parquet"] if subset else ["*.parquet"]
-
-
-def _dataset_snapshot(repo_id: str, revision: Optional[str], patterns: list[str]) -> str:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
-
-    try:
-        return snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=patterns)
-    except RevisionNotFoundError:
-        raise GPT2FnError(f"the Hub dataset {repo_id} has no revision {revision!r}; check the name") from None
-    except RepositoryNotFoundError:
-        raise GPT2FnError(f"the Hub has no dataset {repo_id!r} (or it is private); check the name") from None
-    except LocalEntryNotFoundError:
-        raise GPT2FnError(f"the dataset {repo_id} is not in the local Hugging Face cache and the Hub cannot be reached "
-                          "(offline or HF_HUB_OFFLINE=1); connect once to download it, or pass local files") from None  # fmt: skip
-    except OSError as e:
-        raise GPT2FnError(f"could not download the dataset {repo_id} from the Hub: {_one_line(e)}") from None
 
 
 def _is_commit(revision: Optional[str]) -> bool:

@@ -70,3 +70,18 @@ def load_script(name: str):
 @pytest.fixture(scope="session")
 def generate_cli():
     return load_script("generate")
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch) -> Path:
+    """An empty huggingface_hub cache directory (HF_HOME/hub) in offline mode:
+    tests lay out repositories in it as huggingface_hub does."""
+    import huggingface_hub.constants
+
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return hub

@@ -144,12 +144,12 @@ def test_training_reads_a_directory_of_shards(inputs, tmp_path):
     assert histories[0] == histories[1]
 
 
-def test_a_hub_dataset_from_the_local_cache(inputs, tmp_path, monkeypatch, capsys):
+def test_a_hub_dataset_from_the_local_cache(inputs, tmp_path, offline_hub, capsys):
     """--hf_dataset REPO --hf_subset NAME: the subset's parquet files, found
     through the dataset card's configs, read from huggingface_hub's cache."""
     d, _, _ = inputs
     commit = "89abcdef0123456789abcdef0123456789abcdef"
-    snapshot = tmp_path / "hub" / "datasets--someone--web-edu" / "snapshots" / commit
+    snapshot = offline_hub / "datasets--someone--web-edu" / "snapshots" / commit
     (snapshot / "sample" / "10BT").mkdir(parents=True)
     (snapshot / "data").mkdir()
     (snapshot / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
@@ -161,11 +161,6 @@ def test_a_hub_dataset_from_the_local_cache(inputs, tmp_path, monkeypatch, capsy
     shutil.copy(d / "c.parquet", snapshot / "data" / "000.parquet")  # another config's file: not read
     (snapshot.parent.parent / "refs").mkdir()
     (snapshot.parent.parent / "refs" / "main").write_text(commit)
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     cli = load_script("prepare_data")
     assert cli.main(["--hf_dataset", "someone/web-edu", "--hf_subset", "sample-10BT", "--out", str(tmp_path / "out")]) == 0
     tok = get_tokenizer()

@@ -101,24 +101,20 @@ def test_the_script_refuses_bad_input_in_one_line(small_ref, tmp_path, capsys):
         assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err
 
 
-def test_the_validation_split_from_the_hub_cache(small_ref, jsonl, tmp_path, monkeypatch, capsys):
+def test_the_validation_split_from_the_hub_cache(small_ref, jsonl, offline_hub, capsys):
     """Without --data: Rowan/hellaswag's parquet conversion (revision
     refs/convert/parquet), read from a cache laid out as huggingface_hub lays it out."""
-    import huggingface_hub.constants
     import pyarrow
     import pyarrow.parquet
 
     commit = "fedcba9876543210fedcba9876543210fedcba98"
-    repo = tmp_path / "hub" / "datasets--Rowan--hellaswag"
+    repo = offline_hub / "datasets--Rowan--hellaswag"
     (repo / "snapshots" / commit / "default" / "validation").mkdir(parents=True)
     table = pyarrow.table({"ind": list(range(4)), "ctx": [e["ctx"] for e in EXAMPLES],
                            "endings": [e["endings"] for e in EXAMPLES], "label": [str(e["label"]) for e in EXAMPLES]})  # fmt: skip
     pyarrow.parquet.write_table(table, repo / "snapshots" / commit / "default" / "validation" / "0000.parquet")
     (repo / "refs" / "refs" / "convert").mkdir(parents=True)
     (repo / "refs" / "refs" / "convert" / "parquet").write_text(commit)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     code = load_script("eval_hellaswag").main(["--model", str(small_ref.directory), "--device", "cpu"])
     out = capsys.readouterr().out
     params, config = load_pretrained(small_ref.directory)

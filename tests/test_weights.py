@@ -219,14 +219,8 @@ def fake_hub_cache(hf_home, checkpoint_dir, repo="openai-community/gpt2", refs=(
     return commit
 
 
-def test_hub_name_loads_from_the_hf_cache_offline(small_ref, tmp_path, monkeypatch):
+def test_hub_name_loads_from_the_hf_cache_offline(small_ref, tmp_path, offline_hub):
     commit = fake_hub_cache(tmp_path, small_ref.directory, refs=("main", "v1"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     expected, _ = load_pretrained(small_ref.directory)
     for revision in (None, "v1", commit):
         assert_same_params(load_pretrained("gpt2", revision=revision)[0], expected)
