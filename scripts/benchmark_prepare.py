@@ -72,11 +72,15 @@ def run(args) -> int:
         first = None
         for w in workers:
             run_s, start_s = median(times[w]), median(startup[w])
-            rate = args.throughput_mb / (run_s - start_s)
+            # tokenizing must be most of the run for the difference to mean anything
+            rate = args.throughput_mb / (run_s - start_s) if run_s > 2 * start_s else None
             first = first or (rate, run_s)
             results["throughput"][w] = {"run_s": run_s, "all_run_s": times[w], "startup_s": start_s,
                                         "all_startup_s": startup[w], "tokenizing_mb_per_s": rate}  # fmt: skip
-            print(f"  {w:8d} {run_s:7.1f} {start_s:11.1f} {rate:7.1f} {rate / first[0]:8.2f}x {first[1] / run_s:12.2f}x")
+            shown = f"{rate:7.1f} {rate / first[0]:8.2f}x" if rate and first[0] else f"{'-':>7s} {'-':>9s}"
+            print(f"  {w:8d} {run_s:7.1f} {start_s:11.1f} {shown} {first[1] / run_s:12.2f}x")
+        if any(r["tokenizing_mb_per_s"] is None for r in results["throughput"].values()):
+            print("  (-: the corpus is too small for tokenizing to outweigh start-up; use a larger --throughput-mb)")
         if args.memory_mb:
             big = write_corpus(tmp / "big", args.memory_mb)
             seconds, peak = run_prepare(big, tmp / "out-big", workers[-1])
