@@ -257,8 +257,7 @@ def prepare(
         raise GPT2FnError(f"{out} already holds prepared data ({MANIFEST}); choose another --out or delete it")
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    for stale in [p for p in out.iterdir() if SHARD.match(p.name)]:  # left by an interrupted prepare
-        stale.unlink()
+    _remove_shards(out)  # left by an interrupted prepare
     writer = ShardWriter(out, "train", shard_tokens)
     total_bytes = sum(p.stat().st_size for p in paths)
     start = time.perf_counter()
@@ -281,12 +280,16 @@ def prepare(
                     "inputs": [str(p) for p in paths], "train": train_shards, "val": val_shards}  # fmt: skip
         atomic_write(out / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
     except BaseException:  # refused, interrupted or failed: no shards left that look like data
-        for p in [p for p in out.iterdir() if SHARD.match(p.name)]:
-            p.unlink()
+        _remove_shards(out)
         if created and not any(out.iterdir()):
             out.rmdir()
         raise
     return {"train": total - n_val, "val": n_val, "train_shards": len(train_shards), "val_shards": len(val_shards)}
+
+
+def _remove_shards(out: Path) -> None:
+    for p in [p for p in out.iterdir() if SHARD.match(p.name)]:
+        p.unlink()
 
 
 # ----------------------------------------------------------------------------- reading shards

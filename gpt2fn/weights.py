@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from gpt2fn.config import PRESETS, GPTConfig
 from gpt2fn.errors import GPT2FnError
 from gpt2fn.files import atomic_write
-from gpt2fn.params import Params, flatten_params, map_params, param_shapes, unflatten_params
+from gpt2fn.params import Params, flatten_params, map_params, param_shapes, params_device, unflatten_params
 
 # Hugging Face repositories of the four released sizes.
 HUB_REPOS: dict[str, str] = {name: f"openai-community/{name}" for name in PRESETS}
@@ -265,6 +265,21 @@ def hf_state_dict(params: Params) -> dict[str, torch.Tensor]:
         state["transformer." + hf_name(name)] = t.T.contiguous() if _is_conv1d(name) else t
     state["lm_head.weight"] = state["transformer.wte.weight"]
     return state
+
+
+def transformers_model(params: Params, config: GPTConfig):
+    """transformers' ``GPT2LMHeadModel`` holding ``params`` (the reference,
+    for tests and the benchmarks), on the params' device, or None with a line
+    saying so when transformers is not installed."""
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        print("transformers is not installed: skipping the baseline (pip install transformers)")
+        return None
+    model = GPT2LMHeadModel(GPT2Config(**config.to_hf())).to(params_device(params))
+    model.load_state_dict(hf_state_dict(params), strict=False)
+    model.tie_weights()
+    return model
 
 
 def _check_names_and_shapes(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:

@@ -65,7 +65,7 @@ from gpt2fn.params import init_params
 from gpt2fn.plotting import require_pyplot, save_figure
 from gpt2fn.quantize import WEIGHT_DTYPES, cast_params
 from gpt2fn.steps import compile_steps, eager_steps, resolve_attention
-from gpt2fn.weights import hf_state_dict, load_pretrained
+from gpt2fn.weights import load_pretrained, transformers_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -149,7 +149,8 @@ def main(argv=None) -> int:
     results["compile"] = compile_times
 
     # Generation, interleaved rounds.
-    hf_model = None if args.no_transformers else transformers_model(params32, config, device)
+    hf_model = None if args.no_transformers else transformers_model(params32, config)
+    hf_model = hf_model.eval() if hf_model is not None else None
     runs: dict[str, list] = {}
     contenders = {}
     for d in dtypes:
@@ -227,19 +228,6 @@ def main(argv=None) -> int:
     if args.plot:
         plot(results, args.plot)
     return 0
-
-
-def transformers_model(params32, config, device):
-    """transformers' GPT2LMHeadModel holding the very same fp32 weights (optional)."""
-    try:
-        from transformers import GPT2Config, GPT2LMHeadModel
-    except ImportError:
-        print("transformers is not installed: skipping the baseline (pip install transformers)")
-        return None
-    model = GPT2LMHeadModel(GPT2Config(**config.to_hf())).eval().to(device)
-    model.load_state_dict(hf_state_dict(params32), strict=False)
-    model.tie_weights()
-    return model
 
 
 def batch_tokens_per_s(params, config, prompts, n_new, attention) -> float:

@@ -45,7 +45,7 @@ from gpt2fn.params import init_params
 from gpt2fn.training import (
     TrainConfig, deterministic_mode, loss_fn, make_optimizer, resolve_for_device, tf32_matmuls, train_step, trainable,
 )  # fmt: skip
-from gpt2fn.weights import hf_state_dict
+from gpt2fn.weights import transformers_model
 
 SHAPES = {"gpt2-shakespeare": GPTConfig(n_layer=4, n_head=4, n_embd=128, n_ctx=256), **PRESETS}
 
@@ -164,14 +164,10 @@ def gpt2fn_step(params0, config, tc, windows):
 
 def transformers_step(params0, config, tc, windows, compiled: bool):
     """The same step with the reference model: same weights, same windows, same loss, AdamW, clipping, autocast."""
-    try:
-        from transformers import GPT2Config, GPT2LMHeadModel
-    except ImportError:
-        print("transformers is not installed: skipping the baseline (pip install transformers)")
+    model = transformers_model(params0, config)
+    if model is None:
         return None
-    model = GPT2LMHeadModel(GPT2Config(**config.to_hf())).to(windows.device).train()
-    model.load_state_dict(hf_state_dict(params0), strict=False)
-    model.tie_weights()
+    model.train()
     forward = torch.compile(model) if compiled else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay,
                                   fused=windows.device.type == "cuda")  # fmt: skip

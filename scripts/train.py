@@ -122,8 +122,7 @@ def check_args(args) -> Checked:
     if args.stop_at is not None:
         check_int("stop_at", args.stop_at)
     tc = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})  # validates itself
-    data = args.data
-    train_tokens, val_tokens = load_split(data, "train"), load_split(data, "val")
+    train_tokens, val_tokens = load_split(args.data, "train"), load_split(args.data, "val")
     if args.export:
         check_output_file(args.export, "--export file", suffix=".safetensors")
     if args.plot:

@@ -74,9 +74,9 @@ def test_fields_that_would_compute_another_function_are_refused(tmp_path, field)
 
 
 def test_to_hf_is_the_inverse_of_from_hf_and_builds_the_same_model(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config
 
-    from gpt2fn.weights import hf_state_dict
+    from gpt2fn.weights import transformers_model
 
     config = GPTConfig(vocab_size=50257, n_ctx=96, n_embd=48, n_layer=3, n_head=3, layer_norm_eps=1e-4)
     hf = GPT2Config(**config.to_hf())
@@ -84,9 +84,7 @@ def test_to_hf_is_the_inverse_of_from_hf_and_builds_the_same_model(tmp_path):
     ref = make_reference(tmp_path, {k: v for k, v in config.to_hf().items() if k != "model_type"}, seed=5, weight_std=0.1)
     params, loaded = load_pretrained(ref.directory)
     assert loaded == config
-    model = GPT2LMHeadModel(hf).eval()
-    model.load_state_dict(hf_state_dict(params), strict=False)
-    model.tie_weights()
+    model = transformers_model(params, config).eval()
     ids = torch.randint(0, 50257, (1, 30), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (model(ids).logits - forward(params, config, ids)).abs().max().item() <= 1e-5
