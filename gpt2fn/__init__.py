@@ -4,11 +4,12 @@ The public surface, one module per concern::
 
     config      GPTConfig, PRESETS
     params      init_params, count_params, flatten_params, map_params
-    layers      gelu, layer_norm, linear, attention, mlp, block
+    layers      gelu, layer_norm, linear, matvec, attention, ffn, block, Kernels
     cache       make_cache (immutable tuple of preallocated K/V tensors)
-    model       forward, decode_step
+    model       hidden, logits, forward, positions
+    steps       cached_steps, uncached_steps, compiled_steps (the Steps protocol)
     sampling    sample, top_k_filter, top_p_filter, filtered_probs
-    generation  generate (streaming), generate_all
+    generation  generate (a Stream: tokens as they come, then stats), generate_all
     weights     load_pretrained, save_params, load_params
     tokenizer   get_tokenizer, encode, decode
 """
@@ -16,8 +17,8 @@ The public surface, one module per concern::
 from gpt2fn.cache import KVCache, make_cache
 from gpt2fn.config import PRESETS, GPTConfig
 from gpt2fn.errors import GPT2FnError
-from gpt2fn.generation import GenerationStats, generate, generate_all
-from gpt2fn.model import decode_step, forward
+from gpt2fn.generation import GenerationStats, Stream, generate, generate_all
+from gpt2fn.model import forward, hidden, logits, positions
 from gpt2fn.params import count_params, init_params
 from gpt2fn.sampling import sample
 from gpt2fn.tokenizer import ENDOFTEXT_ID, decode, encode, get_tokenizer
@@ -25,6 +26,6 @@ from gpt2fn.weights import load_params, load_pretrained, save_params
 
 __all__ = [
     "GPTConfig", "PRESETS", "GPT2FnError", "KVCache", "make_cache", "init_params", "count_params",
-    "forward", "decode_step", "sample", "generate", "generate_all", "GenerationStats",
+    "hidden", "logits", "forward", "positions", "sample", "generate", "generate_all", "Stream", "GenerationStats",
     "load_pretrained", "load_params", "save_params", "get_tokenizer", "encode", "decode", "ENDOFTEXT_ID",
 ]  # fmt: skip

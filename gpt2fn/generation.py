@@ -1,62 +1,155 @@
-"""Autoregressive generation: prefill the prompt in one forward pass, then
-one decode step per new token against the preallocated cache (or, for
-comparison, recompute the whole sequence every step without a cache).
+"""Autoregressive generation: one loop over the steps of :mod:`gpt2fn.steps`.
 
-:func:`generate` is a Python generator: it yields each new token as soon as it
-is chosen (streaming) and, when it finishes, returns a :class:`GenerationStats`
-with prefill time, decode time and decode tokens/s. :func:`generate_all`
-collects both.
+:func:`generate` returns a :class:`Stream`: iterate it for each new token as
+soon as it is chosen ([B] int64, on the model's device); when it ends, its
+``stats`` hold prefill time, decode time and decode tokens/s. Prompts are a
+``[B, T]`` tensor or a list of token lists of any lengths (ragged batches):
+the same loop serves both, eager or compiled, with or without the KV cache.
+
+Ragged prompts need no padding token and no left padding. Each short row is
+padded by repeating its last token at its last position: the repeats compute
+exactly what that position computes, so every row's last column is its own
+last token, and each row's ``i``-th decode step writes and reads at its own
+position ``len_b + i``. Slots a row has not written yet are hidden by the
+causal mask. Nothing about a row depends on the others: greedy rows equal
+generating each prompt alone.
 """
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import dataclass
-from typing import Generator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 
-from gpt2fn.cache import make_cache
 from gpt2fn.config import GPTConfig
 from gpt2fn.device import synchronize
 from gpt2fn.errors import GPT2FnError
-from gpt2fn.layers import AttentionBackend
-from gpt2fn.model import check_sequence_fits, forward
-from gpt2fn.params import Params, params_device, params_dtype
-from gpt2fn.sampling import check_sampling_args, choose_token, noise_width, sample, uniform_noise
-from gpt2fn.steps import compile_steps, eager_steps, prepare_for_compiled_steps, resolve_attention
+from gpt2fn.params import Params, params_device
+from gpt2fn.sampling import check_sampling_args, noise_width, uniform_noise
+from gpt2fn.steps import Steps, make_steps
 
 Tensor = torch.Tensor
+Prompts = Union[Tensor, list[list[int]]]
 
 
 @dataclass(frozen=True)
 class GenerationStats:
-    n_prompt: int  # prompt tokens per sequence
-    n_new: int  # tokens generated per sequence
+    n_prompt: int  # prompt tokens per sequence (the longest, in a ragged batch)
+    n_new: int  # steps run: new tokens per sequence, at most
     prefill_s: float  # prompt forward pass + choosing the first new token
-    decode_s: float  # the timed decode steps, one new token each
+    decode_s: float  # the timed decode steps, one new token per sequence each
     decode_tokens: int  # how many decode steps decode_s covers
-    compile_s: float = 0.0  # with compile=True: the first decode step, which compiles (or loads) the graph
+    compile_s: float = 0.0  # compiled steps: the first decode step, which compiles (or loads) the graph
+    batch: int = 1  # sequences decoded together
 
     @property
     def decode_tokens_per_s(self) -> float:
+        """Decode steps per second (tokens/s of each sequence)."""
         return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
 
 
-def recompute_and_choose(
-    params: Params, tokens: Tensor, noise: Optional[Tensor],
-    *, config: GPTConfig, attention: AttentionBackend, temperature: float, top_k: int, top_p: float,
-) -> Tensor:  # fmt: skip
-    """The no-cache step: the whole sequence [B, T] -> the next token [B]."""
-    logits = forward(params, config, tokens, attention=attention, last_only=True)[:, -1]
-    return choose_token(logits, noise, temperature, top_k, top_p)
+class Stream:
+    """One generation, run by iterating it. Each item is the next token of
+    every row ([B] int64); after the last, :attr:`stats` is set.
+    :meth:`tokens` and :meth:`rows` run it to its end.
+
+    Per step, the loop touches the host only for the stop check (one sync,
+    with ``stop_token``); the position advances on the device and the noise is
+    drawn on the generator's device. Timings count the steps only, not the
+    caller's work between tokens: on CUDA each interval ends when the step is
+    queued, and the final synchronisation is added to ``decode_s``.
+    """
+
+    def __init__(self, params: Params, steps: Steps, prompts: list[list[int]], limits: list[int],
+                 stop_token: Optional[int], noise: Callable[[int], Optional[Tensor]]):  # fmt: skip
+        self.params, self.steps, self.prompts, self.limits = params, steps, prompts, limits
+        self.stop_token, self.noise = stop_token, noise
+        self.stats: Optional[GenerationStats] = None
+        self._made: list[Tensor] = []
+        self._loop = self._run()
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return self._loop
+
+    def tokens(self) -> Tensor:
+        """Run to the end: every step's tokens, [B, n_new] (rows go on past
+        their own stop token while others are still running)."""
+        for _ in self._loop:
+            pass
+        if not self._made:
+            return torch.empty(len(self.prompts), 0, dtype=torch.long)
+        return torch.stack(self._made, dim=1)
+
+    def rows(self) -> list[list[int]]:
+        """Run to the end: each row's own new tokens, cut at its length limit
+        and after its stop token (which is kept)."""
+        rows = []
+        for row, limit in zip(self.tokens().tolist(), self.limits):
+            row = row[:limit]
+            rows.append(row[: row.index(self.stop_token) + 1] if self.stop_token in row else row)
+        return rows
+
+    def _run(self) -> Iterator[Tensor]:
+        """The one decode loop."""
+        params, steps, prompts, stop = self.params, self.steps, self.prompts, self.stop_token
+        device = params_device(params)
+        B, T, n_steps = len(prompts), max(len(p) for p in prompts), max(self.limits)
+        if n_steps == 0:
+            self.stats = GenerationStats(T, 0, 0.0, 0.0, 0, batch=B)
+            return
+        length = max(len(p) + n for p, n in zip(prompts, self.limits))  # the cache: the longest row's end
+        tokens = torch.tensor([p + p[-1:] * (T - len(p)) for p in prompts], device=device)  # [B, T]
+        pos = torch.tensor([[min(t, len(p) - 1) for t in range(T)] for p in prompts], device=device)  # [B, T]
+        limits = torch.tensor(self.limits, device=device)
+        state = steps.make_state(params, B, length)
+        warm_up(device)
+
+        start = time.perf_counter()
+        with torch.inference_mode():
+            token = steps.prefill(params, tokens, pos, state, self.noise(B))
+        synchronize(device)
+        prefill_s = time.perf_counter() - start
+        self._made.append(token)
+        yield token
+        done = None if stop is None else (token == stop) | (limits <= 1)
+        pos, decode_s, compile_s = pos[:, -1:], 0.0, 0.0
+        n_new = 1
+        while n_new < n_steps and not (done is not None and bool(done.all())):
+            start = time.perf_counter()
+            with torch.inference_mode():
+                pos = (pos + 1).clamp_(max=length - 1)  # rows past their own end write a slot nobody reads
+                token = steps.decode(params, token[:, None], pos, state, self.noise(B))
+                if done is not None:
+                    done = done | (token == stop) | (limits <= n_new + 1)
+            if steps.compiled and n_new == 1:  # the first compiled step pays for compiling
+                synchronize(device)
+                compile_s = time.perf_counter() - start
+            else:
+                decode_s += time.perf_counter() - start
+            n_new += 1
+            self._made.append(token)
+            yield token
+        start = time.perf_counter()
+        synchronize(device)
+        decode_s += time.perf_counter() - start
+        decode_tokens = n_new - 1 - (compile_s > 0)
+        self.stats = GenerationStats(T, n_new, prefill_s, decode_s, decode_tokens, compile_s, B)
+
+
+def warm_up(device: torch.device) -> None:
+    """Start the device's libraries before anything is timed (on CUDA the
+    first matrix product creates the context and the cuBLAS handle)."""
+    if device.type == "cuda":
+        x = torch.ones(8, 8, device=device)
+        (x @ x).sum().item()
 
 
 def generate(
     params: Params,
     config: GPTConfig,
-    prompt: Tensor,
+    prompts: Prompts,
     max_new_tokens: int,
     *,
     temperature: float = 1.0,
@@ -67,142 +160,57 @@ def generate(
     attention: str = "auto",
     stop_token: Optional[int] = None,
     compile: bool = False,
-) -> Generator[Tensor, None, GenerationStats]:
-    """Yield new tokens ([B] int64 each) for a batch of equal-length prompts
-    ([B, T] int64), then return the timings.
+) -> Stream:
+    """Generate up to ``max_new_tokens`` per prompt; returns the :class:`Stream`.
 
-    Stops after ``max_new_tokens``, or once every row has produced
-    ``stop_token`` (which is yielded). Raises :class:`~gpt2fn.errors.GPT2FnError`
-    if the prompt is empty or prompt + new tokens exceed the context.
-    ``temperature=0`` is greedy. ``attention`` is "manual", "sdpa" or "auto"
-    (see :func:`gpt2fn.steps.resolve_attention`). ``compile=True`` runs the decode step under
-    ``torch.compile`` (see :mod:`gpt2fn.steps`); the first decode step, which
-    compiles the graph (or loads it from the on-disk cache), is reported as
-    ``compile_s`` and left out of ``decode_s``. Time spent by the caller
-    between tokens is not counted.
+    ``prompts``: a [B, T] int64 tensor (prompt + new tokens must fit the
+    context, or this raises), or a list of token lists of any lengths (each
+    row then also stops when it reaches the context). A row stops at
+    ``stop_token`` (which it yields); the stream ends when every row has.
+    ``temperature=0`` is greedy; the draws come from ``generator``.
+    ``use_cache`` and ``compile`` pick the steps (see :mod:`gpt2fn.steps`);
+    ``attention`` is "manual", "sdpa" or "auto"
+    (:func:`gpt2fn.steps.resolve_attention`). The first compiled decode step
+    is reported as ``compile_s`` and left out of ``decode_s``.
+    Raises :class:`~gpt2fn.errors.GPT2FnError` on bad input, before any work.
     """
     check_sampling_args(temperature, top_k, top_p)
-    B, T = prompt.shape
-    check_sequence_fits(config, T, max_new_tokens)
-    if max_new_tokens == 0:
-        return GenerationStats(T, 0, 0.0, 0.0, 0)
+    if isinstance(prompts, Tensor):
+        check_sequence_fits(config, prompts.shape[1], max_new_tokens)
+        prompts = prompts.tolist()
+    check_prompts(config, prompts, max_new_tokens)
     device = params_device(params)
-    prompt = prompt.to(device)
-    settings = dict(attention=attention, temperature=temperature, top_k=top_k, top_p=top_p)
+    steps = make_steps(config, device, len(prompts), use_cache, compile, attention,
+                       temperature=temperature, top_k=top_k, top_p=top_p)  # fmt: skip
+    width = noise_width(config.vocab_size, top_k)
 
-    def noise() -> Optional[Tensor]:
+    def noise(batch: int) -> Optional[Tensor]:
         if temperature == 0:
             return None
-        return uniform_noise((B, noise_width(config.vocab_size, top_k)), generator, device)
+        return uniform_noise((batch, width), generator, generator.device if generator else device).to(device)
 
-    if use_cache:
-        steps = compile_steps(config, device, **settings) if compile else eager_steps(config, **settings)
-        cache = make_cache(config, B, T + max_new_tokens, params_dtype(params), device)
-        if compile:
-            prepare_for_compiled_steps(params, cache)
-    else:
-        settings["attention"] = resolve_attention(attention)
-        # The prompt's pass runs eager, as with the cache, so that compilation
-        # happens in the first decode step and is reported as compile_s there.
-        recompute_prompt = functools.partial(recompute_and_choose, config=config, **settings)
-        recompute = torch.compile(recompute_prompt, fullgraph=True, dynamic=True) if compile else recompute_prompt
-        sequence = prompt
-
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-
-    def finished(token: Tensor) -> bool:
-        nonlocal done
-        if stop_token is None:
-            return False
-        done = done | (token == stop_token)
-        return bool(done.all())
-
-    # Prefill: the whole prompt in one pass; the last position's logits give token 1.
-    start = time.perf_counter()
-    with torch.inference_mode():
-        if use_cache:
-            token = steps.prefill(params, prompt, cache, torch.arange(T, device=device), noise())
-        else:
-            token = recompute_prompt(params, sequence, noise())
-        synchronize(device)
-    prefill_s = time.perf_counter() - start
-    yield token
-    n_new, decode_s, compile_s = 1, 0.0, 0.0
-    stop = finished(token)
-
-    while n_new < max_new_tokens and not stop:
-        start = time.perf_counter()
-        with torch.inference_mode():
-            if use_cache:
-                pos = torch.tensor([T + n_new - 1], device=device)
-                token = steps.decode(params, token, cache, pos, noise())
-            else:
-                sequence = torch.cat([sequence, token[:, None]], dim=1)
-                token = recompute(params, sequence, noise())
-            synchronize(device)
-        if compile and n_new == 1:  # the first compiled step pays for compiling
-            compile_s = time.perf_counter() - start
-        else:
-            decode_s += time.perf_counter() - start
-        n_new += 1
-        yield token
-        stop = finished(token)
-    decode_tokens = n_new - 1 - (compile_s > 0)
-    return GenerationStats(T, n_new, prefill_s, decode_s, decode_tokens, compile_s)
+    limits = [min(max_new_tokens, config.n_ctx - len(p)) for p in prompts]
+    return Stream(params, steps, prompts, limits, stop_token, noise)
 
 
-def generate_all(
-    params: Params, config: GPTConfig, prompt: Tensor, max_new_tokens: int, **kwargs
-) -> tuple[Tensor, GenerationStats]:
-    """Run :func:`generate` to the end: (new tokens [B, n_new], stats)."""
-    stream = generate(params, config, prompt, max_new_tokens, **kwargs)
-    tokens = []
-    while True:
-        try:
-            tokens.append(next(stream))
-        except StopIteration as end:
-            stats = end.value
-            break
-    if not tokens:
-        return torch.empty(prompt.shape[0], 0, dtype=torch.long), stats
-    return torch.stack(tokens, dim=1), stats
+def check_sequence_fits(config: GPTConfig, n_prompt: int, max_new_tokens: int) -> None:
+    """Raise one clear line if a prompt plus the tokens to generate do not fit."""
+    if n_prompt == 0:
+        raise GPT2FnError("the prompt is empty; give at least one token of text")
+    if max_new_tokens < 0:
+        raise GPT2FnError(f"max_tokens must be >= 0, got {max_new_tokens}")
+    limit = config.n_ctx
+    if n_prompt > limit:
+        raise GPT2FnError(f"the prompt is {n_prompt} tokens but the context holds {limit}; shorten the prompt")
+    if n_prompt + max_new_tokens > limit:
+        raise GPT2FnError(
+            f"prompt ({n_prompt} tokens) + max_tokens ({max_new_tokens}) exceeds the {limit}-token context; "
+            f"use max_tokens <= {limit - n_prompt} or a shorter prompt"
+        )
 
 
-@dataclass(frozen=True)
-class BatchResult:
-    tokens: list[list[int]]  # new tokens per prompt (a stop token, when hit, is the last)
-    stats: GenerationStats  # n_prompt: the longest prompt; n_new: steps run
-
-
-def generate_batch(
-    params: Params,
-    config: GPTConfig,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    *,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: Optional[torch.Generator] = None,
-    attention: str = "auto",
-    stop_token: Optional[int] = None,
-) -> BatchResult:
-    """Generate for prompts of different lengths in one batch, against one
-    preallocated cache.
-
-    Per-row positions, no left padding: prompts are right-padded to the
-    longest and prefilled together at positions ``0..T-1``; row ``b``'s first
-    new token comes from its own last prompt position, and its ``i``-th decode
-    step writes and reads at position ``len_b + i``, so padding slots are
-    overwritten before any query of that row can see them (the causal mask
-    hides positions beyond the query's own). Nothing about a row depends on
-    the others, so greedy rows equal generating each prompt alone.
-
-    Each row stops on its own: at ``stop_token``, after ``max_new_tokens``, or
-    when it reaches the context; the batch runs until every row has stopped
-    (finished rows keep their fixed-shape slot, their further tokens dropped).
-    """
-    check_sampling_args(temperature, top_k, top_p)
+def check_prompts(config: GPTConfig, prompts: list[list[int]], max_new_tokens: int) -> None:
+    """One clear line for a batch that cannot run."""
     if not prompts:
         raise GPT2FnError("no prompts given")
     for i, p in enumerate(prompts):
@@ -212,40 +220,9 @@ def generate_batch(
             raise GPT2FnError(f"prompt {i + 1} is {len(p)} tokens but the context holds {config.n_ctx}; shorten it")
     if max_new_tokens < 0:
         raise GPT2FnError(f"max_tokens must be >= 0, got {max_new_tokens}")
-    device = params_device(params)
-    B, T = len(prompts), max(len(p) for p in prompts)
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    limits = [min(max_new_tokens, config.n_ctx - len(p)) for p in prompts]  # each row's own length limit
-    out: list[list[int]] = [[] for _ in prompts]
-    if max(limits) == 0:
-        return BatchResult(out, GenerationStats(T, 0, 0.0, 0.0, 0))
-    padded = torch.tensor([p + [0] * (T - len(p)) for p in prompts], device=device)
-    cache = make_cache(config, B, min(config.n_ctx, T + max_new_tokens), params_dtype(params), device)
-    backend = resolve_attention(attention)
 
-    def choose(logits: Tensor) -> Tensor:
-        return sample(logits, temperature, top_k, top_p, generator)
 
-    def record(token: Tensor) -> bool:
-        """Append each live row's token; True while any row is still going."""
-        for b, t in enumerate(token.tolist()):
-            if len(out[b]) < limits[b] and not (out[b] and out[b][-1] == stop_token):
-                out[b].append(t)
-        return any(len(o) < lim and not (o and o[-1] == stop_token) for o, lim in zip(out, limits))
-
-    start = time.perf_counter()
-    with torch.inference_mode():
-        logits = forward(params, config, padded, cache, torch.arange(T, device=device), backend, out_index=lengths - 1)
-        token = choose(logits[:, -1])
-        going = record(token)
-    prefill_s = time.perf_counter() - start
-    steps, start = 1, time.perf_counter()
-    with torch.inference_mode():
-        while going:
-            pos = (lengths + steps - 1)[:, None]  # [B, 1]: each row's own next position
-            pos = pos.clamp(max=cache[0][0].shape[2] - 1)  # finished rows may run past their end; ignored
-            token = choose(forward(params, config, token[:, None], cache, pos, backend)[:, -1])
-            steps += 1
-            going = record(token)
-    decode_s = time.perf_counter() - start
-    return BatchResult(out, GenerationStats(T, steps, prefill_s, decode_s, steps - 1))
+def generate_all(params: Params, config: GPTConfig, prompts: Prompts, max_new_tokens: int, **kwargs) -> tuple[Tensor, GenerationStats]:
+    """Run :func:`generate` to the end: (new tokens [B, n_new], stats)."""
+    stream = generate(params, config, prompts, max_new_tokens, **kwargs)
+    return stream.tokens(), stream.stats

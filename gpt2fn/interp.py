@@ -1,8 +1,9 @@
 """A small research toolkit on the pure forward: record intermediates, edit
 params, replace activations.
 
-Everything goes through ``forward(..., tap=...)``: a tap is a function
-``(name, layer, tensor) -> tensor`` called at each named point of each layer:
+Everything goes through ``hidden(..., tap=...)`` (or ``forward``): a tap is
+a function ``(name, layer, tensor) -> tensor`` called at each named point of
+each layer:
 
 ==============  ===================  ==========================================
 name            shape                what
@@ -16,6 +17,9 @@ name            shape                what
 
 Returning the tensor unchanged observes; returning another one intervenes.
 Without a tap (the default) the forward and the compiled step are unchanged.
+"attn_probs" exists only with the spelled-out attention
+(``kernels=MANUAL``, which :func:`run_with_cache` uses); the fused SDPA
+kernel never forms the probabilities.
 """
 
 from __future__ import annotations
@@ -25,11 +29,12 @@ from typing import Callable, Optional
 import torch
 
 from gpt2fn.config import GPTConfig
-from gpt2fn.layers import Tap, layer_norm, linear
-from gpt2fn.model import forward
+from gpt2fn.layers import Kernels, attend_manual
+from gpt2fn.model import Tap, forward, logits
 from gpt2fn.params import Params
 
 Tensor = torch.Tensor
+MANUAL = Kernels(attend=attend_manual)  # the kernels whose attention probabilities exist
 
 
 def run_with_cache(params: Params, config: GPTConfig, tokens: Tensor, tap: Optional[Tap] = None) -> tuple[Tensor, dict]:
@@ -42,7 +47,7 @@ def run_with_cache(params: Params, config: GPTConfig, tokens: Tensor, tap: Optio
         recorded[(name, layer)] = t.detach()
         return t
 
-    return forward(params, config, tokens, tap=record), recorded
+    return forward(params, config, tokens, tap=record, kernels=MANUAL), recorded
 
 
 def ablate_head(params: Params, layer: int, head: int, n_head: int) -> Params:
@@ -85,5 +90,4 @@ def patch(name: str, layer: int, replacement: Tensor | Callable[[Tensor], Tensor
 def logit_lens(params: Params, config: GPTConfig, resid: Tensor) -> Tensor:
     """Read a residual stream ([..., D]) as if it were the last layer's: the
     final LayerNorm and the LM head applied to it -> logits [..., V]."""
-    x = layer_norm(resid, **params["ln_f"], eps=config.layer_norm_eps)
-    return linear(x, params["wte"], scale=params.get("wte_scale"))
+    return logits(params, config, resid)

@@ -1,27 +1,30 @@
 """GPT-2's layers as pure functions.
 
-Each function's signature names exactly the parameters it needs, so a block's
-dict unpacks into it with ``**`` (as in picoGPT). Shapes: ``B`` batch, ``T``
-new tokens, ``D`` model width, ``H`` heads, ``hd = D // H``, ``L`` cache length.
+Each signature names the parameters and inputs a layer uses, so a block's dict
+unpacks into it with ``**`` (as in picoGPT). Shapes: ``B`` batch, ``T`` new
+tokens, ``D`` width, ``H`` heads, ``hd = D // H``, ``S`` keys (the cache length,
+or ``T`` without a cache). Positions are always ``[B, T]``.
 
-The only side effect anywhere is attention writing the new keys/values into the
-preallocated KV cache it is handed (see :mod:`gpt2fn.cache`).
+The only side effect is attention writing new keys/values into the
+preallocated cache it is handed (see :mod:`gpt2fn.cache`). How products and
+attention are computed is a value, :class:`Kernels`: the same functions,
+spelled for different machines; a compiled step picks its kernels explicitly.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
 from gpt2fn.cache import LayerKV
-from gpt2fn.errors import GPT2FnError
 
 Tensor = torch.Tensor
-AttentionBackend = Literal["manual", "sdpa"]
-ATTENTION_BACKENDS: tuple[str, ...] = ("manual", "sdpa")
+# A tap sees a layer's intermediates by name and returns them, or a replacement
+# (see gpt2fn.interp); the model binds the layer index. None costs one `if`.
+LayerTap = Callable[[str, Tensor], Tensor]
 
 
 def gelu(x: Tensor) -> Tensor:
@@ -37,28 +40,25 @@ def layer_norm(x: Tensor, g: Tensor, b: Tensor, eps: float = 1e-5) -> Tensor:
 
 def linear(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[Tensor] = None) -> Tensor:
     """``x @ w.T + b``. x: [..., in], w: [out, in], b: [out] -> [..., out].
-
     ``scale`` ([out], fp32) marks an int8 weight-only quantized ``w``: the
-    product is ``(x @ w.T) * scale`` (see :mod:`gpt2fn.quantize`).
+    product is ``(x @ w.T) * scale`` (see :mod:`gpt2fn.quantize`)."""
+    if scale is None:
+        return F.linear(x, w, b)
+    y = F.linear(x, w.to(x.dtype)) * scale.to(x.dtype)
+    return y if b is None else y + b
 
-    Inside ``torch.compile`` on the CPU, a single row (batch-1 decoding) takes
-    a matrix-vector path spelled as a broadcast multiply and a sum: inductor
-    turns that into one fused, vectorised, multi-threaded loop that reads each
-    weight once, upcasts it in registers (bf16 or int8 -> fp32) and accumulates
-    in fp32. On the 2-core CPU we measured it at ~35 GB/s on the 154 MB LM head,
-    where the library matrix-vector call reaches ~13 GB/s; decoding is bound by
-    exactly this weight traffic. Everywhere else (and on CUDA, where cuBLAS
-    serves matrix-vector products well): ``F.linear``.
-    """
-    if torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == x.shape[-1]:
-        y = (x.float()[..., None, :] * w.float()).sum(-1)
-        if scale is not None:
-            y = y * scale
-        return (y if b is None else y + b.float()).to(x.dtype)
+
+def matvec(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[Tensor] = None) -> Tensor:
+    """The same function as :func:`linear`, accumulated in fp32 and spelled as
+    a broadcast multiply and a sum, for ``torch.compile`` on the CPU at batch 1.
+    Inductor turns it into one vectorised, multi-threaded loop that reads each
+    weight once and upcasts it in registers (bf16 or int8 -> fp32): ~35 GB/s on
+    the 154 MB LM head (2-core CPU) where the library call reaches ~13 GB/s.
+    Run eagerly it would materialise ``[..., out, in]``: compiled steps only."""
+    y = (x.float()[..., None, :] * w.float()).sum(-1)
     if scale is not None:
-        y = F.linear(x, w.to(x.dtype)) * scale.to(x.dtype)
-        return y if b is None else y + b
-    return F.linear(x, w, b)
+        y = y * scale
+    return (y if b is None else y + b.float()).to(x.dtype)
 
 
 def embedding(tokens: Tensor, wte: Tensor, scale: Optional[Tensor] = None, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -68,117 +68,85 @@ def embedding(tokens: Tensor, wte: Tensor, scale: Optional[Tensor] = None, dtype
     return rows if scale is None else rows.to(dtype) * scale[tokens][..., None].to(dtype)
 
 
-# A tap sees intermediate tensors by name and layer and returns them, or a
-# replacement (see gpt2fn.interp). None (the default) costs one `if` per point.
-Tap = Callable[[str, int, Tensor], Tensor]
-
-
-def mlp(x: Tensor, c_fc: dict, c_proj: dict, tap: Optional[Tap] = None, layer: int = 0) -> Tensor:
+def ffn(x: Tensor, c_fc: dict, c_proj: dict, *, linear=linear, tap: Optional[LayerTap] = None) -> Tensor:
     """Position-wise feed-forward: [B, T, D] -> [B, T, 4D] -> [B, T, D].
     Tap point "mlp_act": the GELU output, [B, T, 4D]."""
     h = gelu(linear(x, **c_fc))
     if tap is not None:
-        h = tap("mlp_act", layer, h)
+        h = tap("mlp_act", h)
     return linear(h, **c_proj)
 
 
-# ``block`` receives the MLP's parameters as an argument named ``mlp`` (the key
-# in the params dict), which shadows the function inside it; this alias reaches it.
-_mlp = mlp
-
-
 def causal_mask(pos: Tensor, n_keys: int) -> Tensor:
-    """Boolean [T, n_keys] for shared positions ``pos`` [T], or [B, 1, T, n_keys]
-    for per-row positions [B, T]: the query at position ``p`` may see key
-    ``j`` iff ``j <= p``."""
-    mask = torch.arange(n_keys, device=pos.device) <= pos[..., None]
-    return mask if pos.dim() == 1 else mask[:, None]  # broadcast over heads
+    """pos [B, T] -> bool [B, 1, T, n_keys]: the query at position ``p`` may
+    see key ``j`` iff ``j <= p`` (broadcast over heads)."""
+    return (torch.arange(n_keys, device=pos.device) <= pos[..., None])[:, None]
 
 
-def attend(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor, backend: str, tap: Optional[Tap] = None, layer: int = 0
-) -> Tensor:
-    """Masked softmax attention. q: [B, H, T, hd]; k, v: [B, H, S, hd];
-    mask: bool [T, S] (True = may attend) -> [B, H, T, hd].
+def attend_manual(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, tap: Optional[LayerTap] = None) -> Tensor:
+    """Masked softmax attention, spelled out. q: [B, H, T, hd]; k, v:
+    [B, H, S, hd]; mask: bool [B, 1, T, S] (True = may attend) -> [B, H, T, hd].
+    Tap point "attn_probs" ([B, H, T, S]) exists here only."""
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # [B, H, T, S]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    # softmax in fp32: exp() of reduced-precision scores loses the small weights
+    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    if tap is not None:
+        probs = tap("attn_probs", probs)
+    return probs @ v
 
-    "manual" spells the computation out; "sdpa" hands it to PyTorch's fused
-    ``scaled_dot_product_attention``. Both compute the same function. Tap
-    point "attn_probs" ([B, H, T, S]) exists on the manual path only.
-    """
-    if backend == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    if backend == "manual":
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # [B, H, T, S]
-        scores = scores.masked_fill(~mask, float("-inf"))
-        # softmax in fp32: exp() of reduced-precision scores loses the small weights
-        probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
-        if tap is not None:
-            probs = tap("attn_probs", layer, probs)
-        return probs @ v
-    raise GPT2FnError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
+
+def attend_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, tap: Optional[LayerTap] = None) -> Tensor:
+    """The same function as :func:`attend_manual` by PyTorch's fused
+    ``scaled_dot_product_attention`` (no "attn_probs": they never exist)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class Kernels(NamedTuple):
+    """How a block computes its products and its attention."""
+
+    linear: Callable = linear
+    attend: Callable = attend_sdpa
+
+
+ATTEND = {"manual": attend_manual, "sdpa": attend_sdpa}  # the names of ``attention=`` / ``--attention``
 
 
 def attention(
-    x: Tensor,
-    c_attn: dict,
-    c_proj: dict,
-    *,
-    n_head: int,
-    pos: Tensor,
-    kv: Optional[LayerKV] = None,
-    backend: AttentionBackend = "sdpa",
-    tap: Optional[Tap] = None,
-    layer: int = 0,
-) -> Tensor:
+    x: Tensor, c_attn: dict, c_proj: dict, *, n_head: int, pos: Tensor, mask: Tensor,
+    kv: Optional[LayerKV] = None, kernels: Kernels = Kernels(), tap: Optional[LayerTap] = None,
+) -> Tensor:  # fmt: skip
     """Causal multi-head self-attention. x: [B, T, D] -> [B, T, D].
 
-    ``pos`` ([T], int64) gives the absolute position of each of the T tokens;
-    [B, T] gives every row its own positions (batches of ragged prompts).
-    Without a cache (``kv=None``) the T tokens attend among themselves, so
-    ``pos`` must be ``0..T-1``. With a cache, their keys/values are first
-    written into ``kv`` at ``pos`` (in place), then the queries attend over the
-    whole cache, masked to positions ``<= pos``; the shapes never depend on how
-    much of the cache is filled.
+    Without a cache (``kv=None``) the T tokens attend among themselves. With
+    one, their keys/values are first written into ``kv`` at ``pos`` [B, T]
+    (in place; row b's token t goes to slot ``pos[b, t]``), then the queries
+    attend over the whole cache under ``mask`` (:func:`causal_mask`): the
+    shapes never depend on how much of the cache is filled.
+    Tap points "attn_heads" ([B, T, H, hd], before ``c_proj`` mixes the heads)
+    and "attn_out" ([B, T, D]).
     """
     B, T, D = x.shape
     hd = D // n_head
-    q, k, v = linear(x, **c_attn).split(D, dim=-1)  # 3 x [B, T, D]
+    q, k, v = kernels.linear(x, **c_attn).split(D, dim=-1)  # 3 x [B, T, D]
     q, k, v = (t.view(B, T, n_head, hd).transpose(1, 2) for t in (q, k, v))  # [B, H, T, hd]
     if kv is not None:
-        k_cache, v_cache = kv
-        if pos.dim() == 1:
-            k_cache.index_copy_(2, pos, k)
-            v_cache.index_copy_(2, pos, v)
-        else:  # per-row positions: row b's tokens go to slots pos[b]
-            index = pos[:, None, :, None].expand(B, n_head, T, hd)
-            k_cache.scatter_(2, index, k)
-            v_cache.scatter_(2, index, v)
-        k, v = k_cache, v_cache  # [B, H, L, hd]
-    y = attend(q, k, v, causal_mask(pos, k.shape[2]), backend, tap, layer).transpose(1, 2)  # [B, T, H, hd]
+        slots = pos[:, None, :, None].expand(B, n_head, T, hd)
+        k, v = kv[0].scatter_(2, slots, k), kv[1].scatter_(2, slots, v)  # the whole cache, [B, H, S, hd]
+    y = kernels.attend(q, k, v, mask, tap).transpose(1, 2)  # [B, T, H, hd]
     if tap is not None:
-        y = tap("attn_heads", layer, y)  # each head's output before the projection mixes them
-    out = linear(y.reshape(B, T, D), **c_proj)
-    return out if tap is None else tap("attn_out", layer, out)
+        y = tap("attn_heads", y)
+    out = kernels.linear(y.reshape(B, T, D), **c_proj)
+    return out if tap is None else tap("attn_out", out)
 
 
 def block(
-    x: Tensor,
-    ln_1: dict,
-    attn: dict,
-    ln_2: dict,
-    mlp: dict,
-    *,
-    n_head: int,
-    eps: float,
-    pos: Tensor,
-    kv: Optional[LayerKV] = None,
-    backend: AttentionBackend = "sdpa",
-    tap: Optional[Tap] = None,
-    layer: int = 0,
-) -> Tensor:
+    x: Tensor, ln_1: dict, attn: dict, ln_2: dict, mlp: dict, *, n_head: int, eps: float, pos: Tensor,
+    mask: Tensor, kv: Optional[LayerKV] = None, kernels: Kernels = Kernels(), tap: Optional[LayerTap] = None,
+) -> Tensor:  # fmt: skip
     """One pre-LayerNorm transformer block. x: [B, T, D] -> [B, T, D].
     Tap point "resid": the residual stream after the block."""
-    x = x + attention(layer_norm(x, **ln_1, eps=eps), **attn, n_head=n_head, pos=pos, kv=kv, backend=backend,
-                      tap=tap, layer=layer)  # fmt: skip
-    x = x + _mlp(layer_norm(x, **ln_2, eps=eps), **mlp, tap=tap, layer=layer)
-    return x if tap is None else tap("resid", layer, x)
+    x = x + attention(layer_norm(x, **ln_1, eps=eps), **attn, n_head=n_head, pos=pos, mask=mask, kv=kv,
+                      kernels=kernels, tap=tap)  # fmt: skip
+    x = x + ffn(layer_norm(x, **ln_2, eps=eps), **mlp, linear=kernels.linear, tap=tap)
+    return x if tap is None else tap("resid", x)

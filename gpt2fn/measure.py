@@ -18,12 +18,11 @@ from typing import Callable, Optional
 
 import torch
 
-from gpt2fn.cache import make_cache
 from gpt2fn.config import GPTConfig
 from gpt2fn.device import synchronize
-from gpt2fn.model import forward
-from gpt2fn.params import Params, flatten_params, param_shapes, params_device, params_dtype
-from gpt2fn.steps import Step, prepare_for_compiled_steps
+from gpt2fn.model import positions
+from gpt2fn.params import Params, flatten_params, param_shapes, params_device
+from gpt2fn.steps import Steps
 
 
 def weight_bytes(params: Params) -> int:
@@ -64,28 +63,19 @@ def streaming_limit_s(n_bytes: int, device: torch.device, repeats: int = 7) -> t
     return best, n_bytes / best / 1e9
 
 
-def decode_step_time(
-    params: Params, config: GPTConfig, decode: Step, seq_len: int, repeats: int = 5, cache_len: Optional[int] = None
-) -> float:
-    """Seconds per cached decode step with ``seq_len - 1`` tokens already in
-    the cache (the step at position ``seq_len - 1``), greedy."""
+def decode_step_time(params: Params, config: GPTConfig, steps: Steps, seq_len: int, repeats: int = 5,
+                     cache_len: Optional[int] = None) -> float:  # fmt: skip
+    """Seconds per decode step (greedy) with ``seq_len - 1`` tokens already
+    run: the step at position ``seq_len - 1``, cached or recomputing,
+    whichever ``steps`` are. The state holds ``cache_len`` positions
+    (default ``seq_len``)."""
     device = params_device(params)
-    cache = make_cache(config, 1, cache_len or seq_len, params_dtype(params), device)
-    prepare_for_compiled_steps(params, cache)
-    tokens = torch.randint(0, config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
-    pos = torch.tensor([seq_len - 1], device=device)
-    with torch.inference_mode():
-        forward(params, config, tokens[:, :-1], cache, torch.arange(seq_len - 1, device=device), last_only=True)
-        token = tokens[0, -1:].clone()
-        return median_time(lambda: decode(params, token, cache, pos, None), repeats, device, warmup=2)
-
-
-def recompute_step_time(params: Params, config: GPTConfig, recompute: Callable, seq_len: int, repeats: int = 3) -> float:
-    """Seconds per no-cache step at sequence length ``seq_len``: a forward over all of it."""
-    device = params_device(params)
+    state = steps.make_state(params, 1, cache_len or seq_len)
     tokens = torch.randint(0, config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.inference_mode():
-        return median_time(lambda: recompute(params, tokens, None), repeats, device)
+        steps.prefill(params, tokens[:, :-1], positions(1, seq_len - 1, device), state, None)
+        token, pos = tokens[:, -1:].clone(), torch.tensor([[seq_len - 1]], device=device)
+        return median_time(lambda: steps.decode(params, token, pos, state, None), repeats, device, warmup=2)
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -1,49 +1,52 @@
-"""The two step functions of generation, eager or compiled.
+"""How generation advances: the step protocol and its three implementations.
 
-* ``prefill(params, tokens [B, T], cache, pos [T], noise) -> next token [B]``
-* ``decode(params, token [B], cache, pos [1], noise) -> next token [B]``
+A step is a pure function of its inputs (its state is written in place)::
 
-Each is a pure function of its inputs (the cache is written in place): the
-forward pass and the choice of the next token, sampling included, with its
-randomness passed in as ``noise`` (see :func:`gpt2fn.sampling.choose_token`),
-so a compiled step needs no host synchronisation and no generator object.
+    step(params, tokens [B, T], pos [B, T], state, noise) -> next token [B]
 
-``compile_steps`` wraps them in ``torch.compile``:
+It runs the new tokens at their positions and chooses each row's next token
+from its last column, sampling included, with the randomness passed in as
+``noise`` (see :func:`gpt2fn.sampling.choose_token`), so a compiled step needs
+no host synchronisation and no generator object. A prompt is one step with
+``T`` = its length; every later token is one step with ``T = 1``.
 
-* decode: ``fullgraph=True``. The position is a tensor and the cache length is
-  marked dynamic, so ONE graph serves every step of every generation, whatever
-  the prompt length. On CUDA the mode is "reduce-overhead" (CUDA graphs):
-  params and cache are marked as static addresses so they are neither copied
-  nor re-recorded, and the output token is cloned before the next replay
-  overwrites it. (No GPU was available to us: that path follows PyTorch's
-  documented requirements but has not been run.)
-* prefill (only with ``compile_prefill=True``): dynamic prompt length, so
-  prompts of any length share one graph (plus one for a single-token prompt,
-  which the compiler specialises). Off by default: prefill is a few large
-  matrix-matrix products that the eager library calls already run well; on the
-  124M shape (2-core CPU) compiling it gained 2-14% (T = 1000 ... 8) for ~50 s
-  of cold compilation. ``scripts/benchmark.py`` measures both.
+:class:`Steps` bundles ``make_state`` (what the steps carry) with the prefill
+and decode steps:
 
-Sampling settings (temperature, top-k, top-p) are constants of the graph:
+* :func:`cached_steps`: the state is the preallocated KV cache.
+* :func:`uncached_steps`: the state is a token buffer; every step recomputes
+  the whole sequence (kept for comparison).
+* :func:`compiled_steps`: the cached steps under ``torch.compile``. The
+  decode step is ``fullgraph=True``; the position is a tensor and the cache
+  length is marked dynamic, so ONE graph serves every step of every
+  generation, whatever the prompt length. On CUDA the mode is
+  "reduce-overhead" (CUDA graphs): params and cache are marked as static
+  addresses so they are neither copied nor re-recorded, and the output token
+  is cloned before the next replay overwrites it. On the CPU at batch 1 the
+  step is built with the :func:`~gpt2fn.layers.matvec` products.
+
+Sampling settings (temperature, top-k, top-p) are constants of a graph:
 changing them between generations compiles a new graph once.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
-from gpt2fn.cache import KVCache
+from gpt2fn.cache import make_cache
 from gpt2fn.config import GPTConfig
-from gpt2fn.layers import AttentionBackend
-from gpt2fn.model import decode_step, forward
-from gpt2fn.params import Params, flatten_params
+from gpt2fn.errors import GPT2FnError
+from gpt2fn.layers import ATTEND, Kernels, linear, matvec
+from gpt2fn.model import hidden, logits, positions
+from gpt2fn.params import Params, flatten_params, params_device, params_dtype
 from gpt2fn.sampling import choose_token
 
 Tensor = torch.Tensor
-Step = Callable[[Params, Tensor, KVCache, Tensor, Optional[Tensor]], Tensor]
+State = Any  # a KVCache, or the token buffer of the uncached steps
+Step = Callable[[Params, Tensor, Tensor, State, Optional[Tensor]], Tensor]
 
 # Inductor options for the decode step. Batch-1 decoding is a chain of
 # matrix-vector loops; by default inductor inlines the LayerNorm that feeds
@@ -59,25 +62,41 @@ DECODE_OPTIONS = {"realize_reads_threshold": 1, "realize_acc_reads_threshold": 3
 
 
 class Steps(NamedTuple):
+    make_state: Callable[[Params, int, int], State]  # (params, batch, length) -> a fresh state
     prefill: Step
     decode: Step
+    compiled: bool = False  # the first decode step compiles its graph
 
 
-def prefill_and_choose(
-    params: Params, tokens: Tensor, cache: KVCache, pos: Tensor, noise: Optional[Tensor],
-    *, config: GPTConfig, attention: AttentionBackend, temperature: float, top_k: int, top_p: float,
+def cached_step(
+    params: Params, tokens: Tensor, pos: Tensor, cache: State, noise: Optional[Tensor],
+    *, config: GPTConfig, kernels: Kernels, temperature: float, top_k: int, top_p: float,
 ) -> Tensor:  # fmt: skip
-    """Prompt tokens [B, T] at positions ``pos`` [T] -> the first new token [B]."""
-    logits = forward(params, config, tokens, cache, pos, attention, last_only=True)[:, -1]
-    return choose_token(logits, noise, temperature, top_k, top_p)
+    """Writes the tokens' keys/values into the cache; each row's last column
+    chooses its next token."""
+    x = hidden(params, config, tokens, pos, cache, kernels=kernels)[:, -1]  # [B, D]
+    return choose_token(logits(params, config, x, kernels.linear), noise, temperature, top_k, top_p)
 
 
-def decode_and_choose(
-    params: Params, token: Tensor, cache: KVCache, pos: Tensor, noise: Optional[Tensor],
-    *, config: GPTConfig, attention: AttentionBackend, temperature: float, top_k: int, top_p: float,
+def recompute(
+    params: Params, sequence: Tensor, last: Tensor, noise: Optional[Tensor],
+    *, config: GPTConfig, kernels: Kernels, temperature: float, top_k: int, top_p: float,
 ) -> Tensor:  # fmt: skip
-    """The last token [B] at position ``pos`` [1] -> the next token [B]."""
-    return choose_token(decode_step(params, config, token, cache, pos, attention), noise, temperature, top_k, top_p)
+    """The whole sequence [B, S] without a cache; row b's next token comes
+    from its position ``last[b]``."""
+    x = hidden(params, config, sequence, positions(*sequence.shape, device=sequence.device), kernels=kernels)
+    x = x[torch.arange(x.shape[0], device=x.device), last]  # [B, D]
+    return choose_token(logits(params, config, x, kernels.linear), noise, temperature, top_k, top_p)
+
+
+def uncached_step(
+    params: Params, tokens: Tensor, pos: Tensor, sequence: State, noise: Optional[Tensor], *, recompute: Callable
+) -> Tensor:
+    """Writes the tokens into the sequence buffer [B, L] at ``pos``, then
+    recomputes every row's prefix. (Reading the prefix length is a host sync:
+    this path exists for comparison.)"""
+    sequence.scatter_(1, pos, tokens)
+    return recompute(params, sequence[:, : int(pos.max()) + 1], pos[:, -1], noise)
 
 
 def resolve_attention(attention: str, compiled_decode: bool = False, device: torch.device | None = None) -> str:
@@ -85,33 +104,66 @@ def resolve_attention(attention: str, compiled_decode: bool = False, device: tor
     compiled decode step on the CPU, where the spelled-out attention lets
     inductor fuse it with its neighbours: measured 8-10% faster per step
     (124M shape, fp32 and bf16, 2-core CPU) than the CPU flash-attention call."""
+    if attention not in (*ATTEND, "auto"):
+        raise GPT2FnError(f"unknown attention {attention!r}; choose one of {', '.join(ATTEND)} or auto")
     if attention != "auto":
         return attention
     return "manual" if compiled_decode and (device is None or device.type == "cpu") else "sdpa"
 
 
-def eager_steps(config: GPTConfig, attention: str = "auto", **sampling) -> Steps:
+def cached_steps(config: GPTConfig, attention: str = "auto", **sampling) -> Steps:
     """``sampling``: temperature, top_k, top_p."""
-    attention = resolve_attention(attention)
-    return Steps(
-        functools.partial(prefill_and_choose, config=config, attention=attention, **sampling),
-        functools.partial(decode_and_choose, config=config, attention=attention, **sampling),
-    )
+    step = functools.partial(cached_step, config=config, kernels=Kernels(linear, ATTEND[resolve_attention(attention)]), **sampling)
+    return Steps(functools.partial(_cache, config), step, step)
 
 
-def compile_steps(
-    config: GPTConfig, device: torch.device, attention: str = "auto", compile_prefill: bool = False, **sampling
-) -> Steps:
-    """The same steps under ``torch.compile`` (see the module docstring)."""
-    prefill = eager_steps(config, attention, **sampling).prefill
+def uncached_steps(config: GPTConfig, attention: str = "auto", compile: bool = False, **sampling) -> Steps:
+    """With ``compile``, the recomputation runs under ``torch.compile`` with
+    dynamic shapes (one graph for every sequence length)."""
+    run = functools.partial(recompute, config=config, kernels=Kernels(linear, ATTEND[resolve_attention(attention)]), **sampling)
+    step = functools.partial(uncached_step, recompute=torch.compile(run, fullgraph=True, dynamic=True) if compile else run)
+    # The prompt's pass runs eagerly, so that compiling happens in the first decode step.
+    prefill = functools.partial(uncached_step, recompute=run)
+    return Steps(_token_buffer, prefill, step, compiled=compile)
+
+
+def compiled_steps(
+    config: GPTConfig, device: torch.device, batch: int = 1, attention: str = "auto", compile_prefill: bool = False,
+    **sampling,
+) -> Steps:  # fmt: skip
+    """The cached steps under ``torch.compile`` (see the module docstring).
+    ``batch`` picks the products: :func:`~gpt2fn.layers.matvec` for one row on
+    the CPU, the library's matrix products otherwise. The prefill is compiled
+    only with ``compile_prefill`` (dynamic prompt length); prefill is a few
+    large matrix products that the eager library calls already run well (on
+    the 124M shape, 2-core CPU, compiling it gained 2-14% for ~50 s of cold
+    compilation). ``scripts/benchmark.py`` measures both."""
+    prefill = cached_steps(config, attention, **sampling).prefill
     if compile_prefill:
         prefill = torch.compile(prefill, fullgraph=True, dynamic=True)
-    decode = functools.partial(
-        decode_and_choose, config=config, attention=resolve_attention(attention, True, device), **sampling
-    )
-    if device.type == "cuda":
-        return Steps(prefill, _cloned(torch.compile(decode, fullgraph=True, mode="reduce-overhead")))
-    return Steps(prefill, torch.compile(decode, fullgraph=True, options=DECODE_OPTIONS))
+    on_cpu = device.type == "cpu"
+    kernels = Kernels(matvec if on_cpu and batch == 1 else linear, ATTEND[resolve_attention(attention, True, device)])
+    decode = functools.partial(cached_step, config=config, kernels=kernels, **sampling)
+    if on_cpu:
+        decode = torch.compile(decode, fullgraph=True, options=DECODE_OPTIONS)
+    else:
+        decode = _cloned(torch.compile(decode, fullgraph=True, mode="reduce-overhead"))
+    return Steps(functools.partial(_marked_cache, config), prefill, decode, compiled=True)
+
+
+def _cache(config: GPTConfig, params: Params, batch: int, length: int) -> State:
+    return make_cache(config, batch, length, params_dtype(params), params_device(params))
+
+
+def _token_buffer(params: Params, batch: int, length: int) -> State:
+    return torch.zeros(batch, length, dtype=torch.long, device=params_device(params))
+
+
+def _marked_cache(config: GPTConfig, params: Params, batch: int, length: int) -> State:
+    """A cache marked as the compiled steps need (see :func:`prepare_for_compiled_steps`)."""
+    cache = _cache(config, params, batch, length)
+    prepare_for_compiled_steps(params, cache)
+    return cache
 
 
 def _cloned(step: Step) -> Step:
@@ -123,7 +175,7 @@ def _cloned(step: Step) -> Step:
     return run
 
 
-def prepare_for_compiled_steps(params: Params, cache: KVCache) -> None:
+def prepare_for_compiled_steps(params: Params, cache) -> None:
     """Mark what the compiled steps need marked: the cache length as dynamic
     (one graph for every length) and, on CUDA, params and cache as static
     addresses (CUDA graphs then read them in place instead of copying)."""
@@ -136,3 +188,13 @@ def prepare_for_compiled_steps(params: Params, cache: KVCache) -> None:
     if any(t.is_cuda for t in tensors):
         for t in tensors:
             torch._dynamo.mark_static_address(t)
+
+
+def make_steps(
+    config: GPTConfig, device: torch.device, batch: int, use_cache: bool = True, compile: bool = False,
+    attention: str = "auto", **sampling,
+) -> Steps:  # fmt: skip
+    """The steps ``generate`` runs: cached or uncached, eager or compiled."""
+    if not use_cache:
+        return uncached_steps(config, attention, compile, **sampling)
+    return compiled_steps(config, device, batch, attention, **sampling) if compile else cached_steps(config, attention, **sampling)

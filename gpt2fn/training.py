@@ -3,8 +3,8 @@ warmup + cosine learning rate, gradient accumulation and clipping, bf16
 autocast, activation checkpointing, evaluation, and atomic, exactly
 resumable checkpoints.
 
-Gradients flow through the very ``forward`` that inference uses: there is no
-second model definition. The params dict's tensors are the trainable state
+Gradients flow through the very ``hidden``/``logits``/``block`` functions that
+inference uses: there is no second model definition. The params dict's tensors are the trainable state
 (fp32 leaves with ``requires_grad``); the optimizer updates them in place.
 
 Weight decay (decoupled, AdamW) applies to the 2-D matrices only: the four
@@ -27,12 +27,14 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from gpt2fn.config import GPTConfig
 from gpt2fn.data import data_fingerprint, random_windows
 from gpt2fn.errors import GPT2FnError, check_int, check_number
 from gpt2fn.files import atomic_write, remove_stale_temporaries
-from gpt2fn.model import forward
+from gpt2fn.layers import block, causal_mask
+from gpt2fn.model import embed, hidden, logits, positions
 from gpt2fn.params import Params, flatten_params, params_device, unflatten_params
 
 Tensor = torch.Tensor
@@ -84,9 +86,20 @@ class TrainConfig:
 
 
 def loss_fn(params: Params, config: GPTConfig, windows: Tensor, checkpoint_blocks: bool = False) -> Tensor:
-    """Mean next-token cross-entropy. windows: [B, T + 1] int64 -> scalar."""
-    logits = forward(params, config, windows[:, :-1], attention="sdpa", checkpoint_blocks=checkpoint_blocks)
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+    """Mean next-token cross-entropy. windows: [B, T + 1] int64 -> scalar.
+    ``checkpoint_blocks`` (activation checkpointing) keeps only each block's
+    input and recomputes the block in the backward pass: memory for compute."""
+    tokens = windows[:, :-1]
+    pos = positions(*tokens.shape, device=tokens.device)
+    if checkpoint_blocks:
+        x, mask = embed(params, tokens, pos), causal_mask(pos, tokens.shape[1])
+        for block_params in params["blocks"]:
+            run = functools.partial(block, **block_params, n_head=config.n_head, eps=config.layer_norm_eps, pos=pos, mask=mask)
+            x = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
+    else:
+        x = hidden(params, config, tokens, pos)
+    out = logits(params, config, x)
+    return F.cross_entropy(out.float().reshape(-1, out.shape[-1]), windows[:, 1:].reshape(-1))
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:

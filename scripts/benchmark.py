@@ -11,9 +11,11 @@ only ratios measured side by side mean anything):
    (measured in every round, the best kept);
 2. compile time of the decode step, cold (empty inductor cache) and warm
    (from the on-disk cache), and whether any step recompiles;
-3. generation (prompt + N new tokens, greedy): eager and compiled, per dtype,
-   a batch of ``--batch`` prompts decoded together (tokens/s over all rows),
-   and transformers' ``generate()`` on the same weights when it is installed;
+3. generation (prompt + N new tokens, greedy), all through the one decode
+   loop of ``gpt2fn.generation``: eager and compiled, per dtype; a batch of
+   ``--batch`` prompts decoded together, eager and compiled (tokens/s over all
+   rows); and transformers' ``generate()`` on the same weights (built by
+   ``GPTConfig.to_hf``), with its default cache and, on CUDA, its static cache;
 4. decode speed against sequence length up to the full context: eager and
    compiled, with and without the KV cache;
 5. prefill time per prompt length, eager and compiled;
@@ -33,10 +35,13 @@ import functools
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 # A fresh inductor cache makes the first compilation truly cold. Set before torch
 # is imported; --warm-cache keeps the user's cache instead.
@@ -51,20 +56,12 @@ from gpt2fn.config import PRESETS
 from gpt2fn.device import resolve_device
 from gpt2fn.errors import GPT2FnError, check_int, check_output_file, parse_int_list, run_cli
 from gpt2fn.files import atomic_write
-from gpt2fn.generation import generate_all, generate_batch, recompute_and_choose
-from gpt2fn.measure import (
-    decode_step_time,
-    memory_mb,
-    peak_memory_mb,
-    recompute_step_time,
-    reset_peak_memory,
-    streaming_limit_s,
-    weight_bytes,
-)
+from gpt2fn.generation import generate_all
+from gpt2fn.measure import decode_step_time, memory_mb, peak_memory_mb, reset_peak_memory, streaming_limit_s, weight_bytes
 from gpt2fn.params import init_params
 from gpt2fn.plotting import require_pyplot, save_figure
 from gpt2fn.quantize import WEIGHT_DTYPES, cast_params
-from gpt2fn.steps import compile_steps, eager_steps, resolve_attention
+from gpt2fn.steps import cached_steps, compiled_steps, uncached_steps
 from gpt2fn.weights import load_pretrained, transformers_model
 
 
@@ -110,6 +107,22 @@ def check_args(args) -> tuple[list[str], list[int]]:
     return dtypes, lengths
 
 
+@dataclass(frozen=True)
+class Contender:
+    """One generation run, measured as decode tokens/s over all its rows."""
+
+    system: str  # "gpt2fn" or "transformers"
+    mode: str  # gpt2fn: "eager" / "compiled"; transformers: "default" / "static cache"
+    dtype: str
+    batch: int
+    run: Callable[[], float]
+
+    @property
+    def name(self) -> str:
+        batch = f" batch {self.batch}" if self.batch > 1 else ""
+        return f"{self.system} {self.mode} {self.dtype}{batch}"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     dtypes, lengths = check_args(args)
@@ -128,101 +141,20 @@ def main(argv=None) -> int:
         "machine": {
             "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "device": str(device), "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         },
+        "command": " ".join(["python", "scripts/benchmark.py", *(argv if argv is not None else sys.argv[1:])]),
         "model": model_name, "config": config.to_dict(), "attention": args.attention,
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
     }  # fmt: skip
-    print(f"gpt2fn benchmark: {model_name}, batch 1, greedy, {args.attention} attention, "
+    print(f"gpt2fn benchmark: {model_name}, greedy, {args.attention} attention, "
           f"torch {torch.__version__}, {device} ({torch.get_num_threads()} threads)")  # fmt: skip
-
-
-    # Compile: cold (fresh cache dir), then warm (dynamo reset, graph from disk).
     prompt = torch.randint(0, config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
-    compile_times = {}
-    for d in tqdm(dtypes, desc="compile (cold, warm)", leave=False):
-        torch._dynamo.reset()
-        counters.clear()
-        cold = generate_all(params[d], config, prompt, 3, temperature=0, attention=args.attention, compile=True)[1]
-        torch._dynamo.reset()
-        warm = generate_all(params[d], config, prompt, 3, temperature=0, attention=args.attention, compile=True)[1]
-        compile_times[d] = {"cold_s": cold.compile_s, "warm_s": warm.compile_s}
-    results["compile"] = compile_times
-
-    # Generation, interleaved rounds.
-    hf_model = None if args.no_transformers else transformers_model(params32, config)
-    hf_model = hf_model.eval() if hf_model is not None else None
-    runs: dict[str, list] = {}
-    contenders = {}
-    for d in dtypes:
-        for compiled in (False, True):
-            name = f"gpt2fn {'compiled' if compiled else 'eager'} {d}"
-            contenders[name] = functools.partial(
-                generate_all, params[d], config, prompt, args.new_tokens, temperature=0,
-                attention=args.attention, compile=compiled,
-            )  # fmt: skip
-    if args.batch > 1:  # the same prompt length per row, so every row runs all steps
-        prompts = torch.randint(0, config.vocab_size, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(1))
-        for d in dtypes[:1]:
-            contenders[f"gpt2fn eager {d} batch {args.batch}"] = functools.partial(
-                batch_tokens_per_s, params[d], config, prompts.tolist(), args.new_tokens, args.attention)
-    if hf_model is not None:
-        contenders["transformers generate float32"] = functools.partial(hf_generate, hf_model, prompt, args.new_tokens)
-    for d in dtypes:  # put every compiled graph back in memory (warm, from disk) before timing
-        generate_all(params[d], config, prompt, 3, temperature=0, attention=args.attention, compile=True)
-        streaming_limit_s(weight_bytes(params[d]), device, repeats=1)
-    counters.clear()
-    # The limit (reading each dtype's weights once) is measured in every round,
-    # beside the runs it bounds, and the best round kept.
-    limit_s: dict[str, list[float]] = {d: [] for d in dtypes}
-    with tqdm(total=args.rounds * len(contenders), desc="generation", leave=False) as bar:
-        for _ in range(args.rounds):
-            for d in dtypes:
-                limit_s[d].append(streaming_limit_s(weight_bytes(params[d]), device)[0])
-            for name, run in contenders.items():
-                before = memory_mb(device)
-                reset_peak_memory(device)
-                outcome = run()
-                tokens_per_s = outcome if isinstance(outcome, float) else outcome[1].decode_tokens_per_s
-                runs.setdefault(name, []).append((tokens_per_s, peak_memory_mb(device) - before))
-                bar.update()
-    recompiles = counters["stats"]["unique_graphs"]  # graphs made during the timed runs: 0 = no recompile
-    generation = {
-        name: {"tokens_per_s": sorted(r[0] for r in rs)[len(rs) // 2], "all": [r[0] for r in rs],
-               "peak_memory_mb": max(r[1] for r in rs)}
-        for name, rs in runs.items()
-    }  # fmt: skip
-    results["generation"] = generation
-    results["limit"] = {
-        d: {"weight_mb": weight_bytes(params[d]) / 1e6, "seconds": min(limit_s[d]),
-            "gb_per_s": weight_bytes(params[d]) / min(limit_s[d]) / 1e9, "tokens_per_s": 1 / min(limit_s[d])}
-        for d in dtypes
-    }  # fmt: skip
-    results["graphs_compiled_during_timed_runs"] = recompiles
-
-    # Per-step decode speed against sequence length (fp32, or the first dtype).
-    d0 = dtypes[0]
-    kw = dict(attention=args.attention, temperature=0, top_k=0, top_p=1.0)
-    eager, compiled = eager_steps(config, **kw), compile_steps(config, device, **kw)
-    recompute_eager = functools.partial(recompute_and_choose, config=config, **{**kw, "attention": resolve_attention(args.attention)})
-    recompute_compiled = torch.compile(recompute_eager, fullgraph=True, dynamic=True)
-    sweep: dict[str, dict[int, float]] = {}
-    variants = {
-        "eager, cache": lambda n: decode_step_time(params[d0], config, eager.decode, n, cache_len=config.n_ctx),
-        "compiled, cache": lambda n: decode_step_time(params[d0], config, compiled.decode, n, cache_len=config.n_ctx),
-        "eager, no cache": lambda n: recompute_step_time(params[d0], config, recompute_eager, n),
-        "compiled, no cache": lambda n: recompute_step_time(params[d0], config, recompute_compiled, n),
-    }
-    for name, measure in tqdm(variants.items(), desc="sequence-length sweep", leave=False):
-        sweep[name] = {n: 1 / measure(n) for n in lengths}
-    results["sweep"] = {"dtype": d0, "tokens_per_s": sweep}
-
-    # Prefill: the prompt's forward pass (eager vs the dynamic-shape compiled one).
-    prefill = {}
-    for n in lengths:
-        prefill[n] = {"eager_ms": 1000 / sweep["eager, no cache"][n], "compiled_ms": 1000 / sweep["compiled, no cache"][n]}
-    results["prefill"] = {"dtype": d0, "by_length": prefill}
-
-    print_report(results, dtypes, lengths)
+    results["compile"] = measure_compile(params, config, prompt, args.attention)
+    contenders = make_contenders(args, params, params32, config, prompt, device)
+    results.update(measure_generation(contenders, params, device, args.rounds))
+    results["sweep"] = measure_sweep(params[dtypes[0]], config, device, dtypes[0], lengths, args.attention)
+    print_report(results)
     if args.json:
         print(f"wrote {atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))}")
     if args.plot:
@@ -230,56 +162,155 @@ def main(argv=None) -> int:
     return 0
 
 
-def batch_tokens_per_s(params, config, prompts, n_new, attention) -> float:
-    """Decode tokens/s over a whole batch (all rows), greedy, stop token off."""
-    stats = generate_batch(params, config, prompts, n_new, temperature=0, attention=attention).stats
-    return stats.decode_tokens * len(prompts) / stats.decode_s
+def measure_compile(params: dict, config, prompt, attention) -> dict:
+    """Decode-step compile time per dtype: cold (fresh cache dir), then warm
+    (dynamo reset, graph from the on-disk cache)."""
+    times = {}
+    for d in tqdm(params, desc="compile (cold, warm)", leave=False):
+        cold_warm = []
+        for _ in range(2):
+            torch._dynamo.reset()
+            cold_warm.append(generate_all(params[d], config, prompt, 3, temperature=0, attention=attention, compile=True)[1].compile_s)
+        times[d] = {"cold_s": cold_warm[0], "warm_s": cold_warm[1]}
+    return times
 
 
-def hf_generate(model, prompt, n_new) -> float:
-    """Decode tokens/s of transformers' generate() (default dynamic cache), timed
-    as ours: the first token (prefill) left out."""
+def make_contenders(args, params: dict, params32, config, prompt, device) -> list[Contender]:
+    def ours(d: str, compiled: bool, prompts) -> Contender:
+        def run() -> float:
+            stats = generate_all(params[d], config, prompts, args.new_tokens, temperature=0,
+                                 attention=args.attention, compile=compiled)[1]  # fmt: skip
+            return stats.decode_tokens * stats.batch / stats.decode_s
+
+        return Contender("gpt2fn", "compiled" if compiled else "eager", d, prompts.shape[0], run)
+
+    contenders = [ours(d, compiled, prompt) for d in params for compiled in (False, True)]
+    if args.batch > 1:  # the same prompt length per row, so every row runs all steps
+        prompts = torch.randint(0, config.vocab_size, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(1))
+        d0 = next(iter(params))
+        contenders += [ours(d0, compiled, prompts) for compiled in (False, True)]
+    if not args.no_transformers:
+        model = transformers_model(params32, config).eval()
+        modes = ("default", "static cache") if device.type == "cuda" else ("default",)
+        for mode in modes:
+            run = functools.partial(hf_generate, model, prompt, args.new_tokens, mode == "static cache")
+            contenders.append(Contender("transformers", mode, "float32", 1, run))
+    return contenders
+
+
+def measure_generation(contenders: list[Contender], params: dict, device, rounds: int) -> dict:
+    """Every contender, interleaved over ``rounds`` (median kept), beside the
+    weight-streaming limit of each dtype, measured in every round (best kept)."""
+    for c in contenders:  # compile every graph and put it back in memory before timing
+        if c.mode == "compiled":
+            c.run()
+    for d in params:  # the limit's own compiled read, too
+        streaming_limit_s(weight_bytes(params[d]), device, repeats=1)
+    counters.clear()
+    runs: dict[str, list] = {c.name: [] for c in contenders}
+    limit_s: dict[str, list[float]] = {d: [] for d in params}
+    with tqdm(total=rounds * len(contenders), desc="generation", leave=False) as bar:
+        for _ in range(rounds):
+            for d in params:
+                limit_s[d].append(streaming_limit_s(weight_bytes(params[d]), device)[0])
+            for c in contenders:
+                before = memory_mb(device)
+                reset_peak_memory(device)
+                runs[c.name].append((c.run(), peak_memory_mb(device) - before))
+                bar.update()
+    generation = {
+        c.name: {"system": c.system, "mode": c.mode, "dtype": c.dtype, "batch": c.batch,
+                 "tokens_per_s": statistics.median(r[0] for r in runs[c.name]), "all": [r[0] for r in runs[c.name]],
+                 "peak_memory_mb": max(r[1] for r in runs[c.name])}
+        for c in contenders
+    }  # fmt: skip
+    limit = {
+        d: {"weight_mb": weight_bytes(params[d]) / 1e6, "seconds": min(limit_s[d]),
+            "gb_per_s": weight_bytes(params[d]) / min(limit_s[d]) / 1e9, "tokens_per_s": 1 / min(limit_s[d])}
+        for d in params
+    }  # fmt: skip
+    # graphs made during the timed runs: 0 = no recompilation
+    return {"generation": generation, "limit": limit, "graphs_compiled_during_timed_runs": counters["stats"]["unique_graphs"]}
+
+
+def measure_sweep(params, config, device, dtype: str, lengths: list[int], attention: str) -> dict:
+    """Per-step decode speed against sequence length, with and without the
+    cache, eager and compiled; the no-cache step at length n is also the
+    prefill of an n-token prompt."""
+    kw = dict(attention=attention, temperature=0, top_k=0, top_p=1.0)
+    variants = {
+        "eager, cache": cached_steps(config, **kw),
+        "compiled, cache": compiled_steps(config, device, 1, **kw),
+        "eager, no cache": uncached_steps(config, **kw),
+        "compiled, no cache": uncached_steps(config, compile=True, **kw),
+    }
+    tokens_per_s = {}
+    for name, steps in tqdm(variants.items(), desc="sequence-length sweep", leave=False):
+        cache_len = config.n_ctx if "no cache" not in name else None
+        tokens_per_s[name] = {n: 1 / decode_step_time(params, config, steps, n, 3, cache_len) for n in lengths}
+    return {"dtype": dtype, "tokens_per_s": tokens_per_s}
+
+
+class _Clock:
+    """A transformers streamer that only notes the time: generate() calls
+    put() with the prompt, then once per new token."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def hf_generate(model, prompt, n_new, static_cache: bool) -> float:
+    """Decode tokens/s of transformers' generate() (its default dynamic cache,
+    or its static cache), timed as ours: from the first new token to the last."""
     prompt = prompt.to(model.device)
     kwargs = dict(attention_mask=torch.ones_like(prompt), do_sample=False, pad_token_id=0)
+    if static_cache:
+        kwargs["cache_implementation"] = "static"
+    clock = _Clock()
     with torch.inference_mode():
-        start = time.perf_counter()
-        model.generate(prompt, max_new_tokens=1, min_new_tokens=1, **kwargs)
-        first = time.perf_counter() - start
-        start = time.perf_counter()
-        model.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new, **kwargs)
-        total = time.perf_counter() - start
-    return (n_new - 1) / (total - first)
+        model.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new, streamer=clock, **kwargs)
+    return (n_new - 1) / (clock.times[-1] - clock.times[1])
 
 
-def print_report(results, dtypes, lengths) -> None:
+def print_report(results) -> None:
     gen, limit, comp = results["generation"], results["limit"], results["compile"]
-    hf = gen.get("transformers generate float32", {}).get("tokens_per_s", float("nan"))
     print("\nWeight-streaming limit (time to read every weight byte once, best round):")
-    for d in dtypes:
-        L = limit[d]
+    for d, L in limit.items():
         print(f"  {d:9s} {L['weight_mb']:7.0f} MB  {L['seconds'] * 1000:6.2f} ms  ({L['gb_per_s']:.0f} GB/s)  "
               f"= {L['tokens_per_s']:6.1f} tokens/s at most")  # fmt: skip
+    hf = {g["mode"]: g["tokens_per_s"] for g in gen.values() if g["system"] == "transformers"}
+    rounds = len(next(iter(gen.values()))["all"])
     print(f"\nGeneration: {results['prompt_len']}-token prompt + {results['new_tokens']} new tokens, decode tokens/s "
-          f"(median of {len(next(iter(gen.values()))['all'])} interleaved rounds)")  # fmt: skip
-    print(f"  {'variant':32s} {'tok/s':>8s} {'ms/tok':>8s} {'vs transformers':>16s} {'vs limit':>9s} {'+peak MB':>9s}")
+          f"over all rows (median of {rounds} interleaved rounds)")  # fmt: skip
+    header = "".join(f"{'vs hf ' + m:>18s}" for m in hf)
+    print(f"  {'variant':34s} {'tok/s':>8s} {'ms/step':>8s}{header} {'vs limit':>9s} {'+peak MB':>9s}")
     for name, g in gen.items():
-        d = name.split()[2] if name.startswith("gpt2fn") else name.split()[-1]
-        tps = g["tokens_per_s"]
-        rows = int(name.split()[-1]) if " batch " in name else 1  # a batch reads each weight once for all rows
-        of_limit = tps / (rows * limit[d]["tokens_per_s"]) if d in limit else float("nan")
-        print(f"  {name:32s} {tps:8.1f} {1000 / tps:8.2f} {fmt_ratio(tps / hf):>16s} {of_limit:8.0%} {g['peak_memory_mb']:9.0f}")
-    batch = [name for name in gen if " batch " in name]
-    for name in batch:
-        d = name.split()[2]
-        single = gen[f"gpt2fn eager {d}"]["tokens_per_s"]
-        print(f"\n  batch throughput: {name} / batch 1 = {fmt_ratio(gen[name]['tokens_per_s'] / single)} "
-              f"(vs compiled batch 1: {fmt_ratio(gen[name]['tokens_per_s'] / gen[f'gpt2fn compiled {d}']['tokens_per_s'])})")
-    print("\n  compiled / eager:  " + ", ".join(
-        f"{d} {fmt_ratio(gen[f'gpt2fn compiled {d}']['tokens_per_s'] / gen[f'gpt2fn eager {d}']['tokens_per_s'])}" for d in dtypes))
+        tps, batch = g["tokens_per_s"], g["batch"]
+        of_limit = tps / (batch * limit[g["dtype"]]["tokens_per_s"]) if g["dtype"] in limit else float("nan")
+        vs_hf = "".join(f"{fmt_ratio(tps / h):>18s}" for h in hf.values())
+        print(f"  {name:34s} {tps:8.1f} {1000 * batch / tps:8.2f}{vs_hf} {of_limit:8.0%} {g['peak_memory_mb']:9.0f}")
+    print("  (vs limit: a batch reads each weight once for all its rows, so its limit is batch x that of one row)")
+
+    def tps(mode, dtype, batch=1):
+        return next((g["tokens_per_s"] for g in gen.values()
+                     if (g["system"], g["mode"], g["dtype"], g["batch"]) == ("gpt2fn", mode, dtype, batch)), float("nan"))  # fmt: skip
+
+    for g in gen.values():
+        if g["system"] == "gpt2fn" and g["batch"] > 1:
+            print(f"\n  batch throughput: {g['mode']} {g['dtype']} batch {g['batch']} / {g['mode']} batch 1 = "
+                  f"{fmt_ratio(g['tokens_per_s'] / tps(g['mode'], g['dtype']))}")  # fmt: skip
+    print("\n  compiled / eager:  " + ", ".join(f"{d} {fmt_ratio(tps('compiled', d) / tps('eager', d))}" for d in limit))
     print(f"  graphs compiled during the timed runs: {results['graphs_compiled_during_timed_runs']} (0 = no recompilation)")
     print("  decode-step compile time: " + ", ".join(
-        f"{d} cold {comp[d]['cold_s']:.1f} s / warm {comp[d]['warm_s']:.1f} s" for d in dtypes))
+        f"{d} cold {c['cold_s']:.1f} s / warm {c['warm_s']:.1f} s" for d, c in comp.items()))
     sweep = results["sweep"]["tokens_per_s"]
+    lengths = list(next(iter(sweep.values())))
     print(f"\nDecode tokens/s against sequence length ({results['sweep']['dtype']}, one step at that length):")
     print("  " + f"{'length':>8s}" + "".join(f"{name:>20s}" for name in sweep) + f"{'cache/no-cache':>22s}")
     for n in lengths:
@@ -288,9 +319,10 @@ def print_report(results, dtypes, lengths) -> None:
         ratios = f"{fmt_ratio(eager)} / {fmt_ratio(compiled)}"
         print("  " + f"{n:8d}" + "".join(f"{sweep[name][n]:20.1f}" for name in sweep) + f"{ratios:>22s}")
     print("  (cache/no-cache: eager / compiled)")
-    print(f"\nPrefill ({results['prefill']['dtype']}), ms for a prompt of that length:")
-    for n, p in results["prefill"]["by_length"].items():
-        print(f"  {n:6d}: eager {p['eager_ms']:8.1f}   compiled {p['compiled_ms']:8.1f}   ({fmt_ratio(p['eager_ms'] / p['compiled_ms'])})")
+    print(f"\nPrefill ({results['sweep']['dtype']}), ms for a prompt of that length (the no-cache step):")
+    for n in lengths:
+        e, c = 1000 / sweep["eager, no cache"][n], 1000 / sweep["compiled, no cache"][n]
+        print(f"  {n:6d}: eager {e:8.1f}   compiled {c:8.1f}   ({fmt_ratio(e / c)})")
 
 
 def plot(results, path) -> None:

@@ -18,9 +18,8 @@ import torch
 
 from gpt2fn.device import resolve_device
 from gpt2fn.errors import GPT2FnError, run_cli
-from gpt2fn.generation import generate, generate_batch
-from gpt2fn.layers import ATTENTION_BACKENDS
-from gpt2fn.model import check_sequence_fits
+from gpt2fn.generation import check_sequence_fits, generate
+from gpt2fn.layers import ATTEND
 from gpt2fn.quantize import WEIGHT_DTYPES, cast_params
 from gpt2fn.sampling import check_sampling_args
 from gpt2fn.tokenizer import ENDOFTEXT_ID, decode, decode_stream, encode, get_tokenizer
@@ -44,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="weights: float32 (default), bfloat16, float16, or int8 (weight-only, fp32 compute)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (one graph for every step; the first run compiles)")
-    p.add_argument("--attention", default="auto", choices=("auto", *ATTENTION_BACKENDS),
+    p.add_argument("--attention", default="auto", choices=("auto", *ATTEND),
                    help="sdpa (PyTorch's fused kernel), manual (softmax(QK^T/sqrt(d))V spelled out), or auto "
                         "(default: sdpa, but manual in the compiled CPU decode step, where it is faster)")
     p.add_argument("--max_tokens", type=int, default=50, help="new tokens to generate (default 50)")
@@ -69,8 +68,6 @@ def run(args: argparse.Namespace) -> int:
         raise GPT2FnError("no prompt given; pass --prompt TEXT (repeatable) or --prompt-file FILE")
     if any(not p for p in prompts):
         raise GPT2FnError("the prompt is empty; pass some text with --prompt")
-    if len(prompts) > 1 and (args.compile or not args.kvcaching):
-        raise GPT2FnError("several prompts run as one eager batch with the KV cache; drop --compile / --no-kvcaching")
     device = resolve_device(args.device)
     seed = args.seed if args.seed is not None else random.randrange(2**31)
 
@@ -78,47 +75,44 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = get_tokenizer(model_path)
     params, config = load_pretrained(model_path, device=device)
     params = cast_params(params, args.dtype)
-    if len(prompts) > 1:
-        return run_batch(args, prompts, tokenizer, params, config, device, seed)
-    prompt_ids = encode(tokenizer, prompts[0])
-    check_sequence_fits(config, len(prompt_ids), args.max_tokens)
-
+    ids = [encode(tokenizer, p) for p in prompts]
+    if len(ids) == 1:  # one prompt: the continuation must fit (several: each row stops at the context)
+        check_sequence_fits(config, len(ids[0]), args.max_tokens)
     stream = generate(
-        params, config, torch.tensor([prompt_ids]), args.max_tokens,
+        params, config, ids, args.max_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         generator=torch.Generator(device).manual_seed(seed),
         use_cache=args.kvcaching, attention=args.attention,
         stop_token=None if args.ignore_eot else ENDOFTEXT_ID, compile=args.compile,
     )  # fmt: skip
-    stats = None
-
-    def tokens():
-        nonlocal stats
-        try:
-            while True:
-                yield int(next(stream)[0])
-        except StopIteration as end:
-            stats = end.value
-
-    sys.stdout.write(prompts[0])
-    sys.stdout.flush()
-    for text in decode_stream(tokenizer, tokens()):
-        sys.stdout.write(text)
+    if len(prompts) == 1:  # streamed as it is made
+        sys.stdout.write(prompts[0])
         sys.stdout.flush()
-    sys.stdout.write("\n")
-    sys.stdout.flush()
-
-    mode = ("kv-cache" if args.kvcaching else "no cache") + (", compiled" if args.compile else "")
-    compiled = f"compile: {stats.compile_s:.1f} s (first decode step)\n" if args.compile else ""
-    print(
-        f"[{args.model} {args.dtype} on {device}, {mode}, {args.attention} attention, seed {seed}] "
-        f"prompt {stats.n_prompt} tokens, generated {stats.n_new}\n{compiled}"
-        f"prefill: {stats.prefill_s * 1000:.1f} ms ({per_second(stats.n_prompt, stats.prefill_s)} tokens/s)\n"
-        f"decode:  {stats.decode_s * 1000:.1f} ms for {stats.decode_tokens} tokens "
-        f"({per_second(stats.decode_tokens, stats.decode_s)} tokens/s)",
-        file=sys.stderr,
-    )
+        for text in decode_stream(tokenizer, (int(token[0]) for token in stream)):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    else:  # each result printed when the batch is done
+        for i, (prompt, tokens) in enumerate(zip(prompts, stream.rows())):
+            print(f"--- [{i + 1}/{len(prompts)}] ---\n{prompt}{decode(tokenizer, tokens)}")
+    print(report(args, device, seed, stream), file=sys.stderr)
     return 0
+
+
+def report(args: argparse.Namespace, device: torch.device, seed: int, stream) -> str:
+    stats = stream.stats
+    mode = ("kv-cache" if args.kvcaching else "no cache") + (", compiled" if args.compile else "")
+    batch = f", batch of {stats.batch}" if stats.batch > 1 else ""
+    made = sum(len(row) for row in stream.rows())
+    compiled = f"compile: {stats.compile_s:.1f} s (first decode step)\n" if args.compile else ""
+    return (
+        f"[{args.model} {args.dtype} on {device}, {mode}, {args.attention} attention{batch}, seed {seed}] "
+        f"prompt {stats.n_prompt} tokens{' (longest)' if batch else ''}, generated {made} in {stats.n_new} steps\n"
+        f"{compiled}prefill: {stats.prefill_s * 1000:.1f} ms ({per_second(stats.n_prompt * stats.batch, stats.prefill_s)} tokens/s)\n"
+        f"decode:  {stats.decode_s * 1000:.1f} ms for {stats.decode_tokens} steps "
+        f"({per_second(stats.decode_tokens * stats.batch, stats.decode_s)} tokens/s{' over the batch' if batch else ''})"
+    )
 
 
 def read_prompt_file(path: str | None) -> list[str]:
@@ -129,30 +123,6 @@ def read_prompt_file(path: str | None) -> list[str]:
     except (OSError, UnicodeDecodeError) as e:
         raise GPT2FnError(f"cannot read prompt file {path} ({e})") from None
     return [line for line in lines if line.strip()]
-
-
-def run_batch(args, prompts, tokenizer, params, config, device, seed) -> int:
-    """Several prompts: one batch, each row stopping on its own; each result
-    printed when the batch is done."""
-    result = generate_batch(
-        params, config, [encode(tokenizer, p) for p in prompts], args.max_tokens,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        generator=torch.Generator(device).manual_seed(seed), attention=args.attention,
-        stop_token=None if args.ignore_eot else ENDOFTEXT_ID,
-    )  # fmt: skip
-    for i, (prompt, tokens) in enumerate(zip(prompts, result.tokens)):
-        print(f"--- [{i + 1}/{len(prompts)}] ---\n{prompt}{decode(tokenizer, tokens)}")
-    stats = result.stats
-    made = sum(len(t) for t in result.tokens)
-    print(
-        f"[{args.model} {args.dtype} on {device}, batch of {len(prompts)}, seed {seed}] "
-        f"longest prompt {stats.n_prompt} tokens, {made} tokens generated in {stats.n_new} steps\n"
-        f"prefill: {stats.prefill_s * 1000:.1f} ms\n"
-        f"decode:  {stats.decode_s * 1000:.1f} ms for {stats.decode_tokens} steps "
-        f"({per_second(stats.decode_tokens * len(prompts), stats.decode_s)} tokens/s over the batch)",
-        file=sys.stderr,
-    )
-    return 0
 
 
 def per_second(count: int, seconds: float) -> str:

@@ -85,3 +85,19 @@ def offline_hub(tmp_path, monkeypatch) -> Path:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     return hub
+
+
+def kernels(attention: str = "sdpa"):
+    """The eager kernels with the named attention ("manual" or "sdpa")."""
+    from gpt2fn.layers import ATTEND, Kernels
+
+    return Kernels(attend=ATTEND[attention])
+
+
+def run_cached(params, config, tokens, cache, start: int, attention: str = "sdpa"):
+    """Logits [B, T, V] of tokens [B, T] at positions ``start..start+T-1``,
+    written into and attending over ``cache``."""
+    from gpt2fn.model import hidden, logits, positions
+
+    pos = positions(*tokens.shape) + start
+    return logits(params, config, hidden(params, config, tokens, pos, cache, kernels=kernels(attention)))

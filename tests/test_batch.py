@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpt2fn import GPT2FnError, generate_all, load_pretrained
-from gpt2fn.generation import generate_batch
+from gpt2fn import GPT2FnError, generate, generate_all, load_pretrained
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +26,9 @@ def alone(params, config, prompt, n, **kw):
 def test_greedy_rows_equal_each_prompt_alone(small):
     params, config = small
     prompts = ragged([3, 17, 1, 9, 30])
-    result = generate_batch(params, config, prompts, 25, temperature=0)
-    assert [len(t) for t in result.tokens] == [25] * 5
-    for prompt, tokens in zip(prompts, result.tokens):
+    rows = generate(params, config, prompts, 25, temperature=0).rows()
+    assert [len(t) for t in rows] == [25] * 5
+    for prompt, tokens in zip(prompts, rows):
         assert tokens == alone(params, config, prompt, 25, temperature=0)
 
 
@@ -38,22 +37,23 @@ def test_rows_stop_on_their_own(small):
     prompts = ragged([4, 11, 6], seed=1)
     first = alone(params, config, prompts[0], 20, temperature=0)
     stop = first[5]  # a token row 0 makes early
-    result = generate_batch(params, config, prompts, 20, temperature=0, stop_token=stop)
-    for prompt, tokens in zip(prompts, result.tokens):
+    stream = generate(params, config, prompts, 20, temperature=0, stop_token=stop)
+    rows = stream.rows()
+    for prompt, tokens in zip(prompts, rows):
         expected = alone(params, config, prompt, 20, temperature=0)
         if stop in expected:
             expected = expected[: expected.index(stop) + 1]
         assert tokens == expected
-    assert len(result.tokens[0]) <= 6 < 20
-    assert result.stats.n_new == max(len(t) for t in result.tokens)
+    assert len(rows[0]) <= 6 < 20
+    assert stream.stats.n_new == max(len(t) for t in rows)
 
 
 def test_each_row_has_its_own_context_limit(small):
     params, config = small  # n_ctx = 128
     prompts = ragged([120, 5], seed=2)
-    result = generate_batch(params, config, prompts, 30, temperature=0)
-    assert [len(t) for t in result.tokens] == [8, 30]
-    assert result.tokens[0] == alone(params, config, prompts[0], 8, temperature=0)
+    rows = generate(params, config, prompts, 30, temperature=0).rows()
+    assert [len(t) for t in rows] == [8, 30]
+    assert rows[0] == alone(params, config, prompts[0], 8, temperature=0)
 
 
 def test_sampling_is_reproducible_per_seed(small):
@@ -61,8 +61,8 @@ def test_sampling_is_reproducible_per_seed(small):
     prompts = ragged([2, 8, 5], seed=3)
 
     def run(seed):
-        return generate_batch(params, config, prompts, 15, temperature=0.9, top_k=40,
-                              generator=torch.Generator().manual_seed(seed)).tokens  # fmt: skip
+        return generate(params, config, prompts, 15, temperature=0.9, top_k=40,
+                        generator=torch.Generator().manual_seed(seed)).rows()  # fmt: skip
 
     assert run(7) == run(7) and run(7) != run(8)
 
@@ -74,4 +74,4 @@ def test_sampling_is_reproducible_per_seed(small):
 def test_bad_batches_are_refused(small, prompts, message):
     params, config = small
     with pytest.raises(GPT2FnError, match=message):
-        generate_batch(params, config, prompts, 5)
+        generate(params, config, prompts, 5)

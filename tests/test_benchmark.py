@@ -24,13 +24,16 @@ def test_benchmark_writes_json_and_plot(small_ref, tmp_path):
     assert results["limit"]["int8"]["weight_mb"] < results["limit"]["float32"]["weight_mb"] / 3
     names = set(results["generation"])
     assert {"gpt2fn eager float32", "gpt2fn compiled float32", "gpt2fn compiled int8", "gpt2fn eager float32 batch 3",
-            "transformers generate float32"} <= names
+            "gpt2fn compiled float32 batch 3", "transformers default float32"} <= names
+    batch = results["generation"]["gpt2fn compiled float32 batch 3"]
+    assert (batch["system"], batch["mode"], batch["dtype"], batch["batch"]) == ("gpt2fn", "compiled", "float32", 3)
     assert "batch throughput" in run.stdout
     assert all(g["tokens_per_s"] > 0 for g in results["generation"].values())
     assert results["graphs_compiled_during_timed_runs"] == 0
     assert set(results["sweep"]["tokens_per_s"]) == {"eager, cache", "compiled, cache", "eager, no cache", "compiled, no cache"}
     assert all(c["cold_s"] > 0 and c["warm_s"] > 0 for c in results["compile"].values())
-    assert "compiled / eager" in run.stdout and "vs transformers" in run.stdout
+    assert "compiled / eager" in run.stdout and "vs hf default" in run.stdout
+    assert results["command"].startswith("python scripts/benchmark.py --model")
     assert out_png.stat().st_size > 10_000 and out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -121,7 +121,7 @@ def test_zero_new_tokens_prints_the_prompt_and_no_rates(generate_cli, capsys, sm
 
 
 def test_several_prompts_run_as_one_batch(generate_cli, capsys, small_ref, tmp_path):
-    from gpt2fn.generation import generate_batch
+    from gpt2fn.generation import generate
 
     (tmp_path / "prompts.txt").write_text("Second prompt\n\n   \nThird, longer prompt here\n")
     code, out, err = run_cli(generate_cli, capsys, "--prompt", "First", "--prompt-file", str(tmp_path / "prompts.txt"),
@@ -130,16 +130,21 @@ def test_several_prompts_run_as_one_batch(generate_cli, capsys, small_ref, tmp_p
     texts = ["First", "Second prompt", "Third, longer prompt here"]
     params, config = load_pretrained(small_ref.directory)
     t = get_tokenizer()
-    result = generate_batch(params, config, [encode(t, x) for x in texts], 12, temperature=0)
-    expected = "".join(f"--- [{i + 1}/3] ---\n{x}{decode(t, toks)}\n" for i, (x, toks) in enumerate(zip(texts, result.tokens)))
+    rows = generate(params, config, [encode(t, x) for x in texts], 12, temperature=0).rows()
+    expected = "".join(f"--- [{i + 1}/3] ---\n{x}{decode(t, toks)}\n" for i, (x, toks) in enumerate(zip(texts, rows)))
     assert out == expected
     assert "batch of 3" in err and "tokens/s over the batch" in err
 
 
-def test_several_prompts_refuse_compile_and_no_cache(generate_cli, capsys, small_ref):
-    for flag in ("--compile", "--no-kvcaching"):
-        code, out, err = run_cli(generate_cli, capsys, "--prompt", "a", "--prompt", "b", flag, "--model", str(small_ref.directory))
-        assert code == 2 and err.count("\n") == 1 and "one eager batch" in err
+def test_several_prompts_compile_and_recompute_like_the_eager_batch(generate_cli, capsys, small_ref):
+    base = ["--prompt", "a", "--prompt", "The longest of the three prompts", "--prompt", "Hello there",
+            "--model", str(small_ref.directory), "--max_tokens", "10", "--temperature", "0", "--ignore_eot"]
+    outputs = []
+    for flags in ([], ["--compile"], ["--no-kvcaching"]):
+        code, out, err = run_cli(generate_cli, capsys, *base, *flags)
+        assert code == 0 and "batch of 3" in err, err
+        outputs.append(out)
+    assert outputs[0] == outputs[1] == outputs[2] and outputs[0].count("--- [") == 3
 
 
 def test_missing_prompt_and_unreadable_prompt_file(generate_cli, capsys, small_ref, tmp_path):

@@ -9,10 +9,13 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from gpt2fn import GPTConfig, generate_all, init_params, load_pretrained, make_cache
-from gpt2fn.model import decode_step, forward
+from gpt2fn import GPTConfig, generate, generate_all, init_params, load_pretrained, make_cache
+from gpt2fn.layers import Kernels, attend_manual, matvec
+from gpt2fn.model import hidden, logits
 from gpt2fn.sampling import choose_token, filtered_probs, noise_width, uniform_noise
 from gpt2fn.steps import DECODE_OPTIONS
+
+from conftest import run_cached
 
 LONG = GPTConfig(vocab_size=50257, n_ctx=1024, n_embd=32, n_layer=2, n_head=2)
 
@@ -41,24 +44,43 @@ def test_one_graph_for_every_step_and_every_prompt_length():
     assert torch.equal(first, generate_all(params, LONG, prompt(5), 600, temperature=0)[0])
 
 
+def decode_logits(params, token, pos, cache, *, config, kernels):
+    return logits(params, config, hidden(params, config, token, pos, cache, kernels=kernels)[:, -1], kernels.linear)
+
+
 @pytest.mark.parametrize("which", ["small", "gpt2"])
 def test_compiled_decode_matches_eager_logits_and_greedy_tokens(which, request):
+    """The compiled CPU decode (matvec products, spelled-out attention) against
+    the eager library kernels, logits step by step."""
     params, config = load_pretrained(request.getfixturevalue(f"{which}_ref").directory)
     T, steps = 6, 24
-    compiled = torch.compile(functools.partial(decode_step, config=config), fullgraph=True, options=DECODE_OPTIONS)
+    fast_kernels = Kernels(matvec, attend_manual)
+    compiled = torch.compile(functools.partial(decode_logits, config=config, kernels=fast_kernels), fullgraph=True,
+                             options=DECODE_OPTIONS)  # fmt: skip
     caches = [make_cache(config, 1, T + steps) for _ in range(2)]
     tokens = prompt(T, seed=3)
     with torch.inference_mode():
         for cache in caches:
-            forward(params, config, tokens, cache, torch.arange(T))
-        token = tokens[0, -1:].clone()  # contiguous and an inference tensor, like every later token
+            run_cached(params, config, tokens, cache, 0)
+        token = tokens[:, -1:].clone(memory_format=torch.contiguous_format)  # strides as every later token
         for t in range(T, T + steps):
-            pos = torch.tensor([t])
-            eager = decode_step(params, config, token, caches[0], pos)
-            fast = compiled(params, token=token, cache=caches[1], pos=pos)
+            pos = torch.tensor([[t]])
+            eager = decode_logits(params, token, pos, caches[0], config=config, kernels=Kernels())
+            fast = compiled(params, token, pos, caches[1])
             assert (eager - fast).abs().max().item() <= 1e-4, f"step {t}"
             assert torch.equal(eager.argmax(-1), fast.argmax(-1))
-            token = eager.argmax(-1)
+            token = eager.argmax(-1)[:, None]
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_compiled_ragged_batch_rows_equal_each_prompt_alone(small_ref):
+    params, config = load_pretrained(small_ref.directory)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 50257, (n,), generator=g).tolist() for n in (3, 17, 1, 9)]
+    rows = generate(params, config, prompts, 20, temperature=0, compile=True).rows()
+    for p, row in zip(prompts, rows):
+        assert row == generate_all(params, config, torch.tensor([p]), 20, temperature=0)[0][0].tolist()
+    generate(params, config, prompts[::-1], 7, temperature=0, compile=True).rows()  # other lengths: the same graph
     assert counters["stats"]["unique_graphs"] == 1
 
 

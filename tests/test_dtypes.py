@@ -21,10 +21,14 @@ import torch
 import torch.nn.functional as F
 
 from gpt2fn import load_pretrained, make_cache
-from gpt2fn.model import decode_step, forward
+from gpt2fn.layers import Kernels, attend_manual, matvec
+from gpt2fn.model import forward
 from gpt2fn.params import flatten_params
 from gpt2fn.quantize import cast_params, quantize_int8, quantize_rows
 from gpt2fn.steps import DECODE_OPTIONS
+
+from conftest import run_cached
+from test_compile import decode_logits
 
 TOLERANCE = {  # dtype: (max |logit diff|, mean KL in nats)
     "bfloat16": (0.2, 1e-4),
@@ -59,16 +63,17 @@ def test_compiled_decode_close_to_fp32(small_ref, dtype):
     torch._dynamo.reset()
     params, config = load_pretrained(small_ref.directory)
     low = cast_params(params, dtype)
-    step = torch.compile(functools.partial(decode_step, config=config), fullgraph=True, options=DECODE_OPTIONS)
+    fast = Kernels(matvec, attend_manual)  # the compiled CPU decode's kernels
+    step = torch.compile(functools.partial(decode_logits, config=config, kernels=fast), fullgraph=True, options=DECODE_OPTIONS)
     tokens = torch.randint(0, 50257, (1, 12), generator=torch.Generator().manual_seed(1))
     cache32, cache_low = make_cache(config, 1, 12), make_cache(config, 1, 12, low["wpe"].dtype)
     with torch.inference_mode():
-        forward(params, config, tokens[:, :8], cache32, torch.arange(8))
-        forward(low, config, tokens[:, :8], cache_low, torch.arange(8))
+        run_cached(params, config, tokens[:, :8], cache32, 0)
+        run_cached(low, config, tokens[:, :8], cache_low, 0)
         for t in range(8, 12):
-            pos, token = torch.tensor([t]), tokens[0, t : t + 1].clone()
-            reference = decode_step(params, config, token, cache32, pos)
-            out = step(low, token=token, cache=cache_low, pos=pos)
+            pos, token = torch.tensor([[t]]), tokens[:, t : t + 1].clone(memory_format=torch.contiguous_format)
+            reference = run_cached(params, config, token, cache32, t)[:, -1]
+            out = step(low, token, pos, cache_low)
             max_diff, max_kl = TOLERANCE[dtype]
             assert (out.float() - reference).abs().max().item() <= max_diff
             assert kl(reference, out) <= max_kl

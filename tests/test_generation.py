@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -42,13 +44,13 @@ def test_streams_one_token_at_a_time_and_reports_timings(small):
     params, config = small
     stream = generate(params, config, prompt(8), 10, temperature=0)
     seen = []
-    while True:
-        try:
-            seen.append(next(stream))
-        except StopIteration as end:
-            stats = end.value
-            break
+    for token in stream:
+        assert stream.stats is None  # set when the stream ends
+        seen.append(token)
+        time.sleep(0.03)  # the caller's time between tokens is not the model's
+    stats = stream.stats
     assert len(seen) == 10 and all(t.shape == (1,) for t in seen)
+    assert stats.decode_s < 9 * 0.03
     assert (stats.n_prompt, stats.n_new, stats.decode_tokens) == (8, 10, 9)
     assert stats.prefill_s > 0 and stats.decode_s > 0
     assert stats.decode_tokens_per_s == pytest.approx(9 / stats.decode_s)
@@ -87,4 +89,4 @@ def test_bad_lengths_are_refused(small, n_prompt, n_new, message):
 def test_bad_sampling_parameters_are_refused_before_any_work(small):
     params, config = small
     with pytest.raises(GPT2FnError, match="top_p"):
-        next(generate(params, config, prompt(3), 5, top_p=0))
+        generate(params, config, prompt(3), 5, top_p=0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gpt2fn import forward, load_pretrained
-from gpt2fn.interp import ablate_head, logit_lens, patch, run_with_cache, zero_head_tap
+from gpt2fn.interp import MANUAL, ablate_head, logit_lens, patch, run_with_cache, zero_head_tap
 
 TOL = 1e-5
 
@@ -25,7 +25,7 @@ def test_recording_changes_nothing_and_records_everything(model):
     params, config = model
     x = tokens()
     logits, cache = run_with_cache(params, config, x)
-    assert torch.equal(logits, forward(params, config, x, attention="manual"))
+    assert torch.equal(logits, forward(params, config, x, kernels=MANUAL))
     assert (logits - forward(params, config, x)).abs().max() <= TOL  # the default (SDPA) path
     B, T, D, H = 2, 12, config.n_embd, config.n_head
     for layer in range(config.n_layer):
@@ -63,7 +63,7 @@ def test_ablating_a_head_removes_exactly_its_contribution(model, layer, head):
         assert torch.equal(clean[("resid", earlier)], ablated[("resid", earlier)])
     # the params edit and the replacement function are the same intervention
     by_tap, _ = run_with_cache(params, config, x, tap=zero_head_tap(layer, head))
-    assert (by_tap - forward(ablate_head(params, layer, head, config.n_head), config, x, attention="manual")).abs().max() <= TOL
+    assert (by_tap - forward(ablate_head(params, layer, head, config.n_head), config, x, kernels=MANUAL)).abs().max() <= TOL
     assert params["blocks"][layer]["attn"]["c_proj"]["w"][:, head * hd].abs().sum() > 0  # the original is intact
 
 
@@ -79,7 +79,7 @@ def test_patching_a_whole_layer_residual_reproduces_the_source_run(model):
     clean_target, target_cache = run_with_cache(params, config, target)
     mixed = target_cache[("resid", 0)].clone()
     mixed[:, 5] = one[:, 5]
-    out = forward(params, config, target, tap=patch("resid", 0, mixed))
+    out = forward(params, config, target, tap=patch("resid", 0, mixed), kernels=MANUAL)
     assert torch.equal(out[:, :5], clean_target[:, :5]) and not torch.allclose(out[:, 5:], clean_target[:, 5:])
 
 

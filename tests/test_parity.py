@@ -8,7 +8,8 @@ import torch
 
 from gpt2fn import forward, generate_all, load_pretrained, make_cache
 from gpt2fn.config import GPTConfig
-from gpt2fn.model import decode_step
+
+from conftest import kernels, run_cached
 
 TOL = 1e-5
 
@@ -35,7 +36,7 @@ def test_logits_match_reference(which, attention, request):
     tokens = prompt_ids(config, batch=2, length=64 if which == "gpt2" else 100)
     with torch.no_grad():
         expected = ref.model(tokens).logits
-    got = forward(params, config, tokens, attention=attention)
+    got = forward(params, config, tokens, kernels=kernels(attention))
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() <= TOL
 
@@ -72,25 +73,25 @@ def test_cached_decode_equals_full_recompute_at_every_step(small, attention):
     params, config = small
     B, T, steps = 2, 9, 40
     tokens = prompt_ids(config, B, T + steps, seed=7)
-    full = forward(params, config, tokens, attention=attention)  # [B, T+steps, V], no cache
+    full = forward(params, config, tokens, kernels=kernels(attention))  # [B, T+steps, V], no cache
     cache = make_cache(config, B, T + steps)
-    prefill = forward(params, config, tokens[:, :T], cache, torch.arange(T), attention)
+    prefill = run_cached(params, config, tokens[:, :T], cache, 0, attention)
     assert (prefill - full[:, :T]).abs().max().item() <= TOL
     for t in range(T, T + steps):
-        logits = decode_step(params, config, tokens[:, t], cache, torch.tensor([t]), attention)
+        logits = run_cached(params, config, tokens[:, t : t + 1], cache, t, attention)[:, -1]
         assert (logits - full[:, t]).abs().max().item() <= TOL, f"step {t}"
 
 
 def test_manual_and_sdpa_attention_agree(gpt2):
     params, config = gpt2
     tokens = prompt_ids(config, 1, 48, seed=11)
-    manual = forward(params, config, tokens, attention="manual")
-    sdpa = forward(params, config, tokens, attention="sdpa")
+    manual = forward(params, config, tokens, kernels=kernels("manual"))
+    sdpa = forward(params, config, tokens, kernels=kernels("sdpa"))
     assert (manual - sdpa).abs().max().item() <= TOL
     caches = [make_cache(config, 1, 64) for _ in range(2)]
     for cache, backend in zip(caches, ("manual", "sdpa")):
-        forward(params, config, tokens, cache, torch.arange(48), backend)
-    outs = [decode_step(params, config, tokens[:, 0], c, torch.tensor([48]), b) for c, b in zip(caches, ("manual", "sdpa"))]
+        run_cached(params, config, tokens, cache, 0, backend)
+    outs = [run_cached(params, config, tokens[:, :1], c, 48, b)[:, -1] for c, b in zip(caches, ("manual", "sdpa"))]
     assert (outs[0] - outs[1]).abs().max().item() <= TOL
 
 
@@ -102,9 +103,9 @@ def test_cache_is_written_in_place_and_never_reallocated(small):
     assert all(isinstance(kv, tuple) and len(kv) == 2 for kv in cache)
     pointers = [t.data_ptr() for kv in cache for t in kv]
     tokens = prompt_ids(config, 1, T + 3, seed=13)
-    forward(params, config, tokens[:, :T], cache, torch.arange(T))
+    run_cached(params, config, tokens[:, :T], cache, 0)
     for t in range(T, T + 3):
-        decode_step(params, config, tokens[:, t], cache, torch.tensor([t]))
+        run_cached(params, config, tokens[:, t : t + 1], cache, t)
     assert [t.data_ptr() for kv in cache for t in kv] == pointers
     for k, v in cache:
         assert k.shape == (1, config.n_head, L, config.head_dim)
@@ -118,7 +119,7 @@ def test_cache_holds_the_reference_keys_and_values(small, small_ref):
     T = 6
     tokens = prompt_ids(config, 1, T, seed=17)
     cache = make_cache(config, 1, 8)
-    forward(params, config, tokens, cache, torch.arange(T))
+    run_cached(params, config, tokens, cache, 0)
     with torch.no_grad():
         past = small_ref.model(tokens, use_cache=True).past_key_values
     for layer, (k, v) in enumerate(cache):
