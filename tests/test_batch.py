@@ -23,10 +23,11 @@ def alone(params, config, prompt, n, **kw):
     return generate_all(params, config, torch.tensor([prompt]), n, **kw)[0][0].tolist()
 
 
-def test_greedy_rows_equal_each_prompt_alone(small):
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_greedy_rows_equal_each_prompt_alone(small, use_cache):
     params, config = small
     prompts = ragged([3, 17, 1, 9, 30])
-    rows = generate(params, config, prompts, 25, temperature=0).rows()
+    rows = generate(params, config, prompts, 25, temperature=0, use_cache=use_cache).rows()
     assert [len(t) for t in rows] == [25] * 5
     for prompt, tokens in zip(prompts, rows):
         assert tokens == alone(params, config, prompt, 25, temperature=0)

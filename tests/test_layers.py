@@ -1,0 +1,81 @@
+"""Each layer on inputs small enough to check by hand."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gpt2fn.cache import make_cache
+from gpt2fn.config import GPTConfig
+from gpt2fn.layers import Kernels, attend_manual, attend_sdpa, attention, causal_mask, ffn, gelu, layer_norm, linear, matvec
+from gpt2fn.model import at_layer, positions
+
+
+def test_causal_mask_per_row_positions():
+    pos = torch.tensor([[0, 1, 2], [3, 4, 4]])  # row 1: a ragged row's repeated last position
+    mask = causal_mask(pos, 5)
+    assert mask.shape == (2, 1, 3, 5)
+    assert mask[0, 0].int().tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]]
+    assert mask[1, 0].int().tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
+
+
+def test_positions_are_equal_rows():
+    assert positions(2, 3).tolist() == [[0, 1, 2], [0, 1, 2]]
+
+
+def test_linear_matvec_and_int8_scale_by_hand():
+    x = torch.tensor([[1.0, 2.0]])
+    w = torch.tensor([[1.0, 0.0], [1.0, -1.0], [0.5, 0.5]])
+    b = torch.tensor([0.0, 1.0, -1.0])
+    assert linear(x, w, b).tolist() == [[1.0, 0.0, 0.5]]
+    assert matvec(x, w, b).tolist() == [[1.0, 0.0, 0.5]]  # the same function, another spelling
+    q, scale = torch.tensor([[2, 0], [1, -1]], dtype=torch.int8), torch.tensor([0.5, 3.0])
+    assert linear(x, q, None, scale).tolist() == [[1.0, -3.0]]
+    assert matvec(x, q, None, scale).tolist() == [[1.0, -3.0]]
+
+
+def test_layer_norm_and_gelu_by_hand():
+    y = layer_norm(torch.tensor([[1.0, 3.0]]), torch.tensor([2.0, 2.0]), torch.tensor([1.0, 0.0]), eps=0.0)
+    assert torch.allclose(y, torch.tensor([[-1.0, 2.0]]))  # (x - 2) / 1 * 2 + b
+    x = torch.tensor([0.0, 1.0])
+    expected = 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    assert torch.allclose(gelu(x), expected)
+
+
+def test_ffn_with_identity_weights_is_gelu():
+    eye = {"w": torch.eye(2), "b": torch.zeros(2)}
+    x = torch.tensor([[[-1.0, 2.0]]])
+    seen = []
+    out = ffn(x, eye, eye, tap=lambda name, t: seen.append(name) or t)
+    assert torch.allclose(out, gelu(x)) and seen == ["mlp_act"]
+
+
+def test_attention_writes_each_rows_cache_at_its_positions_and_sees_only_the_past():
+    """Width 2, one head, identity projections: queries = keys = values = x.
+    Row 0 writes slots 0 and 1, row 1 writes slot 3 only."""
+    config = GPTConfig(vocab_size=8, n_ctx=4, n_embd=2, n_layer=1, n_head=1)
+    (kv,) = make_cache(config, 2, 4)
+    c_attn = {"w": torch.cat([torch.eye(2)] * 3), "b": torch.zeros(6)}
+    c_proj = {"w": torch.eye(2), "b": torch.zeros(2)}
+    x = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[5.0, 5.0], [5.0, 5.0]]])
+    pos = torch.tensor([[0, 1], [3, 3]])
+    for attend in (attend_manual, attend_sdpa):
+        k, v = kv
+        k.zero_(), v.zero_()
+        out = attention(x, c_attn, c_proj, n_head=1, pos=pos, mask=causal_mask(pos, 4), kv=kv, kernels=Kernels(attend=attend))
+        assert k[0, 0, :2].tolist() == [[1.0, 0.0], [0.0, 1.0]] and k[0, 0, 2:].abs().sum() == 0
+        assert k[1, 0, 3].tolist() == [5.0, 5.0] and k[1, 0, :3].abs().sum() == 0
+        assert torch.allclose(out[0, 0], torch.tensor([1.0, 0.0]))  # position 0 sees itself only
+        w = torch.softmax(torch.tensor([0.0, 1.0]) / math.sqrt(2), 0)  # position 1: scores q.k / sqrt(2)
+        assert torch.allclose(out[0, 1], w[0] * torch.tensor([1.0, 0.0]) + w[1] * torch.tensor([0.0, 1.0]))
+        # row 1 at position 3 sees slots 0..3, three of them zero keys and values
+        w = torch.softmax(torch.tensor([0.0, 0.0, 0.0, 50.0]) / math.sqrt(2), 0)
+        assert torch.allclose(out[1, 0], w[3] * torch.tensor([5.0, 5.0]))
+
+
+def test_the_model_binds_the_layer_index_of_a_tap():
+    seen = []
+    tap = at_layer(lambda name, layer, t: seen.append((name, layer)) or t, 3)
+    tap("resid", torch.zeros(1))
+    assert seen == [("resid", 3)] and at_layer(None, 3) is None
