@@ -1,8 +1,10 @@
 """The whole model as pure functions: ``hidden`` (embeddings and blocks: the
 residual stream) and ``logits`` (final LayerNorm and the tied LM head).
 
-Positions are always ``[B, T]``: row ``b``'s token ``t`` sits at ``pos[b, t]``
-(shared positions are just equal rows). With a cache, the new tokens' keys and
+Positions are always ``[B, T]``: row ``b``'s token ``t`` sits at ``pos[b, t]``;
+positions every row shares may be one row, ``[1, T]``, broadcast over the batch
+(training and ``forward`` do this: the position embedding's backward then sums
+over the batch before the lookup, with no repeated index). With a cache, the new tokens' keys and
 values are written into it at ``pos`` and attention reads the whole cache;
 without one, the ``T`` tokens are the whole sequence and ``pos`` is
 ``0..T-1`` in every row (:func:`positions`).
@@ -41,7 +43,7 @@ def hidden(
     params: Params, config: GPTConfig, tokens: Tensor, pos: Tensor, cache: Optional[KVCache] = None,
     tap: Optional[Tap] = None, kernels: Kernels = Kernels(),
 ) -> Tensor:  # fmt: skip
-    """The residual stream after the last block. tokens, pos: [B, T] -> [B, T, D].
+    """The residual stream after the last block. tokens: [B, T], pos: [B or 1, T] -> [B, T, D].
     ``tap`` is called at every named point of every layer and may replace
     what it sees (see :mod:`gpt2fn.interp`)."""
     x = embed(params, tokens, pos)
@@ -70,5 +72,5 @@ def forward(
     params: Params, config: GPTConfig, tokens: Tensor, tap: Optional[Tap] = None, kernels: Kernels = Kernels()
 ) -> Tensor:
     """tokens [B, T] (a whole sequence, no cache) -> logits [B, T, V]."""
-    x = hidden(params, config, tokens, positions(*tokens.shape, device=tokens.device), None, tap, kernels)
+    x = hidden(params, config, tokens, positions(1, tokens.shape[1], device=tokens.device), None, tap, kernels)
     return logits(params, config, x, kernels.linear)

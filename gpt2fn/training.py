@@ -90,7 +90,7 @@ def loss_fn(params: Params, config: GPTConfig, windows: Tensor, checkpoint_block
     ``checkpoint_blocks`` (activation checkpointing) keeps only each block's
     input and recomputes the block in the backward pass: memory for compute."""
     tokens = windows[:, :-1]
-    pos = positions(*tokens.shape, device=tokens.device)
+    pos = positions(1, tokens.shape[1], device=tokens.device)  # shared by every row
     if checkpoint_blocks:
         x, mask = embed(params, tokens, pos), causal_mask(pos, tokens.shape[1])
         for block_params in params["blocks"]:
