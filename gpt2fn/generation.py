@@ -178,7 +178,8 @@ def generate(
     if isinstance(prompts, Tensor):
         check_sequence_fits(config, prompts.shape[1], max_new_tokens)
         prompts = prompts.tolist()
-    check_prompts(config, prompts, max_new_tokens)
+    else:
+        check_prompts(config, prompts, max_new_tokens)
     device = params_device(params)
     steps = make_steps(config, device, len(prompts), use_cache, compile, attention,
                        temperature=temperature, top_k=top_k, top_p=top_p)  # fmt: skip
@@ -199,13 +200,12 @@ def check_sequence_fits(config: GPTConfig, n_prompt: int, max_new_tokens: int) -
         raise GPT2FnError("the prompt is empty; give at least one token of text")
     if max_new_tokens < 0:
         raise GPT2FnError(f"max_tokens must be >= 0, got {max_new_tokens}")
-    limit = config.n_ctx
-    if n_prompt > limit:
-        raise GPT2FnError(f"the prompt is {n_prompt} tokens but the context holds {limit}; shorten the prompt")
-    if n_prompt + max_new_tokens > limit:
+    if n_prompt > config.n_ctx:
+        raise GPT2FnError(f"the prompt is {n_prompt} tokens but the context holds {config.n_ctx}; shorten the prompt")
+    if n_prompt + max_new_tokens > config.n_ctx:
         raise GPT2FnError(
-            f"prompt ({n_prompt} tokens) + max_tokens ({max_new_tokens}) exceeds the {limit}-token context; "
-            f"use max_tokens <= {limit - n_prompt} or a shorter prompt"
+            f"prompt ({n_prompt} tokens) + max_tokens ({max_new_tokens}) exceeds the {config.n_ctx}-token context; "
+            f"use max_tokens <= {config.n_ctx - n_prompt} or a shorter prompt"
         )
 
 

@@ -41,15 +41,16 @@ def embed(params: Params, tokens: Tensor, pos: Tensor) -> Tensor:
 
 def hidden(
     params: Params, config: GPTConfig, tokens: Tensor, pos: Tensor, cache: Optional[KVCache] = None,
-    tap: Optional[Tap] = None, kernels: Kernels = Kernels(),
+    tap: Optional[Tap] = None, kernels: Kernels = Kernels(), run_block: Callable = block,
 ) -> Tensor:  # fmt: skip
     """The residual stream after the last block. tokens: [B, T], pos: [B or 1, T] -> [B, T, D].
     ``tap`` is called at every named point of every layer and may replace
-    what it sees (see :mod:`gpt2fn.interp`)."""
+    what it sees (see :mod:`gpt2fn.interp`). ``run_block`` calls each block
+    (training wraps :func:`~gpt2fn.layers.block` in activation checkpointing)."""
     x = embed(params, tokens, pos)
     mask = causal_mask(pos, tokens.shape[1] if cache is None else cache_len(cache))
     for i, block_params in enumerate(params["blocks"]):
-        x = block(
+        x = run_block(
             x, **block_params, n_head=config.n_head, eps=config.layer_norm_eps, pos=pos, mask=mask,
             kv=None if cache is None else cache[i], kernels=kernels, tap=at_layer(tap, i),
         )  # fmt: skip

@@ -33,8 +33,8 @@ from gpt2fn.config import GPTConfig
 from gpt2fn.data import data_fingerprint, random_windows
 from gpt2fn.errors import GPT2FnError, check_int, check_number
 from gpt2fn.files import atomic_write, remove_stale_temporaries
-from gpt2fn.layers import block, causal_mask
-from gpt2fn.model import embed, hidden, logits, positions
+from gpt2fn.layers import block
+from gpt2fn.model import hidden, logits, positions
 from gpt2fn.params import Params, flatten_params, params_device, unflatten_params
 
 Tensor = torch.Tensor
@@ -91,15 +91,15 @@ def loss_fn(params: Params, config: GPTConfig, windows: Tensor, checkpoint_block
     input and recomputes the block in the backward pass: memory for compute."""
     tokens = windows[:, :-1]
     pos = positions(1, tokens.shape[1], device=tokens.device)  # shared by every row
-    if checkpoint_blocks:
-        x, mask = embed(params, tokens, pos), causal_mask(pos, tokens.shape[1])
-        for block_params in params["blocks"]:
-            run = functools.partial(block, **block_params, n_head=config.n_head, eps=config.layer_norm_eps, pos=pos, mask=mask)
-            x = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
-    else:
-        x = hidden(params, config, tokens, pos)
+    x = hidden(params, config, tokens, pos, run_block=checkpointed_block if checkpoint_blocks else block)
     out = logits(params, config, x)
     return F.cross_entropy(out.float().reshape(-1, out.shape[-1]), windows[:, 1:].reshape(-1))
+
+
+def checkpointed_block(x: Tensor, **block_args) -> Tensor:
+    """:func:`~gpt2fn.layers.block` keeping only its input: the rest is
+    recomputed in the backward pass."""
+    return torch.utils.checkpoint.checkpoint(functools.partial(block, **block_args), x, use_reentrant=False)
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:

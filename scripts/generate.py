@@ -18,7 +18,7 @@ import torch
 
 from gpt2fn.device import resolve_device
 from gpt2fn.errors import GPT2FnError, run_cli
-from gpt2fn.generation import check_sequence_fits, generate
+from gpt2fn.generation import generate
 from gpt2fn.layers import ATTEND
 from gpt2fn.quantize import WEIGHT_DTYPES, cast_params
 from gpt2fn.sampling import check_sampling_args
@@ -76,10 +76,8 @@ def run(args: argparse.Namespace) -> int:
     params, config = load_pretrained(model_path, device=device)
     params = cast_params(params, args.dtype)
     ids = [encode(tokenizer, p) for p in prompts]
-    if len(ids) == 1:  # one prompt: the continuation must fit (several: each row stops at the context)
-        check_sequence_fits(config, len(ids[0]), args.max_tokens)
-    stream = generate(
-        params, config, ids, args.max_tokens,
+    stream = generate(  # one prompt (a tensor) must fit with its continuation; in a batch each row stops at the context
+        params, config, torch.tensor(ids) if len(ids) == 1 else ids, args.max_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         generator=torch.Generator(device).manual_seed(seed),
         use_cache=args.kvcaching, attention=args.attention,
