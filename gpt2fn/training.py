@@ -147,8 +147,13 @@ def make_optimizer(params: Params, tc: TrainConfig) -> torch.optim.AdamW:
     decay = [t for t in flat.values() if t.ndim == 2]
     no_decay = [t for t in flat.values() if t.ndim != 2]
     groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = params_device(params).type == "cuda"  # one kernel for the whole update on the GPU
-    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=fused)
+    # Fused on every device: one kernel for the whole update, and on the CPU
+    # the only AdamW whose sqrt is PyTorch's own (correctly rounded). The
+    # per-tensor AdamW's sqrt goes through MKL's vector math library, which
+    # now and then (about 1 process in 40, measured) returned a less precise
+    # result on one thread's half of a large tensor, so two identical runs
+    # differed from the first step on.
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=True)
 
 
 class NonFiniteLoss(GPT2FnError):

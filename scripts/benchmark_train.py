@@ -170,7 +170,7 @@ def transformers_step(params0, config, tc, windows, compiled: bool):
     model.train()
     forward = torch.compile(model) if compiled else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay,
-                                  fused=windows.device.type == "cuda")  # fmt: skip
+                                  fused=True)  # as make_optimizer  # fmt: skip
 
     def step():
         with torch.autocast(windows.device.type, dtype=torch.bfloat16, enabled=tc.autocast_bf16), tf32_matmuls(windows.device):
