@@ -26,12 +26,12 @@ import time
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-# MKL's matrix products may sum in an order that depends on how the buffers
-# happen to be aligned in memory, so two identical runs can differ in the last
-# bit. Strict conditional numerical reproducibility (read once, before MKL's
-# first call) fixes the order. Measured: tests/test_reproducible.py failed
-# in 3 of 8 whole-file runs without it (the code before and after the engine
-# redesign alike), and passed 3 of 3 with it. A user's own setting wins.
+# Strict conditional numerical reproducibility for MKL's matrix products
+# (read once, before MKL's first call): their summation order then does not
+# depend on threads or buffer alignment. It was added for an intermittent
+# test_reproducible failure whose real cause turned out to be the per-tensor
+# AdamW's sqrt (see gpt2fn.training.make_optimizer); it is kept as a guard
+# that costs nothing measurable. A user's own setting wins.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import torch
