@@ -28,6 +28,7 @@ from gpt2fn.device import synchronize
 from gpt2fn.errors import GPT2FnError
 from gpt2fn.params import Params, params_device
 from gpt2fn.sampling import check_sampling_args, noise_width, uniform_noise
+from gpt2fn.speculative import check_draft, speculative_steps
 from gpt2fn.steps import Steps, make_steps
 
 Tensor = torch.Tensor
@@ -43,11 +44,25 @@ class GenerationStats:
     decode_tokens: int  # how many decode steps decode_s covers
     compile_s: float = 0.0  # compiled steps: the first decode step, which compiles (or loads) the graph
     batch: int = 1  # sequences decoded together
+    # speculative decoding only (0 otherwise): rounds run, tokens drafted, drafted tokens accepted
+    target_passes: int = 0
+    drafted: int = 0
+    accepted: int = 0
 
     @property
     def decode_tokens_per_s(self) -> float:
         """Decode steps per second (tokens/s of each sequence)."""
         return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Speculative decoding: the share of drafted tokens the target accepted."""
+        return self.accepted / self.drafted if self.drafted else float("nan")
+
+    @property
+    def tokens_per_pass(self) -> float:
+        """Speculative decoding: tokens emitted per target pass after the prompt's."""
+        return (self.n_new - 1) / self.target_passes if self.target_passes else float("nan")
 
 
 class Stream:
@@ -115,27 +130,38 @@ class Stream:
         yield token
         done = None if stop is None else (token == stop) | (limits <= 1)
         pos, decode_s, compile_s = pos[:, -1:], 0.0, 0.0
-        n_new = 1
-        while n_new < n_steps and not (done is not None and bool(done.all())):
+        n_new, advance, decode_tokens = 1, 1, 0
+
+        def finished() -> bool:
+            return n_new == n_steps or (done is not None and bool(done.all()))
+
+        while not finished():
             start = time.perf_counter()
             with torch.inference_mode():
-                pos = (pos + 1).clamp_(max=length - 1)  # rows past their own end write a slot nobody reads
-                token = steps.decode(params, token[:, None], pos, state, self.noise(B))
-                if done is not None:
-                    done = done | (token == stop) | (limits <= n_new + 1)
-            if steps.compiled and n_new == 1:  # the first compiled step pays for compiling
+                pos = (pos + advance).clamp_(max=length - 1)  # rows past their own end write a slot nobody reads
+                new = steps.decode(params, token[:, None], pos, state, self.noise(B))
+            compiling = steps.compiled and n_new == 1  # the first compiled step pays for compiling
+            if compiling:
                 synchronize(device)
                 compile_s = time.perf_counter() - start
             else:
                 decode_s += time.perf_counter() - start
-            n_new += 1
-            self._made.append(token)
-            yield token
+            new = new[:, None] if new.dim() == 1 else new  # [B, m]: m > 1 for a speculative round
+            advance = new.shape[1]
+            for token in new.unbind(1):
+                if finished():
+                    break
+                if done is not None:
+                    done = done | (token == stop) | (limits <= n_new + 1)
+                n_new += 1
+                decode_tokens += not compiling
+                self._made.append(token)
+                yield token
         start = time.perf_counter()
         synchronize(device)
         decode_s += time.perf_counter() - start
-        decode_tokens = n_new - 1 - (compile_s > 0)
-        self.stats = GenerationStats(T, n_new, prefill_s, decode_s, decode_tokens, compile_s, B)
+        extra = steps.report(state) if steps.report else {}
+        self.stats = GenerationStats(T, n_new, prefill_s, decode_s, decode_tokens, compile_s, B, **extra)
 
 
 def warm_up(device: torch.device) -> None:
@@ -160,6 +186,8 @@ def generate(
     attention: str = "auto",
     stop_token: Optional[int] = None,
     compile: bool = False,
+    draft: Optional[tuple[Params, GPTConfig]] = None,
+    draft_tokens: int = 4,
 ) -> Stream:
     """Generate up to ``max_new_tokens`` per prompt; returns the :class:`Stream`.
 
@@ -172,6 +200,10 @@ def generate(
     ``attention`` is "manual", "sdpa" or "auto"
     (:func:`gpt2fn.steps.resolve_attention`). The first compiled decode step
     is reported as ``compile_s`` and left out of ``decode_s``.
+
+    ``draft`` = (params, config) turns on speculative decoding
+    (:mod:`gpt2fn.speculative`; e.g. ``(self_draft(params, "int8"), config)``),
+    proposing ``draft_tokens`` tokens per target pass: one prompt, cached.
     Raises :class:`~gpt2fn.errors.GPT2FnError` on bad input, before any work.
     """
     check_sampling_args(temperature, top_k, top_p)
@@ -181,14 +213,26 @@ def generate(
     else:
         check_prompts(config, prompts, max_new_tokens)
     device = params_device(params)
-    steps = make_steps(config, device, len(prompts), use_cache, compile, attention,
-                       temperature=temperature, top_k=top_k, top_p=top_p)  # fmt: skip
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     width = noise_width(config.vocab_size, top_k)
+    if draft is None:
+        steps = make_steps(config, device, len(prompts), use_cache, compile, attention, **sampling)
+    else:
+        if len(prompts) > 1:
+            raise GPT2FnError(f"speculative decoding takes one prompt, got {len(prompts)}; run them one at a time "
+                              "or without a draft")  # fmt: skip
+        if not use_cache:
+            raise GPT2FnError("speculative decoding needs the KV cache; drop the draft or keep the cache on")
+        check_draft(config, draft[1], draft_tokens, len(prompts[0]), min(max_new_tokens, config.n_ctx - len(prompts[0])))
+        steps = speculative_steps(config, *draft, draft_tokens, device=device, compile=compile, attention=attention,
+                                  **sampling)  # fmt: skip
+        width = (draft_tokens + 1, config.vocab_size + 1)  # one block per round (see accept_sampled)
 
     def noise(batch: int) -> Optional[Tensor]:
         if temperature == 0:
             return None
-        return uniform_noise((batch, width), generator, generator.device if generator else device).to(device)
+        shape = (batch, *width) if isinstance(width, tuple) else (batch, width)
+        return uniform_noise(shape, generator, generator.device if generator else device).to(device)
 
     limits = [min(max_new_tokens, config.n_ctx - len(p)) for p in prompts]
     return Stream(params, steps, prompts, limits, stop_token, noise)

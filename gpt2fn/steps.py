@@ -4,6 +4,9 @@ A step is a pure function of its inputs (its state is written in place)::
 
     step(params, tokens [B, T], pos [B, T], state, noise) -> next token [B]
 
+(A decode step may also return several tokens per row, [B, m]: the
+speculative steps of :mod:`gpt2fn.speculative` emit one round at a time.)
+
 It runs the new tokens at their positions and chooses each row's next token
 from its last column, sampling included, with the randomness passed in as
 ``noise`` (see :func:`gpt2fn.sampling.choose_token`), so a compiled step needs
@@ -66,6 +69,7 @@ class Steps(NamedTuple):
     prefill: Step
     decode: Step
     compiled: bool = False  # the first decode step compiles its graph
+    report: Optional[Callable[[State], dict]] = None  # extra GenerationStats fields, read from the final state
 
 
 def cached_step(

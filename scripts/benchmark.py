@@ -16,6 +16,8 @@ only ratios measured side by side mean anything):
    ``--batch`` prompts decoded together, eager and compiled (tokens/s over all
    rows); and transformers' ``generate()`` on the same weights (built by
    ``GPTConfig.to_hf``), with its default cache and, on CUDA, its static cache;
+   and speculative decoding of the float32 model drafted by its own weights
+   at each of ``--drafts`` (compiled), with the acceptance rate beside it;
 4. decode speed against sequence length up to the full context: eager and
    compiled, with and without the KV cache;
 5. prefill time per prompt length, eager and compiled;
@@ -39,7 +41,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -61,6 +63,7 @@ from gpt2fn.measure import decode_step_time, memory_mb, peak_memory_mb, reset_pe
 from gpt2fn.params import init_params
 from gpt2fn.plotting import require_pyplot, save_figure
 from gpt2fn.quantize import WEIGHT_DTYPES, cast_params
+from gpt2fn.speculative import DRAFT_DTYPES, self_draft
 from gpt2fn.steps import cached_steps, compiled_steps, uncached_steps
 from gpt2fn.weights import load_pretrained, transformers_model
 
@@ -75,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--batch", type=int, default=8, help="also decode this many prompts in one batch (1 = skip)")
+    p.add_argument("--drafts", default="int8,bfloat16",
+                   help="speculative decoding rows: the float32 model with these self-drafts, compiled (empty = skip)")
+    p.add_argument("--draft-tokens", type=int, default=4, help="tokens each speculative round drafts (default 4)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the generation runs (median)")
     p.add_argument("--lengths", default="64,256,512,1024", help="sequence lengths for the per-step sweep")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
@@ -94,6 +100,10 @@ def check_args(args) -> tuple[list[str], list[int]]:
     check_int("--new-tokens", args.new_tokens, low=3)  # the compiled run spends its first step compiling
     check_int("--batch", args.batch)
     check_int("--rounds", args.rounds)
+    check_int("--draft-tokens", args.draft_tokens)
+    for d in filter(None, args.drafts.split(",")):
+        if d not in DRAFT_DTYPES:
+            raise GPT2FnError(f"unknown draft {d!r} in --drafts; use a comma-separated list from {', '.join(DRAFT_DTYPES)}")
     lengths = parse_int_list("--lengths", args.lengths, low=2)
     dtypes = args.dtypes.split(",")
     for d in dtypes:
@@ -116,6 +126,7 @@ class Contender:
     dtype: str
     batch: int
     run: Callable[[], float]
+    notes: dict = field(default_factory=dict)  # what a run reports besides tokens/s (speculative: acceptance)
 
     @property
     def name(self) -> str:
@@ -189,6 +200,17 @@ def make_contenders(args, params: dict, params32, config, prompt, device) -> lis
         prompts = torch.randint(0, config.vocab_size, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(1))
         d0 = next(iter(params))
         contenders += [ours(d0, compiled, prompts) for compiled in (False, True)]
+    for d in filter(None, args.drafts.split(",")):  # the float32 model, checked by its own weights at dtype d
+        draft, notes = (self_draft(params32, d), config), {}
+
+        def run(draft=draft, notes=notes) -> float:
+            stats = generate_all(params32, config, prompt, args.new_tokens, temperature=0, attention=args.attention,
+                                 compile=True, draft=draft, draft_tokens=args.draft_tokens)[1]  # fmt: skip
+            notes.setdefault("acceptance_rate", []).append(stats.acceptance_rate)
+            notes.setdefault("tokens_per_pass", []).append(stats.tokens_per_pass)
+            return stats.decode_tokens / stats.decode_s
+
+        contenders.append(Contender("gpt2fn", f"speculative {d} k={args.draft_tokens}", "float32", 1, run, notes))
     if not args.no_transformers:
         model = transformers_model(params32, config).eval()
         modes = ("default", "static cache") if device.type == "cuda" else ("default",)
@@ -202,8 +224,9 @@ def measure_generation(contenders: list[Contender], params: dict, device, rounds
     """Every contender, interleaved over ``rounds`` (median kept), beside the
     weight-streaming limit of each dtype, measured in every round (best kept)."""
     for c in contenders:  # compile every graph and put it back in memory before timing
-        if c.mode == "compiled":
+        if c.mode.startswith(("compiled", "speculative")):
             c.run()
+            c.notes.clear()
     for d in params:  # the limit's own compiled read, too
         streaming_limit_s(weight_bytes(params[d]), device, repeats=1)
     counters.clear()
@@ -221,7 +244,8 @@ def measure_generation(contenders: list[Contender], params: dict, device, rounds
     generation = {
         c.name: {"system": c.system, "mode": c.mode, "dtype": c.dtype, "batch": c.batch,
                  "tokens_per_s": statistics.median(r[0] for r in runs[c.name]), "all": [r[0] for r in runs[c.name]],
-                 "peak_memory_mb": max(r[1] for r in runs[c.name])}
+                 "peak_memory_mb": max(r[1] for r in runs[c.name]),
+                 **{k: statistics.median(v) for k, v in c.notes.items()}}
         for c in contenders
     }  # fmt: skip
     limit = {
@@ -305,6 +329,12 @@ def print_report(results) -> None:
         if g["system"] == "gpt2fn" and g["batch"] > 1:
             print(f"\n  batch throughput: {g['mode']} {g['dtype']} batch {g['batch']} / {g['mode']} batch 1 = "
                   f"{fmt_ratio(g['tokens_per_s'] / tps(g['mode'], g['dtype']))}")  # fmt: skip
+    for g in gen.values():
+        if g["mode"].startswith("speculative"):
+            print(f"\n  {g['mode']}: {fmt_ratio(g['tokens_per_s'] / tps('compiled', 'float32'))} plain compiled float32, "
+                  f"{fmt_ratio(g['tokens_per_s'] / limit['float32']['tokens_per_s']) if 'float32' in limit else '-'} "
+                  f"the float32 streaming limit; acceptance {g['acceptance_rate']:.1%}, "
+                  f"{g['tokens_per_pass']:.2f} tokens per target pass")  # fmt: skip
     print("\n  compiled / eager:  " + ", ".join(f"{d} {fmt_ratio(tps('compiled', d) / tps('eager', d))}" for d in limit))
     print(f"  graphs compiled during the timed runs: {results['graphs_compiled_during_timed_runs']} (0 = no recompilation)")
     print("  decode-step compile time: " + ", ".join(

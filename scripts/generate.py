@@ -22,6 +22,7 @@ from gpt2fn.generation import generate
 from gpt2fn.layers import ATTEND
 from gpt2fn.quantize import WEIGHT_DTYPES, cast_params
 from gpt2fn.sampling import check_sampling_args
+from gpt2fn.speculative import DRAFT_DTYPES, self_draft
 from gpt2fn.tokenizer import ENDOFTEXT_ID, decode, decode_stream, encode, get_tokenizer
 from gpt2fn.weights import load_pretrained, resolve_model
 
@@ -46,6 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attention", default="auto", choices=("auto", *ATTEND),
                    help="sdpa (PyTorch's fused kernel), manual (softmax(QK^T/sqrt(d))V spelled out), or auto "
                         "(default: sdpa, but manual in the compiled CPU decode step, where it is faster)")
+    p.add_argument("--draft", default=None,
+                   help="speculative decoding: int8, bfloat16 or float16 (the model's own weights at that dtype "
+                        "draft for it) or another model with the same tokenizer (e.g. gpt2 for gpt2-xl); one prompt")
+    p.add_argument("--draft_tokens", type=int, default=4, help="tokens the draft proposes per target pass (default 4)")
     p.add_argument("--max_tokens", type=int, default=50, help="new tokens to generate (default 50)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
     p.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens (0 = off, default)")
@@ -68,12 +73,24 @@ def run(args: argparse.Namespace) -> int:
         raise GPT2FnError("no prompt given; pass --prompt TEXT (repeatable) or --prompt-file FILE")
     if any(not p for p in prompts):
         raise GPT2FnError("the prompt is empty; pass some text with --prompt")
+    if args.draft is not None:
+        if len(prompts) > 1:
+            raise GPT2FnError(f"--draft takes one prompt, got {len(prompts)}; run them one at a time or drop --draft")
+        if not args.kvcaching:
+            raise GPT2FnError("--draft needs the KV cache; drop --no-kvcaching")
+        if args.draft_tokens < 1:
+            raise GPT2FnError(f"--draft_tokens must be >= 1, got {args.draft_tokens}")
     device = resolve_device(args.device)
     seed = args.seed if args.seed is not None else random.randrange(2**31)
 
     model_path = resolve_model(args.model, args.revision)
     tokenizer = get_tokenizer(model_path)
     params, config = load_pretrained(model_path, device=device)
+    draft = None
+    if args.draft in DRAFT_DTYPES:
+        draft = self_draft(params, args.draft), config
+    elif args.draft is not None:
+        draft = load_pretrained(resolve_model(args.draft), device=device)
     params = cast_params(params, args.dtype)
     ids = [encode(tokenizer, p) for p in prompts]
     stream = generate(  # one prompt (a tensor) must fit with its continuation; in a batch each row stops at the context
@@ -82,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         generator=torch.Generator(device).manual_seed(seed),
         use_cache=args.kvcaching, attention=args.attention,
         stop_token=None if args.ignore_eot else ENDOFTEXT_ID, compile=args.compile,
+        draft=draft, draft_tokens=args.draft_tokens,
     )  # fmt: skip
     if len(prompts) == 1:  # streamed as it is made
         sys.stdout.write(prompts[0])
@@ -104,12 +122,18 @@ def report(args: argparse.Namespace, device: torch.device, seed: int, stream) ->
     batch = f", batch of {stats.batch}" if stats.batch > 1 else ""
     made = sum(len(row) for row in stream.rows())
     compiled = f"compile: {stats.compile_s:.1f} s (first decode step)\n" if args.compile else ""
+    steps, speculative = ("" if args.draft else f" in {stats.n_new} steps"), ""
+    if args.draft is not None:
+        speculative = (f"\nspeculative: draft {args.draft}, {args.draft_tokens} tokens per round: acceptance "
+                       f"{stats.acceptance_rate:.1%}, {stats.tokens_per_pass:.2f} tokens per target pass "
+                       f"({stats.target_passes} passes)")  # fmt: skip
     return (
         f"[{args.model} {args.dtype} on {device}, {mode}, {args.attention} attention{batch}, seed {seed}] "
-        f"prompt {stats.n_prompt} tokens{' (longest)' if batch else ''}, generated {made} in {stats.n_new} steps\n"
+        f"prompt {stats.n_prompt} tokens{' (longest)' if batch else ''}, generated {made}{steps}\n"
         f"{compiled}prefill: {stats.prefill_s * 1000:.1f} ms ({per_second(stats.n_prompt * stats.batch, stats.prefill_s)} tokens/s)\n"
-        f"decode:  {stats.decode_s * 1000:.1f} ms for {stats.decode_tokens} steps "
+        f"decode:  {stats.decode_s * 1000:.1f} ms for {stats.decode_tokens} {'tokens' if args.draft else 'steps'} "
         f"({per_second(stats.decode_tokens * stats.batch, stats.decode_s)} tokens/s{' over the batch' if batch else ''})"
+        f"{speculative}"
     )
 
 

@@ -1,0 +1,243 @@
+"""Speculative decoding: a cheap draft proposes ``k`` tokens, the target
+checks them all in one pass over ``k + 1`` positions.
+
+At batch 1 every decode step reads every weight once, so plain decoding is
+capped by memory bandwidth. Here the target reads its weights once per
+*round* and emits between 1 and ``k + 1`` tokens:
+
+1. the draft decodes ``k`` tokens one at a time from the last emitted token;
+2. the target runs that token and the ``k`` drafted ones at their positions
+   (one pass, :func:`verify_step`), which gives its choice after each of them;
+3. :func:`accept_greedy` / :func:`accept_sampled` keep the longest prefix the
+   target agrees with, plus one token of the target's own (the correction, or
+   a bonus when all ``k`` were accepted).
+
+The draft is the target's own weights at another dtype (:func:`self_draft`:
+int8 or bf16, nearly always the same choice) or another model with the same
+vocabulary (``gpt2`` drafting for ``gpt2-xl``). Each model keeps its own
+preallocated cache, written by position. A rejection rolls both back by
+moving the position only: slots past it are hidden by the causal mask and
+overwritten by the next round, never copied. When all ``k`` are accepted the
+draft has not yet seen its own last token; the next round feeds it first.
+
+Greedy (temperature 0): the output is the target's greedy decoding, token
+for token: every emitted token is the argmax of the target's logits given
+the tokens before it. What it is checked against is the target's own
+:func:`~gpt2fn.generation.generate` with the same engine (eager or
+compiled). The verify pass computes ``k + 1`` rows with matrix-matrix
+products where plain decoding uses matrix-vector ones, so the logits agree
+to rounding (~1e-6 relative), not bit for bit: at a floating-point tie
+between the two best tokens the two could pick differently. The tests check
+identity over many prompts and 200+ tokens on three shapes, eager and
+compiled.
+
+Sampling: the standard rule (Leviathan et al. 2023; Chen et al. 2023). A
+drafted token ``x`` is accepted with probability ``min(1, p(x) / q(x))``; at
+the first rejection the token is drawn from ``max(0, p - q)`` normalised.
+Temperature, top-k and top-p shape both ``p`` (target) and ``q`` (draft), so
+every emitted token follows the target's filtered distribution exactly. All
+randomness is one uniform block per round from the caller's generator: a
+seed fixes the result.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from gpt2fn.cache import KVCache
+from gpt2fn.config import GPTConfig
+from gpt2fn.errors import GPT2FnError
+from gpt2fn.layers import ATTEND, Kernels, linear, matvec
+from gpt2fn.model import hidden, logits
+from gpt2fn.params import Params, map_params
+from gpt2fn.quantize import quantize_int8
+from gpt2fn.sampling import filtered_probs
+from gpt2fn.steps import DECODE_OPTIONS, Steps, _cache, _cloned, cached_step, prepare_for_compiled_steps, resolve_attention
+
+Tensor = torch.Tensor
+DRAFT_DTYPES = {"int8": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def self_draft(params: Params, dtype: str) -> Params:
+    """The target's own weights as a draft: int8 (per-row, see
+    :mod:`gpt2fn.quantize`), bfloat16 or float16."""
+    if dtype not in DRAFT_DTYPES:
+        raise GPT2FnError(f"unknown draft dtype {dtype!r}; choose one of {', '.join(DRAFT_DTYPES)} or a model name")
+    if dtype == "int8":
+        return quantize_int8(params)
+    return map_params(lambda t: t.to(DRAFT_DTYPES[dtype]), params)
+
+
+def draft_step(
+    params: Params, tokens: Tensor, pos: Tensor, cache: KVCache, noise: Optional[Tensor],
+    *, config: GPTConfig, kernels: Kernels, temperature: float, top_k: int, top_p: float,
+) -> tuple[Tensor, Optional[Tensor]]:  # fmt: skip
+    """One drafted token per row and the distribution it was drawn from:
+    tokens [B, 1] at pos [B, 1] -> (token [B], q [B, V] fp32; None when greedy).
+    noise: [B, V] Uniform[0, 1) (the exponential race of
+    :func:`gpt2fn.sampling.choose_token` over ``q``)."""
+    x = hidden(params, config, tokens, pos, cache, kernels=kernels)[:, -1]
+    out = logits(params, config, x, kernels.linear)
+    if temperature == 0:
+        return out.argmax(-1), None
+    q = filtered_probs(out, temperature, top_k, top_p)
+    return torch.argmax(q / -torch.log(noise), dim=-1), q
+
+
+def verify_step(
+    params: Params, tokens: Tensor, pos: Tensor, cache: KVCache,
+    *, config: GPTConfig, kernels: Kernels, temperature: float, top_k: int, top_p: float,
+) -> Tensor:  # fmt: skip
+    """The target after each of the last emitted token and the ``k`` drafted
+    ones: tokens [B, k + 1] at pos [B, k + 1] -> its greedy choices
+    [B, k + 1], or (sampling) its filtered distributions [B, k + 1, V] fp32."""
+    out = logits(params, config, hidden(params, config, tokens, pos, cache, kernels=kernels), kernels.linear)
+    if temperature == 0:
+        return out.argmax(-1)
+    return filtered_probs(out, temperature, top_k, top_p)
+
+
+def accept_greedy(drafted: Tensor, chosen: Tensor) -> tuple[Tensor, Tensor]:
+    """drafted [B, k], the target's choices [B, k + 1] -> (n [B]: how many
+    drafted tokens the target agrees with, in a row; tokens [B, k + 1], whose
+    first ``n + 1`` are emitted: the agreed ones, then the target's own)."""
+    n = (drafted == chosen[:, :-1]).long().cumprod(-1).sum(-1)
+    return n, chosen
+
+
+def accept_sampled(drafted: Tensor, q: Tensor, p: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+    """The speculative sampling rule. drafted [B, k] drawn from q [B, k, V];
+    the target's p [B, k + 1, V]; noise [B, k + 1, V + 1] Uniform[0, 1)
+    (column V of rows 0..k-1 decides the acceptances, row k's first V
+    columns draw the last token) -> (n [B], tokens [B, k + 1]), as
+    :func:`accept_greedy`.
+
+    Drafted token i is accepted when ``u_i q_i(x) < p_i(x)``, that is with
+    probability ``min(1, p/q)``; the first rejection ends the run. The token
+    after the ``n`` accepted ones is drawn from ``max(0, p_n - q_n)`` (with
+    ``q_k = 0``: the target's own ``p_k`` when all were accepted), by the
+    exponential race, which needs no normalisation."""
+    B, k = drafted.shape
+    V = p.shape[-1]
+    p_x = p[:, :k].gather(-1, drafted[..., None])[..., 0]
+    q_x = q.gather(-1, drafted[..., None])[..., 0]
+    n = (noise[:, :k, V] * q_x < p_x).long().cumprod(-1).sum(-1)  # [B]
+    rows = torch.arange(B, device=p.device)
+    p_n = p[rows, n]
+    q_n = torch.cat([q, torch.zeros_like(q[:, :1])], dim=1)[rows, n]
+    residual = (p_n - q_n).clamp_(min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_n)  # p == q: the rule never rejects
+    last = torch.argmax(residual / -torch.log(noise[:, k, :V]), dim=-1)
+    tokens = torch.cat([drafted, drafted[:, :1]], dim=1).scatter(1, n[:, None], last[:, None])
+    return n, tokens
+
+
+@dataclass
+class Speculation:
+    """The state of a speculative generation: both caches, and what the
+    draft still has to catch up on."""
+
+    target: KVCache
+    draft: KVCache
+    behind: Optional[Tensor] = None  # [B, 1]: the draft's own last token, not yet run (all k were accepted)
+    counts: dict = field(default_factory=lambda: {"target_passes": 0, "drafted": 0, "accepted": 0})
+
+
+def speculative_round(
+    params: Params, token: Tensor, pos: Tensor, state: Speculation, noise: Optional[Tensor],
+    *, draft_params: Params, k: int, length: int, draft: Callable, verify: Callable, accept: Callable,
+) -> Tensor:  # fmt: skip
+    """One round (a decode step of the :class:`~gpt2fn.steps.Steps`
+    protocol that emits several tokens): token [1, 1] at pos [1, 1] ->
+    the emitted tokens [1, n + 1]. One host synchronisation: reading ``n``.
+    Positions past the cache's last slot are clamped onto it: only tokens
+    beyond the generation's end land there, and no kept token reads it."""
+    token = token.clone(memory_format=torch.contiguous_format)  # a view into the last round's tokens: one graph
+    if state.behind is not None:  # the draft has not run its last token yet
+        draft(draft_params, state.behind, pos - 1, state.draft, None if noise is None else noise[:, 0, :-1])
+        state.behind = None
+    drafted, qs, t = [], [], token
+    for i in range(k):
+        t, q = draft(draft_params, t[:, None] if i else t, (pos + i).clamp(max=length - 1), state.draft,
+                     None if noise is None else noise[:, i, :-1])  # fmt: skip
+        drafted.append(t)
+        qs.append(q)
+    drafted = torch.stack(drafted, dim=1)  # [1, k]
+    verify_pos = (pos + torch.arange(k + 1, device=pos.device)).clamp(max=length - 1)
+    out = verify(params, torch.cat([token, drafted], dim=1), verify_pos, state.target)
+    n, tokens = accept(drafted, out) if noise is None else accept(drafted, torch.stack(qs, dim=1), out, noise)
+    m = int(n[0]) + 1
+    if m == k + 1:
+        state.behind = drafted[:, -1:].clone(memory_format=torch.contiguous_format)  # strides as every draft input (one graph)
+    state.counts["target_passes"] += 1
+    state.counts["drafted"] += k
+    state.counts["accepted"] += m - 1
+    return tokens[:, :m]
+
+
+def speculative_steps(
+    config: GPTConfig, draft_params: Params, draft_config: GPTConfig, k: int,
+    *, device: torch.device, compile: bool = False, attention: str = "auto", temperature: float = 0.0,
+    top_k: int = 0, top_p: float = 1.0,
+) -> Steps:  # fmt: skip
+    """:class:`~gpt2fn.steps.Steps` whose decode step is one
+    :func:`speculative_round`; the state is a :class:`Speculation`. With
+    ``compile`` the draft step and the verify step (exactly ``k + 1``
+    tokens) are compiled as the plain decode step is (one graph each for a
+    whole generation and any prompt length; CUDA graphs on CUDA)."""
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    on_cpu = device.type == "cpu"
+    eager = Kernels(linear, ATTEND[resolve_attention(attention)])
+    draft_kernels = Kernels(matvec if compile and on_cpu else linear, ATTEND[resolve_attention(attention, compile, device)])
+    verify_kernels = Kernels(linear, ATTEND[resolve_attention(attention, compile, device)])
+    draft = functools.partial(draft_step, config=draft_config, kernels=draft_kernels, **sampling)
+    verify = functools.partial(verify_step, config=config, kernels=verify_kernels, **sampling)
+    if compile:
+        draft, verify = (_compiled(f, on_cpu) for f in (draft, verify))
+    accept = accept_greedy if temperature == 0 else accept_sampled
+    target_prefill = functools.partial(cached_step, config=config, kernels=eager, **sampling)
+    draft_prefill = functools.partial(cached_step, config=draft_config, kernels=eager, **sampling)
+
+    def make_state(params: Params, batch: int, length: int) -> Speculation:
+        state = Speculation(_cache(config, params, batch, length), _cache(draft_config, draft_params, batch, length))
+        if compile:
+            prepare_for_compiled_steps(params, state.target)
+            prepare_for_compiled_steps(draft_params, state.draft)
+        return state
+
+    def prefill(params: Params, tokens: Tensor, pos: Tensor, state: Speculation, noise: Optional[Tensor]) -> Tensor:
+        first = None if noise is None else noise[:, 0, : noise.shape[-1] - 1]
+        if first is not None and 0 < top_k < config.vocab_size:
+            first = first[:, :top_k]  # cached_step's draw needs one number per candidate
+        draft_prefill(draft_params, tokens, pos, state.draft, first)  # fills the draft's cache
+        return target_prefill(params, tokens, pos, state.target, first)
+
+    def decode(params: Params, token: Tensor, pos: Tensor, state: Speculation, noise: Optional[Tensor]) -> Tensor:
+        length = state.target[0][0].shape[2]
+        return speculative_round(params, token, pos, state, noise, draft_params=draft_params, k=k, length=length,
+                                 draft=draft, verify=verify, accept=accept)  # fmt: skip
+
+    return Steps(make_state, prefill, decode, compiled=compile, report=lambda state: dict(state.counts))
+
+
+def _compiled(step: Callable, on_cpu: bool) -> Callable:
+    if on_cpu:
+        return torch.compile(step, fullgraph=True, options=DECODE_OPTIONS)
+    return _cloned(torch.compile(step, fullgraph=True, mode="reduce-overhead"))
+
+
+def check_draft(config: GPTConfig, draft_config: GPTConfig, k: int, n_prompt: int, max_new_tokens: int) -> None:
+    """One clear line for a draft that cannot serve this generation."""
+    if not isinstance(k, int) or k < 1:
+        raise GPT2FnError(f"draft_tokens must be an integer >= 1, got {k!r}")
+    if draft_config.vocab_size != config.vocab_size:
+        raise GPT2FnError(f"the draft's vocabulary has {draft_config.vocab_size} tokens and the target's "
+                          f"{config.vocab_size}; a draft must share the target's tokenizer")  # fmt: skip
+    if n_prompt + max_new_tokens > draft_config.n_ctx:
+        raise GPT2FnError(f"prompt ({n_prompt} tokens) + max_tokens ({max_new_tokens}) exceeds the draft's "
+                          f"{draft_config.n_ctx}-token context; use max_tokens <= {draft_config.n_ctx - n_prompt} "
+                          "or a draft with a longer context")  # fmt: skip

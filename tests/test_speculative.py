@@ -1,0 +1,183 @@
+"""Speculative decoding: greedy output is the target's own greedy output,
+token for token (eager and compiled, three shapes, many prompts, 200+
+tokens); the sampling rule keeps the target's distribution (statistically,
+as the sampler is tested); a seed fixes a sampled run; the compiled steps
+are a fixed number of graphs; bad combinations get one clear line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from gpt2fn import GPT2FnError, GPTConfig, generate, generate_all, init_params, load_pretrained
+from gpt2fn.params import map_params
+from gpt2fn.speculative import accept_greedy, accept_sampled, self_draft
+
+from conftest import ROOT, load_script
+
+
+@pytest.fixture(scope="module")
+def small(small_ref):
+    return load_pretrained(small_ref.directory)
+
+
+@pytest.fixture(scope="module")
+def odd_heads():
+    """3 heads of 16 (n_embd 48), weights wide enough for peaked logits."""
+    config = GPTConfig(vocab_size=50257, n_ctx=256, n_embd=48, n_layer=3, n_head=3)
+    return map_params(lambda t: t * 4 if t.dim() == 2 else t, init_params(config, seed=3)), config
+
+
+def prompts(n, lengths=(1, 3, 8, 13, 21, 34), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 50257, (1, lengths[i % len(lengths)]), generator=g) for i in range(n)]
+
+
+def assert_greedy_identity(params, config, prompt, n, draft, k, compile=False):
+    plain, _ = generate_all(params, config, prompt, n, temperature=0, compile=compile)
+    spec, stats = generate_all(params, config, prompt, n, temperature=0, compile=compile, draft=draft, draft_tokens=k)
+    assert torch.equal(spec, plain), f"first difference at token {int((spec != plain).int().argmax())}"
+    assert stats.n_new == n and stats.drafted > 0 and 0 <= stats.accepted <= stats.drafted
+    return stats
+
+
+@pytest.mark.parametrize("dtype, k", [("int8", 1), ("int8", 4), ("bfloat16", 3), ("bfloat16", 7)])
+def test_greedy_equals_the_targets_own_greedy_decoding_small(small, dtype, k):
+    params, config = small
+    draft = self_draft(params, dtype), config
+    for prompt in prompts(6):
+        assert_greedy_identity(params, config, prompt, min(200, config.n_ctx - prompt.shape[1]), draft, k)
+
+
+def test_greedy_identity_odd_heads_and_another_model_as_draft(odd_heads, small):
+    params, config = odd_heads
+    for prompt in prompts(4, seed=1):
+        assert_greedy_identity(params, config, prompt, 220, (self_draft(params, "int8"), config), 4)
+    # a different model (the small one, 128-token context) drafting: still the target's output
+    assert_greedy_identity(params, config, prompts(1)[0], 100, small, 3)
+
+
+def test_greedy_identity_124m(gpt2_ref):
+    params, config = load_pretrained(gpt2_ref.directory)
+    stats = assert_greedy_identity(params, config, prompts(1, (8,))[0], 200, (self_draft(params, "int8"), config), 4)
+    assert stats.acceptance_rate > 0.5
+
+
+def test_compiled_greedy_identity_and_a_fixed_number_of_graphs(small):
+    params, config = small
+    draft = self_draft(params, "int8"), config
+    counters.clear()
+    spec, stats = generate_all(params, config, prompts(1, (5,))[0], 120, temperature=0, compile=True, draft=draft)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs == 2  # the draft step and the verify step over k + 1 tokens (the prefill runs eagerly)
+    for prompt in prompts(3, (2, 9, 30), seed=2):  # other prompt lengths, whole generations: no new graph
+        assert_greedy_identity(params, config, prompt, config.n_ctx - prompt.shape[1], draft, 4, compile=True)
+    plain_graphs = 1  # assert_greedy_identity also ran the plain compiled decode step
+    assert counters["stats"]["unique_graphs"] == graphs + plain_graphs
+
+
+def test_accept_greedy_keeps_the_agreeing_prefix_and_the_targets_next_token():
+    drafted = torch.tensor([[5, 6, 7], [5, 6, 7], [1, 6, 7]])
+    chosen = torch.tensor([[5, 6, 7, 8], [5, 9, 7, 8], [5, 6, 7, 8]])
+    n, tokens = accept_greedy(drafted, chosen)
+    assert n.tolist() == [3, 1, 0]
+    assert [tokens[i, : n[i] + 1].tolist() for i in range(3)] == [[5, 6, 7, 8], [5, 9], [5]]
+
+
+def test_speculative_sampling_keeps_the_targets_distribution():
+    """Draft tokens drawn from q, the rule applied to many independent rows
+    at once: the first emitted token follows p_0, the second (when the first
+    was accepted) p_1, the bonus (all accepted) p_2, and the first is
+    accepted with probability sum(min(p_0, q_0))."""
+    n_rows, k = 200_000, 2
+    g = torch.Generator().manual_seed(11)
+    p = torch.tensor([[0.4, 0.25, 0.15, 0.1, 0.06, 0.04], [0.05, 0.05, 0.1, 0.2, 0.3, 0.3], [0.3, 0.0, 0.0, 0.2, 0.5, 0.0]])
+    q = torch.tensor([[0.1, 0.3, 0.3, 0.1, 0.1, 0.1], [0.3, 0.3, 0.1, 0.1, 0.1, 0.1]])
+    drafted = torch.stack([torch.multinomial(q[i], n_rows, replacement=True, generator=g) for i in range(k)], dim=1)
+    noise = torch.rand(n_rows, k + 1, 7, generator=g)
+    n, tokens = accept_sampled(drafted, q.expand(n_rows, -1, -1), p.expand(n_rows, -1, -1), noise)
+
+    def check(draws, probs):
+        freq = torch.bincount(draws, minlength=6).double() / len(draws)
+        sigma = (probs.double() * (1 - probs.double()) / len(draws)).sqrt()
+        assert ((freq - probs.double()).abs() <= 4.5 * sigma + 1e-12).all(), (freq, probs)
+
+    check(tokens[:, 0], p[0])
+    check(tokens[n >= 1, 1], p[1])
+    check(tokens[n == 2, 2], p[2])
+    accepted = (n >= 1).double().mean()
+    expected = torch.minimum(p[0], q[0]).sum().double()
+    assert abs(accepted - expected) <= 4.5 * (expected * (1 - expected) / n_rows).sqrt()
+
+
+def test_sampled_runs_are_reproducible_and_follow_the_filters(small):
+    params, config = small
+    draft = self_draft(params, "bfloat16"), config
+    prompt = prompts(1, (6,))[0]
+
+    def run(seed):
+        return generate_all(params, config, prompt, 60, temperature=0.9, top_k=5, draft=draft,
+                            generator=torch.Generator().manual_seed(seed))  # fmt: skip
+
+    (a, stats), (b, _) = run(1), run(1)
+    assert torch.equal(a, b) and not torch.equal(a, run(2)[0])
+    assert 0 < stats.acceptance_rate <= 1
+    # every token is one of the target's top 5 after the tokens before it
+    from gpt2fn import forward
+
+    sequence = torch.cat([prompt, a], dim=1)
+    top5 = forward(params, config, sequence)[0, prompt.shape[1] - 1 : -1].topk(5).indices
+    assert (top5 == a[0, :, None]).any(-1).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(draft_tokens=0), "draft_tokens must be an integer >= 1"),
+        (dict(use_cache=False), "needs the KV cache"),
+    ],
+)
+def test_bad_combinations_are_refused(small, kwargs, message):
+    params, config = small
+    with pytest.raises(GPT2FnError, match=message):
+        generate(params, config, prompts(1)[0], 5, draft=(params, config), **kwargs)
+
+
+def test_a_draft_that_cannot_serve_is_refused(small, odd_heads):
+    params, config = small
+    other_vocab = GPTConfig(vocab_size=1000, n_ctx=128, n_embd=64, n_layer=1, n_head=4)
+    with pytest.raises(GPT2FnError, match="draft's vocabulary has 1000 tokens and the target's 50257"):
+        generate(params, config, prompts(1)[0], 5, draft=(init_params(other_vocab), other_vocab))
+    target, target_config = odd_heads  # 256-token context; the small draft holds 128
+    with pytest.raises(GPT2FnError, match="exceeds the draft's 128-token context; use max_tokens <= 120"):
+        generate(target, target_config, torch.zeros(1, 8, dtype=torch.long), 200, draft=(params, config))
+    with pytest.raises(GPT2FnError, match="takes one prompt, got 2"):
+        generate(params, config, [[1, 2], [3]], 5, draft=(params, config))
+
+
+def test_cli_draft_prints_the_same_text_and_reports_acceptance(generate_cli, capsys):
+    model = str(ROOT / "weights" / "gpt2-shakespeare.safetensors")
+    common = ["--model", model, "--prompt", "ROMEO:", "--temperature", "0", "--max_tokens", "40", "--device", "cpu"]
+    assert generate_cli.main(common) == 0
+    plain = capsys.readouterr().out
+    assert generate_cli.main([*common, "--draft", "int8", "--draft_tokens", "3"]) == 0
+    out = capsys.readouterr()
+    assert out.out == plain
+    assert "speculative: draft int8, 3 tokens per round: acceptance" in out.err
+    assert "tokens per target pass" in out.err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--prompt", "b"], "--draft takes one prompt, got 2"),
+        (["--no-kvcaching"], "--draft needs the KV cache"),
+        (["--draft_tokens", "0"], "--draft_tokens must be >= 1"),
+    ],
+)
+def test_cli_bad_draft_combinations(generate_cli, capsys, extra, message):
+    model = str(ROOT / "weights" / "gpt2-shakespeare.safetensors")
+    assert generate_cli.main(["--model", model, "--prompt", "a", "--draft", "int8", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
