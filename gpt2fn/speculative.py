@@ -172,7 +172,7 @@ def speculative_round(
     n, tokens = accept(drafted, out) if noise is None else accept(drafted, torch.stack(qs, dim=1), out, noise)
     m = int(n[0]) + 1
     if m == k + 1:
-        state.behind = drafted[:, -1:].clone(memory_format=torch.contiguous_format)  # strides as every draft input (one graph)
+        state.behind = drafted[:, -1:].clone(memory_format=torch.contiguous_format)  # as every draft input: one graph
     state.counts["target_passes"] += 1
     state.counts["drafted"] += k
     state.counts["accepted"] += m - 1

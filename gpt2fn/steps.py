@@ -172,9 +172,13 @@ def _marked_cache(config: GPTConfig, params: Params, batch: int, length: int) ->
 
 def _cloned(step: Step) -> Step:
     # A CUDA graph's outputs live in memory the next replay overwrites.
+    # (A tensor, or a tuple of tensors and Nones: the speculative draft step.)
     @functools.wraps(step)
     def run(*args):
-        return step(*args).clone()
+        out = step(*args)
+        if isinstance(out, tuple):
+            return tuple(None if t is None else t.clone() for t in out)
+        return out.clone()
 
     return run
 

@@ -181,3 +181,18 @@ def test_cli_bad_draft_combinations(generate_cli, capsys, extra, message):
     assert generate_cli.main(["--model", model, "--prompt", "a", "--draft", "int8", *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_the_cuda_graph_wrapper_copies_a_draft_steps_outputs():
+    """On CUDA the compiled draft step is wrapped to copy its outputs out of
+    the graph's memory; it returns (token, q) or (token, None)."""
+    from gpt2fn.steps import _cloned
+
+    token, q = torch.tensor([3]), torch.rand(1, 5)
+    for out in [(token, q), (token, None)]:
+        copied = _cloned(lambda *args: out)()
+        assert len(copied) == 2 and copied[0] is not token and torch.equal(copied[0], token)
+        assert (copied[1] is None) == (out[1] is None)
+        assert copied[1] is None or (copied[1] is not q and torch.equal(copied[1], q))
+    single = _cloned(lambda *args: token)()
+    assert single is not token and torch.equal(single, token)
