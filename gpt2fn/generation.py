@@ -214,7 +214,7 @@ def generate(
         check_prompts(config, prompts, max_new_tokens)
     device = params_device(params)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-    width = noise_width(config.vocab_size, top_k)
+    width = (noise_width(config.vocab_size, top_k),)  # the random numbers a step needs per row
     if draft is None:
         steps = make_steps(config, device, len(prompts), use_cache, compile, attention, **sampling)
     else:
@@ -231,8 +231,7 @@ def generate(
     def noise(batch: int) -> Optional[Tensor]:
         if temperature == 0:
             return None
-        shape = (batch, *width) if isinstance(width, tuple) else (batch, width)
-        return uniform_noise(shape, generator, generator.device if generator else device).to(device)
+        return uniform_noise((batch, *width), generator, generator.device if generator else device).to(device)
 
     limits = [min(max_new_tokens, config.n_ctx - len(p)) for p in prompts]
     return Stream(params, steps, prompts, limits, stop_token, noise)

@@ -48,15 +48,15 @@ from typing import Callable, Optional
 
 import torch
 
-from gpt2fn.cache import KVCache
+from gpt2fn.cache import KVCache, cache_len
 from gpt2fn.config import GPTConfig
 from gpt2fn.errors import GPT2FnError
-from gpt2fn.layers import ATTEND, Kernels, linear, matvec
+from gpt2fn.layers import ATTEND, Kernels, linear
 from gpt2fn.model import hidden, logits
 from gpt2fn.params import Params, map_params
 from gpt2fn.quantize import quantize_int8
 from gpt2fn.sampling import filtered_probs
-from gpt2fn.steps import DECODE_OPTIONS, Steps, _cache, _cloned, cached_step, prepare_for_compiled_steps, resolve_attention
+from gpt2fn.steps import Steps, _cache, _marked_cache, cached_step, compile_decode, decode_kernels, resolve_attention
 
 Tensor = torch.Tensor
 DRAFT_DTYPES = {"int8": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -190,44 +190,31 @@ def speculative_steps(
     tokens) are compiled as the plain decode step is (one graph each for a
     whole generation and any prompt length; CUDA graphs on CUDA)."""
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-    on_cpu = device.type == "cpu"
     eager = Kernels(linear, ATTEND[resolve_attention(attention)])
-    draft_kernels = Kernels(matvec if compile and on_cpu else linear, ATTEND[resolve_attention(attention, compile, device)])
-    verify_kernels = Kernels(linear, ATTEND[resolve_attention(attention, compile, device)])
+    draft_kernels = decode_kernels(device, 1, attention) if compile else eager
     draft = functools.partial(draft_step, config=draft_config, kernels=draft_kernels, **sampling)
-    verify = functools.partial(verify_step, config=config, kernels=verify_kernels, **sampling)
+    verify = functools.partial(verify_step, config=config, kernels=Kernels(linear, draft_kernels.attend), **sampling)
     if compile:
-        draft, verify = (_compiled(f, on_cpu) for f in (draft, verify))
+        draft, verify = compile_decode(draft, device), compile_decode(verify, device)
     accept = accept_greedy if temperature == 0 else accept_sampled
     target_prefill = functools.partial(cached_step, config=config, kernels=eager, **sampling)
-    draft_prefill = functools.partial(cached_step, config=draft_config, kernels=eager, **sampling)
+    new_cache = _marked_cache if compile else _cache
 
     def make_state(params: Params, batch: int, length: int) -> Speculation:
-        state = Speculation(_cache(config, params, batch, length), _cache(draft_config, draft_params, batch, length))
-        if compile:
-            prepare_for_compiled_steps(params, state.target)
-            prepare_for_compiled_steps(draft_params, state.draft)
-        return state
+        return Speculation(new_cache(config, params, batch, length), new_cache(draft_config, draft_params, batch, length))
 
     def prefill(params: Params, tokens: Tensor, pos: Tensor, state: Speculation, noise: Optional[Tensor]) -> Tensor:
+        hidden(draft_params, draft_config, tokens, pos, state.draft, kernels=eager)  # fills the draft's cache
         first = None if noise is None else noise[:, 0, : noise.shape[-1] - 1]
         if first is not None and 0 < top_k < config.vocab_size:
             first = first[:, :top_k]  # cached_step's draw needs one number per candidate
-        draft_prefill(draft_params, tokens, pos, state.draft, first)  # fills the draft's cache
         return target_prefill(params, tokens, pos, state.target, first)
 
     def decode(params: Params, token: Tensor, pos: Tensor, state: Speculation, noise: Optional[Tensor]) -> Tensor:
-        length = state.target[0][0].shape[2]
-        return speculative_round(params, token, pos, state, noise, draft_params=draft_params, k=k, length=length,
-                                 draft=draft, verify=verify, accept=accept)  # fmt: skip
+        return speculative_round(params, token, pos, state, noise, draft_params=draft_params, k=k,
+                                 length=cache_len(state.target), draft=draft, verify=verify, accept=accept)  # fmt: skip
 
     return Steps(make_state, prefill, decode, compiled=compile, report=lambda state: dict(state.counts))
-
-
-def _compiled(step: Callable, on_cpu: bool) -> Callable:
-    if on_cpu:
-        return torch.compile(step, fullgraph=True, options=DECODE_OPTIONS)
-    return _cloned(torch.compile(step, fullgraph=True, mode="reduce-overhead"))
 
 
 def check_draft(config: GPTConfig, draft_config: GPTConfig, k: int, n_prompt: int, max_new_tokens: int) -> None:

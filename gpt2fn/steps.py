@@ -145,14 +145,24 @@ def compiled_steps(
     prefill = cached_steps(config, attention, **sampling).prefill
     if compile_prefill:
         prefill = torch.compile(prefill, fullgraph=True, dynamic=True)
+    decode = functools.partial(cached_step, config=config, kernels=decode_kernels(device, batch, attention), **sampling)
+    return Steps(functools.partial(_marked_cache, config), prefill, compile_decode(decode, device), compiled=True)
+
+
+def decode_kernels(device: torch.device, batch: int, attention: str) -> Kernels:
+    """The kernels of a compiled decode step: :func:`~gpt2fn.layers.matvec`
+    for one row on the CPU, the library's matrix products otherwise."""
     on_cpu = device.type == "cpu"
-    kernels = Kernels(matvec if on_cpu and batch == 1 else linear, ATTEND[resolve_attention(attention, True, device)])
-    decode = functools.partial(cached_step, config=config, kernels=kernels, **sampling)
-    if on_cpu:
-        decode = torch.compile(decode, fullgraph=True, options=DECODE_OPTIONS)
-    else:
-        decode = _cloned(torch.compile(decode, fullgraph=True, mode="reduce-overhead"))
-    return Steps(functools.partial(_marked_cache, config), prefill, decode, compiled=True)
+    return Kernels(matvec if on_cpu and batch == 1 else linear, ATTEND[resolve_attention(attention, True, device)])
+
+
+def compile_decode(step: Callable, device: torch.device) -> Callable:
+    """A decode-sized step under ``torch.compile``, as the module docstring
+    says: on the CPU with :data:`DECODE_OPTIONS`; on CUDA with CUDA graphs,
+    its outputs copied out of the graph's memory."""
+    if device.type == "cpu":
+        return torch.compile(step, fullgraph=True, options=DECODE_OPTIONS)
+    return _cloned(torch.compile(step, fullgraph=True, mode="reduce-overhead"))
 
 
 def _cache(config: GPTConfig, params: Params, batch: int, length: int) -> State:
