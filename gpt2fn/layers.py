@@ -49,12 +49,19 @@ def linear(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[Ten
 
 
 def matvec(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[Tensor] = None) -> Tensor:
-    """The same function as :func:`linear`, accumulated in fp32 and spelled as
-    a broadcast multiply and a sum, for ``torch.compile`` on the CPU at batch 1.
-    Inductor turns it into one vectorised, multi-threaded loop that reads each
-    weight once and upcasts it in registers (bf16 or int8 -> fp32): ~35 GB/s on
-    the 154 MB LM head (2-core CPU) where the library call reaches ~13 GB/s.
-    Run eagerly it would materialise ``[..., out, in]``: compiled steps only."""
+    """The same function as :func:`linear`, for ``torch.compile`` on the CPU at
+    batch 1. Low-precision weights (bf16, fp16, int8) are accumulated in fp32
+    and spelled as a broadcast multiply and a sum: inductor turns that into one
+    vectorised, multi-threaded loop that reads each weight once and upcasts it
+    in registers, where the library call would first convert the whole matrix
+    (int8) or run a slower kernel (bf16 on the 154 MB LM head: ~35 GB/s against
+    ~13 GB/s, 2-core CPU). fp32 weights go to :func:`linear`: MKL's
+    matrix-vector product reads them at the streaming limit, where inductor's
+    loop (one accumulator per row) reaches ~60% of it (124M shape, whole
+    compiled step: 89-97% of the limit against 69-78%).
+    Run eagerly the loop would materialise ``[..., out, in]``: compiled steps only."""
+    if w.dtype == torch.float32:
+        return linear(x, w, b, scale)
     y = (x.float()[..., None, :] * w.float()).sum(-1)
     if scale is not None:
         y = y * scale
@@ -128,11 +135,14 @@ def attention(
     """
     B, T, D = x.shape
     hd = D // n_head
-    q, k, v = kernels.linear(x, **c_attn).split(D, dim=-1)  # 3 x [B, T, D]
-    q, k, v = (t.view(B, T, n_head, hd).transpose(1, 2) for t in (q, k, v))  # [B, H, T, hd]
+    q, k, v = (t.view(B, T, n_head, hd) for t in kernels.linear(x, **c_attn).split(D, dim=-1))  # 3 x [B, T, H, hd]
     if kv is not None:
-        slots = pos[:, None, :, None].expand(B, n_head, T, hd)
-        k, v = kv[0].scatter_(2, slots, k), kv[1].scatter_(2, slots, v)  # the whole cache, [B, H, S, hd]
+        rows = torch.arange(B, device=pos.device)[:, None]  # [B, 1]
+        kv[0][rows, :, pos], kv[1][rows, :, pos] = k, v  # row b's token t into slot pos[b, t]
+        k, v = kv  # the whole cache, [B, H, S, hd]
+    else:
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, hd]
+    q = q.transpose(1, 2)  # [B, H, T, hd]
     y = kernels.attend(q, k, v, mask, tap).transpose(1, 2)  # [B, T, H, hd]
     if tap is not None:
         y = tap("attn_heads", y)
