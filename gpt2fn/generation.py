@@ -188,6 +188,7 @@ def generate(
     compile: bool = False,
     draft: Optional[tuple[Params, GPTConfig]] = None,
     draft_tokens: int = 4,
+    adaptive_draft: bool = False,
 ) -> Stream:
     """Generate up to ``max_new_tokens`` per prompt; returns the :class:`Stream`.
 
@@ -203,7 +204,9 @@ def generate(
 
     ``draft`` = (params, config) turns on speculative decoding
     (:mod:`gpt2fn.speculative`; e.g. ``(self_draft(params, "int8"), config)``),
-    proposing ``draft_tokens`` tokens per target pass: one prompt, cached.
+    proposing ``draft_tokens`` tokens per target pass (with ``adaptive_draft``,
+    at most that many, adapted to the acceptance: see
+    :func:`gpt2fn.speculative.next_k`): one prompt, cached.
     Raises :class:`~gpt2fn.errors.GPT2FnError` on bad input, before any work.
     """
     check_sampling_args(temperature, top_k, top_p)
@@ -216,6 +219,8 @@ def generate(
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     width = (noise_width(config.vocab_size, top_k),)  # the random numbers a step needs per row
     if draft is None:
+        if adaptive_draft:
+            raise GPT2FnError("adaptive_draft adapts speculative decoding; pass a draft too")
         steps = make_steps(config, device, len(prompts), use_cache, compile, attention, **sampling)
     else:
         if len(prompts) > 1:
@@ -224,9 +229,9 @@ def generate(
         if not use_cache:
             raise GPT2FnError("speculative decoding needs the KV cache; drop the draft or keep the cache on")
         check_draft(config, draft[1], draft_tokens, len(prompts[0]), min(max_new_tokens, config.n_ctx - len(prompts[0])))
-        steps = speculative_steps(config, *draft, draft_tokens, device=device, compile=compile, attention=attention,
-                                  **sampling)  # fmt: skip
-        width = (draft_tokens + 1, config.vocab_size + 1)  # one block per round (see accept_sampled)
+        steps = speculative_steps(config, *draft, draft_tokens, adaptive=adaptive_draft, device=device,
+                                  compile=compile, attention=attention, **sampling)  # fmt: skip
+        width = (draft_tokens + 1, config.vocab_size + 1)  # one block per round, for the largest k (see accept_sampled)
 
     def noise(batch: int) -> Optional[Tensor]:
         if temperature == 0:

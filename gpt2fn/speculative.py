@@ -20,6 +20,16 @@ moving the position only: slots past it are hidden by the causal mask and
 overwritten by the next round, never copied. When all ``k`` are accepted the
 draft has not yet seen its own last token; the next round feeds it first.
 
+``k`` is fixed, or adaptive (:func:`next_k`): it moves along the levels
+1, 2, 4, ... up to its maximum, one level up after a round that accepted
+every drafted token, one down after a round that accepted fewer than half.
+
+Compiled, the draft step and the verify step are two graphs for a whole
+generation, any prompt length and any ``k``: both run through one compiled
+frame, where dynamo sees 1 token and then ``k + 1``, so it traces the verify
+step with the token count symbolic (and the cache length, as for plain
+decoding).
+
 Greedy (temperature 0): the output is the target's greedy decoding, token
 for token: every emitted token is the argmax of the target's logits given
 the tokens before it. What it is checked against is the target's own
@@ -136,26 +146,48 @@ def accept_sampled(drafted: Tensor, q: Tensor, p: Tensor, noise: Tensor) -> tupl
     return n, tokens
 
 
+def k_levels(k_max: int) -> tuple[int, ...]:
+    """The values an adaptive ``k`` takes: powers of two below ``k_max``, then
+    ``k_max`` (8 -> (1, 2, 4, 8); 6 -> (1, 2, 4, 6))."""
+    return tuple(2**i for i in range(k_max.bit_length()) if 2**i < k_max) + (k_max,)
+
+
+def next_k(levels: tuple[int, ...], k: int, accepted: int) -> int:
+    """The adaptive rule: one level up when all ``k`` drafted tokens were
+    accepted, one down when fewer than half were, else stay."""
+    i = levels.index(k)
+    if accepted == k:
+        return levels[min(i + 1, len(levels) - 1)]
+    return levels[max(i - 1, 0)] if 2 * accepted < k else k
+
+
 @dataclass
 class Speculation:
-    """The state of a speculative generation: both caches, and what the
-    draft still has to catch up on."""
+    """The state of a speculative generation: both caches, what the draft
+    still has to catch up on, and the ``k`` of the next round."""
 
     target: KVCache
     draft: KVCache
+    k: int
+    levels: Optional[tuple[int, ...]] = None  # the adaptive k's levels (None: k is fixed)
     behind: Optional[Tensor] = None  # [B, 1]: the draft's own last token, not yet run (all k were accepted)
     counts: dict = field(default_factory=lambda: {"target_passes": 0, "drafted": 0, "accepted": 0})
 
 
 def speculative_round(
     params: Params, token: Tensor, pos: Tensor, state: Speculation, noise: Optional[Tensor],
-    *, draft_params: Params, k: int, length: int, draft: Callable, verify: Callable, accept: Callable,
+    *, draft_params: Params, length: int, draft: Callable, verify: Callable, accept: Callable,
 ) -> Tensor:  # fmt: skip
-    """One round (a decode step of the :class:`~gpt2fn.steps.Steps`
-    protocol that emits several tokens): token [1, 1] at pos [1, 1] ->
-    the emitted tokens [1, n + 1]. One host synchronisation: reading ``n``.
-    Positions past the cache's last slot are clamped onto it: only tokens
-    beyond the generation's end land there, and no kept token reads it."""
+    """One round of ``state.k`` drafted tokens (a decode step of the
+    :class:`~gpt2fn.steps.Steps` protocol that emits several tokens):
+    token [1, 1] at pos [1, 1] -> the emitted tokens [1, n + 1]. ``noise``:
+    [1, K + 1, V + 1] for any K >= k (see :func:`accept_sampled`), or None.
+    One host synchronisation: reading ``n``. Positions past the cache's last
+    slot are clamped onto it: only tokens beyond the generation's end land
+    there, and no kept token reads it."""
+    k = state.k
+    if noise is not None:
+        noise = noise[:, : k + 1]
     token = token.clone(memory_format=torch.contiguous_format)  # a view into the last round's tokens: one graph
     if state.behind is not None:  # the draft has not run its last token yet
         draft(draft_params, state.behind, pos - 1, state.draft, None if noise is None else noise[:, 0, :-1])
@@ -176,19 +208,22 @@ def speculative_round(
     state.counts["target_passes"] += 1
     state.counts["drafted"] += k
     state.counts["accepted"] += m - 1
+    if state.levels is not None:
+        state.k = next_k(state.levels, k, m - 1)
     return tokens[:, :m]
 
 
 def speculative_steps(
     config: GPTConfig, draft_params: Params, draft_config: GPTConfig, k: int,
-    *, device: torch.device, compile: bool = False, attention: str = "auto", temperature: float = 0.0,
-    top_k: int = 0, top_p: float = 1.0,
+    *, adaptive: bool = False, device: torch.device, compile: bool = False, attention: str = "auto",
+    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
 ) -> Steps:  # fmt: skip
     """:class:`~gpt2fn.steps.Steps` whose decode step is one
-    :func:`speculative_round`; the state is a :class:`Speculation`. With
-    ``compile`` the draft step and the verify step (exactly ``k + 1``
-    tokens) are compiled as the plain decode step is (one graph each for a
-    whole generation and any prompt length; CUDA graphs on CUDA)."""
+    :func:`speculative_round`; the state is a :class:`Speculation`. ``k``
+    drafted tokens per round, or with ``adaptive`` at most ``k`` (starting
+    there; see :func:`next_k`). With ``compile`` the draft step and the
+    verify step are compiled as the plain decode step is (two graphs in all,
+    see the module docstring; CUDA graphs on CUDA)."""
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     eager = Kernels(linear, ATTEND[resolve_attention(attention)])
     draft_kernels = decode_kernels(device, 1, attention) if compile else eager
@@ -201,7 +236,8 @@ def speculative_steps(
     new_cache = _marked_cache if compile else _cache
 
     def make_state(params: Params, batch: int, length: int) -> Speculation:
-        return Speculation(new_cache(config, params, batch, length), new_cache(draft_config, draft_params, batch, length))
+        return Speculation(new_cache(config, params, batch, length), new_cache(draft_config, draft_params, batch, length),
+                           k, k_levels(k) if adaptive else None)  # fmt: skip
 
     def prefill(params: Params, tokens: Tensor, pos: Tensor, state: Speculation, noise: Optional[Tensor]) -> Tensor:
         hidden(draft_params, draft_config, tokens, pos, state.draft, kernels=eager)  # fills the draft's cache
@@ -211,7 +247,7 @@ def speculative_steps(
         return target_prefill(params, tokens, pos, state.target, first)
 
     def decode(params: Params, token: Tensor, pos: Tensor, state: Speculation, noise: Optional[Tensor]) -> Tensor:
-        return speculative_round(params, token, pos, state, noise, draft_params=draft_params, k=k,
+        return speculative_round(params, token, pos, state, noise, draft_params=draft_params,
                                  length=cache_len(state.target), draft=draft, verify=verify, accept=accept)  # fmt: skip
 
     return Steps(make_state, prefill, decode, compiled=compile, report=lambda state: dict(state.counts))

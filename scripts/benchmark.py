@@ -17,7 +17,8 @@ only ratios measured side by side mean anything):
    rows); and transformers' ``generate()`` on the same weights (built by
    ``GPTConfig.to_hf``), with its default cache and, on CUDA, its static cache;
    and speculative decoding of the float32 model drafted by its own weights
-   at each of ``--drafts`` (compiled), with the acceptance rate beside it;
+   at each of ``--drafts`` (compiled), for each ``k`` of ``--draft-tokens``
+   and adaptive up to ``--adaptive-draft``, with the acceptance rate beside it;
 4. decode speed against sequence length up to the full context: eager and
    compiled, with and without the KV cache;
 5. prefill time per prompt length, eager and compiled;
@@ -80,7 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8, help="also decode this many prompts in one batch (1 = skip)")
     p.add_argument("--drafts", default="int8,bfloat16",
                    help="speculative decoding rows: the float32 model with these self-drafts, compiled (empty = skip)")
-    p.add_argument("--draft-tokens", type=int, default=4, help="tokens each speculative round drafts (default 4)")
+    p.add_argument("--draft-tokens", default="4,8", help="comma-separated k: tokens each speculative round drafts (default 4,8)")
+    p.add_argument("--adaptive-draft", type=int, default=8,
+                   help="also a speculative row with k adaptive up to this many (0 = skip; default 8)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the generation runs (median)")
     p.add_argument("--lengths", default="64,256,512,1024", help="sequence lengths for the per-step sweep")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
@@ -100,7 +103,8 @@ def check_args(args) -> tuple[list[str], list[int]]:
     check_int("--new-tokens", args.new_tokens, low=3)  # the compiled run spends its first step compiling
     check_int("--batch", args.batch)
     check_int("--rounds", args.rounds)
-    check_int("--draft-tokens", args.draft_tokens)
+    parse_int_list("--draft-tokens", args.draft_tokens, low=1)
+    check_int("--adaptive-draft", args.adaptive_draft, low=0)
     for d in filter(None, args.drafts.split(",")):
         if d not in DRAFT_DTYPES:
             raise GPT2FnError(f"unknown draft {d!r} in --drafts; use a comma-separated list from {', '.join(DRAFT_DTYPES)}")
@@ -200,17 +204,22 @@ def make_contenders(args, params: dict, params32, config, prompt, device) -> lis
         prompts = torch.randint(0, config.vocab_size, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(1))
         d0 = next(iter(params))
         contenders += [ours(d0, compiled, prompts) for compiled in (False, True)]
+    ks = [(k, False) for k in parse_int_list("--draft-tokens", args.draft_tokens, low=1)]
+    ks += [(args.adaptive_draft, True)] if args.adaptive_draft else []
     for d in filter(None, args.drafts.split(",")):  # the float32 model, checked by its own weights at dtype d
-        draft, notes = (self_draft(params32, d), config), {}
+        for k, adaptive in ks:
+            draft, notes = (self_draft(params32, d), config), {}
 
-        def run(draft=draft, notes=notes) -> float:
-            stats = generate_all(params32, config, prompt, args.new_tokens, temperature=0, attention=args.attention,
-                                 compile=True, draft=draft, draft_tokens=args.draft_tokens)[1]  # fmt: skip
-            notes.setdefault("acceptance_rate", []).append(stats.acceptance_rate)
-            notes.setdefault("tokens_per_pass", []).append(stats.tokens_per_pass)
-            return stats.decode_tokens / stats.decode_s
+            def run(draft=draft, notes=notes, k=k, adaptive=adaptive) -> float:
+                stats = generate_all(params32, config, prompt, args.new_tokens, temperature=0, attention=args.attention,
+                                     compile=True, draft=draft, draft_tokens=k, adaptive_draft=adaptive)[1]  # fmt: skip
+                notes.setdefault("acceptance_rate", []).append(stats.acceptance_rate)
+                notes.setdefault("tokens_per_pass", []).append(stats.tokens_per_pass)
+                notes.setdefault("drafted_per_pass", []).append(stats.drafted / stats.target_passes)
+                return stats.decode_tokens / stats.decode_s
 
-        contenders.append(Contender("gpt2fn", f"speculative {d} k={args.draft_tokens}", "float32", 1, run, notes))
+            name = f"speculative {d} k<={k} adaptive" if adaptive else f"speculative {d} k={k}"
+            contenders.append(Contender("gpt2fn", name, "float32", 1, run, notes))
     if not args.no_transformers:
         model = transformers_model(params32, config).eval()
         modes = ("default", "static cache") if device.type == "cuda" else ("default",)
@@ -334,7 +343,7 @@ def print_report(results) -> None:
             print(f"\n  {g['mode']}: {fmt_ratio(g['tokens_per_s'] / tps('compiled', 'float32'))} plain compiled float32, "
                   f"{fmt_ratio(g['tokens_per_s'] / limit['float32']['tokens_per_s']) if 'float32' in limit else '-'} "
                   f"the float32 streaming limit; acceptance {g['acceptance_rate']:.1%}, "
-                  f"{g['tokens_per_pass']:.2f} tokens per target pass")  # fmt: skip
+                  f"{g['drafted_per_pass']:.2f} drafted and {g['tokens_per_pass']:.2f} emitted per target pass")  # fmt: skip
     print("\n  compiled / eager:  " + ", ".join(f"{d} {fmt_ratio(tps('compiled', d) / tps('eager', d))}" for d in limit))
     print(f"  graphs compiled during the timed runs: {results['graphs_compiled_during_timed_runs']} (0 = no recompilation)")
     print("  decode-step compile time: " + ", ".join(

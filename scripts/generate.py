@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="speculative decoding: int8, bfloat16 or float16 (the model's own weights at that dtype "
                         "draft for it) or another model with the same tokenizer (e.g. gpt2 for gpt2-xl); one prompt")
     p.add_argument("--draft_tokens", type=int, default=4, help="tokens the draft proposes per target pass (default 4)")
+    p.add_argument("--adaptive_draft", action="store_true",
+                   help="adapt the drafted tokens per pass to the acceptance (1, 2, 4, ... up to --draft_tokens)")
     p.add_argument("--max_tokens", type=int, default=50, help="new tokens to generate (default 50)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
     p.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens (0 = off, default)")
@@ -80,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
             raise GPT2FnError("--draft needs the KV cache; drop --no-kvcaching")
         if args.draft_tokens < 1:
             raise GPT2FnError(f"--draft_tokens must be >= 1, got {args.draft_tokens}")
+    elif args.adaptive_draft:
+        raise GPT2FnError("--adaptive_draft adapts speculative decoding; give a --draft too")
     device = resolve_device(args.device)
     seed = args.seed if args.seed is not None else random.randrange(2**31)
 
@@ -99,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         generator=torch.Generator(device).manual_seed(seed),
         use_cache=args.kvcaching, attention=args.attention,
         stop_token=None if args.ignore_eot else ENDOFTEXT_ID, compile=args.compile,
-        draft=draft, draft_tokens=args.draft_tokens,
+        draft=draft, draft_tokens=args.draft_tokens, adaptive_draft=args.adaptive_draft,
     )  # fmt: skip
     if len(prompts) == 1:  # streamed as it is made
         sys.stdout.write(prompts[0])
@@ -124,7 +128,9 @@ def report(args: argparse.Namespace, device: torch.device, seed: int, stream) ->
     compiled = f"compile: {stats.compile_s:.1f} s (first decode step)\n" if args.compile else ""
     steps, speculative = ("" if args.draft else f" in {stats.n_new} steps"), ""
     if args.draft is not None:
-        speculative = (f"\nspeculative: draft {args.draft}, {args.draft_tokens} tokens per round: acceptance "
+        per_round = (f"{stats.drafted / max(stats.target_passes, 1):.2f} tokens per round (adaptive, at most "
+                     f"{args.draft_tokens})" if args.adaptive_draft else f"{args.draft_tokens} tokens per round")
+        speculative = (f"\nspeculative: draft {args.draft}, {per_round}: acceptance "
                        f"{stats.acceptance_rate:.1%}, {stats.tokens_per_pass:.2f} tokens per target pass "
                        f"({stats.target_passes} passes)")  # fmt: skip
     return (

@@ -12,7 +12,7 @@ from torch._dynamo.utils import counters
 
 from gpt2fn import GPT2FnError, GPTConfig, generate, generate_all, init_params, load_pretrained
 from gpt2fn.params import map_params
-from gpt2fn.speculative import accept_greedy, accept_sampled, self_draft
+from gpt2fn.speculative import accept_greedy, accept_sampled, k_levels, next_k, self_draft
 
 from conftest import ROOT, load_script
 
@@ -34,9 +34,10 @@ def prompts(n, lengths=(1, 3, 8, 13, 21, 34), seed=0):
     return [torch.randint(0, 50257, (1, lengths[i % len(lengths)]), generator=g) for i in range(n)]
 
 
-def assert_greedy_identity(params, config, prompt, n, draft, k, compile=False):
+def assert_greedy_identity(params, config, prompt, n, draft, k, compile=False, adaptive=False):
     plain, _ = generate_all(params, config, prompt, n, temperature=0, compile=compile)
-    spec, stats = generate_all(params, config, prompt, n, temperature=0, compile=compile, draft=draft, draft_tokens=k)
+    spec, stats = generate_all(params, config, prompt, n, temperature=0, compile=compile, draft=draft, draft_tokens=k,
+                               adaptive_draft=adaptive)  # fmt: skip
     assert torch.equal(spec, plain), f"first difference at token {int((spec != plain).int().argmax())}"
     assert stats.n_new == n and stats.drafted > 0 and 0 <= stats.accepted <= stats.drafted
     return stats
@@ -75,6 +76,44 @@ def test_compiled_greedy_identity_and_a_fixed_number_of_graphs(small):
         assert_greedy_identity(params, config, prompt, config.n_ctx - prompt.shape[1], draft, 4, compile=True)
     plain_graphs = 1  # assert_greedy_identity also ran the plain compiled decode step
     assert counters["stats"]["unique_graphs"] == graphs + plain_graphs
+
+
+def test_adaptive_k_levels_and_rule_by_hand():
+    assert k_levels(1) == (1,) and k_levels(4) == (1, 2, 4) and k_levels(6) == (1, 2, 4, 6)
+    assert k_levels(8) == (1, 2, 4, 8)
+    levels = (1, 2, 4, 8)
+    assert next_k(levels, 4, 4) == 8 and next_k(levels, 8, 8) == 8  # all accepted: up, capped
+    assert next_k(levels, 4, 2) == 4 and next_k(levels, 4, 3) == 4  # half or more: stay
+    assert next_k(levels, 4, 1) == 2 and next_k(levels, 1, 0) == 1  # fewer than half: down, floored
+
+
+def test_adaptive_k_keeps_the_output_and_follows_the_acceptance(small, odd_heads):
+    params, config = small
+    # a good draft (its own int8 weights): k climbs to the maximum and stays (8 per round at the end)
+    stats = assert_greedy_identity(params, config, prompts(1, (7,))[0], 100, (self_draft(params, "int8"), config), 8,
+                                   adaptive=True)  # fmt: skip
+    assert stats.drafted / stats.target_passes > 6
+    # a poor draft (an unrelated model): k falls, so it drafts far fewer per round than the fixed 8
+    fixed = assert_greedy_identity(params, config, prompts(1, (7,))[0], 100, odd_heads, 8)
+    adaptive = assert_greedy_identity(params, config, prompts(1, (7,))[0], 100, odd_heads, 8, adaptive=True)
+    assert fixed.drafted == 8 * fixed.target_passes and fixed.acceptance_rate < 0.5
+    assert adaptive.drafted < 3 * adaptive.target_passes and adaptive.acceptance_rate > fixed.acceptance_rate
+    # sampled: the noise block is cut to each round's k; a seed still fixes the run
+    def run(seed):
+        return generate_all(params, config, prompts(1, (4,))[0], 40, temperature=1.0, draft=odd_heads, draft_tokens=8,
+                            adaptive_draft=True, generator=torch.Generator().manual_seed(seed))[0]  # fmt: skip
+
+    assert torch.equal(run(3), run(3))
+
+
+def test_compiled_adaptive_k_needs_no_new_graph(small, odd_heads):
+    params, config = small
+    counters.clear()
+    stats = assert_greedy_identity(params, config, prompts(1, (5,))[0], 100, odd_heads, 4, compile=True, adaptive=True)
+    assert stats.drafted < 2 * stats.target_passes  # k went down from 4 to 2 and 1
+    # the plain decode step, the draft step and ONE verify step: its token count is symbolic (dynamo
+    # saw 1 token, then k + 1, through the same compiled frame), so every level runs the same graph
+    assert counters["stats"]["unique_graphs"] == 3
 
 
 def test_accept_greedy_keeps_the_agreeing_prefix_and_the_targets_next_token():
@@ -166,6 +205,10 @@ def test_cli_draft_prints_the_same_text_and_reports_acceptance(generate_cli, cap
     assert out.out == plain
     assert "speculative: draft int8, 3 tokens per round: acceptance" in out.err
     assert "tokens per target pass" in out.err
+    assert generate_cli.main([*common, "--draft", "int8", "--draft_tokens", "8", "--adaptive_draft"]) == 0
+    out = capsys.readouterr()
+    assert out.out == plain
+    assert "tokens per round (adaptive, at most 8): acceptance" in out.err
 
 
 @pytest.mark.parametrize(
@@ -181,6 +224,16 @@ def test_cli_bad_draft_combinations(generate_cli, capsys, extra, message):
     assert generate_cli.main(["--model", model, "--prompt", "a", "--draft", "int8", *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_adaptive_without_a_draft_is_refused(small, generate_cli, capsys):
+    params, config = small
+    with pytest.raises(GPT2FnError, match="adaptive_draft adapts speculative decoding; pass a draft too"):
+        generate(params, config, prompts(1)[0], 5, adaptive_draft=True)
+    model = str(ROOT / "weights" / "gpt2-shakespeare.safetensors")
+    assert generate_cli.main(["--model", model, "--prompt", "a", "--adaptive_draft"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--adaptive_draft adapts speculative decoding; give a --draft too" in err[0]
 
 
 def test_the_cuda_graph_wrapper_copies_a_draft_steps_outputs():
