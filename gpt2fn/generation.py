@@ -60,6 +60,11 @@ class GenerationStats:
         return self.accepted / self.drafted if self.drafted else float("nan")
 
     @property
+    def drafted_per_pass(self) -> float:
+        """Speculative decoding: tokens drafted per target pass (k, or its mean when adaptive)."""
+        return self.drafted / self.target_passes if self.target_passes else float("nan")
+
+    @property
     def tokens_per_pass(self) -> float:
         """Speculative decoding: tokens emitted per target pass after the prompt's."""
         return (self.n_new - 1) / self.target_passes if self.target_passes else float("nan")

@@ -169,7 +169,6 @@ class Speculation:
     target: KVCache
     draft: KVCache
     k: int
-    levels: Optional[tuple[int, ...]] = None  # the adaptive k's levels (None: k is fixed)
     behind: Optional[Tensor] = None  # [B, 1]: the draft's own last token, not yet run (all k were accepted)
     counts: dict = field(default_factory=lambda: {"target_passes": 0, "drafted": 0, "accepted": 0})
 
@@ -177,10 +176,13 @@ class Speculation:
 def speculative_round(
     params: Params, token: Tensor, pos: Tensor, state: Speculation, noise: Optional[Tensor],
     *, draft_params: Params, length: int, draft: Callable, verify: Callable, accept: Callable,
+    levels: Optional[tuple[int, ...]] = None,
 ) -> Tensor:  # fmt: skip
     """One round of ``state.k`` drafted tokens (a decode step of the
     :class:`~gpt2fn.steps.Steps` protocol that emits several tokens):
-    token [1, 1] at pos [1, 1] -> the emitted tokens [1, n + 1]. ``noise``:
+    token [1, 1] at pos [1, 1] -> the emitted tokens [1, n + 1]. With
+    ``levels`` (:func:`k_levels`) ``k`` is adaptive and the round sets the
+    next one (:func:`next_k`); without, it stays. ``noise``:
     [1, K + 1, V + 1] for any K >= k (see :func:`accept_sampled`), or None.
     One host synchronisation: reading ``n``. Positions past the cache's last
     slot are clamped onto it: only tokens beyond the generation's end land
@@ -208,8 +210,8 @@ def speculative_round(
     state.counts["target_passes"] += 1
     state.counts["drafted"] += k
     state.counts["accepted"] += m - 1
-    if state.levels is not None:
-        state.k = next_k(state.levels, k, m - 1)
+    if levels is not None:
+        state.k = next_k(levels, k, m - 1)
     return tokens[:, :m]
 
 
@@ -232,12 +234,12 @@ def speculative_steps(
     if compile:
         draft, verify = compile_decode(draft, device), compile_decode(verify, device)
     accept = accept_greedy if temperature == 0 else accept_sampled
+    levels = k_levels(k) if adaptive else None
     target_prefill = functools.partial(cached_step, config=config, kernels=eager, **sampling)
     new_cache = _marked_cache if compile else _cache
 
     def make_state(params: Params, batch: int, length: int) -> Speculation:
-        return Speculation(new_cache(config, params, batch, length), new_cache(draft_config, draft_params, batch, length),
-                           k, k_levels(k) if adaptive else None)  # fmt: skip
+        return Speculation(new_cache(config, params, batch, length), new_cache(draft_config, draft_params, batch, length), k)
 
     def prefill(params: Params, tokens: Tensor, pos: Tensor, state: Speculation, noise: Optional[Tensor]) -> Tensor:
         hidden(draft_params, draft_config, tokens, pos, state.draft, kernels=eager)  # fills the draft's cache
@@ -248,7 +250,8 @@ def speculative_steps(
 
     def decode(params: Params, token: Tensor, pos: Tensor, state: Speculation, noise: Optional[Tensor]) -> Tensor:
         return speculative_round(params, token, pos, state, noise, draft_params=draft_params,
-                                 length=cache_len(state.target), draft=draft, verify=verify, accept=accept)  # fmt: skip
+                                 length=cache_len(state.target), draft=draft, verify=verify, accept=accept,
+                                 levels=levels)  # fmt: skip
 
     return Steps(make_state, prefill, decode, compiled=compile, report=lambda state: dict(state.counts))
 

@@ -215,7 +215,7 @@ def make_contenders(args, params: dict, params32, config, prompt, device) -> lis
                                      compile=True, draft=draft, draft_tokens=k, adaptive_draft=adaptive)[1]  # fmt: skip
                 notes.setdefault("acceptance_rate", []).append(stats.acceptance_rate)
                 notes.setdefault("tokens_per_pass", []).append(stats.tokens_per_pass)
-                notes.setdefault("drafted_per_pass", []).append(stats.drafted / stats.target_passes)
+                notes.setdefault("drafted_per_pass", []).append(stats.drafted_per_pass)
                 return stats.decode_tokens / stats.decode_s
 
             name = f"speculative {d} k<={k} adaptive" if adaptive else f"speculative {d} k={k}"

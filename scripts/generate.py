@@ -128,7 +128,7 @@ def report(args: argparse.Namespace, device: torch.device, seed: int, stream) ->
     compiled = f"compile: {stats.compile_s:.1f} s (first decode step)\n" if args.compile else ""
     steps, speculative = ("" if args.draft else f" in {stats.n_new} steps"), ""
     if args.draft is not None:
-        per_round = (f"{stats.drafted / max(stats.target_passes, 1):.2f} tokens per round (adaptive, at most "
+        per_round = (f"{stats.drafted_per_pass:.2f} tokens per round (adaptive, at most "
                      f"{args.draft_tokens})" if args.adaptive_draft else f"{args.draft_tokens} tokens per round")
         speculative = (f"\nspeculative: draft {args.draft}, {per_round}: acceptance "
                        f"{stats.acceptance_rate:.1%}, {stats.tokens_per_pass:.2f} tokens per target pass "
