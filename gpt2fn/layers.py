@@ -68,6 +68,43 @@ def matvec(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[Ten
     return (y if b is None else y + b.float()).to(x.dtype)
 
 
+# Row counts for which oneDNN's fp32 matrix product beats MKL's (see few_rows).
+ONEDNN_ROWS = (4, 16)
+
+
+@torch.library.custom_op("gpt2fn::few_rows_linear", mutates_args=())
+def _few_rows_linear(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+    rows = x.numel() // x.shape[-1]
+    if ONEDNN_ROWS[0] <= rows <= ONEDNN_ROWS[1]:
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    return F.linear(x, w, b)
+
+
+@_few_rows_linear.register_fake
+def _(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+    return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+def few_rows(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[Tensor] = None) -> Tensor:
+    """The same function as :func:`linear`, for the few rows of a compiled
+    decode step with a batch, or of a speculative verify pass, on the CPU.
+    ``F.linear`` calls MKL, whose fp32 matrix-matrix product repacks the weight
+    on every call: from 4 to 12 rows it took 1.8-3x a matrix-vector product,
+    where oneDNN's product on the weight as stored takes 1.3-1.7x (the 124M
+    shape's 49 matrices, 2-core CPU; from 1 to 3 rows and from 16 MKL is as
+    fast or faster). So fp32 products of :data:`ONEDNN_ROWS` rows go to oneDNN,
+    the rest to MKL, decided per call by the row count (a symbolic one under
+    ``torch.compile``). Other weight dtypes, other devices and machines
+    without oneDNN use :func:`linear`. (It is a custom op so that inductor calls
+    it as it stands: inductor's own oneDNN lowering needs frozen weights.)"""
+    if w.dtype != torch.float32 or scale is not None or w.device.type != "cpu" or not ONEDNN:
+        return linear(x, w, b, scale)
+    return _few_rows_linear(x, w, b)
+
+
+ONEDNN = torch.backends.mkldnn.is_available()
+
+
 def embedding(tokens: Tensor, wte: Tensor, scale: Optional[Tensor] = None, dtype: Optional[torch.dtype] = None) -> Tensor:
     """Rows of the token embedding. tokens: [B, T] -> [B, T, D]; an int8 ``wte``
     is dequantized with its per-row ``scale`` into ``dtype``."""

@@ -78,6 +78,21 @@ def decode_step_time(params: Params, config: GPTConfig, steps: Steps, seq_len: i
         return median_time(lambda: steps.decode(params, token, pos, state, None), repeats, device, warmup=2)
 
 
+def product_times(params: Params, rows: int, repeats: int = 5) -> dict[str, float]:
+    """Seconds for one pass over every fp32 weight matrix of the params (the
+    products of a forward over ``rows`` tokens), by each CPU library:
+    ``{"mkl": ..., "onednn": ...}`` (what :func:`~gpt2fn.layers.few_rows`
+    chooses between). Inputs are random; only the time is kept."""
+    mats = [w for name, w in flatten_params(params).items() if w.dim() == 2 and name != "wpe"]
+    xs = {w.shape[1]: torch.randn(1, rows, w.shape[1]) for w in mats}
+    device = params_device(params)
+    return {
+        "mkl": median_time(lambda: [torch.nn.functional.linear(xs[w.shape[1]], w) for w in mats], repeats, device),
+        "onednn": median_time(lambda: [torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]], w, None, "none", [], "")
+                                       for w in mats], repeats, device),  # fmt: skip
+    }
+
+
 def reset_peak_memory(device: torch.device) -> None:
     """Start a new peak-memory window (Linux resident set, or CUDA allocator)."""
     if device.type == "cuda":

@@ -61,7 +61,7 @@ import torch
 from gpt2fn.cache import KVCache, cache_len
 from gpt2fn.config import GPTConfig
 from gpt2fn.errors import GPT2FnError
-from gpt2fn.layers import ATTEND, Kernels, linear
+from gpt2fn.layers import ATTEND, Kernels, few_rows, linear
 from gpt2fn.model import hidden, logits
 from gpt2fn.params import Params, map_params
 from gpt2fn.quantize import quantize_int8
@@ -230,7 +230,7 @@ def speculative_steps(
     eager = Kernels(linear, ATTEND[resolve_attention(attention)])
     draft_kernels = decode_kernels(device, 1, attention) if compile else eager
     draft = functools.partial(draft_step, config=draft_config, kernels=draft_kernels, **sampling)
-    verify = functools.partial(verify_step, config=config, kernels=Kernels(linear, draft_kernels.attend), **sampling)
+    verify = functools.partial(verify_step, config=config, kernels=Kernels(few_rows, draft_kernels.attend), **sampling)
     if compile:
         draft, verify = compile_decode(draft, device), compile_decode(verify, device)
     accept = accept_greedy if temperature == 0 else accept_sampled

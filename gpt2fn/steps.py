@@ -25,8 +25,9 @@ and decode steps:
   generation, whatever the prompt length. On CUDA the mode is
   "reduce-overhead" (CUDA graphs): params and cache are marked as static
   addresses so they are neither copied nor re-recorded, and the output token
-  is cloned before the next replay overwrites it. On the CPU at batch 1 the
-  step is built with the :func:`~gpt2fn.layers.matvec` products.
+  is cloned before the next replay overwrites it. On the CPU the step is
+  built with the :func:`~gpt2fn.layers.matvec` products at batch 1 and the
+  :func:`~gpt2fn.layers.few_rows` ones for a batch.
 
 Sampling settings (temperature, top-k, top-p) are constants of a graph:
 changing them between generations compiles a new graph once.
@@ -42,7 +43,7 @@ import torch
 from gpt2fn.cache import make_cache
 from gpt2fn.config import GPTConfig
 from gpt2fn.errors import GPT2FnError
-from gpt2fn.layers import ATTEND, Kernels, linear, matvec
+from gpt2fn.layers import ATTEND, Kernels, few_rows, linear, matvec
 from gpt2fn.model import hidden, logits, positions
 from gpt2fn.params import Params, flatten_params, params_device, params_dtype
 from gpt2fn.sampling import choose_token
@@ -136,8 +137,7 @@ def compiled_steps(
     **sampling,
 ) -> Steps:  # fmt: skip
     """The cached steps under ``torch.compile`` (see the module docstring).
-    ``batch`` picks the products: :func:`~gpt2fn.layers.matvec` for one row on
-    the CPU, the library's matrix products otherwise. The prefill is compiled
+    ``batch`` picks the products (see :func:`decode_kernels`). The prefill is compiled
     only with ``compile_prefill`` (dynamic prompt length); prefill is a few
     large matrix products that the eager library calls already run well (on
     the 124M shape, 2-core CPU, compiling it gained 2-14% for ~50 s of cold
@@ -150,10 +150,12 @@ def compiled_steps(
 
 
 def decode_kernels(device: torch.device, batch: int, attention: str) -> Kernels:
-    """The kernels of a compiled decode step: :func:`~gpt2fn.layers.matvec`
-    for one row on the CPU, the library's matrix products otherwise."""
-    on_cpu = device.type == "cpu"
-    return Kernels(matvec if on_cpu and batch == 1 else linear, ATTEND[resolve_attention(attention, True, device)])
+    """The kernels of a compiled decode step: on the CPU,
+    :func:`~gpt2fn.layers.matvec` for one row and
+    :func:`~gpt2fn.layers.few_rows` for a batch; the library's products on
+    other devices."""
+    products = (matvec if batch == 1 else few_rows) if device.type == "cpu" else linear
+    return Kernels(products, ATTEND[resolve_attention(attention, True, device)])
 
 
 def compile_decode(step: Callable, device: torch.device) -> Callable:

@@ -60,7 +60,9 @@ from gpt2fn.device import resolve_device
 from gpt2fn.errors import GPT2FnError, check_int, check_output_file, parse_int_list, run_cli
 from gpt2fn.files import atomic_write
 from gpt2fn.generation import generate_all
-from gpt2fn.measure import decode_step_time, memory_mb, peak_memory_mb, reset_peak_memory, streaming_limit_s, weight_bytes
+from gpt2fn.layers import ONEDNN, ONEDNN_ROWS
+from gpt2fn.measure import (decode_step_time, memory_mb, peak_memory_mb, product_times, reset_peak_memory, streaming_limit_s,
+                            weight_bytes)  # fmt: skip
 from gpt2fn.params import init_params
 from gpt2fn.plotting import require_pyplot, save_figure
 from gpt2fn.quantize import WEIGHT_DTYPES, cast_params
@@ -169,12 +171,17 @@ def main(argv=None) -> int:
     contenders = make_contenders(args, params, params32, config, prompt, device)
     results.update(measure_generation(contenders, params, device, args.rounds))
     results["sweep"] = measure_sweep(params[dtypes[0]], config, device, dtypes[0], lengths, args.attention)
+    if device.type == "cpu" and ONEDNN:  # what few_rows chooses between, for the float32 weights
+        results["products"] = {n: product_times(params32, n) for n in tqdm(PRODUCT_ROWS, desc="few-row products", leave=False)}
     print_report(results)
     if args.json:
         print(f"wrote {atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))}")
     if args.plot:
         plot(results, args.plot)
     return 0
+
+
+PRODUCT_ROWS = (1, 2, 3, 4, 5, 8, 9, 12, 16, 17)
 
 
 def measure_compile(params: dict, config, prompt, attention) -> dict:
@@ -362,6 +369,12 @@ def print_report(results) -> None:
     for n in lengths:
         e, c = 1000 / sweep["eager, no cache"][n], 1000 / sweep["compiled, no cache"][n]
         print(f"  {n:6d}: eager {e:8.1f}   compiled {c:8.1f}   ({fmt_ratio(e / c)})")
+    if "products" in results:
+        print("\nfloat32 products over every weight matrix, ms, by the CPU library (few_rows takes oneDNN for "
+              f"{ONEDNN_ROWS[0]}-{ONEDNN_ROWS[1]} rows):")  # fmt: skip
+        for n, t in results["products"].items():
+            print(f"  {n:3d} rows: MKL {1000 * t['mkl']:7.1f}   oneDNN {1000 * t['onednn']:7.1f}   "
+                  f"(oneDNN {fmt_ratio(t['mkl'] / t['onednn'])} as fast)")  # fmt: skip
 
 
 def plot(results, path) -> None:

@@ -9,6 +9,8 @@ import sys
 
 from conftest import ROOT
 
+from gpt2fn.layers import ONEDNN
+
 
 def test_benchmark_writes_json_and_plot(small_ref, tmp_path):
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
@@ -37,6 +39,10 @@ def test_benchmark_writes_json_and_plot(small_ref, tmp_path):
     assert results["graphs_compiled_during_timed_runs"] == 0
     assert set(results["sweep"]["tokens_per_s"]) == {"eager, cache", "compiled, cache", "eager, no cache", "compiled, no cache"}
     assert all(c["cold_s"] > 0 and c["warm_s"] > 0 for c in results["compile"].values())
+    if ONEDNN:  # the few-row products few_rows chooses between, both timed
+        assert set(results["products"]) == {"1", "2", "3", "4", "5", "8", "9", "12", "16", "17"}
+        assert all(t["mkl"] > 0 and t["onednn"] > 0 for t in results["products"].values())
+        assert "oneDNN" in run.stdout and "few_rows takes oneDNN for 4-16 rows" in run.stdout
     assert "compiled / eager" in run.stdout and "vs hf default" in run.stdout
     assert results["command"].startswith("python scripts/benchmark.py --model")
     assert out_png.stat().st_size > 10_000 and out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -9,6 +9,7 @@ import torch
 from gpt2fn.cache import make_cache
 from gpt2fn.config import GPTConfig
 from gpt2fn.layers import Kernels, attend_manual, attend_sdpa, attention, causal_mask, ffn, gelu, layer_norm, linear, matvec
+from gpt2fn.layers import ONEDNN_ROWS, few_rows
 from gpt2fn.model import at_layer, positions
 
 
@@ -33,6 +34,23 @@ def test_linear_matvec_and_int8_scale_by_hand():
     q, scale = torch.tensor([[2, 0], [1, -1]], dtype=torch.int8), torch.tensor([0.5, 3.0])
     assert linear(x, q, None, scale).tolist() == [[1.0, -3.0]]
     assert matvec(x, q, None, scale).tolist() == [[1.0, -3.0]]
+
+
+def test_few_rows_by_hand_and_equal_to_linear_at_every_row_count():
+    x = torch.tensor([[1.0, 2.0]]).expand(5, 2)  # 5 rows: oneDNN's side of ONEDNN_ROWS
+    w = torch.tensor([[1.0, 0.0], [1.0, -1.0], [0.5, 0.5]])
+    b = torch.tensor([0.0, 1.0, -1.0])
+    assert ONEDNN_ROWS[0] <= 5 <= ONEDNN_ROWS[1]
+    assert few_rows(x, w, b).tolist() == [[1.0, 0.0, 0.5]] * 5 and few_rows(x[:1], w).tolist() == [[1.0, -1.0, 1.5]]
+    q, scale = torch.tensor([[2, 0], [1, -1]], dtype=torch.int8), torch.tensor([0.5, 3.0])
+    assert few_rows(x, q, None, scale).tolist() == [[1.0, -3.0]] * 5  # int8 goes to linear
+    gen = torch.Generator().manual_seed(0)
+    w, b = torch.randn(300, 96, generator=gen), torch.randn(300, generator=gen)
+    compiled = torch.compile(few_rows, fullgraph=True, dynamic=True)  # the row count symbolic, as in a verify pass
+    for rows in range(1, 20):  # both libraries, by the row count (MKL below 4 and above 16)
+        x = torch.randn(1, rows, 96, generator=gen)
+        assert torch.allclose(few_rows(x, w, b), linear(x, w, b), rtol=1e-5, atol=1e-5)
+        assert torch.allclose(compiled(x, w, b), linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
 def test_layer_norm_and_gelu_by_hand():
