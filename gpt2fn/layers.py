@@ -68,14 +68,16 @@ def matvec(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[Ten
     return (y if b is None else y + b.float()).to(x.dtype)
 
 
-# Row counts for which oneDNN's fp32 matrix product beats MKL's (see few_rows).
+# Row counts, and the smallest weight (elements), for which oneDNN's fp32
+# matrix product beats MKL's (see few_rows).
 ONEDNN_ROWS = (4, 16)
+ONEDNN_MIN_WEIGHT = 2**20
 
 
 @torch.library.custom_op("gpt2fn::few_rows_linear", mutates_args=())
 def _few_rows_linear(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
     rows = x.numel() // x.shape[-1]
-    if ONEDNN_ROWS[0] <= rows <= ONEDNN_ROWS[1]:
+    if ONEDNN_ROWS[0] <= rows <= ONEDNN_ROWS[1] and w.numel() >= ONEDNN_MIN_WEIGHT:
         return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
     return F.linear(x, w, b)
 
@@ -92,9 +94,11 @@ def few_rows(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[T
     on every call: from 4 to 12 rows it took 1.8-3x a matrix-vector product,
     where oneDNN's product on the weight as stored takes 1.3-1.7x (the 124M
     shape's 49 matrices, 2-core CPU; from 1 to 3 rows and from 16 MKL is as
-    fast or faster). So fp32 products of :data:`ONEDNN_ROWS` rows go to oneDNN,
-    the rest to MKL, decided per call by the row count (a symbolic one under
-    ``torch.compile``). Other weight dtypes, other devices and machines
+    fast or faster). Small weights are the other way round: on the bundled
+    model (128 wide) MKL was faster at every row count, oneDNN 0.45-0.8x. So
+    fp32 products of :data:`ONEDNN_ROWS` rows with a weight of at least
+    :data:`ONEDNN_MIN_WEIGHT` elements (4 MB) go to oneDNN, the rest to MKL,
+    decided per call (the row count is a symbolic one under ``torch.compile``). Other weight dtypes, other devices and machines
     without oneDNN use :func:`linear`. (It is a custom op so that inductor calls
     it as it stands: inductor's own oneDNN lowering needs frozen weights.)"""
     if w.dtype != torch.float32 or scale is not None or w.device.type != "cpu" or not ONEDNN:

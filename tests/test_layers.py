@@ -9,7 +9,7 @@ import torch
 from gpt2fn.cache import make_cache
 from gpt2fn.config import GPTConfig
 from gpt2fn.layers import Kernels, attend_manual, attend_sdpa, attention, causal_mask, ffn, gelu, layer_norm, linear, matvec
-from gpt2fn.layers import ONEDNN_ROWS, few_rows
+from gpt2fn.layers import ONEDNN_MIN_WEIGHT, ONEDNN_ROWS, few_rows
 from gpt2fn.model import at_layer, positions
 
 
@@ -41,11 +41,14 @@ def test_few_rows_by_hand_and_equal_to_linear_at_every_row_count():
     w = torch.tensor([[1.0, 0.0], [1.0, -1.0], [0.5, 0.5]])
     b = torch.tensor([0.0, 1.0, -1.0])
     assert ONEDNN_ROWS[0] <= 5 <= ONEDNN_ROWS[1]
-    assert few_rows(x, w, b).tolist() == [[1.0, 0.0, 0.5]] * 5 and few_rows(x[:1], w).tolist() == [[1.0, -1.0, 1.5]]
+    assert few_rows(x, w, b).tolist() == [[1.0, 0.0, 0.5]] * 5  # a small weight: MKL
+    big_w, big_b = torch.zeros(ONEDNN_MIN_WEIGHT // 2, 2), torch.zeros(ONEDNN_MIN_WEIGHT // 2)  # large enough: oneDNN
+    big_w[:3], big_b[:3] = w, b
+    assert few_rows(x, big_w, big_b)[:, :3].tolist() == [[1.0, 0.0, 0.5]] * 5 and few_rows(x, big_w, big_b)[:, 3:].abs().max() == 0
     q, scale = torch.tensor([[2, 0], [1, -1]], dtype=torch.int8), torch.tensor([0.5, 3.0])
     assert few_rows(x, q, None, scale).tolist() == [[1.0, -3.0]] * 5  # int8 goes to linear
     gen = torch.Generator().manual_seed(0)
-    w, b = torch.randn(300, 96, generator=gen), torch.randn(300, generator=gen)
+    w, b = torch.randn(2**20 // 96 + 1, 96, generator=gen), torch.randn(2**20 // 96 + 1, generator=gen)  # >= ONEDNN_MIN_WEIGHT
     compiled = torch.compile(few_rows, fullgraph=True, dynamic=True)  # the row count symbolic, as in a verify pass
     for rows in range(1, 20):  # both libraries, by the row count (MKL below 4 and above 16)
         x = torch.randn(1, rows, 96, generator=gen)
