@@ -68,17 +68,24 @@ def matvec(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[Ten
     return (y if b is None else y + b.float()).to(x.dtype)
 
 
-# Row counts, and the smallest weight (elements), for which oneDNN's fp32
-# matrix product beats MKL's (see few_rows).
+# Whether this build has oneDNN; the row counts, and the smallest weight
+# (elements), for which its fp32 matrix product beats MKL's (see few_rows).
+ONEDNN = torch.backends.mkldnn.is_available()
 ONEDNN_ROWS = (4, 16)
 ONEDNN_MIN_WEIGHT = 2**20
+
+
+def onednn_linear(x: Tensor, w: Tensor, b: Optional[Tensor] = None) -> Tensor:
+    """``x @ w.T + b`` by oneDNN's matrix product on the fp32 weight as stored
+    (CPU builds with oneDNN; see :func:`few_rows`)."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
 
 @torch.library.custom_op("gpt2fn::few_rows_linear", mutates_args=())
 def _few_rows_linear(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
     rows = x.numel() // x.shape[-1]
     if ONEDNN_ROWS[0] <= rows <= ONEDNN_ROWS[1] and w.numel() >= ONEDNN_MIN_WEIGHT:
-        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+        return onednn_linear(x, w, b)
     return F.linear(x, w, b)
 
 
@@ -98,15 +105,13 @@ def few_rows(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[T
     model (128 wide) MKL was faster at every row count, oneDNN 0.45-0.8x. So
     fp32 products of :data:`ONEDNN_ROWS` rows with a weight of at least
     :data:`ONEDNN_MIN_WEIGHT` elements (4 MB) go to oneDNN, the rest to MKL,
-    decided per call (the row count is a symbolic one under ``torch.compile``). Other weight dtypes, other devices and machines
+    decided per call (the row count is a symbolic one under
+    ``torch.compile``). Other weight dtypes, other devices and machines
     without oneDNN use :func:`linear`. (It is a custom op so that inductor calls
     it as it stands: inductor's own oneDNN lowering needs frozen weights.)"""
     if w.dtype != torch.float32 or scale is not None or w.device.type != "cpu" or not ONEDNN:
         return linear(x, w, b, scale)
     return _few_rows_linear(x, w, b)
-
-
-ONEDNN = torch.backends.mkldnn.is_available()
 
 
 def embedding(tokens: Tensor, wte: Tensor, scale: Optional[Tensor] = None, dtype: Optional[torch.dtype] = None) -> Tensor:

@@ -20,6 +20,7 @@ import torch
 
 from gpt2fn.config import GPTConfig
 from gpt2fn.device import synchronize
+from gpt2fn.layers import onednn_linear
 from gpt2fn.model import positions
 from gpt2fn.params import Params, flatten_params, param_shapes, params_device
 from gpt2fn.steps import Steps
@@ -88,8 +89,7 @@ def product_times(params: Params, rows: int, repeats: int = 5) -> dict[str, floa
     device = params_device(params)
     return {
         "mkl": median_time(lambda: [torch.nn.functional.linear(xs[w.shape[1]], w) for w in mats], repeats, device),
-        "onednn": median_time(lambda: [torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]], w, None, "none", [], "")
-                                       for w in mats], repeats, device),  # fmt: skip
+        "onednn": median_time(lambda: [onednn_linear(xs[w.shape[1]], w) for w in mats], repeats, device),
     }
 
 

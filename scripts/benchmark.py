@@ -60,7 +60,7 @@ from gpt2fn.device import resolve_device
 from gpt2fn.errors import GPT2FnError, check_int, check_output_file, parse_int_list, run_cli
 from gpt2fn.files import atomic_write
 from gpt2fn.generation import generate_all
-from gpt2fn.layers import ONEDNN, ONEDNN_ROWS
+from gpt2fn.layers import ONEDNN, ONEDNN_MIN_WEIGHT, ONEDNN_ROWS
 from gpt2fn.measure import (decode_step_time, memory_mb, peak_memory_mb, product_times, reset_peak_memory, streaming_limit_s,
                             weight_bytes)  # fmt: skip
 from gpt2fn.params import init_params
@@ -371,7 +371,7 @@ def print_report(results) -> None:
         print(f"  {n:6d}: eager {e:8.1f}   compiled {c:8.1f}   ({fmt_ratio(e / c)})")
     if "products" in results:
         print("\nfloat32 products over every weight matrix, ms, by the CPU library (few_rows takes oneDNN for "
-              f"{ONEDNN_ROWS[0]}-{ONEDNN_ROWS[1]} rows):")  # fmt: skip
+              f"{ONEDNN_ROWS[0]}-{ONEDNN_ROWS[1]} rows with weights of at least {ONEDNN_MIN_WEIGHT} elements):")  # fmt: skip
         for n, t in results["products"].items():
             print(f"  {n:3d} rows: MKL {1000 * t['mkl']:7.1f}   oneDNN {1000 * t['onednn']:7.1f}   "
                   f"(oneDNN {fmt_ratio(t['mkl'] / t['onednn'])} as fast)")  # fmt: skip
