@@ -214,8 +214,9 @@ def make_contenders(args, params: dict, params32, config, prompt, device) -> lis
     ks = [(k, False) for k in parse_int_list("--draft-tokens", args.draft_tokens, low=1)]
     ks += [(args.adaptive_draft, True)] if args.adaptive_draft else []
     for d in filter(None, args.drafts.split(",")):  # the float32 model, checked by its own weights at dtype d
+        draft = (self_draft(params32, d), config)  # one copy of the draft weights serves every k
         for k, adaptive in ks:
-            draft, notes = (self_draft(params32, d), config), {}
+            notes = {}
 
             def run(draft=draft, notes=notes, k=k, adaptive=adaptive) -> float:
                 stats = generate_all(params32, config, prompt, args.new_tokens, temperature=0, attention=args.attention,
