@@ -25,10 +25,9 @@ draft has not yet seen its own last token; the next round feeds it first.
 every drafted token, one down after a round that accepted fewer than half.
 
 Compiled, the draft step and the verify step are two graphs for a whole
-generation, any prompt length and any ``k``: both run through one compiled
-frame, where dynamo sees 1 token and then ``k + 1``, so it traces the verify
-step with the token count symbolic (and the cache length, as for plain
-decoding).
+generation, any prompt length and any ``k``: the verify step is compiled
+with its token count marked dynamic (and the cache length, as for plain
+decoding), so every ``k`` runs the same graph.
 
 Greedy (temperature 0): the output is the target's greedy decoding, token
 for token: every emitted token is the argmax of the target's logits given
@@ -66,7 +65,7 @@ from gpt2fn.model import hidden, logits
 from gpt2fn.params import Params, map_params
 from gpt2fn.quantize import quantize_int8
 from gpt2fn.sampling import filtered_probs
-from gpt2fn.steps import Steps, _cache, _marked_cache, cached_step, compile_decode, decode_kernels, resolve_attention
+from gpt2fn.steps import Steps, _cache, _marked_cache, cached_step, compiled_step, decode_kernels, resolve_attention
 
 Tensor = torch.Tensor
 DRAFT_DTYPES = {"int8": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -229,10 +228,13 @@ def speculative_steps(
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     eager = Kernels(linear, ATTEND[resolve_attention(attention)])
     draft_kernels = decode_kernels(device, 1, attention) if compile else eager
-    draft = functools.partial(draft_step, config=draft_config, kernels=draft_kernels, **sampling)
-    verify = functools.partial(verify_step, config=config, kernels=Kernels(few_rows, draft_kernels.attend), **sampling)
-    if compile:
-        draft, verify = compile_decode(draft, device), compile_decode(verify, device)
+    verify_kernels = Kernels(few_rows, draft_kernels.attend)
+    if compile:  # blocks inlined, not regions (see decode_block): regions cost a k = 8 round 2-15%
+        draft = compiled_step(draft_step, device, config=draft_config, kernels=draft_kernels, **sampling)
+        verify = compiled_step(verify_step, device, True, config=config, kernels=verify_kernels, **sampling)
+    else:
+        draft = functools.partial(draft_step, config=draft_config, kernels=draft_kernels, **sampling)
+        verify = functools.partial(verify_step, config=config, kernels=verify_kernels, **sampling)
     accept = accept_greedy if temperature == 0 else accept_sampled
     levels = k_levels(k) if adaptive else None
     target_prefill = functools.partial(cached_step, config=config, kernels=eager, **sampling)

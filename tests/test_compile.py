@@ -10,10 +10,10 @@ import torch
 from torch._dynamo.utils import counters
 
 from gpt2fn import GPTConfig, generate, generate_all, init_params, load_pretrained, make_cache
-from gpt2fn.layers import Kernels, attend_manual, matvec
+from gpt2fn.layers import Kernels, attend_manual, block, matvec
 from gpt2fn.model import hidden, logits
 from gpt2fn.sampling import choose_token, filtered_probs, noise_width, uniform_noise
-from gpt2fn.steps import DECODE_OPTIONS
+from gpt2fn.steps import DECODE_OPTIONS, REGIONS, decode_block, decode_kernels
 
 from conftest import run_cached
 
@@ -44,19 +44,21 @@ def test_one_graph_for_every_step_and_every_prompt_length():
     assert torch.equal(first, generate_all(params, LONG, prompt(5), 600, temperature=0)[0])
 
 
-def decode_logits(params, token, pos, cache, *, config, kernels):
-    return logits(params, config, hidden(params, config, token, pos, cache, kernels=kernels)[:, -1], kernels.linear)
+def decode_logits(params, token, pos, cache, *, config, kernels, run_block=block):
+    x = hidden(params, config, token, pos, cache, kernels=kernels, run_block=run_block)[:, -1]
+    return logits(params, config, x, kernels.linear)
 
 
 @pytest.mark.parametrize("which", ["small", "gpt2"])
 def test_compiled_decode_matches_eager_logits_and_greedy_tokens(which, request):
-    """The compiled CPU decode (matvec products, spelled-out attention) against
-    the eager library kernels, logits step by step."""
+    """The compiled CPU decode (matvec products, spelled-out attention, each
+    block a compile region) against the eager library kernels, logits step by step."""
     params, config = load_pretrained(request.getfixturevalue(f"{which}_ref").directory)
     T, steps = 6, 24
     fast_kernels = Kernels(matvec, attend_manual)
-    compiled = torch.compile(functools.partial(decode_logits, config=config, kernels=fast_kernels), fullgraph=True,
-                             options=DECODE_OPTIONS)  # fmt: skip
+    step = functools.partial(decode_logits, config=config, kernels=fast_kernels,
+                             run_block=decode_block(torch.device("cpu"), fast_kernels))  # fmt: skip
+    compiled = torch.compile(step, fullgraph=True, dynamic=False, options=DECODE_OPTIONS)
     caches = [make_cache(config, 1, T + steps) for _ in range(2)]
     tokens = prompt(T, seed=3)
     with torch.inference_mode():
@@ -71,6 +73,51 @@ def test_compiled_decode_matches_eager_logits_and_greedy_tokens(which, request):
             assert torch.equal(eager.argmax(-1), fast.argmax(-1))
             token = eager.argmax(-1)[:, None]
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.skipif(not REGIONS, reason="this torch inlines every block (regions that write their inputs need 2.12)")
+def test_compiled_cpu_step_traces_one_block_region_and_calls_it_for_every_layer():
+    config = GPTConfig(vocab_size=50257, n_ctx=64, n_embd=32, n_layer=3, n_head=2)
+    params, cpu = init_params(config, seed=0), torch.device("cpu")
+    kernels = decode_kernels(cpu, 1, "auto")
+    graphs = []
+
+    def record(gm, example_inputs):  # dynamo's graph, run as it stands
+        graphs.append(gm)
+        return gm.forward
+
+    step = functools.partial(decode_logits, config=config, kernels=kernels, run_block=decode_block(cpu, kernels))
+    compiled = torch.compile(step, fullgraph=True, dynamic=False, backend=record)
+    caches = [make_cache(config, 1, 16) for _ in range(2)]
+    tokens = prompt(5, seed=4)
+    with torch.inference_mode():
+        for cache in caches:
+            run_cached(params, config, tokens[:, :-1], cache, 0)
+        pos = torch.tensor([[4]])
+        eager = decode_logits(params, tokens[:, -1:], pos, caches[0], config=config, kernels=kernels)
+        regional = compiled(params, tokens[:, -1:], pos, caches[1])
+    calls = [n for n in graphs[0].graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]
+    assert len(graphs) == 1 and len(calls) == config.n_layer
+    assert len({n.args[0].target for n in calls}) == 1  # every layer calls the same subgraph
+    assert (eager - regional).abs().max().item() <= 1e-5
+    for (k0, v0), (k1, v1) in zip(*caches):  # the region wrote the new keys/values in place
+        assert torch.allclose(k0, k1, atol=1e-6) and torch.allclose(v0, v1, atol=1e-6)
+
+
+def test_models_of_other_widths_in_one_process_each_get_their_own_graphs():
+    """Each compiled step has a dynamo frame of its own, with static shapes:
+    a second model of another width neither turns the first one's sizes
+    symbolic nor shares its recompile limit, and running the first again
+    compiles nothing."""
+    wide = GPTConfig(vocab_size=50257, n_ctx=64, n_embd=64, n_layer=2, n_head=4)
+    narrow = GPTConfig(vocab_size=50257, n_ctx=96, n_embd=48, n_layer=3, n_head=3)
+    models = [(init_params(c, seed=i), c) for i, c in enumerate((wide, narrow))]
+    for params, config in models + models[:1]:
+        for batch in (1, 3):
+            prompts = [prompt(4 + row, seed=row)[0].tolist() for row in range(batch)]
+            compiled = generate_all(params, config, prompts, 12, temperature=0, compile=True)[0]
+            assert torch.equal(compiled, generate_all(params, config, prompts, 12, temperature=0)[0])
+    assert counters["stats"]["unique_graphs"] == 4  # two models x two batch sizes; the third run reused its graphs
 
 
 def test_compiled_ragged_batch_rows_equal_each_prompt_alone(small_ref):
