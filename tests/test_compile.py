@@ -13,7 +13,7 @@ from gpt2fn import GPTConfig, generate, generate_all, init_params, load_pretrain
 from gpt2fn.layers import Kernels, attend_manual, block, matvec
 from gpt2fn.model import hidden, logits
 from gpt2fn.sampling import choose_token, filtered_probs, noise_width, uniform_noise
-from gpt2fn.steps import DECODE_OPTIONS, REGIONS, decode_block, decode_kernels
+from gpt2fn.steps import DECODE_OPTIONS, REGION_MIN_WIDTH, REGIONS, decode_block, decode_kernels
 
 from conftest import run_cached
 
@@ -57,7 +57,7 @@ def test_compiled_decode_matches_eager_logits_and_greedy_tokens(which, request):
     T, steps = 6, 24
     fast_kernels = Kernels(matvec, attend_manual)
     step = functools.partial(decode_logits, config=config, kernels=fast_kernels,
-                             run_block=decode_block(torch.device("cpu"), fast_kernels))  # fmt: skip
+                             run_block=decode_block(torch.device("cpu"), fast_kernels, config))  # fmt: skip
     compiled = torch.compile(step, fullgraph=True, dynamic=False, options=DECODE_OPTIONS)
     caches = [make_cache(config, 1, T + steps) for _ in range(2)]
     tokens = prompt(T, seed=3)
@@ -77,16 +77,17 @@ def test_compiled_decode_matches_eager_logits_and_greedy_tokens(which, request):
 
 @pytest.mark.skipif(not REGIONS, reason="this torch inlines every block (regions that write their inputs need 2.12)")
 def test_compiled_cpu_step_traces_one_block_region_and_calls_it_for_every_layer():
-    config = GPTConfig(vocab_size=50257, n_ctx=64, n_embd=32, n_layer=3, n_head=2)
+    config = GPTConfig(vocab_size=50257, n_ctx=64, n_embd=REGION_MIN_WIDTH, n_layer=3, n_head=12)
     params, cpu = init_params(config, seed=0), torch.device("cpu")
     kernels = decode_kernels(cpu, 1, "auto")
+    assert decode_block(cpu, kernels, GPTConfig(n_embd=REGION_MIN_WIDTH // 2, n_head=6)) is block  # too narrow to pay
     graphs = []
 
     def record(gm, example_inputs):  # dynamo's graph, run as it stands
         graphs.append(gm)
         return gm.forward
 
-    step = functools.partial(decode_logits, config=config, kernels=kernels, run_block=decode_block(cpu, kernels))
+    step = functools.partial(decode_logits, config=config, kernels=kernels, run_block=decode_block(cpu, kernels, config))
     compiled = torch.compile(step, fullgraph=True, dynamic=False, backend=record)
     caches = [make_cache(config, 1, 16) for _ in range(2)]
     tokens = prompt(5, seed=4)
