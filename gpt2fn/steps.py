@@ -27,9 +27,10 @@ and decode steps:
   addresses so they are neither copied nor re-recorded, and the output token
   is cloned before the next replay overwrites it. On the CPU the step is
   built with the :func:`~gpt2fn.layers.matvec` products at batch 1 and the
-  :func:`~gpt2fn.layers.few_rows` ones for a batch, and each block is one
-  nested compile region (:func:`decode_block`): compiled once, called for
-  every layer.
+  :func:`~gpt2fn.layers.few_rows` ones for a batch, and (models 768 wide
+  and up) each block is one nested compile region (:func:`decode_block`):
+  compiled once, called for every layer. Each compiled step has a dynamo
+  frame of its own (:func:`compiled_step`).
 
 Sampling settings (temperature, top-k, top-p) are constants of a graph:
 changing them between generations compiles a new graph once.
@@ -207,16 +208,11 @@ def decode_block(device: torch.device, kernels: Kernels, config: GPTConfig) -> C
 
 @functools.lru_cache(maxsize=None)
 def compiled_step(step: Callable, device: torch.device, symbolic_tokens: bool = False, **settings) -> Callable:
-    """``step`` with ``settings`` bound (config, kernels, sampling, ...) under
-    ``torch.compile`` (:func:`compile_decode`), made once per process for each
-    step and settings, so that every generation with them runs its graphs."""
-    return compile_decode(functools.partial(step, **settings), device, symbolic_tokens)
-
-
-def compile_decode(step: Callable, device: torch.device, symbolic_tokens: bool = False) -> Callable:
-    """A decode-sized step under ``torch.compile``, as the module docstring
-    says: on the CPU with :data:`DECODE_OPTIONS`; on CUDA with CUDA graphs,
-    its outputs copied out of the graph's memory.
+    """A decode-sized ``step`` with ``settings`` bound (config, kernels,
+    sampling, ...) under ``torch.compile``, as the module docstring says: on
+    the CPU with :data:`DECODE_OPTIONS`; on CUDA with CUDA graphs, its outputs
+    copied out of the graph's memory. Made once per process for each step and
+    settings, so that every generation with them runs its graphs.
 
     The step gets a dynamo frame of its own (dynamo keeps its graphs, and its
     limit of 8 per frame, on the code object it starts from; a
@@ -224,7 +220,7 @@ def compile_decode(step: Callable, device: torch.device, symbolic_tokens: bool =
     and its shapes are static except the ones marked dynamic: the cache
     length, and with ``symbolic_tokens`` the token count (one graph for every
     count)."""
-    step = _own_frame(step)
+    step = _own_frame(functools.partial(step, **settings))
     if device.type == "cpu":
         compiled = torch.compile(step, fullgraph=True, dynamic=False, options=DECODE_OPTIONS)
     else:

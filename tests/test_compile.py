@@ -51,8 +51,9 @@ def decode_logits(params, token, pos, cache, *, config, kernels, run_block=block
 
 @pytest.mark.parametrize("which", ["small", "gpt2"])
 def test_compiled_decode_matches_eager_logits_and_greedy_tokens(which, request):
-    """The compiled CPU decode (matvec products, spelled-out attention, each
-    block a compile region) against the eager library kernels, logits step by step."""
+    """The compiled CPU decode (matvec products, spelled-out attention, blocks
+    as decode_block runs them: a compile region on the 768-wide gpt2 shape,
+    inlined on the small one) against the eager library kernels, logits step by step."""
     params, config = load_pretrained(request.getfixturevalue(f"{which}_ref").directory)
     T, steps = 6, 24
     fast_kernels = Kernels(matvec, attend_manual)
