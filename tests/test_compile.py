@@ -10,7 +10,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from gpt2fn import GPTConfig, generate, generate_all, init_params, load_pretrained, make_cache
-from gpt2fn.layers import Kernels, attend_manual, block, matvec
+from gpt2fn.layers import Kernels, attend_manual, block, linear, matvec, matvec_groups
 from gpt2fn.model import hidden, logits
 from gpt2fn.sampling import choose_token, filtered_probs, noise_width, uniform_noise
 from gpt2fn.steps import DECODE_OPTIONS, REGION_MIN_WIDTH, REGIONS, decode_block, decode_kernels
@@ -77,6 +77,29 @@ def test_compiled_decode_matches_eager_logits_and_greedy_tokens(which, request):
 
 
 @pytest.mark.skipif(not REGIONS, reason="this torch inlines every block (regions that write their inputs need 2.12)")
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bfloat16])
+def test_compiled_matvec_groups_sum_each_row_as_one_sum_does(dtype):
+    """matvec sums its rows in groups (one accumulator each) for speed: each
+    row's sum is the one a single sum over all rows computes, bit for bit,
+    for row counts that do and do not divide into the groups (the last group
+    shorter), fewer rows than groups, and the LM head's 8 groups."""
+    torch._dynamo.reset()  # 4 shapes, static: 4 graphs for each lambda
+    one_sum = lambda x, w: (x.float()[..., None, :] * w.float()).sum(-1)  # the spelling before groups
+    grouped = torch.compile(lambda x, w: matvec(x, w), fullgraph=True, dynamic=False, options=DECODE_OPTIONS)
+    single = torch.compile(one_sum, fullgraph=True, dynamic=False, options=DECODE_OPTIONS)
+    assert (matvec_groups(2304), matvec_groups(16383), matvec_groups(16385)) == (4, 4, 8)
+    g = torch.Generator().manual_seed(0)
+    for rows in (2304, 2303, 3, 16385):
+        w = torch.randint(-127, 128, (rows, 96), generator=g).to(dtype)
+        x = torch.randn(1, 1, 96, generator=g).to(torch.float32 if dtype == torch.int8 else dtype)
+        with torch.inference_mode():
+            out = grouped(x, w)
+            assert out.shape == (1, 1, rows)
+            assert torch.equal(out, single(x, w).to(x.dtype)), rows
+            torch.testing.assert_close(out.float(), linear(x.float(), w.float()), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-3)
+    torch._dynamo.reset()
+
+
 def test_compiled_cpu_step_traces_one_block_region_and_calls_it_for_every_layer():
     config = GPTConfig(vocab_size=50257, n_ctx=64, n_embd=REGION_MIN_WIDTH, n_layer=3, n_head=12)
     params, cpu = init_params(config, seed=0), torch.device("cpu")
