@@ -59,7 +59,8 @@ def matvec(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[Ten
     each its own sum of the same length: inductor fuses them into one loop
     with an accumulator per group, where one sum has one accumulator and waits
     on its latency (124M shape, whole compiled step, 2-core CPU: int8 11.9 ->
-    7.8 ms, bf16 18.4 -> 12.7 ms). Each row is summed exactly as before.
+    7.8 ms, bf16 18.4 -> 12.7 ms). Each row's sum is the one a single sum
+    over all rows computes, bit for bit.
     fp32 weights go to :func:`linear`: MKL's matrix-vector product reads them
     at the streaming limit (with groups inductor's loop only ties it).
     Run eagerly the loop would materialise ``[..., out, in]``: compiled steps only."""
