@@ -48,27 +48,36 @@ def linear(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[Ten
     return y if b is None else y + b
 
 
+# The most rows (a compiled decode step's batch) matvec sums one by one.
+MATVEC_MAX_ROWS = 16
+
+
 def matvec(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[Tensor] = None) -> Tensor:
-    """The same function as :func:`linear`, for ``torch.compile`` on the CPU at
-    batch 1. Low-precision weights (bf16, fp16, int8) are accumulated in fp32
-    and spelled as a broadcast multiply and a sum: inductor turns that into a
-    vectorised, multi-threaded loop that reads each weight once and upcasts it
-    in registers, where the library call would first convert the whole matrix
-    (int8) or run a slower kernel (bf16 on the 154 MB LM head: ~35 GB/s against
-    ~13 GB/s, 2-core CPU). The rows are summed in :func:`matvec_groups` groups,
-    each its own sum of the same length: inductor fuses them into one loop
-    with an accumulator per group, where one sum has one accumulator and waits
-    on its latency (124M shape, whole compiled step, 2-core CPU: int8 11.9 ->
-    7.8 ms, bf16 18.4 -> 12.7 ms). Each row's sum is the one a single sum
-    over all rows computes, bit for bit.
-    fp32 weights go to :func:`linear`: MKL's matrix-vector product reads them
-    at the streaming limit (with groups inductor's loop only ties it).
-    Run eagerly the loop would materialise ``[..., out, in]``: compiled steps only."""
+    """The same function as :func:`linear`, for ``torch.compile`` on the CPU
+    with 1 to :data:`MATVEC_MAX_ROWS` rows (a decode step's batch; the count
+    must be static). Low-precision weights (bf16, fp16, int8) are accumulated
+    in fp32 and spelled as sums: for each row of ``x`` and each of
+    :func:`matvec_groups` groups of ``w``'s rows, ``(row * part).sum(-1)``.
+    Inductor fuses the sums into one vectorised, multi-threaded loop that reads
+    each weight once for every row and upcasts it in registers, with an
+    accumulator per sum; the library call would first convert the whole
+    matrix (int8) or run a slower kernel (bf16 on the 154 MB LM head: ~35 GB/s
+    against ~13 GB/s, 2-core CPU). One sum alone has one accumulator and
+    waits on its latency: 124M shape, whole compiled step, 2-core CPU, one
+    row: int8 11.9 -> 7.8 ms, bf16 18.4 -> 12.7 ms with the groups; a batch
+    of 8 rows: int8 97-105 -> 27 ms, bf16 69-71 -> 29-33 ms against
+    converting each matrix for the library's product. Each row's sum is the
+    one a single sum over all of ``w``'s rows computes, bit for bit, whatever
+    the other rows. fp32 weights go to :func:`linear` at one row (MKL's
+    matrix-vector product reads them at the streaming limit; the grouped
+    loop only ties it) and to :func:`few_rows` at several.
+    Run eagerly the loop would materialise ``[out, in]`` per row: compiled steps only."""
     if w.dtype == torch.float32:
-        return linear(x, w, b, scale)
-    xf = x.float()[..., None, :]
-    rows = -(-w.shape[0] // matvec_groups(w.shape[0]))
-    y = torch.cat([(xf * part.float()).sum(-1) for part in w.split(rows)], -1)
+        return (linear if x.numel() == x.shape[-1] else few_rows)(x, w, b, scale)
+    per_group = -(-w.shape[0] // matvec_groups(w.shape[0]))
+    rows = x.float().reshape(-1, 1, x.shape[-1])  # [R, 1, in]
+    y = torch.cat([torch.cat([(row * part.float()).sum(-1) for part in w.split(per_group)], -1) for row in rows])
+    y = y.view(*x.shape[:-1], w.shape[0])
     if scale is not None:
         y = y * scale
     return (y if b is None else y + b.float()).to(x.dtype)
@@ -79,7 +88,10 @@ def matvec_groups(rows: int) -> int:
     matrices of 16384 rows and more (the LM head). Measured on the 124M shape,
     whole compiled step, side by side: int8 with 2, 3, 4, 6, 8 groups 9.3, 8.1,
     7.7, 7.7, 8.1 ms (1 group: 12.2); 4 for the LM head instead of 8: 3-6%
-    slower (int8 and bf16)."""
+    slower (int8 and bf16). With several rows of ``x`` (each its own sum)
+    groups still helped up to 4 rows (int8, 2 rows: 14.1 ms with 1 group,
+    10.1 with 4), tied at 8 (bf16 33.0 -> 29.1 ms, int8 27.2 / 27.3) and cost
+    9% at 16 (48.7 -> 53.1 ms)."""
     return 8 if rows >= 16384 else 4
 
 

@@ -26,8 +26,8 @@ and decode steps:
   "reduce-overhead" (CUDA graphs): params and cache are marked as static
   addresses so they are neither copied nor re-recorded, and the output token
   is cloned before the next replay overwrites it. On the CPU the step is
-  built with the :func:`~gpt2fn.layers.matvec` products at batch 1 and the
-  :func:`~gpt2fn.layers.few_rows` ones for a batch, and (models 768 wide
+  built with the :func:`~gpt2fn.layers.matvec` products up to batch 16 and
+  the :func:`~gpt2fn.layers.few_rows` ones for larger batches, and (models 768 wide
   and up) each block is one nested compile region (:func:`decode_block`):
   compiled once, called for every layer. Each compiled step has a dynamo
   frame of its own (:func:`compiled_step`).
@@ -46,7 +46,7 @@ import torch
 from gpt2fn.cache import make_cache
 from gpt2fn.config import GPTConfig
 from gpt2fn.errors import GPT2FnError
-from gpt2fn.layers import ATTEND, Kernels, block, few_rows, linear, matvec
+from gpt2fn.layers import ATTEND, MATVEC_MAX_ROWS, Kernels, block, few_rows, linear, matvec
 from gpt2fn.model import hidden, logits, positions
 from gpt2fn.params import Params, flatten_params, params_device, params_dtype
 from gpt2fn.sampling import choose_token
@@ -171,10 +171,12 @@ def compiled_steps(
 
 def decode_kernels(device: torch.device, batch: int, attention: str) -> Kernels:
     """The kernels of a compiled decode step: on the CPU,
-    :func:`~gpt2fn.layers.matvec` for one row and
-    :func:`~gpt2fn.layers.few_rows` for a batch; the library's products on
-    other devices."""
-    products = (matvec if batch == 1 else few_rows) if device.type == "cpu" else linear
+    :func:`~gpt2fn.layers.matvec` for a batch of up to
+    :data:`~gpt2fn.layers.MATVEC_MAX_ROWS` rows (fp32 weights: MKL at one
+    row, :func:`~gpt2fn.layers.few_rows` at several) and
+    :func:`~gpt2fn.layers.few_rows` for larger ones; the library's products
+    on other devices."""
+    products = (matvec if batch <= MATVEC_MAX_ROWS else few_rows) if device.type == "cpu" else linear
     return Kernels(products, ATTEND[resolve_attention(attention, True, device)])
 
 

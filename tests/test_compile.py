@@ -77,24 +77,27 @@ def test_compiled_decode_matches_eager_logits_and_greedy_tokens(which, request):
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.bfloat16])
-def test_compiled_matvec_groups_sum_each_row_as_one_sum_does(dtype):
-    """matvec sums its rows in groups (one accumulator each) for speed: each
-    row's sum is the one a single sum over all rows computes, bit for bit,
-    for row counts that do and do not divide into the groups (the last group
-    shorter), fewer rows than groups, and the LM head's 8 groups."""
-    torch._dynamo.reset()  # 4 shapes, static: 4 graphs for each lambda
-    one_sum = lambda x, w: (x.float()[..., None, :] * w.float()).sum(-1)  # the spelling before groups
+def test_compiled_matvec_sums_each_row_as_one_sum_does(dtype):
+    """matvec sums each row of x, and each group of w's rows, on its own (an
+    accumulator each) for speed: every output is the one a single sum over
+    all of w's rows, for that row of x alone, computes, bit for bit. Row
+    counts of w that do and do not divide into the groups (the last group
+    shorter), fewer rows than groups, the LM head's 8 groups; 1 and 3 rows
+    of x (a batch)."""
+    torch._dynamo.reset()  # static shapes: a graph for each
+    one_sum = lambda x, w: (x.float()[..., None, :] * w.float()).sum(-1)  # one row of x, all of w's rows
     grouped = torch.compile(lambda x, w: matvec(x, w), fullgraph=True, dynamic=False, options=DECODE_OPTIONS)
     single = torch.compile(one_sum, fullgraph=True, dynamic=False, options=DECODE_OPTIONS)
     assert (matvec_groups(2304), matvec_groups(16383), matvec_groups(16385)) == (4, 4, 8)
     g = torch.Generator().manual_seed(0)
-    for rows in (2304, 2303, 3, 16385):
+    for rows, batch in ((2304, 1), (2303, 1), (3, 1), (16385, 1), (2303, 3)):
         w = torch.randint(-127, 128, (rows, 96), generator=g).to(dtype)
-        x = torch.randn(1, 1, 96, generator=g).to(torch.float32 if dtype == torch.int8 else dtype)
+        x = torch.randn(batch, 1, 96, generator=g).to(torch.float32 if dtype == torch.int8 else dtype)
         with torch.inference_mode():
             out = grouped(x, w)
-            assert out.shape == (1, 1, rows)
-            assert torch.equal(out, single(x, w).to(x.dtype)), rows
+            assert out.shape == (batch, 1, rows)
+            for r in range(batch):
+                assert torch.equal(out[r], single(x[r : r + 1], w)[0].to(x.dtype)), (rows, batch, r)
             rtol = 1e-2 if dtype == torch.bfloat16 else 1e-5  # bf16 x rounds its output
             torch.testing.assert_close(out.float(), linear(x.float(), w.float()), rtol=rtol, atol=1e-3)
     torch._dynamo.reset()
