@@ -10,7 +10,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from gpt2fn import GPTConfig, generate, generate_all, init_params, load_pretrained, make_cache
-from gpt2fn.layers import Kernels, attend_manual, block, linear, matvec, matvec_groups
+from gpt2fn.layers import MATVEC_MAX_ROWS, Kernels, attend_manual, block, few_rows, linear, matvec, matvec_groups
 from gpt2fn.model import hidden, logits
 from gpt2fn.sampling import choose_token, filtered_probs, noise_width, uniform_noise
 from gpt2fn.steps import DECODE_OPTIONS, REGION_MIN_WIDTH, REGIONS, decode_block, decode_kernels
@@ -89,6 +89,8 @@ def test_compiled_matvec_sums_each_row_as_one_sum_does(dtype):
     grouped = torch.compile(lambda x, w: matvec(x, w), fullgraph=True, dynamic=False, options=DECODE_OPTIONS)
     single = torch.compile(one_sum, fullgraph=True, dynamic=False, options=DECODE_OPTIONS)
     assert (matvec_groups(2304), matvec_groups(16383), matvec_groups(16385)) == (4, 4, 8)
+    cpu = torch.device("cpu")  # the compiled CPU decode step takes matvec up to MATVEC_MAX_ROWS rows
+    assert [decode_kernels(cpu, batch, "auto").linear for batch in (1, MATVEC_MAX_ROWS, MATVEC_MAX_ROWS + 1)] == [matvec, matvec, few_rows]
     g = torch.Generator().manual_seed(0)
     for rows, batch in ((2304, 1), (2303, 1), (3, 1), (16385, 1), (2303, 3)):
         w = torch.randint(-127, 128, (rows, 96), generator=g).to(dtype)
