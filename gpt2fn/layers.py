@@ -54,24 +54,17 @@ MATVEC_MAX_ROWS = 16
 
 def matvec(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[Tensor] = None) -> Tensor:
     """The same function as :func:`linear`, for ``torch.compile`` on the CPU
-    with 1 to :data:`MATVEC_MAX_ROWS` rows (a decode step's batch; the count
-    must be static). Low-precision weights (bf16, fp16, int8) are accumulated
-    in fp32 and spelled as sums: for each row of ``x`` and each of
-    :func:`matvec_groups` groups of ``w``'s rows, ``(row * part).sum(-1)``.
-    Inductor fuses the sums into one vectorised, multi-threaded loop that reads
-    each weight once for every row and upcasts it in registers, with an
-    accumulator per sum; the library call would first convert the whole
-    matrix (int8) or run a slower kernel (bf16 on the 154 MB LM head: ~35 GB/s
-    against ~13 GB/s, 2-core CPU). One sum alone has one accumulator and
-    waits on its latency: 124M shape, whole compiled step, 2-core CPU, one
-    row: int8 11.9 -> 7.8 ms, bf16 18.4 -> 12.7 ms with the groups; a batch
-    of 8 rows: int8 97-105 -> 27 ms, bf16 69-71 -> 29-33 ms against
-    converting each matrix for the library's product. Each row's sum is the
-    one a single sum over all of ``w``'s rows computes, bit for bit, whatever
-    the other rows. fp32 weights go to :func:`linear` at one row (MKL's
-    matrix-vector product reads them at the streaming limit; the grouped
-    loop only ties it) and to :func:`few_rows` at several.
-    Run eagerly the loop would materialise ``[out, in]`` per row: compiled steps only."""
+    with 1 to :data:`MATVEC_MAX_ROWS` rows (a decode step's batch; the count is
+    static). Low-precision weights (bf16, fp16, int8) are summed in fp32 as
+    ``(row * part).sum(-1)`` for each row of ``x`` and each of
+    :func:`matvec_groups` groups of ``w``'s rows. Inductor fuses the sums into
+    one loop that reads each weight once for all rows, upcasts it in
+    registers and keeps an accumulator per sum (one sum alone waits on one
+    accumulator). Each row's sum is, bit for bit, the one a single sum over
+    all of ``w`` computes. fp32 weights go to :func:`linear` at one row (MKL
+    streams them as fast) and to :func:`few_rows` at several. Eagerly the
+    loop would materialise ``[out, in]`` per row: compiled steps only.
+    Measured in the README's Speed section."""
     if w.dtype == torch.float32:
         return (linear if x.numel() == x.shape[-1] else few_rows)(x, w, b, scale)
     per_group = -(-w.shape[0] // matvec_groups(w.shape[0]))
@@ -84,14 +77,7 @@ def matvec(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[Ten
 
 
 def matvec_groups(rows: int) -> int:
-    """How many groups :func:`matvec` sums a weight's rows in: 4, and 8 for
-    matrices of 16384 rows and more (the LM head). Measured on the 124M shape,
-    whole compiled step, side by side: int8 with 2, 3, 4, 6, 8 groups 9.3, 8.1,
-    7.7, 7.7, 8.1 ms (1 group: 12.2); 4 for the LM head instead of 8: 3-6%
-    slower (int8 and bf16). With several rows of ``x`` (each its own sum)
-    groups still helped up to 4 rows (int8, 2 rows: 14.1 ms with 1 group,
-    10.1 with 4), tied at 8 (bf16 33.0 -> 29.1 ms, int8 27.2 / 27.3) and cost
-    9% at 16 (48.7 -> 53.1 ms)."""
+    """The groups :func:`matvec` sums a weight's rows in: 4; 8 from 16384 rows (LM head)."""
     return 8 if rows >= 16384 else 4
 
 
@@ -124,18 +110,15 @@ def _(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
 def few_rows(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[Tensor] = None) -> Tensor:
     """The same function as :func:`linear`, for the few rows of a compiled
     decode step with a batch, or of a speculative verify pass, on the CPU.
-    ``F.linear`` calls MKL, whose fp32 matrix-matrix product repacks the weight
-    on every call: from 4 to 12 rows it took 1.8-3x a matrix-vector product,
-    where oneDNN's product on the weight as stored takes 1.3-1.7x (the 124M
-    shape's 49 matrices, 2-core CPU; from 1 to 3 rows and from 16 MKL is as
-    fast or faster). Small weights are the other way round: on the bundled
-    model (128 wide) MKL was faster at every row count, oneDNN 0.45-0.8x. So
-    fp32 products of :data:`ONEDNN_ROWS` rows with a weight of at least
-    :data:`ONEDNN_MIN_WEIGHT` elements (4 MB) go to oneDNN, the rest to MKL,
-    decided per call (the row count is a symbolic one under
-    ``torch.compile``). Other weight dtypes, other devices and machines
-    without oneDNN use :func:`linear`. (It is a custom op so that inductor calls
-    it as it stands: inductor's own oneDNN lowering needs frozen weights.)"""
+    MKL's fp32 matrix-matrix product (``F.linear``) repacks the weight on
+    every call; from 4 to 12 rows oneDNN's product on the weight as stored is
+    faster, except on small weights. So fp32 products of :data:`ONEDNN_ROWS`
+    rows with a weight of at least :data:`ONEDNN_MIN_WEIGHT` elements go to
+    oneDNN and the rest to MKL, decided per call (the row count may be
+    symbolic under ``torch.compile``); other dtypes and devices, and builds
+    without oneDNN, use :func:`linear`. A custom op, so that inductor calls it
+    as it stands (its own oneDNN lowering needs frozen weights). Measured in
+    the README's Speed section."""
     if w.dtype != torch.float32 or scale is not None or w.device.type != "cpu" or not ONEDNN:
         return linear(x, w, b, scale)
     return _few_rows_linear(x, w, b)

@@ -1,13 +1,12 @@
 """The whole model as pure functions: ``hidden`` (embeddings and blocks: the
 residual stream) and ``logits`` (final LayerNorm and the tied LM head).
 
-Positions are always ``[B, T]``: row ``b``'s token ``t`` sits at ``pos[b, t]``;
-positions every row shares may be one row, ``[1, T]``, broadcast over the batch
-(training and ``forward`` do this: the position embedding's backward then sums
-over the batch before the lookup, with no repeated index). With a cache, the new tokens' keys and
-values are written into it at ``pos`` and attention reads the whole cache;
-without one, the ``T`` tokens are the whole sequence and ``pos`` is
-``0..T-1`` in every row (:func:`positions`).
+Positions are always ``[B, T]``: row ``b``'s token ``t`` sits at ``pos[b, t]``.
+Positions all rows share may be one row, ``[1, T]``, broadcast over the batch
+(training and ``forward``: the position embedding's backward then sums over
+the batch before the lookup, with no repeated index). With a cache, the new
+tokens' keys and values are written into it at ``pos`` and attention reads the
+whole cache; without one, ``pos`` is ``0..T-1`` (:func:`positions`).
 """
 
 from __future__ import annotations
