@@ -27,7 +27,8 @@ every drafted token, one down after a round that accepted fewer than half.
 Compiled, the draft step and the verify step are two graphs for a whole
 generation, any prompt length and any ``k``: the verify step is compiled
 with its token count marked dynamic (and the cache length, as for plain
-decoding), so every ``k`` runs the same graph.
+decoding), so every ``k`` runs the same graph. Their blocks are compile
+regions where the plain step's are (:func:`~gpt2fn.steps.decode_block`).
 
 Greedy (temperature 0): the output is the target's greedy decoding, token
 for token: every emitted token is the argmax of the target's logits given
@@ -60,12 +61,13 @@ import torch
 from gpt2fn.cache import KVCache, cache_len
 from gpt2fn.config import GPTConfig
 from gpt2fn.errors import GPT2FnError
-from gpt2fn.layers import ATTEND, Kernels, few_rows, linear
+from gpt2fn.layers import ATTEND, Kernels, block, few_rows, linear
 from gpt2fn.model import hidden, logits
 from gpt2fn.params import Params, map_params
 from gpt2fn.quantize import quantize_int8
 from gpt2fn.sampling import filtered_probs
-from gpt2fn.steps import Steps, _cache, _marked_cache, cached_step, compiled_step, decode_kernels, resolve_attention
+from gpt2fn.steps import (Steps, _cache, _marked_cache, cached_step, compiled_step, decode_block, decode_kernels,
+                          resolve_attention)
 
 Tensor = torch.Tensor
 DRAFT_DTYPES = {"int8": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -83,13 +85,14 @@ def self_draft(params: Params, dtype: str) -> Params:
 
 def draft_step(
     params: Params, tokens: Tensor, pos: Tensor, cache: KVCache, noise: Optional[Tensor],
-    *, config: GPTConfig, kernels: Kernels, temperature: float, top_k: int, top_p: float,
+    *, config: GPTConfig, kernels: Kernels, temperature: float, top_k: int, top_p: float, run_block: Callable = block,
 ) -> tuple[Tensor, Optional[Tensor]]:  # fmt: skip
     """One drafted token per row and the distribution it was drawn from:
     tokens [B, 1] at pos [B, 1] -> (token [B], q [B, V] fp32; None when greedy).
     noise: [B, V] Uniform[0, 1) (the exponential race of
-    :func:`gpt2fn.sampling.choose_token` over ``q``)."""
-    x = hidden(params, config, tokens, pos, cache, kernels=kernels)[:, -1]
+    :func:`gpt2fn.sampling.choose_token` over ``q``). ``run_block``: see
+    :func:`~gpt2fn.steps.decode_block`."""
+    x = hidden(params, config, tokens, pos, cache, kernels=kernels, run_block=run_block)[:, -1]
     out = logits(params, config, x, kernels.linear)
     if temperature == 0:
         return out.argmax(-1), None
@@ -99,12 +102,13 @@ def draft_step(
 
 def verify_step(
     params: Params, tokens: Tensor, pos: Tensor, cache: KVCache,
-    *, config: GPTConfig, kernels: Kernels, temperature: float, top_k: int, top_p: float,
+    *, config: GPTConfig, kernels: Kernels, temperature: float, top_k: int, top_p: float, run_block: Callable = block,
 ) -> Tensor:  # fmt: skip
     """The target after each of the last emitted token and the ``k`` drafted
     ones: tokens [B, k + 1] at pos [B, k + 1] -> its greedy choices
     [B, k + 1], or (sampling) its filtered distributions [B, k + 1, V] fp32."""
-    out = logits(params, config, hidden(params, config, tokens, pos, cache, kernels=kernels), kernels.linear)
+    x = hidden(params, config, tokens, pos, cache, kernels=kernels, run_block=run_block)
+    out = logits(params, config, x, kernels.linear)
     if temperature == 0:
         return out.argmax(-1)
     return filtered_probs(out, temperature, top_k, top_p)
@@ -229,9 +233,11 @@ def speculative_steps(
     eager = Kernels(linear, ATTEND[resolve_attention(attention)])
     draft_kernels = decode_kernels(device, 1, attention) if compile else eager
     verify_kernels = Kernels(few_rows, draft_kernels.attend)
-    if compile:  # blocks inlined, not regions (see decode_block): regions cost a k = 8 round 2-15%
-        draft = compiled_step(draft_step, device, config=draft_config, kernels=draft_kernels, **sampling)
-        verify = compiled_step(verify_step, device, True, config=config, kernels=verify_kernels, **sampling)
+    if compile:  # each block a compile region where the plain step's is (see decode_block)
+        draft = compiled_step(draft_step, device, config=draft_config, kernels=draft_kernels,
+                              run_block=decode_block(device, draft_kernels, draft_config), **sampling)  # fmt: skip
+        verify = compiled_step(verify_step, device, True, config=config, kernels=verify_kernels,
+                               run_block=decode_block(device, verify_kernels, config), **sampling)  # fmt: skip
     else:
         draft = functools.partial(draft_step, config=draft_config, kernels=draft_kernels, **sampling)
         verify = functools.partial(verify_step, config=config, kernels=verify_kernels, **sampling)

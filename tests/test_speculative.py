@@ -12,7 +12,10 @@ from torch._dynamo.utils import counters
 
 from gpt2fn import GPT2FnError, GPTConfig, generate, generate_all, init_params, load_pretrained
 from gpt2fn.params import map_params
+from gpt2fn import speculative
+from gpt2fn.layers import block
 from gpt2fn.speculative import accept_greedy, accept_sampled, k_levels, next_k, self_draft
+from gpt2fn.steps import REGION_MIN_WIDTH, REGIONS, decode_block
 
 from conftest import ROOT, load_script
 
@@ -76,6 +79,28 @@ def test_compiled_greedy_identity_and_a_fixed_number_of_graphs(small):
         assert_greedy_identity(params, config, prompt, config.n_ctx - prompt.shape[1], draft, 4, compile=True)
     plain_graphs = 1  # assert_greedy_identity also ran the plain compiled decode step
     assert counters["stats"]["unique_graphs"] == graphs + plain_graphs
+
+
+@pytest.mark.skipif(not REGIONS, reason="this torch inlines every block (regions that write their inputs need 2.12)")
+def test_compiled_speculative_on_the_gpt2_width_runs_blocks_as_regions(monkeypatch):
+    """On a model as wide as GPT-2 the compiled draft and verify steps run each
+    block as the plain step does, one compile region for every layer: greedy
+    identity and two graphs still hold (the verify step's token count stays
+    symbolic through the region)."""
+    config = GPTConfig(vocab_size=50257, n_ctx=96, n_embd=REGION_MIN_WIDTH, n_layer=2, n_head=12)
+    params = map_params(lambda t: t * 4 if t.dim() == 2 else t, init_params(config, seed=5))  # peaked logits
+    blocks = []
+    monkeypatch.setattr(speculative, "decode_block", lambda *args: blocks.append(decode_block(*args)) or blocks[-1])
+    torch._dynamo.reset()
+    counters.clear()
+    draft = self_draft(params, "int8"), config
+    for i, prompt in enumerate(prompts(3, (3, 11, 40), seed=4)):
+        assert_greedy_identity(params, config, prompt, config.n_ctx - prompt.shape[1], draft, 4, compile=True)
+        if i == 0:
+            graphs = counters["stats"]["unique_graphs"]
+    assert len(set(blocks)) == 2 and block not in blocks  # the draft's region and the verify's, each made once
+    assert graphs == counters["stats"]["unique_graphs"] == 3  # plain decode, draft, verify: no new graph after the first
+    torch._dynamo.reset()
 
 
 def test_adaptive_k_levels_and_rule_by_hand():
