@@ -193,7 +193,6 @@ def speculative_round(
     k = state.k
     if noise is not None:
         noise = noise[:, : k + 1]
-    token = token.clone(memory_format=torch.contiguous_format)  # a view into the last round's tokens: one graph
     if state.behind is not None:  # the draft has not run its last token yet
         draft(draft_params, state.behind, pos - 1, state.draft, None if noise is None else noise[:, 0, :-1])
         state.behind = None
@@ -209,7 +208,7 @@ def speculative_round(
     n, tokens = accept(drafted, out) if noise is None else accept(drafted, torch.stack(qs, dim=1), out, noise)
     m = int(n[0]) + 1
     if m == k + 1:
-        state.behind = drafted[:, -1:].clone(memory_format=torch.contiguous_format)  # as every draft input: one graph
+        state.behind = drafted[:, -1:]
     state.counts["target_passes"] += 1
     state.counts["drafted"] += k
     state.counts["accepted"] += m - 1

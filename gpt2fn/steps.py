@@ -221,21 +221,29 @@ def compiled_step(step: Callable, device: torch.device, symbolic_tokens: bool = 
     ``functools.partial`` would share one with every other compiled step),
     and its shapes are static except the ones marked dynamic: the cache
     length, and with ``symbolic_tokens`` the token count (one graph for every
-    count)."""
+    count). Dynamo also guards on strides, a size-1 dim's too, so tokens and
+    positions that are views of longer rows (``seq[:, -1:]``, stride = the
+    row's length) are copied into fresh tensors first: one graph whatever
+    they were cut from."""
     step = _own_frame(functools.partial(step, **settings))
     if device.type == "cpu":
         compiled = torch.compile(step, fullgraph=True, dynamic=False, options=DECODE_OPTIONS)
     else:
         compiled = _cloned(torch.compile(step, fullgraph=True, dynamic=False, mode="reduce-overhead"))
-    if not symbolic_tokens:
-        return compiled
 
     def run(params: Params, tokens: Tensor, pos: Tensor, *rest):
-        torch._dynamo.mark_dynamic(tokens, 1)
-        torch._dynamo.mark_dynamic(pos, 1)
+        tokens, pos = _fresh(tokens), _fresh(pos)
+        if symbolic_tokens:
+            torch._dynamo.mark_dynamic(tokens, 1)
+            torch._dynamo.mark_dynamic(pos, 1)
         return compiled(params, tokens, pos, *rest)
 
     return run
+
+
+def _fresh(t: Tensor) -> Tensor:
+    """``t`` [B, T] with the strides of a new tensor of its shape (a copy only if it has others)."""
+    return t if t.stride() == (t.shape[1], 1) else t.clone(memory_format=torch.contiguous_format)
 
 
 def _own_frame(step: Callable) -> Callable:

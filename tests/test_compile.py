@@ -13,7 +13,8 @@ from gpt2fn import GPTConfig, generate, generate_all, init_params, load_pretrain
 from gpt2fn.layers import MATVEC_MAX_ROWS, Kernels, attend_manual, block, few_rows, linear, matvec, matvec_groups
 from gpt2fn.model import hidden, logits
 from gpt2fn.sampling import choose_token, filtered_probs, noise_width, uniform_noise
-from gpt2fn.steps import DECODE_OPTIONS, REGION_MIN_WIDTH, REGIONS, decode_block, decode_kernels
+from gpt2fn.measure import decode_step_time
+from gpt2fn.steps import DECODE_OPTIONS, REGION_MIN_WIDTH, REGIONS, compiled_steps, decode_block, decode_kernels
 
 from conftest import run_cached
 
@@ -42,6 +43,23 @@ def test_one_graph_for_every_step_and_every_prompt_length():
     generate_all(params, LONG, prompt(2, seed=2), 20, temperature=0, compile=True)
     assert counters["stats"]["unique_graphs"] == 1
     assert torch.equal(first, generate_all(params, LONG, prompt(5), 600, temperature=0)[0])
+
+
+def test_a_token_cut_from_rows_of_any_length_runs_the_same_graph():
+    """Dynamo guards on strides, a size-1 dim's too: a token cut out of a row
+    (``seq[:, -1:]``, stride = the row's length) must not pick the graph.
+    (The benchmark's per-length sweep hit dynamo's limit of 8 graphs so.)"""
+    params = init_params(LONG, seed=0)
+    steps = compiled_steps(LONG, torch.device("cpu"), 1, temperature=0, top_k=0, top_p=1.0)
+    for n in (8, 16, 33, 64, 100):
+        decode_step_time(params, LONG, steps, n, repeats=1, cache_len=128)  # the token: tokens[:, -1:].clone()
+    rows = torch.arange(64).view(2, 32)  # [2, 32]: positions cut from it have stride 32, stride 1 for the fresh ones
+    state = steps.make_state(params, 2, 64)
+    with torch.inference_mode():
+        cut = steps.decode(params, rows[:, 31:], torch.full((2, 32), 31)[:, -1:], state, None)
+        fresh = steps.decode(params, rows[:, 31:].clone(), torch.full((2, 1), 31), state, None)
+    assert torch.equal(cut, fresh)
+    assert counters["stats"]["unique_graphs"] == 2  # batch 1 and batch 2: nothing from the strides
 
 
 def decode_logits(params, token, pos, cache, *, config, kernels, run_block=block):
