@@ -216,29 +216,35 @@ def compiled_step(step: Callable, device: torch.device, symbolic_tokens: bool = 
     copied out of the graph's memory. Made once per process for each step and
     settings, so that every generation with them runs its graphs.
 
-    The step gets a dynamo frame of its own (dynamo keeps its graphs, and its
-    limit of 8 per frame, on the code object it starts from; a
-    ``functools.partial`` would share one with every other compiled step),
-    and its shapes are static except the ones marked dynamic: the cache
-    length, and with ``symbolic_tokens`` the token count (one graph for every
-    count). Dynamo also guards on strides, a size-1 dim's too, so tokens and
-    positions that are views of longer rows (``seq[:, -1:]``, stride = the
-    row's length) are copied into fresh tensors first: one graph whatever
-    they were cut from."""
-    step = _own_frame(functools.partial(step, **settings))
-    if device.type == "cpu":
-        compiled = torch.compile(step, fullgraph=True, dynamic=False, options=DECODE_OPTIONS)
-    else:
-        compiled = _cloned(torch.compile(step, fullgraph=True, dynamic=False, mode="reduce-overhead"))
+    Each batch size and weight dtype it runs with gets a dynamo frame of its
+    own (dynamo keeps its graphs, and its limit of 8 per frame, on the code
+    object it starts from; one frame for every dtype and batch size of a
+    model would fail past 8 of them), and its shapes are static except the
+    ones marked dynamic: the cache length, and with ``symbolic_tokens`` the
+    token count (one graph for every count). Dynamo also guards on strides, a
+    size-1 dim's too, so tokens and positions that are views of longer rows
+    (``seq[:, -1:]``, stride = the row's length) are copied into fresh
+    tensors first: one graph whatever they were cut from."""
+    step = functools.partial(step, **settings)
+    frames = {}  # (batch, weight dtype) -> the step compiled in a frame of its own
 
     def run(params: Params, tokens: Tensor, pos: Tensor, *rest):
         tokens, pos = _fresh(tokens), _fresh(pos)
+        key = tokens.shape[0], params["wte"].dtype
+        if key not in frames:
+            frames[key] = _compile(_own_frame(step), device)
         if symbolic_tokens:
             torch._dynamo.mark_dynamic(tokens, 1)
             torch._dynamo.mark_dynamic(pos, 1)
-        return compiled(params, tokens, pos, *rest)
+        return frames[key](params, tokens, pos, *rest)
 
     return run
+
+
+def _compile(step: Callable, device: torch.device) -> Callable:
+    if device.type == "cpu":
+        return torch.compile(step, fullgraph=True, dynamic=False, options=DECODE_OPTIONS)
+    return _cloned(torch.compile(step, fullgraph=True, dynamic=False, mode="reduce-overhead"))
 
 
 def _fresh(t: Tensor) -> Tensor:

@@ -12,6 +12,7 @@ from torch._dynamo.utils import counters
 from gpt2fn import GPTConfig, generate, generate_all, init_params, load_pretrained, make_cache
 from gpt2fn.layers import MATVEC_MAX_ROWS, Kernels, attend_manual, block, few_rows, linear, matvec, matvec_groups
 from gpt2fn.model import hidden, logits
+from gpt2fn.quantize import cast_params
 from gpt2fn.sampling import choose_token, filtered_probs, noise_width, uniform_noise
 from gpt2fn.measure import decode_step_time
 from gpt2fn.steps import DECODE_OPTIONS, REGION_MIN_WIDTH, REGIONS, compiled_steps, decode_block, decode_kernels
@@ -167,6 +168,19 @@ def test_models_of_other_widths_in_one_process_each_get_their_own_graphs():
             compiled = generate_all(params, config, prompts, 12, temperature=0, compile=True)[0]
             assert torch.equal(compiled, generate_all(params, config, prompts, 12, temperature=0)[0])
     assert counters["stats"]["unique_graphs"] == 4  # two models x two batch sizes; the third run reused its graphs
+
+
+def test_every_batch_size_and_weight_dtype_gets_a_frame_of_its_own():
+    """Dynamo allows a frame 8 graphs (here 1): one model run compiled at
+    several batch sizes and weight dtypes in one process must not pile its
+    graphs into one frame (the full benchmark failed so)."""
+    params = init_params(LONG, seed=0)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for dtype in ("float32", "bfloat16", "int8"):
+            for batch in (1, 2):
+                prompts = [prompt(3 + row, seed=row)[0].tolist() for row in range(batch)]
+                generate_all(cast_params(params, dtype), LONG, prompts, 4, temperature=0, compile=True)
+    assert counters["stats"]["unique_graphs"] == 6
 
 
 def test_compiled_ragged_batch_rows_equal_each_prompt_alone(small_ref):
