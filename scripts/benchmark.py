@@ -13,8 +13,8 @@ only ratios measured side by side mean anything):
    (from the on-disk cache), and whether any step recompiles;
 3. generation (prompt + N new tokens, greedy), all through the one decode
    loop of ``gpt2fn.generation``: eager and compiled, per dtype; a batch of
-   ``--batch`` prompts decoded together, eager and compiled (tokens/s over all
-   rows); and transformers' ``generate()`` on the same weights (built by
+   ``--batch`` prompts decoded together, compiled for every dtype and eager
+   for the first (tokens/s over all rows); and transformers' ``generate()`` on the same weights (built by
    ``GPTConfig.to_hf``), with its default cache and, on CUDA, its static cache;
    and speculative decoding of the float32 model drafted by its own weights
    at each of ``--drafts`` (compiled), for each ``k`` of ``--draft-tokens``
@@ -80,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attention", default="auto", choices=["auto", "manual", "sdpa"])
     p.add_argument("--prompt-len", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--batch", type=int, default=8, help="also decode this many prompts in one batch (1 = skip)")
+    p.add_argument("--batch", type=int, default=8, help="also decode this many prompts in one batch: compiled for every dtype, eager for the first (1 = skip)")
     p.add_argument("--drafts", default="int8,bfloat16",
                    help="speculative decoding rows: the float32 model with these self-drafts, compiled (empty = skip)")
     p.add_argument("--draft-tokens", default="4,8", help="comma-separated k: tokens each speculative round drafts (default 4,8)")
@@ -209,8 +209,7 @@ def make_contenders(args, params: dict, params32, config, prompt, device) -> lis
     contenders = [ours(d, compiled, prompt) for d in params for compiled in (False, True)]
     if args.batch > 1:  # the same prompt length per row, so every row runs all steps
         prompts = torch.randint(0, config.vocab_size, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(1))
-        d0 = next(iter(params))
-        contenders += [ours(d0, compiled, prompts) for compiled in (False, True)]
+        contenders += [ours(next(iter(params)), False, prompts)] + [ours(d, True, prompts) for d in params]
     ks = [(k, False) for k in parse_int_list("--draft-tokens", args.draft_tokens, low=1)]
     ks += [(args.adaptive_draft, True)] if args.adaptive_draft else []
     for d in filter(None, args.drafts.split(",")):  # the float32 model, checked by its own weights at dtype d

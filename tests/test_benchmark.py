@@ -26,10 +26,11 @@ def test_benchmark_writes_json_and_plot(small_ref, tmp_path):
     assert results["limit"]["int8"]["weight_mb"] < results["limit"]["float32"]["weight_mb"] / 3
     names = set(results["generation"])
     assert {"gpt2fn eager float32", "gpt2fn compiled float32", "gpt2fn compiled int8", "gpt2fn eager float32 batch 3",
-            "gpt2fn compiled float32 batch 3", "transformers default float32"} <= names
+            "gpt2fn compiled float32 batch 3", "gpt2fn compiled int8 batch 3", "transformers default float32"} <= names
+    assert "gpt2fn eager int8 batch 3" not in names  # eager batches for the first dtype only
     batch = results["generation"]["gpt2fn compiled float32 batch 3"]
     assert (batch["system"], batch["mode"], batch["dtype"], batch["batch"]) == ("gpt2fn", "compiled", "float32", 3)
-    assert "batch throughput" in run.stdout
+    assert "batch throughput: compiled int8 batch 3 / compiled batch 1 = " in run.stdout
     spec = results["generation"]["gpt2fn speculative int8 k=3 float32"]
     assert 0 <= spec["acceptance_rate"] <= 1 and 1 <= spec["tokens_per_pass"] <= 4
     assert "speculative int8 k=3: " in run.stdout and "the float32 streaming limit; acceptance" in run.stdout
