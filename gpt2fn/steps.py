@@ -143,8 +143,9 @@ def cached_steps(config: GPTConfig, attention: str = "auto", **sampling) -> Step
 def uncached_steps(config: GPTConfig, attention: str = "auto", compile: bool = False, **sampling) -> Steps:
     """With ``compile``, the recomputation runs under ``torch.compile`` with
     dynamic shapes (one graph for every sequence length)."""
-    run = functools.partial(recompute, config=config, kernels=Kernels(linear, ATTEND[resolve_attention(attention)]), **sampling)
-    step = functools.partial(uncached_step, recompute=torch.compile(run, fullgraph=True, dynamic=True) if compile else run)
+    settings = dict(config=config, kernels=Kernels(linear, ATTEND[resolve_attention(attention)]), **sampling)
+    run = functools.partial(recompute, **settings)
+    step = functools.partial(uncached_step, recompute=compiled_dynamic(recompute, **settings) if compile else run)
     # The prompt's pass runs eagerly, so that compiling happens in the first decode step.
     prefill = functools.partial(uncached_step, recompute=run)
     return Steps(_token_buffer, prefill, step, compiled=compile)
@@ -162,7 +163,7 @@ def compiled_steps(
     compilation). ``scripts/benchmark.py`` measures both."""
     prefill = cached_steps(config, attention, **sampling).prefill
     if compile_prefill:
-        prefill = torch.compile(prefill, fullgraph=True, dynamic=True)
+        prefill = compiled_dynamic(cached_step, **prefill.keywords)
     kernels = decode_kernels(device, batch, attention)
     run_block = decode_block(device, kernels, config)
     decode = compiled_step(cached_step, device, config=config, kernels=kernels, run_block=run_block, **sampling)
@@ -239,6 +240,15 @@ def compiled_step(step: Callable, device: torch.device, symbolic_tokens: bool = 
         return frames[key](params, tokens, pos, *rest)
 
     return run
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_dynamic(step: Callable, **settings) -> Callable:
+    """``step`` with ``settings`` bound under ``torch.compile`` with dynamic
+    shapes (one graph for every length: the uncached recomputation, the
+    compiled prefill), in a dynamo frame of its own per step and settings
+    (see :func:`compiled_step`)."""
+    return torch.compile(_own_frame(functools.partial(step, **settings)), fullgraph=True, dynamic=True)
 
 
 def _compile(step: Callable, device: torch.device) -> Callable:

@@ -183,6 +183,24 @@ def test_every_batch_size_and_weight_dtype_gets_a_frame_of_its_own():
     assert counters["stats"]["unique_graphs"] == 6
 
 
+def test_the_dynamic_shape_compiled_paths_get_a_frame_per_model_and_settings():
+    """The uncached recomputation and the compiled prefill compile with
+    dynamic shapes; each model and sampling setting gets a dynamo frame of
+    its own, so dynamo's limit per frame (here 1) is never shared."""
+    other = GPTConfig(vocab_size=50257, n_ctx=64, n_embd=48, n_layer=1, n_head=3)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for config in (LONG, other):
+            params = init_params(config, seed=0)
+            for temperature in (0.0, 0.8):
+                generate_all(params, config, prompt(3), 4, temperature=temperature, use_cache=False, compile=True,
+                             generator=torch.Generator().manual_seed(0))  # fmt: skip
+            steps = compiled_steps(config, torch.device("cpu"), compile_prefill=True, temperature=0, top_k=0, top_p=1.0)
+            for n in (3, 9):  # prompt lengths: one dynamic graph
+                with torch.inference_mode():
+                    steps.prefill(params, prompt(n), torch.arange(n)[None], steps.make_state(params, 1, 16), None)
+    assert counters["stats"]["unique_graphs"] == 6  # per model: two sampling settings + the prefill
+
+
 def test_compiled_ragged_batch_rows_equal_each_prompt_alone(small_ref):
     params, config = load_pretrained(small_ref.directory)
     g = torch.Generator().manual_seed(4)
