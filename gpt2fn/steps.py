@@ -30,7 +30,7 @@ and decode steps:
   the :func:`~gpt2fn.layers.few_rows` ones for larger batches, and (models 768 wide
   and up) each block is one nested compile region (:func:`decode_block`):
   compiled once, called for every layer. Each compiled step has a dynamo
-  frame of its own (:func:`compiled_step`).
+  frame of its own for every batch size and weight dtype (:func:`compiled_step`).
 
 Sampling settings (temperature, top-k, top-p) are constants of a graph:
 changing them between generations compiles a new graph once.
