@@ -27,8 +27,10 @@ every drafted token, one down after a round that accepted fewer than half.
 Compiled, the draft step and the verify step are two graphs for a whole
 generation, any prompt length and any ``k``: the verify step is compiled
 with its token count marked dynamic (and the cache length, as for plain
-decoding), so every ``k`` runs the same graph. Their blocks are compile
-regions where the plain step's are (:func:`~gpt2fn.steps.decode_block`).
+decoding), so every ``k`` runs the same graph. The draft's blocks are
+compile regions where the plain step's are
+(:func:`~gpt2fn.steps.decode_block`); the verify step inlines its blocks (in
+a region, bf16 weights made dynamo fix the symbolic token count).
 
 Greedy (temperature 0): the output is the target's greedy decoding, token
 for token: every emitted token is the argmax of the target's logits given
@@ -232,11 +234,10 @@ def speculative_steps(
     eager = Kernels(linear, ATTEND[resolve_attention(attention)])
     draft_kernels = decode_kernels(device, 1, attention) if compile else eager
     verify_kernels = Kernels(few_rows, draft_kernels.attend)
-    if compile:  # each block a compile region where the plain step's is (see decode_block)
+    if compile:  # the draft's blocks compile regions where the plain step's are (see decode_block)
         draft = compiled_step(draft_step, device, config=draft_config, kernels=draft_kernels,
                               run_block=decode_block(device, draft_kernels, draft_config), **sampling)  # fmt: skip
-        verify = compiled_step(verify_step, device, True, config=config, kernels=verify_kernels,
-                               run_block=decode_block(device, verify_kernels, config), **sampling)  # fmt: skip
+        verify = compiled_step(verify_step, device, True, config=config, kernels=verify_kernels, **sampling)
     else:
         draft = functools.partial(draft_step, config=draft_config, kernels=draft_kernels, **sampling)
         verify = functools.partial(verify_step, config=config, kernels=verify_kernels, **sampling)

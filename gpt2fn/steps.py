@@ -193,9 +193,10 @@ def decode_block(device: torch.device, kernels: Kernels, config: GPTConfig) -> C
     bf16 20 -> 12 s, fp32 16 -> 10 s, int8 22 -> 9 s (fresh processes, cold:
     bf16 44 -> 27 s, fp32 32 -> 19 s, int8 37 -> 18 s); per step bf16 18.2 ->
     18.7 ms, fp32 20.3 -> 21.1 ms, int8 11.8 -> 12.8 ms (the wrapper calls
-    each region from Python). The speculative draft and verify steps use it
-    too: a k = 8 generation's first run (cold) 60 -> 36 s, for 1-2% of its
-    speed (86.5-87.0 -> 84.4-86.1 tokens/s side by side). Elsewhere the
+    each region from Python). The speculative draft step uses it too: a
+    k = 8 generation's first run (cold) 60 -> 44 s. (The verify step inlines
+    its blocks: in a region, bf16 weights made dynamo fix its symbolic token
+    count.) Elsewhere the
     plain block, inlined (CUDA too: regions have not been run there). It is
     called as ``hidden`` calls a block; the ``kernels`` it is handed are the
     ones bound here."""
