@@ -104,13 +104,12 @@ def draft_step(
 
 def verify_step(
     params: Params, tokens: Tensor, pos: Tensor, cache: KVCache,
-    *, config: GPTConfig, kernels: Kernels, temperature: float, top_k: int, top_p: float, run_block: Callable = block,
+    *, config: GPTConfig, kernels: Kernels, temperature: float, top_k: int, top_p: float,
 ) -> Tensor:  # fmt: skip
     """The target after each of the last emitted token and the ``k`` drafted
     ones: tokens [B, k + 1] at pos [B, k + 1] -> its greedy choices
     [B, k + 1], or (sampling) its filtered distributions [B, k + 1, V] fp32."""
-    x = hidden(params, config, tokens, pos, cache, kernels=kernels, run_block=run_block)
-    out = logits(params, config, x, kernels.linear)
+    out = logits(params, config, hidden(params, config, tokens, pos, cache, kernels=kernels), kernels.linear)
     if temperature == 0:
         return out.argmax(-1)
     return filtered_probs(out, temperature, top_k, top_p)

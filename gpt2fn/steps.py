@@ -196,10 +196,9 @@ def decode_block(device: torch.device, kernels: Kernels, config: GPTConfig) -> C
     each region from Python). The speculative draft step uses it too: a
     k = 8 generation's first run (cold) 60 -> 44 s. (The verify step inlines
     its blocks: in a region, bf16 weights made dynamo fix its symbolic token
-    count.) Elsewhere the
-    plain block, inlined (CUDA too: regions have not been run there). It is
-    called as ``hidden`` calls a block; the ``kernels`` it is handed are the
-    ones bound here."""
+    count.) Elsewhere the plain block, inlined (CUDA too: regions have not
+    been run there). It is called as ``hidden`` calls a block; the
+    ``kernels`` it is handed are the ones bound here."""
     if device.type != "cpu" or not REGIONS or config.n_embd < REGION_MIN_WIDTH:
         return block
 

@@ -14,8 +14,8 @@ only ratios measured side by side mean anything):
 3. generation (prompt + N new tokens, greedy), all through the one decode
    loop of ``gpt2fn.generation``: eager and compiled, per dtype; a batch of
    ``--batch`` prompts decoded together, compiled for every dtype and eager
-   for the first (tokens/s over all rows); and transformers' ``generate()`` on the same weights (built by
-   ``GPTConfig.to_hf``), with its default cache and, on CUDA, its static cache;
+   for the first (tokens/s over all rows); and transformers' ``generate()``
+   on the same weights (built by ``GPTConfig.to_hf``), with its default cache and, on CUDA, its static cache;
    and speculative decoding of the float32 model drafted by its own weights
    at each of ``--drafts`` (compiled), for each ``k`` of ``--draft-tokens``
    and adaptive up to ``--adaptive-draft``, with the acceptance rate beside it;
@@ -80,7 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attention", default="auto", choices=["auto", "manual", "sdpa"])
     p.add_argument("--prompt-len", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--batch", type=int, default=8, help="also decode this many prompts in one batch: compiled for every dtype, eager for the first (1 = skip)")
+    p.add_argument("--batch", type=int, default=8,
+                   help="also decode this many prompts in one batch: compiled for every dtype, eager for the first (1 = skip)")
     p.add_argument("--drafts", default="int8,bfloat16",
                    help="speculative decoding rows: the float32 model with these self-drafts, compiled (empty = skip)")
     p.add_argument("--draft-tokens", default="4,8", help="comma-separated k: tokens each speculative round drafts (default 4,8)")

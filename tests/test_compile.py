@@ -11,10 +11,10 @@ from torch._dynamo.utils import counters
 
 from gpt2fn import GPTConfig, generate, generate_all, init_params, load_pretrained, make_cache
 from gpt2fn.layers import MATVEC_MAX_ROWS, Kernels, attend_manual, block, few_rows, linear, matvec, matvec_groups
+from gpt2fn.measure import decode_step_time
 from gpt2fn.model import hidden, logits
 from gpt2fn.quantize import cast_params
 from gpt2fn.sampling import choose_token, filtered_probs, noise_width, uniform_noise
-from gpt2fn.measure import decode_step_time
 from gpt2fn.steps import DECODE_OPTIONS, REGION_MIN_WIDTH, REGIONS, compiled_steps, decode_block, decode_kernels
 
 from conftest import run_cached

@@ -10,12 +10,11 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from gpt2fn import GPT2FnError, GPTConfig, generate, generate_all, init_params, load_pretrained
+from gpt2fn import GPT2FnError, GPTConfig, generate, generate_all, init_params, load_pretrained, speculative
+from gpt2fn.layers import block
 from gpt2fn.model import forward
 from gpt2fn.params import map_params
 from gpt2fn.quantize import cast_params
-from gpt2fn import speculative
-from gpt2fn.layers import block
 from gpt2fn.speculative import accept_greedy, accept_sampled, k_levels, next_k, self_draft
 from gpt2fn.steps import REGION_MIN_WIDTH, REGIONS, decode_block
 
@@ -93,12 +92,12 @@ def test_compiled_speculative_on_the_gpt2_width_runs_the_drafts_blocks_as_region
     whose token count is symbolic, inlines its blocks. Greedy identity and
     three graphs hold."""
     config = GPT2_WIDE
-    params = weights = map_params(lambda t: t * 4 if t.dim() == 2 else t, init_params(config, seed=5))  # peaked logits
+    params = map_params(lambda t: t * 4 if t.dim() == 2 else t, init_params(config, seed=5))  # peaked logits
     blocks = []
     monkeypatch.setattr(speculative, "decode_block", lambda *args: blocks.append(decode_block(*args)) or blocks[-1])
     torch._dynamo.reset()
     counters.clear()
-    draft = self_draft(weights, "int8"), config
+    draft = self_draft(params, "int8"), config
     for i, prompt in enumerate(prompts(3, (3, 11, 40), seed=4)):
         assert_greedy_identity(params, config, prompt, config.n_ctx - prompt.shape[1], draft, 4, compile=True)
         if i == 0:
@@ -116,13 +115,13 @@ def test_compiled_speculative_with_a_bf16_target_emits_its_argmax_to_bf16_roundi
     target's logits to bf16 rounding. (With its blocks as regions, the verify
     step failed to compile here: dynamo fixed its symbolic token count.)"""
     weights = map_params(lambda t: t * 4 if t.dim() == 2 else t, init_params(GPT2_WIDE, seed=5))
-    params = cast_params(weights, "bfloat16")
+    params, draft = cast_params(weights, "bfloat16"), (self_draft(weights, "int8"), GPT2_WIDE)
     torch._dynamo.reset()
     counters.clear()
     for prompt in prompts(2, (3, 11), seed=4):
         n = GPT2_WIDE.n_ctx - prompt.shape[1]
         out, stats = generate_all(params, GPT2_WIDE, prompt, n, temperature=0, compile=True,
-                                  draft=(self_draft(weights, "int8"), GPT2_WIDE), draft_tokens=4)  # fmt: skip
+                                  draft=draft, draft_tokens=4)  # fmt: skip
         assert stats.n_new == n and stats.accepted > 0
         with torch.inference_mode():  # the logits that chose each new token, from one pass over the sequence
             scores = forward(params, GPT2_WIDE, torch.cat([prompt, out], 1)[:, :-1])[0, prompt.shape[1] - 1 :].float()
