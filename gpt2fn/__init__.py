@@ -10,7 +10,7 @@ The public surface, one module per concern::
     steps       cached_steps, uncached_steps, compiled_steps (the Steps protocol)
     sampling    sample, top_k_filter, top_p_filter, filtered_probs
     generation  generate (a Stream: tokens as they come, then stats), generate_all
-    speculative self_draft, speculative_steps (generate(..., draft=...))
+    speculative self_draft, draft_vocab, frequent_tokens, speculative_steps (generate(..., draft=...))
     weights     load_pretrained, save_params, load_params
     tokenizer   get_tokenizer, encode, decode
 """

@@ -14,7 +14,9 @@ capped by memory bandwidth. Here the target reads its weights once per
 
 The draft is the target's own weights at another dtype (:func:`self_draft`:
 int8 or bf16, nearly always the same choice) or another model with the same
-vocabulary (``gpt2`` drafting for ``gpt2-xl``). Each model keeps its own
+vocabulary (``gpt2`` drafting for ``gpt2-xl``), either of them optionally
+proposing only part of the vocabulary (:func:`draft_vocab`: a cheaper LM
+head; the target still verifies over all of it). Each model keeps its own
 preallocated cache, written by position. A rejection rolls both back by
 moving the position only: slots past it are hidden by the causal mask and
 overwritten by the next round, never copied. When all ``k`` are accepted the
@@ -63,7 +65,7 @@ import torch
 from gpt2fn.cache import KVCache, cache_len
 from gpt2fn.config import GPTConfig
 from gpt2fn.errors import GPT2FnError
-from gpt2fn.layers import ATTEND, Kernels, block, few_rows, linear
+from gpt2fn.layers import ATTEND, Kernels, block, few_rows, layer_norm, linear
 from gpt2fn.model import hidden, logits
 from gpt2fn.params import Params, map_params
 from gpt2fn.quantize import quantize_int8
@@ -85,6 +87,38 @@ def self_draft(params: Params, dtype: str) -> Params:
     return map_params(lambda t: t.to(DRAFT_DTYPES[dtype]), params)
 
 
+def draft_vocab(params: Params, vocab: Tensor) -> Params:
+    """A draft that proposes only the tokens of ``vocab`` (distinct token ids
+    [Vd], e.g. :func:`frequent_tokens`): ``params`` plus its LM head cut to
+    those rows, ``head`` (and ``head_scale`` for int8: the same numbers, not
+    requantized) and ``vocab``, which maps the head's rows back to token ids.
+    The embedding stays whole, so the draft reads any token. At batch 1 the
+    LM head is a third of GPT-2 124M's weights and 88% of the bundled model's;
+    the target still verifies over the whole vocabulary, so the output is the
+    same, and a token outside ``vocab`` costs only a rejection."""
+    vocab = torch.as_tensor(vocab, dtype=torch.long, device=params["wte"].device)
+    n = params["wte"].shape[0]
+    if vocab.dim() != 1 or len(vocab) == 0 or int(vocab.min()) < 0 or int(vocab.max()) >= n:
+        raise GPT2FnError(f"a draft vocabulary is a non-empty list of token ids in 0..{n - 1}")
+    if len(vocab.unique()) != len(vocab):
+        raise GPT2FnError("the draft vocabulary lists a token id more than once; give each token once")
+    head = {"head": params["wte"][vocab], "vocab": vocab}
+    if "wte_scale" in params:
+        head["head_scale"] = params["wte_scale"][vocab]
+    return {**params, **head}
+
+
+def frequent_tokens(tokens: Tensor, n: int, vocab_size: int) -> Tensor:
+    """The ``n`` most frequent ids in ``tokens`` (any integer tensor, e.g. a
+    prepared dataset's uint16 tokens), most frequent first; ties and ids that
+    never occur are filled in ascending id order (GPT-2's BPE numbers its
+    tokens in merge order, common ones first)."""
+    if not 1 <= n <= vocab_size:
+        raise GPT2FnError(f"the draft vocabulary's size must be between 1 and {vocab_size}, got {n}")
+    counts = torch.bincount(tokens.flatten().long(), minlength=vocab_size)[:vocab_size]
+    return torch.sort(counts, descending=True, stable=True).indices[:n]
+
+
 def draft_step(
     params: Params, tokens: Tensor, pos: Tensor, cache: KVCache, noise: Optional[Tensor],
     *, config: GPTConfig, kernels: Kernels, temperature: float, top_k: int, top_p: float, run_block: Callable = block,
@@ -93,13 +127,26 @@ def draft_step(
     tokens [B, 1] at pos [B, 1] -> (token [B], q [B, V] fp32; None when greedy).
     noise: [B, V] Uniform[0, 1) (the exponential race of
     :func:`gpt2fn.sampling.choose_token` over ``q``). ``run_block``: see
-    :func:`~gpt2fn.steps.decode_block`."""
+    :func:`~gpt2fn.steps.decode_block`. A draft with a vocabulary of its own
+    (:func:`draft_vocab`) chooses among its ``Vd`` tokens (with the first
+    ``Vd`` columns of ``noise``); ``q`` is 0 elsewhere."""
     x = hidden(params, config, tokens, pos, cache, kernels=kernels, run_block=run_block)[:, -1]
-    out = logits(params, config, x, kernels.linear)
+    vocab = params.get("vocab")
+    if vocab is None:
+        out = logits(params, config, x, kernels.linear)
+    else:
+        x = layer_norm(x, **params["ln_f"], eps=config.layer_norm_eps)
+        out = kernels.linear(x, params["head"], scale=params.get("head_scale"))  # [B, Vd]
     if temperature == 0:
-        return out.argmax(-1), None
-    q = filtered_probs(out, temperature, top_k, top_p)
-    return torch.argmax(q / -torch.log(noise), dim=-1), q
+        choice, q = out.argmax(-1), None
+    else:
+        q = filtered_probs(out, temperature, top_k, top_p)
+        choice = torch.argmax(q / -torch.log(noise[:, : q.shape[-1]]), dim=-1)
+    if vocab is None:
+        return choice, q
+    if q is not None:
+        q = q.new_zeros(q.shape[0], config.vocab_size).index_copy(1, vocab, q)
+    return vocab[choice], q
 
 
 def verify_step(

@@ -18,7 +18,9 @@ only ratios measured side by side mean anything):
    on the same weights (built by ``GPTConfig.to_hf``), with its default cache and, on CUDA, its static cache;
    and speculative decoding of the float32 model drafted by its own weights
    at each of ``--drafts`` (compiled), for each ``k`` of ``--draft-tokens``
-   and adaptive up to ``--adaptive-draft``, with the acceptance rate beside it;
+   and adaptive up to ``--adaptive-draft``, with the acceptance rate beside it
+   (and with ``--draft-vocab N``, each again with the draft proposing only N
+   tokens: :func:`gpt2fn.speculative.draft_vocab`);
 4. decode speed against sequence length up to the full context: eager and
    compiled, with and without the KV cache;
 5. prefill time per prompt length, eager and compiled;
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import os
 import platform
@@ -66,8 +69,9 @@ from gpt2fn.measure import (decode_step_time, memory_mb, peak_memory_mb, product
 from gpt2fn.params import init_params
 from gpt2fn.plotting import require_pyplot, save_figure
 from gpt2fn.quantize import WEIGHT_DTYPES, cast_params
-from gpt2fn.speculative import DRAFT_DTYPES, self_draft
+from gpt2fn.speculative import DRAFT_DTYPES, draft_vocab, frequent_tokens, self_draft
 from gpt2fn.steps import cached_steps, compiled_steps, uncached_steps
+from gpt2fn.tokenizer import encode, get_tokenizer
 from gpt2fn.weights import load_pretrained, transformers_model
 
 
@@ -87,6 +91,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--draft-tokens", default="4,8", help="comma-separated k: tokens each speculative round drafts (default 4,8)")
     p.add_argument("--adaptive-draft", type=int, default=8,
                    help="also a speculative row with k adaptive up to this many (0 = skip; default 8)")
+    p.add_argument("--draft-vocab", type=int, default=0,
+                   help="also every speculative row with the draft proposing only this many tokens: the most "
+                        "frequent in --draft-vocab-from, else the lowest ids (0 = skip, default)")
+    p.add_argument("--draft-vocab-from", default=None, help="a text file whose most frequent tokens --draft-vocab keeps")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the generation runs (median)")
     p.add_argument("--lengths", default="64,256,512,1024", help="sequence lengths for the per-step sweep")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
@@ -108,6 +116,11 @@ def check_args(args) -> tuple[list[str], list[int]]:
     check_int("--rounds", args.rounds)
     parse_int_list("--draft-tokens", args.draft_tokens, low=1)
     check_int("--adaptive-draft", args.adaptive_draft, low=0)
+    check_int("--draft-vocab", args.draft_vocab, low=0)
+    if args.draft_vocab_from is not None and not args.draft_vocab:
+        raise GPT2FnError("--draft-vocab-from needs --draft-vocab N: how many of its most frequent tokens to keep")
+    if args.draft_vocab_from is not None and not os.path.isfile(args.draft_vocab_from):
+        raise GPT2FnError(f"--draft-vocab-from: there is no file {args.draft_vocab_from}")
     for d in filter(None, args.drafts.split(",")):
         if d not in DRAFT_DTYPES:
             raise GPT2FnError(f"unknown draft {d!r} in --drafts; use a comma-separated list from {', '.join(DRAFT_DTYPES)}")
@@ -154,6 +167,7 @@ def main(argv=None) -> int:
         model_name = f"{args.shape} shape, random weights"
     if max(lengths) > config.n_ctx or args.prompt_len + args.new_tokens > config.n_ctx:
         raise GPT2FnError(f"lengths must fit the {config.n_ctx}-token context")
+    vocab = draft_vocabulary(args, config) if args.draft_vocab else None
     params = {d: cast_params(params32, d) for d in dtypes}
     results: dict = {
         "machine": {
@@ -169,7 +183,7 @@ def main(argv=None) -> int:
           f"torch {torch.__version__}, {device} ({torch.get_num_threads()} threads)")  # fmt: skip
     prompt = torch.randint(0, config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
     results["compile"] = measure_compile(params, config, prompt, args.attention)
-    contenders = make_contenders(args, params, params32, config, prompt, device)
+    contenders = make_contenders(args, params, params32, config, prompt, device, vocab)
     results.update(measure_generation(contenders, params, device, args.rounds))
     results["sweep"] = measure_sweep(params[dtypes[0]], config, device, dtypes[0], lengths, args.attention)
     if device.type == "cpu" and ONEDNN:  # what few_rows chooses between, for the float32 weights
@@ -198,7 +212,7 @@ def measure_compile(params: dict, config, prompt, attention) -> dict:
     return times
 
 
-def make_contenders(args, params: dict, params32, config, prompt, device) -> list[Contender]:
+def make_contenders(args, params: dict, params32, config, prompt, device, cut_vocab) -> list[Contender]:
     def ours(d: str, compiled: bool, prompts) -> Contender:
         def run() -> float:
             stats = generate_all(params[d], config, prompts, args.new_tokens, temperature=0,
@@ -213,8 +227,11 @@ def make_contenders(args, params: dict, params32, config, prompt, device) -> lis
         contenders += [ours(next(iter(params)), False, prompts)] + [ours(d, True, prompts) for d in params]
     ks = [(k, False) for k in parse_int_list("--draft-tokens", args.draft_tokens, low=1)]
     ks += [(args.adaptive_draft, True)] if args.adaptive_draft else []
-    for d in filter(None, args.drafts.split(",")):  # the float32 model, checked by its own weights at dtype d
-        draft = (self_draft(params32, d), config)  # one copy of the draft weights serves every k
+    vocabs = [None] if cut_vocab is None else [None, cut_vocab]  # whole, and cut to --draft-vocab tokens
+    for d, vocab in itertools.product(filter(None, args.drafts.split(",")), vocabs):
+        draft = self_draft(params32, d)  # the float32 model, checked by its own weights at dtype d
+        draft = (draft if vocab is None else draft_vocab(draft, vocab), config)  # one copy serves every k
+        d = d if vocab is None else f"{d} v{len(vocab)}"
         for k, adaptive in ks:
             notes = {}
 
@@ -235,6 +252,13 @@ def make_contenders(args, params: dict, params32, config, prompt, device) -> lis
             run = functools.partial(hf_generate, model, prompt, args.new_tokens, mode == "static cache")
             contenders.append(Contender("transformers", mode, "float32", 1, run))
     return contenders
+
+
+def draft_vocabulary(args, config) -> torch.Tensor:
+    """The ``--draft-vocab`` most frequent tokens of ``--draft-vocab-from`` (else the lowest ids)."""
+    text = Path(args.draft_vocab_from).read_text(encoding="utf-8", errors="replace") if args.draft_vocab_from else ""
+    tokens = torch.tensor(encode(get_tokenizer(), text), dtype=torch.long)
+    return frequent_tokens(tokens, args.draft_vocab, config.vocab_size)
 
 
 def measure_generation(contenders: list[Contender], params: dict, device, rounds: int) -> dict:
@@ -330,12 +354,13 @@ def print_report(results) -> None:
     print(f"\nGeneration: {results['prompt_len']}-token prompt + {results['new_tokens']} new tokens, decode tokens/s "
           f"over all rows (median of {rounds} interleaved rounds)")  # fmt: skip
     header = "".join(f"{'vs hf ' + m:>18s}" for m in hf)
-    print(f"  {'variant':34s} {'tok/s':>8s} {'ms/step':>8s}{header} {'vs limit':>9s} {'+peak MB':>9s}")
+    width = max(len(name) for name in gen)
+    print(f"  {'variant':{width}s} {'tok/s':>8s} {'ms/step':>8s}{header} {'vs limit':>9s} {'+peak MB':>9s}")
     for name, g in gen.items():
         tps, batch = g["tokens_per_s"], g["batch"]
         of_limit = tps / (batch * limit[g["dtype"]]["tokens_per_s"]) if g["dtype"] in limit else float("nan")
         vs_hf = "".join(f"{fmt_ratio(tps / h):>18s}" for h in hf.values())
-        print(f"  {name:34s} {tps:8.1f} {1000 * batch / tps:8.2f}{vs_hf} {of_limit:8.0%} {g['peak_memory_mb']:9.0f}")
+        print(f"  {name:{width}s} {tps:8.1f} {1000 * batch / tps:8.2f}{vs_hf} {of_limit:8.0%} {g['peak_memory_mb']:9.0f}")
     print("  (vs limit: a batch reads each weight once for all its rows, so its limit is batch x that of one row)")
 
     def tps(mode, dtype, batch=1):

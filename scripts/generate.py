@@ -22,7 +22,7 @@ from gpt2fn.generation import generate
 from gpt2fn.layers import ATTEND
 from gpt2fn.quantize import WEIGHT_DTYPES, cast_params
 from gpt2fn.sampling import check_sampling_args
-from gpt2fn.speculative import DRAFT_DTYPES, self_draft
+from gpt2fn.speculative import DRAFT_DTYPES, draft_vocab, frequent_tokens, self_draft
 from gpt2fn.tokenizer import ENDOFTEXT_ID, decode, decode_stream, encode, get_tokenizer
 from gpt2fn.weights import load_pretrained, resolve_model
 
@@ -53,6 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--draft_tokens", type=int, default=4, help="tokens the draft proposes per target pass (default 4)")
     p.add_argument("--adaptive_draft", action="store_true",
                    help="adapt the drafted tokens per pass to the acceptance (1, 2, 4, ... up to --draft_tokens)")
+    p.add_argument("--draft_vocab", type=int, default=None,
+                   help="the draft proposes only N tokens (a cheaper LM head; the output is the same): the N most "
+                        "frequent in --draft_vocab_from, or without it the N lowest ids (GPT-2 numbers its tokens "
+                        "in merge order, common ones first)")
+    p.add_argument("--draft_vocab_from", default=None,
+                   help="a text file like the text you generate: --draft_vocab keeps its N most frequent tokens")
     p.add_argument("--max_tokens", type=int, default=50, help="new tokens to generate (default 50)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
     p.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens (0 = off, default)")
@@ -82,8 +88,14 @@ def run(args: argparse.Namespace) -> int:
             raise GPT2FnError("--draft needs the KV cache; drop --no-kvcaching")
         if args.draft_tokens < 1:
             raise GPT2FnError(f"--draft_tokens must be >= 1, got {args.draft_tokens}")
-    elif args.adaptive_draft:
-        raise GPT2FnError("--adaptive_draft adapts speculative decoding; give a --draft too")
+    elif args.adaptive_draft or args.draft_vocab is not None:
+        flag = "--adaptive_draft adapts" if args.adaptive_draft else "--draft_vocab cuts the draft of"
+        raise GPT2FnError(f"{flag} speculative decoding; give a --draft too")
+    if args.draft_vocab_from is not None and args.draft_vocab is None:
+        raise GPT2FnError("--draft_vocab_from needs --draft_vocab N: how many of its most frequent tokens to keep")
+    if args.draft_vocab is not None and args.draft_vocab < 1:
+        raise GPT2FnError(f"--draft_vocab must be >= 1, got {args.draft_vocab}")
+    vocab_text = read_text(args.draft_vocab_from, "--draft_vocab_from file") if args.draft_vocab_from else ""
     device = resolve_device(args.device)
     seed = args.seed if args.seed is not None else random.randrange(2**31)
 
@@ -95,6 +107,10 @@ def run(args: argparse.Namespace) -> int:
         draft = self_draft(params, args.draft), config
     elif args.draft is not None:
         draft = load_pretrained(resolve_model(args.draft), device=device)
+    if args.draft_vocab is not None:
+        vocab = frequent_tokens(torch.tensor(encode(tokenizer, vocab_text), dtype=torch.long), args.draft_vocab,
+                                config.vocab_size)  # fmt: skip
+        draft = draft_vocab(draft[0], vocab), draft[1]
     params = cast_params(params, args.dtype)
     ids = [encode(tokenizer, p) for p in prompts]
     stream = generate(  # one prompt (a tensor) must fit with its continuation; in a batch each row stops at the context
@@ -130,7 +146,8 @@ def report(args: argparse.Namespace, device: torch.device, seed: int, stream) ->
     if args.draft is not None:
         per_round = (f"{stats.drafted_per_pass:.2f} tokens per round (adaptive, at most "
                      f"{args.draft_tokens})" if args.adaptive_draft else f"{args.draft_tokens} tokens per round")
-        speculative = (f"\nspeculative: draft {args.draft}, {per_round}: acceptance "
+        cut = "" if args.draft_vocab is None else f" over {args.draft_vocab} tokens"
+        speculative = (f"\nspeculative: draft {args.draft}{cut}, {per_round}: acceptance "
                        f"{stats.acceptance_rate:.1%}, {stats.tokens_per_pass:.2f} tokens per target pass "
                        f"({stats.target_passes} passes)")  # fmt: skip
     return (
@@ -146,11 +163,14 @@ def report(args: argparse.Namespace, device: torch.device, seed: int, stream) ->
 def read_prompt_file(path: str | None) -> list[str]:
     if path is None:
         return []
+    return [line for line in read_text(path, "prompt file").splitlines() if line.strip()]
+
+
+def read_text(path: str, what: str) -> str:
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise GPT2FnError(f"cannot read prompt file {path} ({e})") from None
-    return [line for line in lines if line.strip()]
+        raise GPT2FnError(f"cannot read {what} {path} ({e})") from None
 
 
 def per_second(count: int, seconds: float) -> str:

@@ -286,6 +286,9 @@ def test_benchmark_refuses_bad_input_before_any_work(small_ref, tmp_path):
         f"--json {a_file(tmp_path)}/r.json": "cannot create --json file",
         "--plot bench.svg": "--plot file bench.svg must end in .png",
         "--device tpu": "unknown device 'tpu'",
+        "--draft-vocab-from x.txt": "--draft-vocab-from needs --draft-vocab N",
+        "--draft-vocab 9 --draft-vocab-from no/such.txt": "--draft-vocab-from: there is no file no/such.txt",
+        "--draft-vocab 60000 --lengths 16 --new-tokens 8": "size must be between 1 and 50257, got 60000",
     }
     cases[f"--model {tmp_path / 'none'}"] = f"{tmp_path / 'none'} does not exist"
     for args, message in cases.items():

@@ -17,7 +17,8 @@ def test_benchmark_writes_json_and_plot(small_ref, tmp_path):
     run = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--model", str(small_ref.directory),
          "--dtypes", "float32,int8", "--new-tokens", "12", "--batch", "3", "--rounds", "1", "--lengths", "16,64",
-         "--drafts", "int8", "--draft-tokens", "3", "--adaptive-draft", "4", "--json", str(out_json), "--plot", str(out_png)],
+         "--drafts", "int8", "--draft-tokens", "3", "--adaptive-draft", "4", "--draft-vocab", "300",
+         "--json", str(out_json), "--plot", str(out_png)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
@@ -36,6 +37,8 @@ def test_benchmark_writes_json_and_plot(small_ref, tmp_path):
     assert "speculative int8 k=3: " in run.stdout and "the float32 streaming limit; acceptance" in run.stdout
     adaptive = results["generation"]["gpt2fn speculative int8 k<=4 adaptive float32"]
     assert 1 <= adaptive["drafted_per_pass"] <= 4 and spec["drafted_per_pass"] == 3
+    cut = results["generation"]["gpt2fn speculative int8 v300 k=3 float32"]  # the draft over ids 0..299
+    assert 0 <= cut["acceptance_rate"] <= 1 and "gpt2fn speculative int8 v300 k<=4 adaptive float32" in names
     assert all(g["tokens_per_s"] > 0 for g in results["generation"].values())
     assert results["graphs_compiled_during_timed_runs"] == 0
     assert set(results["sweep"]["tokens_per_s"]) == {"eager, cache", "compiled, cache", "eager, no cache", "compiled, no cache"}

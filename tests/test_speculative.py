@@ -11,12 +11,13 @@ import torch
 from torch._dynamo.utils import counters
 
 from gpt2fn import GPT2FnError, GPTConfig, generate, generate_all, init_params, load_pretrained, speculative
-from gpt2fn.layers import block
+from gpt2fn.layers import Kernels, block
 from gpt2fn.model import forward
 from gpt2fn.params import map_params
 from gpt2fn.quantize import cast_params
-from gpt2fn.speculative import accept_greedy, accept_sampled, k_levels, next_k, self_draft
-from gpt2fn.steps import REGION_MIN_WIDTH, REGIONS, decode_block
+from gpt2fn.speculative import (accept_greedy, accept_sampled, draft_step, draft_vocab, frequent_tokens, k_levels,
+                                next_k, self_draft)  # fmt: skip
+from gpt2fn.steps import REGION_MIN_WIDTH, REGIONS, _cache, decode_block
 
 from conftest import ROOT, load_script
 
@@ -131,6 +132,98 @@ def test_compiled_speculative_with_a_bf16_target_emits_its_argmax_to_bf16_roundi
     torch._dynamo.reset()
 
 
+def test_frequent_tokens_by_hand():
+    tokens = torch.tensor([3, 1, 3, 2, 3, 1], dtype=torch.uint16)  # counts: id 3 x3, 1 x2, 2 x1; 0, 4, 5 never
+    assert frequent_tokens(tokens, 4, 6).tolist() == [3, 1, 2, 0]  # then unseen ids, lowest first
+    assert frequent_tokens(torch.tensor([], dtype=torch.long), 3, 6).tolist() == [0, 1, 2]  # no text: lowest ids
+    with pytest.raises(GPT2FnError, match="size must be between 1 and 6, got 7"):
+        frequent_tokens(tokens, 7, 6)
+
+
+def test_draft_vocab_cuts_the_head_to_the_same_numbers_and_refuses_bad_lists(small):
+    params, config = small
+    vocab = torch.tensor([7, 50256, 0, 198])
+    int8 = self_draft(params, "int8")
+    cut = draft_vocab(int8, vocab)
+    assert torch.equal(cut["head"], int8["wte"][vocab]) and torch.equal(cut["head_scale"], int8["wte_scale"][vocab])
+    assert cut["wte"] is int8["wte"] and torch.equal(cut["vocab"], vocab)
+    assert "head_scale" not in draft_vocab(self_draft(params, "bfloat16"), vocab)
+    for bad, message in [([1, 2, 1], "lists a token id more than once"), ([3, 50257], r"token ids in 0\.\.50256"),
+                         ([], "non-empty")]:  # fmt: skip
+        with pytest.raises(GPT2FnError, match=message):
+            draft_vocab(int8, bad)
+
+
+def test_a_cut_vocabulary_draft_step_chooses_and_samples_within_it(small):
+    """The draft's logits over its vocabulary are the full draft's at those
+    ids; greedy picks their argmax, sampling draws from them alone (q is 0
+    elsewhere and sums to 1)."""
+    params, config = small
+    full = self_draft(params, "int8")
+    vocab = torch.randperm(300, generator=torch.Generator().manual_seed(0))  # ids 0..299, shuffled
+    cut = draft_vocab(full, vocab)
+    tokens, pos = torch.tensor([[11], [464]]), torch.tensor([[0], [0]])
+    settings = dict(config=config, kernels=Kernels())
+    greedy = dict(temperature=0.0, top_k=0, top_p=1.0)
+    full_logits = forward(full, config, tokens)[:, -1]
+    token, q = draft_step(cut, tokens, pos, _cache(config, cut, 2, 4), None, **settings, **greedy)
+    assert q is None and torch.equal(token, vocab[full_logits[:, vocab].argmax(-1)])
+    noise = torch.rand(2, config.vocab_size, generator=torch.Generator().manual_seed(0))
+    sampling = dict(temperature=0.8, top_k=0, top_p=1.0)
+    token, q = draft_step(cut, tokens, pos, _cache(config, cut, 2, 4), noise, **settings, **sampling)
+    outside = torch.ones(config.vocab_size, dtype=torch.bool)
+    outside[vocab] = False
+    assert (q[:, outside] == 0).all() and torch.allclose(q.sum(-1), torch.ones(2))
+    torch.testing.assert_close(q[:, vocab], torch.softmax(full_logits[:, vocab] / 0.8, -1), rtol=1e-4, atol=1e-6)
+    assert torch.isin(token, vocab).all()
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_greedy_identity_with_a_draft_over_part_of_the_vocabulary(small, odd_heads, compile):
+    """A draft that cannot propose some of the target's choices: each such
+    token costs a rejection, and the output is still the target's own."""
+    for (params, config), seed in [(small, 4), (odd_heads, 5)]:
+        for prompt in prompts(2 if compile else 3, (4, 17), seed=seed):
+            n = min(200, config.n_ctx - prompt.shape[1])
+            plain, _ = generate_all(params, config, prompt, n, temperature=0, compile=compile)
+            vocab = frequent_tokens(plain[0, : n // 2], 64, config.vocab_size)  # what the first half emits, and more
+            draft = draft_vocab(self_draft(params, "int8"), vocab), config
+            assert not torch.isin(plain, vocab).all()  # some emitted tokens are outside the draft's vocabulary
+            stats = assert_greedy_identity(params, config, prompt, n, draft, 4, compile=compile)
+            assert 0 < stats.accepted < stats.drafted
+
+
+def test_whole_and_cut_vocabulary_drafts_compile_each_in_a_frame_of_its_own(small):
+    """Two drafts of one dtype, one with a vocabulary of its own (of two
+    sizes): each gets a dynamo frame of its own (here a frame may hold one
+    graph), so neither checks the other's guards on every call."""
+    params, config = small
+    int8 = self_draft(params, "int8")
+    drafts = (int8, draft_vocab(int8, torch.arange(500)), draft_vocab(int8, torch.arange(700)))
+    with torch._dynamo.config.patch(recompile_limit=1):  # a second graph in one frame would fail
+        for draft in drafts:
+            assert_greedy_identity(params, config, prompts(1, (5,))[0], 40, (draft, config), 3, compile=True)
+        counters.clear()
+        for draft in drafts:
+            assert_greedy_identity(params, config, prompts(1, (9,))[0], 40, (draft, config), 3, compile=True)
+    assert counters["stats"]["unique_graphs"] == 0  # each draft found its own graph
+
+
+def test_sampled_runs_with_a_cut_vocabulary_are_reproducible_and_follow_the_filters(small):
+    params, config = small
+    prompt = prompts(1, (6,))[0]
+    draft = draft_vocab(self_draft(params, "int8"), torch.arange(2000)), config
+
+    def run(seed):
+        return generate_all(params, config, prompt, 60, temperature=0.9, top_k=5, draft=draft,
+                            generator=torch.Generator().manual_seed(seed))  # fmt: skip
+
+    (a, stats), (b, _) = run(1), run(1)
+    assert torch.equal(a, b) and 0 < stats.acceptance_rate <= 1
+    top5 = forward(params, config, torch.cat([prompt, a], dim=1))[0, prompt.shape[1] - 1 : -1].topk(5).indices
+    assert (top5 == a[0, :, None]).any(-1).all()
+
+
 def test_adaptive_k_levels_and_rule_by_hand():
     assert k_levels(1) == (1,) and k_levels(4) == (1, 2, 4) and k_levels(6) == (1, 2, 4, 6)
     assert k_levels(8) == (1, 2, 4, 8)
@@ -178,7 +271,12 @@ def test_accept_greedy_keeps_the_agreeing_prefix_and_the_targets_next_token():
     assert [tokens[i, : n[i] + 1].tolist() for i in range(3)] == [[5, 6, 7, 8], [5, 9], [5]]
 
 
-def test_speculative_sampling_keeps_the_targets_distribution():
+Q_FULL = [[0.1, 0.3, 0.3, 0.1, 0.1, 0.1], [0.3, 0.3, 0.1, 0.1, 0.1, 0.1]]
+Q_CUT = [[0.25, 0.5, 0.0, 0.25, 0.0, 0.0], [0.5, 0.0, 0.0, 0.5, 0.0, 0.0]]  # a draft over tokens 0, 1, 3 only
+
+
+@pytest.mark.parametrize("q", [Q_FULL, Q_CUT], ids=["draft over every token", "draft over part of the vocabulary"])
+def test_speculative_sampling_keeps_the_targets_distribution(q):
     """Draft tokens drawn from q, the rule applied to many independent rows
     at once: the first emitted token follows p_0, the second (when the first
     was accepted) p_1, the bonus (all accepted) p_2, and the first is
@@ -186,7 +284,7 @@ def test_speculative_sampling_keeps_the_targets_distribution():
     n_rows, k = 200_000, 2
     g = torch.Generator().manual_seed(11)
     p = torch.tensor([[0.4, 0.25, 0.15, 0.1, 0.06, 0.04], [0.05, 0.05, 0.1, 0.2, 0.3, 0.3], [0.3, 0.0, 0.0, 0.2, 0.5, 0.0]])
-    q = torch.tensor([[0.1, 0.3, 0.3, 0.1, 0.1, 0.1], [0.3, 0.3, 0.1, 0.1, 0.1, 0.1]])
+    q = torch.tensor(q)
     drafted = torch.stack([torch.multinomial(q[i], n_rows, replacement=True, generator=g) for i in range(k)], dim=1)
     noise = torch.rand(n_rows, k + 1, 7, generator=g)
     n, tokens = accept_sampled(drafted, q.expand(n_rows, -1, -1), p.expand(n_rows, -1, -1), noise)
@@ -265,12 +363,30 @@ def test_cli_draft_prints_the_same_text_and_reports_acceptance(generate_cli, cap
     assert "tokens per round (adaptive, at most 8): acceptance" in out.err
 
 
+def test_cli_draft_over_part_of_the_vocabulary_prints_the_same_text(generate_cli, capsys, tmp_path):
+    model = str(ROOT / "weights" / "gpt2-shakespeare.safetensors")
+    common = ["--model", model, "--prompt", "ROMEO:", "--temperature", "0", "--max_tokens", "40", "--device", "cpu"]
+    assert generate_cli.main(common) == 0
+    plain = capsys.readouterr().out
+    text = tmp_path / "like.txt"
+    text.write_text("ROMEO:\nWhat light through yonder window breaks? It is the east, and Juliet is the sun.\n")
+    for vocab in (["--draft_vocab", "300"], ["--draft_vocab", "20", "--draft_vocab_from", str(text)]):
+        assert generate_cli.main([*common, "--draft", "int8", "--draft_tokens", "4", *vocab]) == 0
+        out = capsys.readouterr()
+        assert out.out == plain
+        assert f"speculative: draft int8 over {vocab[1]} tokens, 4 tokens per round: acceptance" in out.err
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
         (["--prompt", "b"], "--draft takes one prompt, got 2"),
         (["--no-kvcaching"], "--draft needs the KV cache"),
         (["--draft_tokens", "0"], "--draft_tokens must be >= 1"),
+        (["--draft_vocab", "0"], "--draft_vocab must be >= 1, got 0"),
+        (["--draft_vocab", "60000"], "size must be between 1 and 50257, got 60000"),
+        (["--draft_vocab_from", "x.txt"], "--draft_vocab_from needs --draft_vocab N"),
+        (["--draft_vocab", "9", "--draft_vocab_from", "no/such.txt"], "cannot read --draft_vocab_from file no/such.txt"),
     ],
 )
 def test_cli_bad_draft_combinations(generate_cli, capsys, extra, message):
@@ -278,6 +394,13 @@ def test_cli_bad_draft_combinations(generate_cli, capsys, extra, message):
     assert generate_cli.main(["--model", model, "--prompt", "a", "--draft", "int8", *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_cli_draft_vocab_without_a_draft_is_refused(generate_cli, capsys):
+    model = str(ROOT / "weights" / "gpt2-shakespeare.safetensors")
+    assert generate_cli.main(["--model", model, "--prompt", "a", "--draft_vocab", "50"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--draft_vocab cuts the draft of speculative decoding; give a --draft too" in err[0]
 
 
 def test_adaptive_without_a_draft_is_refused(small, generate_cli, capsys):
