@@ -16,8 +16,9 @@ only ratios measured side by side mean anything):
    ``--batch`` prompts decoded together, compiled for every dtype and eager
    for the first (tokens/s over all rows); and transformers' ``generate()``
    on the same weights (built by ``GPTConfig.to_hf``), with its default cache and, on CUDA, its static cache;
-   and speculative decoding of the float32 model drafted by its own weights
-   at each of ``--drafts`` (compiled), for each ``k`` of ``--draft-tokens``
+   and speculative decoding of the float32 model drafted by each of
+   ``--drafts`` (compiled: its own weights at a dtype, or another model with
+   its vocabulary, e.g. ``gpt2`` for ``gpt2-xl``), for each ``k`` of ``--draft-tokens``
    and adaptive up to ``--adaptive-draft``, with the acceptance rate beside it
    (and with ``--draft-vocab N``, each again with the draft proposing only N
    tokens: :func:`gpt2fn.speculative.draft_vocab`);
@@ -87,7 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8,
                    help="also decode this many prompts in one batch: compiled for every dtype, eager for the first (1 = skip)")
     p.add_argument("--drafts", default="int8,bfloat16",
-                   help="speculative decoding rows: the float32 model with these self-drafts, compiled (empty = skip)")
+                   help="speculative decoding rows, compiled, for the float32 model drafted by each of these: "
+                        f"its own weights at a dtype ({', '.join(DRAFT_DTYPES)}) or another model with its "
+                        "vocabulary (a name or path, as --model; empty = skip)")
     p.add_argument("--draft-tokens", default="4,8", help="comma-separated k: tokens each speculative round drafts (default 4,8)")
     p.add_argument("--adaptive-draft", type=int, default=8,
                    help="also a speculative row with k adaptive up to this many (0 = skip; default 8)")
@@ -121,9 +124,6 @@ def check_args(args) -> tuple[list[str], list[int]]:
         raise GPT2FnError("--draft-vocab-from needs --draft-vocab N: how many of its most frequent tokens to keep")
     if args.draft_vocab_from is not None and not os.path.isfile(args.draft_vocab_from):
         raise GPT2FnError(f"--draft-vocab-from: there is no file {args.draft_vocab_from}")
-    for d in filter(None, args.drafts.split(",")):
-        if d not in DRAFT_DTYPES:
-            raise GPT2FnError(f"unknown draft {d!r} in --drafts; use a comma-separated list from {', '.join(DRAFT_DTYPES)}")
     lengths = parse_int_list("--lengths", args.lengths, low=2)
     dtypes = args.dtypes.split(",")
     for d in dtypes:
@@ -168,6 +168,7 @@ def main(argv=None) -> int:
     if max(lengths) > config.n_ctx or args.prompt_len + args.new_tokens > config.n_ctx:
         raise GPT2FnError(f"lengths must fit the {config.n_ctx}-token context")
     vocab = draft_vocabulary(args, config) if args.draft_vocab else None
+    drafts = load_drafts(args, params32, config, device)
     params = {d: cast_params(params32, d) for d in dtypes}
     results: dict = {
         "machine": {
@@ -183,7 +184,7 @@ def main(argv=None) -> int:
           f"torch {torch.__version__}, {device} ({torch.get_num_threads()} threads)")  # fmt: skip
     prompt = torch.randint(0, config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
     results["compile"] = measure_compile(params, config, prompt, args.attention)
-    contenders = make_contenders(args, params, params32, config, prompt, device, vocab)
+    contenders = make_contenders(args, params, params32, config, prompt, device, drafts, vocab)
     results.update(measure_generation(contenders, params, device, args.rounds))
     results["sweep"] = measure_sweep(params[dtypes[0]], config, device, dtypes[0], lengths, args.attention)
     if device.type == "cpu" and ONEDNN:  # what few_rows chooses between, for the float32 weights
@@ -212,7 +213,7 @@ def measure_compile(params: dict, config, prompt, attention) -> dict:
     return times
 
 
-def make_contenders(args, params: dict, params32, config, prompt, device, cut_vocab) -> list[Contender]:
+def make_contenders(args, params: dict, params32, config, prompt, device, drafts, cut_vocab) -> list[Contender]:
     def ours(d: str, compiled: bool, prompts) -> Contender:
         def run() -> float:
             stats = generate_all(params[d], config, prompts, args.new_tokens, temperature=0,
@@ -228,9 +229,8 @@ def make_contenders(args, params: dict, params32, config, prompt, device, cut_vo
     ks = [(k, False) for k in parse_int_list("--draft-tokens", args.draft_tokens, low=1)]
     ks += [(args.adaptive_draft, True)] if args.adaptive_draft else []
     vocabs = [None] if cut_vocab is None else [None, cut_vocab]  # whole, and cut to --draft-vocab tokens
-    for d, vocab in itertools.product(filter(None, args.drafts.split(",")), vocabs):
-        draft = self_draft(params32, d)  # the float32 model, checked by its own weights at dtype d
-        draft = (draft if vocab is None else draft_vocab(draft, vocab), config)  # one copy serves every k
+    for (d, (draft, draft_config)), vocab in itertools.product(drafts.items(), vocabs):
+        draft = (draft if vocab is None else draft_vocab(draft, vocab), draft_config)  # one copy serves every k
         d = d if vocab is None else f"{d} v{len(vocab)}"
         for k, adaptive in ks:
             notes = {}
@@ -252,6 +252,24 @@ def make_contenders(args, params: dict, params32, config, prompt, device, cut_vo
             run = functools.partial(hf_generate, model, prompt, args.new_tokens, mode == "static cache")
             contenders.append(Contender("transformers", mode, "float32", 1, run))
     return contenders
+
+
+def load_drafts(args, params32, config, device) -> dict[str, tuple]:
+    """``--drafts``, by row name: (params, config) of the float32 model's own
+    weights at a dtype, or of another model (loaded and checked before any work)."""
+    drafts = {}
+    for d in filter(None, args.drafts.split(",")):
+        if d in DRAFT_DTYPES:
+            drafts[d] = self_draft(params32, d), config
+            continue
+        draft, draft_config = load_pretrained(d, device=device)
+        if draft_config.vocab_size != config.vocab_size:
+            raise GPT2FnError(f"the draft {d} has {draft_config.vocab_size} tokens and the model {config.vocab_size}; "
+                              "a draft must share the model's tokenizer")  # fmt: skip
+        if args.prompt_len + args.new_tokens > draft_config.n_ctx:
+            raise GPT2FnError(f"the draft {d} holds {draft_config.n_ctx} tokens; --prompt-len + --new-tokens must fit")
+        drafts[Path(d).stem] = draft, draft_config
+    return drafts
 
 
 def draft_vocabulary(args, config) -> torch.Tensor:

@@ -276,6 +276,11 @@ def test_interventions_refuse_bad_input(scripts, capsys, small_ref):
                                                                                      "than the default one, by far")
 
 
+def other_vocab(tmp_path):
+    config = GPTConfig(vocab_size=1000, n_ctx=64, n_embd=32, n_layer=1, n_head=2)
+    return save_params(init_params(config), config, tmp_path / "other_vocab.safetensors")
+
+
 def test_benchmark_refuses_bad_input_before_any_work(small_ref, tmp_path):
     """As a command (importing it would point inductor at a fresh cache for this whole process)."""
     cases = {
@@ -289,6 +294,8 @@ def test_benchmark_refuses_bad_input_before_any_work(small_ref, tmp_path):
         "--draft-vocab-from x.txt": "--draft-vocab-from needs --draft-vocab N",
         "--draft-vocab 9 --draft-vocab-from no/such.txt": "--draft-vocab-from: there is no file no/such.txt",
         "--draft-vocab 60000 --lengths 16 --new-tokens 8": "size must be between 1 and 50257, got 60000",
+        "--drafts int8,nosuch --lengths 16 --new-tokens 8": "unknown model 'nosuch'",
+        f"--drafts {other_vocab(tmp_path)} --lengths 16 --new-tokens 8": "has 1000 tokens and the model 50257; a draft must share",
     }
     cases[f"--model {tmp_path / 'none'}"] = f"{tmp_path / 'none'} does not exist"
     for args, message in cases.items():
