@@ -236,7 +236,7 @@ def generate(
         check_draft(config, draft[1], draft_tokens, len(prompts[0]), min(max_new_tokens, config.n_ctx - len(prompts[0])))
         steps = speculative_steps(config, *draft, draft_tokens, adaptive=adaptive_draft, device=device,
                                   compile=compile, attention=attention, **sampling)  # fmt: skip
-        width = (draft_tokens + 1, config.vocab_size + 1)  # one block per round, for the largest k (see accept_sampled)
+        width = (draft_tokens + 1, 2)  # one block per round, for the largest k (see accept_sampled)
 
     def noise(batch: int) -> Optional[Tensor]:
         if temperature == 0:

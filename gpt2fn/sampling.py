@@ -90,6 +90,21 @@ def uniform_noise(shape: tuple[int, ...], generator: Optional[torch.Generator], 
     return torch.empty(shape, dtype=torch.float32, device=device).uniform_(generator=generator)
 
 
+def draw(weights: Tensor, u: Tensor) -> Tensor:
+    """One index per row, with probability proportional to ``weights``, by
+    the inverse CDF: weights [B, V] >= 0 (not necessarily normalised), u [B]
+    Uniform[0, 1) -> [B] int64, the first index whose cumulative weight
+    exceeds ``u`` times the total. One random number per draw, where the
+    exponential race of :func:`choose_token` takes one per candidate: the
+    speculative steps, which draw ``k + 1`` times a round over the whole
+    vocabulary, use this. A zero weight is never drawn (when rounding puts
+    ``u`` times the total on the total itself, the draw is the index where
+    the cumulative weight reaches it)."""
+    cdf = weights.float().cumsum(-1)
+    index = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)[:, 0]
+    return torch.minimum(index, cdf.argmax(-1))
+
+
 def choose_token(
     logits: Tensor,
     noise: Optional[Tensor],

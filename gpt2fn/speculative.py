@@ -49,9 +49,11 @@ Sampling: the standard rule (Leviathan et al. 2023; Chen et al. 2023). A
 drafted token ``x`` is accepted with probability ``min(1, p(x) / q(x))``; at
 the first rejection the token is drawn from ``max(0, p - q)`` normalised.
 Temperature, top-k and top-p shape both ``p`` (target) and ``q`` (draft), so
-every emitted token follows the target's filtered distribution exactly. All
-randomness is one uniform block per round from the caller's generator: a
-seed fixes the result.
+every emitted token follows the target's filtered distribution exactly.
+Each draw (a drafted token, the last token of a round) is one inverse-CDF
+draw (:func:`~gpt2fn.sampling.draw`), so all the randomness of a round is
+``2 (k + 1)`` uniform numbers from the caller's generator: a seed fixes the
+result.
 """
 
 from __future__ import annotations
@@ -69,8 +71,8 @@ from gpt2fn.layers import ATTEND, Kernels, block, few_rows, layer_norm, linear
 from gpt2fn.model import hidden, logits
 from gpt2fn.params import Params, map_params
 from gpt2fn.quantize import quantize_int8
-from gpt2fn.sampling import filtered_probs
-from gpt2fn.steps import (Steps, _cache, _marked_cache, cached_step, compiled_step, decode_block, decode_kernels,
+from gpt2fn.sampling import draw, filtered_probs
+from gpt2fn.steps import (Steps, _cache, _marked_cache, compiled_step, decode_block, decode_kernels,
                           resolve_attention)
 
 Tensor = torch.Tensor
@@ -125,11 +127,11 @@ def draft_step(
 ) -> tuple[Tensor, Optional[Tensor]]:  # fmt: skip
     """One drafted token per row and the distribution it was drawn from:
     tokens [B, 1] at pos [B, 1] -> (token [B], q [B, V] fp32; None when greedy).
-    noise: [B, V] Uniform[0, 1) (the exponential race of
-    :func:`gpt2fn.sampling.choose_token` over ``q``). ``run_block``: see
+    noise: [B] Uniform[0, 1) (one inverse-CDF draw from ``q``,
+    :func:`~gpt2fn.sampling.draw`). ``run_block``: see
     :func:`~gpt2fn.steps.decode_block`. A draft with a vocabulary of its own
-    (:func:`draft_vocab`) chooses among its ``Vd`` tokens (with the first
-    ``Vd`` columns of ``noise``); ``q`` is 0 elsewhere."""
+    (:func:`draft_vocab`) chooses among its ``Vd`` tokens; ``q`` is 0
+    elsewhere."""
     x = hidden(params, config, tokens, pos, cache, kernels=kernels, run_block=run_block)[:, -1]
     vocab = params.get("vocab")
     if vocab is None:
@@ -141,7 +143,7 @@ def draft_step(
         choice, q = out.argmax(-1), None
     else:
         q = filtered_probs(out, temperature, top_k, top_p)
-        choice = torch.argmax(q / -torch.log(noise[:, : q.shape[-1]]), dim=-1)
+        choice = draw(q, noise)
     if vocab is None:
         return choice, q
     if q is not None:
@@ -172,27 +174,27 @@ def accept_greedy(drafted: Tensor, chosen: Tensor) -> tuple[Tensor, Tensor]:
 
 def accept_sampled(drafted: Tensor, q: Tensor, p: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
     """The speculative sampling rule. drafted [B, k] drawn from q [B, k, V];
-    the target's p [B, k + 1, V]; noise [B, k + 1, V + 1] Uniform[0, 1)
-    (column V of rows 0..k-1 decides the acceptances, row k's first V
-    columns draw the last token) -> (n [B], tokens [B, k + 1]), as
-    :func:`accept_greedy`.
+    the target's p [B, k + 1, V]; noise [B, k + 1, 2] Uniform[0, 1)
+    (column 1 of rows 0..k-1 decides the acceptances, row k's column 0 draws
+    the last token; column 0 of rows 0..k-1 drew the drafted tokens) ->
+    (n [B], tokens [B, k + 1]), as :func:`accept_greedy`.
 
     Drafted token i is accepted when ``u_i q_i(x) < p_i(x)``, that is with
     probability ``min(1, p/q)``; the first rejection ends the run. The token
     after the ``n`` accepted ones is drawn from ``max(0, p_n - q_n)`` (with
     ``q_k = 0``: the target's own ``p_k`` when all were accepted), by the
-    exponential race, which needs no normalisation."""
+    inverse CDF (:func:`~gpt2fn.sampling.draw`), which needs no normalisation."""
     B, k = drafted.shape
     V = p.shape[-1]
     p_x = p[:, :k].gather(-1, drafted[..., None])[..., 0]
     q_x = q.gather(-1, drafted[..., None])[..., 0]
-    n = (noise[:, :k, V] * q_x < p_x).long().cumprod(-1).sum(-1)  # [B]
+    n = (noise[:, :k, 1] * q_x < p_x).long().cumprod(-1).sum(-1)  # [B]
     rows = torch.arange(B, device=p.device)
     p_n = p[rows, n]
     q_n = torch.cat([q, torch.zeros_like(q[:, :1])], dim=1)[rows, n]
     residual = (p_n - q_n).clamp_(min=0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_n)  # p == q: the rule never rejects
-    last = torch.argmax(residual / -torch.log(noise[:, k, :V]), dim=-1)
+    last = draw(residual, noise[:, k, 0])
     tokens = torch.cat([drafted, drafted[:, :1]], dim=1).scatter(1, n[:, None], last[:, None])
     return n, tokens
 
@@ -234,7 +236,7 @@ def speculative_round(
     token [1, 1] at pos [1, 1] -> the emitted tokens [1, n + 1]. With
     ``levels`` (:func:`k_levels`) ``k`` is adaptive and the round sets the
     next one (:func:`next_k`); without, it stays. ``noise``:
-    [1, K + 1, V + 1] for any K >= k (see :func:`accept_sampled`), or None.
+    [1, K + 1, 2] for any K >= k (see :func:`accept_sampled`), or None.
     One host synchronisation: reading ``n``. Positions past the cache's last
     slot are clamped onto it: only tokens beyond the generation's end land
     there, and no kept token reads it."""
@@ -242,12 +244,12 @@ def speculative_round(
     if noise is not None:
         noise = noise[:, : k + 1]
     if state.behind is not None:  # the draft has not run its last token yet
-        draft(draft_params, state.behind, pos - 1, state.draft, None if noise is None else noise[:, 0, :-1])
+        draft(draft_params, state.behind, pos - 1, state.draft, None if noise is None else noise[:, 0, 0])
         state.behind = None
     drafted, qs, t = [], [], token
     for i in range(k):
         t, q = draft(draft_params, t[:, None] if i else t, (pos + i).clamp(max=length - 1), state.draft,
-                     None if noise is None else noise[:, i, :-1])  # fmt: skip
+                     None if noise is None else noise[:, i, 0])  # fmt: skip
         drafted.append(t)
         qs.append(q)
     drafted = torch.stack(drafted, dim=1)  # [1, k]
@@ -289,7 +291,6 @@ def speculative_steps(
         verify = functools.partial(verify_step, config=config, kernels=verify_kernels, **sampling)
     accept = accept_greedy if temperature == 0 else accept_sampled
     levels = k_levels(k) if adaptive else None
-    target_prefill = functools.partial(cached_step, config=config, kernels=eager, **sampling)
     new_cache = _marked_cache if compile else _cache
 
     def make_state(params: Params, batch: int, length: int) -> Speculation:
@@ -297,10 +298,8 @@ def speculative_steps(
 
     def prefill(params: Params, tokens: Tensor, pos: Tensor, state: Speculation, noise: Optional[Tensor]) -> Tensor:
         hidden(draft_params, draft_config, tokens, pos, state.draft, kernels=eager)  # fills the draft's cache
-        first = None if noise is None else noise[:, 0, : noise.shape[-1] - 1]
-        if first is not None and 0 < top_k < config.vocab_size:
-            first = first[:, :top_k]  # cached_step's draw needs one number per candidate
-        return target_prefill(params, tokens, pos, state.target, first)
+        out = logits(params, config, hidden(params, config, tokens, pos, state.target, kernels=eager)[:, -1])
+        return out.argmax(-1) if noise is None else draw(filtered_probs(out, **sampling), noise[:, 0, 0])
 
     def decode(params: Params, token: Tensor, pos: Tensor, state: Speculation, noise: Optional[Tensor]) -> Tensor:
         return speculative_round(params, token, pos, state, noise, draft_params=draft_params,

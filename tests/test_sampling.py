@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gpt2fn import GPT2FnError, sample
-from gpt2fn.sampling import check_sampling_args, filtered_probs, top_k_filter, top_p_filter
+from gpt2fn.sampling import check_sampling_args, draw, filtered_probs, top_k_filter, top_p_filter
 
 
 def random_logits(batch=4, vocab=1000, seed=0, scale=3.0):
@@ -111,6 +111,27 @@ def test_draws_follow_the_filtered_distribution():
         sigma = (probs.double() * (1 - probs.double()) / n).sqrt()
         assert ((freq - probs.double()).abs() <= 4.5 * sigma + 1e-12).all(), (top_k, top_p, freq, probs)
         assert (freq[probs == 0] == 0).all()
+
+
+def test_inverse_cdf_draw_by_hand():
+    """weights [0, 1, 0, 3]: cumulative [0, 1, 1, 4]; u times 4 picks the
+    first index whose cumulative weight exceeds it, never a zero weight."""
+    weights = torch.tensor([[0.0, 1.0, 0.0, 3.0]]).expand(6, -1)
+    u = torch.tensor([0.0, 0.1, 0.2499, 0.25, 0.9999, 1.0])  # 1.0: what rounding can make of u x total
+    assert draw(weights, u).tolist() == [1, 1, 1, 3, 3, 3]
+    tail = torch.tensor([[2.0, 0.0, 0.0]])  # the last weights zero: u = 1 still draws index 0
+    assert draw(tail, torch.tensor([1.0])).tolist() == [0]
+
+
+def test_inverse_cdf_draws_follow_the_weights():
+    weights = torch.tensor([0.8, 0.0, 0.5, 0.3, 0.0, 0.4])  # not normalised
+    probs = weights / weights.sum()
+    n = 40_000
+    draws = draw(weights.expand(n, -1), torch.rand(n, generator=torch.Generator().manual_seed(8)))
+    freq = torch.bincount(draws, minlength=6).double() / n
+    sigma = (probs.double() * (1 - probs.double()) / n).sqrt()
+    assert ((freq - probs.double()).abs() <= 4.5 * sigma + 1e-12).all(), (freq, probs)
+    assert (freq[probs == 0] == 0).all()
 
 
 @pytest.mark.parametrize(

@@ -168,7 +168,7 @@ def test_a_cut_vocabulary_draft_step_chooses_and_samples_within_it(small):
     full_logits = forward(full, config, tokens)[:, -1]
     token, q = draft_step(cut, tokens, pos, _cache(config, cut, 2, 4), None, **settings, **greedy)
     assert q is None and torch.equal(token, vocab[full_logits[:, vocab].argmax(-1)])
-    noise = torch.rand(2, config.vocab_size, generator=torch.Generator().manual_seed(0))
+    noise = torch.rand(2, generator=torch.Generator().manual_seed(0))
     sampling = dict(temperature=0.8, top_k=0, top_p=1.0)
     token, q = draft_step(cut, tokens, pos, _cache(config, cut, 2, 4), noise, **settings, **sampling)
     outside = torch.ones(config.vocab_size, dtype=torch.bool)
@@ -222,6 +222,17 @@ def test_sampled_runs_with_a_cut_vocabulary_are_reproducible_and_follow_the_filt
     assert torch.equal(a, b) and 0 < stats.acceptance_rate <= 1
     top5 = forward(params, config, torch.cat([prompt, a], dim=1))[0, prompt.shape[1] - 1 : -1].topk(5).indices
     assert (top5 == a[0, :, None]).any(-1).all()
+
+
+def test_compiled_sampled_speculative_draws_what_the_eager_one_draws(small):
+    """Sampling compiled (the draft's inverse-CDF draw in its graph): the
+    same seed gives the eager run's tokens, with a whole and a cut draft."""
+    params, config = small
+    prompt = prompts(1, (5,))[0]
+    for draft in (self_draft(params, "int8"), draft_vocab(self_draft(params, "int8"), torch.arange(3000))):
+        runs = [generate_all(params, config, prompt, 50, temperature=0.8, top_k=20, draft=(draft, config), draft_tokens=4,
+                             compile=compile, generator=torch.Generator().manual_seed(5))[0] for compile in (False, True)]  # fmt: skip
+        assert torch.equal(*runs)
 
 
 def test_adaptive_k_levels_and_rule_by_hand():
@@ -286,7 +297,7 @@ def test_speculative_sampling_keeps_the_targets_distribution(q):
     p = torch.tensor([[0.4, 0.25, 0.15, 0.1, 0.06, 0.04], [0.05, 0.05, 0.1, 0.2, 0.3, 0.3], [0.3, 0.0, 0.0, 0.2, 0.5, 0.0]])
     q = torch.tensor(q)
     drafted = torch.stack([torch.multinomial(q[i], n_rows, replacement=True, generator=g) for i in range(k)], dim=1)
-    noise = torch.rand(n_rows, k + 1, 7, generator=g)
+    noise = torch.rand(n_rows, k + 1, 2, generator=g)
     n, tokens = accept_sampled(drafted, q.expand(n_rows, -1, -1), p.expand(n_rows, -1, -1), noise)
 
     def check(draws, probs):
