@@ -27,7 +27,7 @@ from gpt2fn.config import GPTConfig
 from gpt2fn.device import synchronize
 from gpt2fn.errors import GPT2FnError
 from gpt2fn.params import Params, params_device
-from gpt2fn.sampling import check_sampling_args, uniform_noise
+from gpt2fn.sampling import check_sampling_args, noise_width, uniform_noise
 from gpt2fn.speculative import check_draft, speculative_steps
 from gpt2fn.steps import Steps, make_steps
 
@@ -222,7 +222,7 @@ def generate(
         check_prompts(config, prompts, max_new_tokens)
     device = params_device(params)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-    width = ()  # the random numbers a step needs per row: one draw
+    width = (noise_width(config.vocab_size, top_k),)  # the random numbers a step needs per row
     if draft is None:
         if adaptive_draft:
             raise GPT2FnError("adaptive_draft adapts speculative decoding; pass a draft too")

@@ -14,7 +14,7 @@ from gpt2fn.layers import MATVEC_MAX_ROWS, Kernels, attend_manual, block, few_ro
 from gpt2fn.measure import decode_step_time
 from gpt2fn.model import hidden, logits
 from gpt2fn.quantize import cast_params
-from gpt2fn.sampling import choose_token, filtered_probs, uniform_noise
+from gpt2fn.sampling import choose_token, filtered_probs, noise_width, uniform_noise
 from gpt2fn.steps import DECODE_OPTIONS, REGION_MIN_WIDTH, REGIONS, compiled_steps, decode_block, decode_kernels
 
 from conftest import run_cached
@@ -231,7 +231,7 @@ def test_compiled_sampler_follows_the_filtered_distribution(top_k, top_p):
     frequencies must sit within 4.5 binomial standard deviations."""
     V, n = 6, 40_000
     logits = torch.log(torch.tensor([[0.4, 0.25, 0.15, 0.1, 0.06, 0.04]])).expand(n, V)
-    noise = uniform_noise((n,), torch.Generator().manual_seed(5))
+    noise = uniform_noise((n, noise_width(V, top_k)), torch.Generator().manual_seed(5))
     sampler = torch.compile(functools.partial(choose_token, temperature=1.0, top_k=top_k, top_p=top_p), fullgraph=True)
     draws = sampler(logits, noise)
     assert torch.equal(draws, choose_token(logits, noise, 1.0, top_k, top_p))  # compiled == eager, draw by draw

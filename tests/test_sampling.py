@@ -98,7 +98,7 @@ def test_same_seed_same_tokens_and_different_seed_differs():
 
 
 def test_draws_follow_the_filtered_distribution():
-    """The draw picks i with probability p_i: compare empirical
+    """The exponential race picks i with probability p_i: compare empirical
     frequencies with the distribution over 40,000 draws (fixed seed)."""
     logits = torch.log(torch.tensor([[0.4, 0.25, 0.15, 0.1, 0.06, 0.04]]))
     n = 40_000
