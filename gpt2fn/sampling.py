@@ -99,7 +99,10 @@ def draw(weights: Tensor, u: Tensor) -> Tensor:
     speculative steps, which draw ``k + 1`` times a round over the whole
     vocabulary, use this. A zero weight is never drawn (when rounding puts
     ``u`` times the total on the total itself, the draw is the index where
-    the cumulative weight reaches it)."""
+    the cumulative weight reaches it). Unlike the race, a draw that lands
+    within rounding of a boundary picks the neighbouring token when the
+    weights move in their last bits (compiled against eager), so over a wide
+    support the two can part; plain steps keep the race for that reason."""
     cdf = weights.float().cumsum(-1)
     index = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)[:, 0]
     return torch.minimum(index, cdf.argmax(-1))
