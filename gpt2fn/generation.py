@@ -208,7 +208,9 @@ def generate(
     is reported as ``compile_s`` and left out of ``decode_s``.
 
     ``draft`` = (params, config) turns on speculative decoding
-    (:mod:`gpt2fn.speculative`; e.g. ``(self_draft(params, "int8"), config)``),
+    (:mod:`gpt2fn.speculative`; e.g. ``(self_draft(params, "int8"), config)``,
+    or a draft over part of the vocabulary, ``(draft_vocab(self_draft(params,
+    "int8"), frequent_tokens(text_tokens, 2048, config.vocab_size)), config)``),
     proposing ``draft_tokens`` tokens per target pass (with ``adaptive_draft``,
     at most that many, adapted to the acceptance: see
     :func:`gpt2fn.speculative.next_k`): one prompt, cached.
