@@ -67,7 +67,7 @@ import torch
 from gpt2fn.cache import KVCache, cache_len
 from gpt2fn.config import GPTConfig
 from gpt2fn.errors import GPT2FnError
-from gpt2fn.layers import ATTEND, Kernels, block, few_rows, layer_norm, linear
+from gpt2fn.layers import ATTEND, Kernels, block, few_rows, linear
 from gpt2fn.model import hidden, logits
 from gpt2fn.params import Params, map_params
 from gpt2fn.quantize import quantize_int8
@@ -134,11 +134,8 @@ def draft_step(
     elsewhere."""
     x = hidden(params, config, tokens, pos, cache, kernels=kernels, run_block=run_block)[:, -1]
     vocab = params.get("vocab")
-    if vocab is None:
-        out = logits(params, config, x, kernels.linear)
-    else:
-        x = layer_norm(x, **params["ln_f"], eps=config.layer_norm_eps)
-        out = kernels.linear(x, params["head"], scale=params.get("head_scale"))  # [B, Vd]
+    head = params if vocab is None else {**params, "wte": params["head"], "wte_scale": params.get("head_scale")}
+    out = logits(head, config, x, kernels.linear)  # [B, V], or [B, Vd] over the draft's own vocabulary
     if temperature == 0:
         choice, q = out.argmax(-1), None
     else:
