@@ -70,7 +70,7 @@ from gpt2fn.measure import (decode_step_time, memory_mb, peak_memory_mb, product
 from gpt2fn.params import init_params
 from gpt2fn.plotting import require_pyplot, save_figure
 from gpt2fn.quantize import WEIGHT_DTYPES, cast_params
-from gpt2fn.speculative import DRAFT_DTYPES, draft_vocab, frequent_tokens, self_draft
+from gpt2fn.speculative import DRAFT_DTYPES, check_draft, draft_vocab, frequent_tokens, self_draft
 from gpt2fn.steps import cached_steps, compiled_steps, uncached_steps
 from gpt2fn.tokenizer import encode, get_tokenizer
 from gpt2fn.weights import load_pretrained, transformers_model
@@ -263,11 +263,8 @@ def load_drafts(args, params32, config, device) -> dict[str, tuple]:
             drafts[d] = self_draft(params32, d), config
             continue
         draft, draft_config = load_pretrained(d, device=device)
-        if draft_config.vocab_size != config.vocab_size:
-            raise GPT2FnError(f"the draft {d} has {draft_config.vocab_size} tokens and the model {config.vocab_size}; "
-                              "a draft must share the model's tokenizer")  # fmt: skip
-        if args.prompt_len + args.new_tokens > draft_config.n_ctx:
-            raise GPT2FnError(f"the draft {d} holds {draft_config.n_ctx} tokens; --prompt-len + --new-tokens must fit")
+        check_draft(config, draft_config, max(parse_int_list("--draft-tokens", args.draft_tokens, low=1)),
+                    args.prompt_len, args.new_tokens)  # fmt: skip
         drafts[Path(d).stem] = draft, draft_config
     return drafts
 

@@ -295,7 +295,7 @@ def test_benchmark_refuses_bad_input_before_any_work(small_ref, tmp_path):
         "--draft-vocab 9 --draft-vocab-from no/such.txt": "--draft-vocab-from: there is no file no/such.txt",
         "--draft-vocab 60000 --lengths 16 --new-tokens 8": "size must be between 1 and 50257, got 60000",
         "--drafts int8,nosuch --lengths 16 --new-tokens 8": "unknown model 'nosuch'",
-        f"--drafts {other_vocab(tmp_path)} --lengths 16 --new-tokens 8": "has 1000 tokens and the model 50257; a draft must share",
+        f"--drafts {other_vocab(tmp_path)} --lengths 16 --new-tokens 8": "has 1000 tokens and the target's 50257; a draft must share",
     }
     cases[f"--model {tmp_path / 'none'}"] = f"{tmp_path / 'none'} does not exist"
     for args, message in cases.items():
