@@ -5,9 +5,11 @@ At batch 1 every decode step reads every weight once, so plain decoding is
 capped by memory bandwidth. Here the target reads its weights once per
 *round* and emits between 1 and ``k + 1`` tokens:
 
-1. the draft decodes ``k`` tokens one at a time from the last emitted token;
-2. the target runs that token and the ``k`` drafted ones at their positions
-   (one pass, :func:`verify_step`), which gives its choice after each of them;
+1. the draft decodes ``k`` tokens, each from the one before
+   (:func:`draft_chain`), starting from the last two emitted tokens;
+2. the target runs the last emitted token and the ``k`` drafted ones at
+   their positions (one pass, :func:`verify_step`), which gives its choice
+   after each of them;
 3. :func:`accept_greedy` / :func:`accept_sampled` keep the longest prefix the
    target agrees with, plus one token of the target's own (the correction, or
    a bonus when all ``k`` were accepted).
@@ -20,19 +22,24 @@ head; the target still verifies over all of it). Each model keeps its own
 preallocated cache, written by position. A rejection rolls both back by
 moving the position only: slots past it are hidden by the causal mask and
 overwritten by the next round, never copied. When all ``k`` are accepted the
-draft has not yet seen its own last token; the next round feeds it first.
+draft has not yet run its own last token; so the draft's first step of every
+round runs the last two emitted tokens (writing the earlier one's slot again
+when it had run it), and every round's chain has the same shape.
 
 ``k`` is fixed, or adaptive (:func:`next_k`): it moves along the levels
 1, 2, 4, ... up to its maximum, one level up after a round that accepted
 every drafted token, one down after a round that accepted fewer than half.
 
-Compiled, the draft step and the verify step are two graphs for a whole
-generation, any prompt length and any ``k``: the verify step is compiled
-with its token count marked dynamic (and the cache length, as for plain
-decoding), so every ``k`` runs the same graph. The draft's blocks are
-compile regions where the plain step's are
-(:func:`~gpt2fn.steps.decode_block`); the verify step inlines its blocks (in
-a region, bf16 weights made dynamo fix the symbolic token count).
+Compiled, the verify step is one graph for a whole generation, any prompt
+length and any ``k``: it is compiled with its token count marked dynamic
+(and the cache length, as for plain decoding). The draft
+(:func:`draft_chains`) is, for a draft narrower than GPT-2 on the CPU, its
+whole chain of ``k`` steps as one graph (one for each ``k``), calling its
+step as one compile region; otherwise its step compiled (two graphs: the
+round's first step over two tokens, and one token), its blocks compile
+regions where the plain step's are (:func:`~gpt2fn.steps.decode_block`).
+The verify step inlines its blocks (in a region, bf16 weights made dynamo
+fix the symbolic token count).
 
 Greedy (temperature 0): the output is the target's greedy decoding, token
 for token: every emitted token is the argmax of the target's logits given
@@ -72,8 +79,8 @@ from gpt2fn.model import hidden, logits
 from gpt2fn.params import Params, map_params
 from gpt2fn.quantize import quantize_int8
 from gpt2fn.sampling import draw, filtered_probs
-from gpt2fn.steps import (Steps, _cache, _marked_cache, compiled_step, decode_block, decode_kernels,
-                          resolve_attention)
+from gpt2fn.steps import (REGION_MIN_WIDTH, REGIONS, Steps, _cache, _marked_cache, compiled_step, decode_block,
+                          decode_kernels, resolve_attention)
 
 Tensor = torch.Tensor
 DRAFT_DTYPES = {"int8": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -213,49 +220,67 @@ def next_k(levels: tuple[int, ...], k: int, accepted: int) -> int:
 
 @dataclass
 class Speculation:
-    """The state of a speculative generation: both caches, what the draft
-    still has to catch up on, and the ``k`` of the next round."""
+    """The state of a speculative generation: both caches, the token before
+    the next round's, and the ``k`` of the next round."""
 
     target: KVCache
     draft: KVCache
     k: int
-    behind: Optional[Tensor] = None  # [B, 1]: the draft's own last token, not yet run (all k were accepted)
+    before: Tensor  # [B, 1]: the emitted token before the next round's first (the draft runs both, see speculative_round)
     counts: dict = field(default_factory=lambda: {"target_passes": 0, "drafted": 0, "accepted": 0})
+
+
+def draft_chain(
+    params: Params, tokens: Tensor, pos: Tensor, cache: KVCache, noise: Optional[Tensor], *, n: int, draft: Callable
+) -> tuple[Tensor, Optional[Tensor]]:
+    """``n`` drafted tokens a row, each fed to the next draft step:
+    tokens [B, T] at pos [B, T] -> (drafted [B, n], q [B, n, V] fp32 or
+    None when greedy). The first step runs all ``T`` tokens, each later one
+    the token drafted before it at the next position (clamped onto the
+    cache's last slot: only tokens past the generation's end land there).
+    noise: [B, n] Uniform[0, 1) or None. ``draft``: :func:`draft_step` with
+    its settings bound (compiled: see :func:`draft_chains`)."""
+    length = cache_len(cache)
+    drafted, qs = [], []
+    for i in range(n):
+        token, q = draft(params, tokens, pos, cache, None if noise is None else noise[:, i])
+        drafted.append(token)
+        qs.append(q)
+        tokens, pos = token[:, None], (pos[:, -1:] + 1).clamp(max=length - 1)
+    return torch.stack(drafted, dim=1), None if qs[0] is None else torch.stack(qs, dim=1)
 
 
 def speculative_round(
     params: Params, token: Tensor, pos: Tensor, state: Speculation, noise: Optional[Tensor],
-    *, draft_params: Params, length: int, draft: Callable, verify: Callable, accept: Callable,
+    *, draft_params: Params, draft: Callable[[int], Callable], verify: Callable, accept: Callable,
     levels: Optional[tuple[int, ...]] = None,
 ) -> Tensor:  # fmt: skip
     """One round of ``state.k`` drafted tokens (a decode step of the
     :class:`~gpt2fn.steps.Steps` protocol that emits several tokens):
-    token [1, 1] at pos [1, 1] -> the emitted tokens [1, n + 1]. With
+    token [1, 1] at pos [1, 1] -> the emitted tokens [1, n + 1]. ``draft(k)``:
+    :func:`draft_chain` for ``k`` tokens with its step bound. With
     ``levels`` (:func:`k_levels`) ``k`` is adaptive and the round sets the
     next one (:func:`next_k`); without, it stays. ``noise``:
     [1, K + 1, 2] for any K >= k (see :func:`accept_sampled`), or None.
-    One host synchronisation: reading ``n``. Positions past the cache's last
+    One host synchronisation: reading ``n``.
+
+    The draft's first step runs the token before ``token`` too, at ``pos -
+    1``: after a round that accepted all ``k`` drafted tokens the draft has
+    not run its own last one yet; otherwise it writes the same slot again.
+    So every round's chain has one shape. Positions past the cache's last
     slot are clamped onto it: only tokens beyond the generation's end land
     there, and no kept token reads it."""
     k = state.k
+    length = cache_len(state.target)
     if noise is not None:
         noise = noise[:, : k + 1]
-    if state.behind is not None:  # the draft has not run its last token yet
-        draft(draft_params, state.behind, pos - 1, state.draft, None if noise is None else noise[:, 0, 0])
-        state.behind = None
-    drafted, qs, t = [], [], token
-    for i in range(k):
-        t, q = draft(draft_params, t[:, None] if i else t, (pos + i).clamp(max=length - 1), state.draft,
-                     None if noise is None else noise[:, i, 0])  # fmt: skip
-        drafted.append(t)
-        qs.append(q)
-    drafted = torch.stack(drafted, dim=1)  # [1, k]
+    drafted, q = draft(k)(draft_params, torch.cat([state.before, token], dim=1), torch.cat([pos - 1, pos], dim=1),
+                          state.draft, None if noise is None else noise[:, :k, 0])  # fmt: skip
     verify_pos = (pos + torch.arange(k + 1, device=pos.device)).clamp(max=length - 1)
     out = verify(params, torch.cat([token, drafted], dim=1), verify_pos, state.target)
-    n, tokens = accept(drafted, out) if noise is None else accept(drafted, torch.stack(qs, dim=1), out, noise)
+    n, tokens = accept(drafted, out) if noise is None else accept(drafted, q, out, noise)
     m = int(n[0]) + 1
-    if m == k + 1:
-        state.behind = drafted[:, -1:]
+    state.before = token if m == 1 else tokens[:, m - 2 : m - 1]
     state.counts["target_passes"] += 1
     state.counts["drafted"] += k
     state.counts["accepted"] += m - 1
@@ -272,38 +297,87 @@ def speculative_steps(
     """:class:`~gpt2fn.steps.Steps` whose decode step is one
     :func:`speculative_round`; the state is a :class:`Speculation`. ``k``
     drafted tokens per round, or with ``adaptive`` at most ``k`` (starting
-    there; see :func:`next_k`). With ``compile`` the draft step and the
-    verify step are compiled as the plain decode step is (two graphs in all,
-    see the module docstring; CUDA graphs on CUDA)."""
+    there; see :func:`next_k`). With ``compile`` the draft (see
+    :func:`draft_chains`) and the verify step are compiled as the plain
+    decode step is (see the module docstring; CUDA graphs on CUDA)."""
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     eager = Kernels(linear, ATTEND[resolve_attention(attention)])
     draft_kernels = decode_kernels(device, 1, attention) if compile else eager
     verify_kernels = Kernels(few_rows, draft_kernels.attend)
-    if compile:  # the draft's blocks compile regions where the plain step's are (see decode_block)
-        draft = compiled_step(draft_step, device, config=draft_config, kernels=draft_kernels,
-                              run_block=decode_block(device, draft_kernels, draft_config), **sampling)  # fmt: skip
+    draft = draft_chains(draft_config, draft_kernels, device if compile else None, **sampling)
+    if compile:
         verify = compiled_step(verify_step, device, True, config=config, kernels=verify_kernels, **sampling)
     else:
-        draft = functools.partial(draft_step, config=draft_config, kernels=draft_kernels, **sampling)
         verify = functools.partial(verify_step, config=config, kernels=verify_kernels, **sampling)
     accept = accept_greedy if temperature == 0 else accept_sampled
     levels = k_levels(k) if adaptive else None
     new_cache = _marked_cache if compile else _cache
 
     def make_state(params: Params, batch: int, length: int) -> Speculation:
-        return Speculation(new_cache(config, params, batch, length), new_cache(draft_config, draft_params, batch, length), k)
+        target, drafts = new_cache(config, params, batch, length), new_cache(draft_config, draft_params, batch, length)
+        return Speculation(target, drafts, k, before=torch.zeros(batch, 1, dtype=torch.long, device=device))
 
     def prefill(params: Params, tokens: Tensor, pos: Tensor, state: Speculation, noise: Optional[Tensor]) -> Tensor:
         hidden(draft_params, draft_config, tokens, pos, state.draft, kernels=eager)  # fills the draft's cache
+        state.before = tokens[:, -1:].clone()
         out = logits(params, config, hidden(params, config, tokens, pos, state.target, kernels=eager)[:, -1])
         return out.argmax(-1) if noise is None else draw(filtered_probs(out, **sampling), noise[:, 0, 0])
 
     def decode(params: Params, token: Tensor, pos: Tensor, state: Speculation, noise: Optional[Tensor]) -> Tensor:
-        return speculative_round(params, token, pos, state, noise, draft_params=draft_params,
-                                 length=cache_len(state.target), draft=draft, verify=verify, accept=accept,
-                                 levels=levels)  # fmt: skip
+        return speculative_round(params, token, pos, state, noise, draft_params=draft_params, draft=draft,
+                                 verify=verify, accept=accept, levels=levels)  # fmt: skip
 
     return Steps(make_state, prefill, decode, compiled=compile, report=lambda state: dict(state.counts))
+
+
+def draft_chains(
+    config: GPTConfig, kernels: Kernels, device: Optional[torch.device], **sampling
+) -> Callable[[int], Callable]:
+    """``k`` -> :func:`draft_chain` for ``k`` tokens, its draft step bound: eager
+    when ``device`` is None, else compiled. Compiled, a draft narrower than
+    :data:`~gpt2fn.steps.REGION_MIN_WIDTH` on the CPU (with
+    :data:`~gpt2fn.steps.REGIONS`) runs its whole chain as one graph, a graph
+    for each ``k``, with its step as one nested compile region: built once
+    and called ``k`` times, where the chain inlined would compile ``k``
+    copies. A step of such a model is mostly fixed cost (the call, its
+    guards, the wrapper's allocations), which the chain pays once a round:
+    on the bundled model, side by side, 0.39 -> 0.24 ms a drafted token
+    (int8, 2048-token head, k = 8; the chain compiles in 16 s, where 8
+    inlined copies took 73). Wider drafts, and every draft on CUDA (CUDA
+    graphs already make a call cheap) or with an older torch, call their
+    compiled step once a token, its blocks regions as the plain step's are
+    (:func:`~gpt2fn.steps.decode_block`): a GPT-2-wide chain took 38 s to
+    compile, with its blocks inlined, for a step 10% faster (124M shape,
+    k = 8), and with its blocks regions in the chain's region, 13% slower."""
+    settings = dict(config=config, kernels=kernels, **sampling)
+    if device is None:
+        step = functools.partial(draft_step, **settings)
+    elif device.type == "cpu" and REGIONS and config.n_embd < REGION_MIN_WIDTH:
+        step = _draft_region(**settings)
+        return lambda k: compiled_step(draft_chain, device, n=k, draft=step)
+    else:
+        step = compiled_step(draft_step, device, run_block=decode_block(device, kernels, config), **settings)
+    return lambda k: functools.partial(draft_chain, n=k, draft=step)
+
+
+@functools.lru_cache(maxsize=None)
+def _draft_region(**settings) -> Callable:
+    """:func:`draft_step` with ``settings`` bound, as one nested compile
+    region (made once per settings: a compiled chain reuses its region). The
+    region returns tensors only: dynamo reuses a region's trace only then,
+    and traced a region returning ``q = None`` again at every call (0.6-1 s
+    each: a k = 16 chain took 22 s to compile instead of ~3)."""
+
+    @torch.compiler.nested_compile_region
+    def region(params: Params, tokens: Tensor, pos: Tensor, cache: KVCache, noise: Optional[Tensor]):
+        token, q = draft_step(params, tokens, pos, cache, noise, **settings)
+        return (token,) if q is None else (token, q)
+
+    def step(params: Params, tokens: Tensor, pos: Tensor, cache: KVCache, noise: Optional[Tensor]):
+        token, *q = region(params, tokens, pos, cache, noise)
+        return token, (q[0] if q else None)
+
+    return step
 
 
 def check_draft(config: GPTConfig, draft_config: GPTConfig, k: int, n_prompt: int, max_new_tokens: int) -> None:

@@ -10,13 +10,13 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from gpt2fn import GPT2FnError, GPTConfig, generate, generate_all, init_params, load_pretrained, speculative
+from gpt2fn import GPT2FnError, GPTConfig, generate, generate_all, init_params, load_pretrained, make_cache, speculative
 from gpt2fn.layers import Kernels, block
 from gpt2fn.model import forward
 from gpt2fn.params import map_params
 from gpt2fn.quantize import cast_params
-from gpt2fn.speculative import (accept_greedy, accept_sampled, draft_step, draft_vocab, frequent_tokens, k_levels,
-                                next_k, self_draft)  # fmt: skip
+from gpt2fn.speculative import (accept_greedy, accept_sampled, draft_chain, draft_step, draft_vocab, frequent_tokens,
+                                k_levels, next_k, self_draft)  # fmt: skip
 from gpt2fn.steps import REGION_MIN_WIDTH, REGIONS, _cache, decode_block
 
 from conftest import ROOT, load_script
@@ -76,7 +76,9 @@ def test_compiled_greedy_identity_and_a_fixed_number_of_graphs(small):
     counters.clear()
     spec, stats = generate_all(params, config, prompts(1, (5,))[0], 120, temperature=0, compile=True, draft=draft)
     graphs = counters["stats"]["unique_graphs"]
-    assert graphs == 2  # the draft step and the verify step over k + 1 tokens (the prefill runs eagerly)
+    # the draft's chain of k steps (this draft is narrow: its whole chain is one graph) and the verify
+    # step over k + 1 tokens (the prefill runs eagerly)
+    assert graphs == 2
     for prompt in prompts(3, (2, 9, 30), seed=2):  # other prompt lengths, whole generations: no new graph
         assert_greedy_identity(params, config, prompt, config.n_ctx - prompt.shape[1], draft, 4, compile=True)
     plain_graphs = 1  # assert_greedy_identity also ran the plain compiled decode step
@@ -88,10 +90,10 @@ GPT2_WIDE = GPTConfig(vocab_size=50257, n_ctx=96, n_embd=REGION_MIN_WIDTH, n_lay
 
 @pytest.mark.skipif(not REGIONS, reason="this torch inlines every block (regions that write their inputs need 2.12)")
 def test_compiled_speculative_on_the_gpt2_width_runs_the_drafts_blocks_as_regions(monkeypatch):
-    """On a model as wide as GPT-2 the compiled draft step runs each block as
-    the plain step does, one compile region for every layer; the verify step,
-    whose token count is symbolic, inlines its blocks. Greedy identity and
-    three graphs hold."""
+    """On a model as wide as GPT-2 the compiled draft step is called once a
+    token and runs each block as the plain step does, one compile region for
+    every layer; the verify step, whose token count is symbolic, inlines its
+    blocks. Greedy identity and four graphs hold."""
     config = GPT2_WIDE
     params = map_params(lambda t: t * 4 if t.dim() == 2 else t, init_params(config, seed=5))  # peaked logits
     blocks = []
@@ -104,7 +106,8 @@ def test_compiled_speculative_on_the_gpt2_width_runs_the_drafts_blocks_as_region
         if i == 0:
             graphs = counters["stats"]["unique_graphs"]
     assert len(set(blocks)) == 1 and block not in blocks  # the draft's region, made once
-    assert graphs == counters["stats"]["unique_graphs"] == 3  # plain decode, draft, verify: no new graph after the first
+    # plain decode; the draft step over a round's first two tokens and over one; verify: no new graph after the first
+    assert graphs == counters["stats"]["unique_graphs"] == 4
     torch._dynamo.reset()
 
 
@@ -128,7 +131,7 @@ def test_compiled_speculative_with_a_bf16_target_emits_its_argmax_to_bf16_roundi
             scores = forward(params, GPT2_WIDE, torch.cat([prompt, out], 1)[:, :-1])[0, prompt.shape[1] - 1 :].float()
         best, chosen = scores.max(-1).values, scores.gather(-1, out[0][:, None])[:, 0]
         assert ((best - chosen) <= 4 * 2**-8 * best.abs()).all()  # within four bf16 steps of the best
-    assert counters["stats"]["unique_graphs"] == 2  # the draft and the verify step
+    assert counters["stats"]["unique_graphs"] == 3  # the draft step over a round's first two tokens and over one; verify
     torch._dynamo.reset()
 
 
@@ -263,15 +266,40 @@ def test_adaptive_k_keeps_the_output_and_follows_the_acceptance(small, odd_heads
     assert torch.equal(run(3), run(3))
 
 
-def test_compiled_adaptive_k_needs_no_new_graph(small, odd_heads):
+def test_compiled_adaptive_k_compiles_a_draft_chain_per_level_and_one_verify_step(small, odd_heads):
     params, config = small
     torch._dynamo.reset()  # graphs earlier tests compiled would not be counted
     counters.clear()
     stats = assert_greedy_identity(params, config, prompts(1, (5,))[0], 100, odd_heads, 4, compile=True, adaptive=True)
     assert stats.drafted < 2 * stats.target_passes  # k went down from 4 to 2 and 1
-    # the plain decode step, the draft step and ONE verify step: its token count is symbolic (dynamo
-    # saw 1 token, then k + 1, through the same compiled frame), so every level runs the same graph
-    assert counters["stats"]["unique_graphs"] == 3
+    # the plain decode step, a draft chain for each level k took (4, 2, 1: this draft is narrow, so its
+    # whole chain is a graph) and ONE verify step: its token count is symbolic (dynamo saw 1 token,
+    # then k + 1, through the same compiled frame), so every level runs the same graph
+    assert counters["stats"]["unique_graphs"] == 1 + len(k_levels(4)) + 1
+    assert_greedy_identity(params, config, prompts(1, (12,))[0], 100, odd_heads, 4, compile=True, adaptive=True)
+    assert counters["stats"]["unique_graphs"] == 1 + len(k_levels(4)) + 1  # another prompt: no new graph
+
+
+def test_draft_chain_feeds_each_drafted_token_to_the_next_step_by_hand():
+    """A stand-in draft step that proposes "last token + 10" shows what the
+    chain feeds it: the round's tokens first, then each drafted token at the
+    next position, clamped onto the cache's last slot; one noise column per
+    step; q stacked per step."""
+    seen = []
+
+    def step(params, tokens, pos, cache, noise):
+        seen.append((tokens.tolist(), pos.tolist(), None if noise is None else noise.tolist()))
+        token = tokens[:, -1] + 10
+        return token, torch.nn.functional.one_hot(token, 50).float()
+
+    cache = make_cache(GPTConfig(vocab_size=50, n_ctx=8, n_embd=4, n_layer=1, n_head=1), 1, 8)
+    noise = torch.tensor([[0.125, 0.25, 0.375, 0.5]])
+    drafted, q = draft_chain({}, torch.tensor([[3, 4]]), torch.tensor([[4, 5]]), cache, noise, n=4, draft=step)
+    assert drafted.tolist() == [[14, 24, 34, 44]]
+    assert [s[0] for s in seen] == [[[3, 4]], [[14]], [[24]], [[34]]]
+    assert [s[1] for s in seen] == [[[4, 5]], [[6]], [[7]], [[7]]]  # the last position clamped onto slot 7
+    assert [s[2] for s in seen] == [[0.125], [0.25], [0.375], [0.5]]
+    assert q.shape == (1, 4, 50) and q[0].argmax(-1).tolist() == [14, 24, 34, 44]
 
 
 def test_accept_greedy_keeps_the_agreeing_prefix_and_the_targets_next_token():
