@@ -304,7 +304,7 @@ def speculative_steps(
     eager = Kernels(linear, ATTEND[resolve_attention(attention)])
     draft_kernels = decode_kernels(device, 1, attention) if compile else eager
     verify_kernels = Kernels(few_rows, draft_kernels.attend)
-    draft = draft_chains(draft_config, draft_kernels, device if compile else None, **sampling)
+    draft = draft_chains(draft_config, draft_kernels, device, compile, **sampling)
     if compile:
         verify = compiled_step(verify_step, device, True, config=config, kernels=verify_kernels, **sampling)
     else:
@@ -331,10 +331,10 @@ def speculative_steps(
 
 
 def draft_chains(
-    config: GPTConfig, kernels: Kernels, device: Optional[torch.device], **sampling
+    config: GPTConfig, kernels: Kernels, device: torch.device, compile: bool, **sampling
 ) -> Callable[[int], Callable]:
-    """``k`` -> :func:`draft_chain` for ``k`` tokens, its draft step bound: eager
-    when ``device`` is None, else compiled. Compiled, a draft narrower than
+    """``k`` -> :func:`draft_chain` for ``k`` tokens, its draft step bound:
+    eager, or with ``compile`` compiled. Compiled, a draft narrower than
     :data:`~gpt2fn.steps.REGION_MIN_WIDTH` on the CPU (with
     :data:`~gpt2fn.steps.REGIONS`) runs its whole chain as one graph, a graph
     for each ``k``, with its step as one nested compile region: built once
@@ -350,7 +350,7 @@ def draft_chains(
     compile, with its blocks inlined, for a step 10% faster (124M shape,
     k = 8), and with its blocks regions in the chain's region, 13% slower."""
     settings = dict(config=config, kernels=kernels, **sampling)
-    if device is None:
+    if not compile:
         step = functools.partial(draft_step, **settings)
     elif device.type == "cpu" and REGIONS and config.n_embd < REGION_MIN_WIDTH:
         step = _draft_region(**settings)
