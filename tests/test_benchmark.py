@@ -17,7 +17,7 @@ def test_benchmark_writes_json_and_plot(small_ref, tmp_path):
     run = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--model", str(small_ref.directory),
          "--dtypes", "float32,int8", "--new-tokens", "12", "--batch", "3", "--rounds", "1", "--lengths", "16,64",
-         "--drafts", f"int8,{ROOT / 'weights' / 'gpt2-shakespeare.safetensors'}", "--draft-tokens", "4", "--adaptive-draft", "4", "--draft-vocab", "300",
+         "--drafts", "int8", "--draft-tokens", "4", "--adaptive-draft", "4", "--draft-vocab", "300",
          "--json", str(out_json), "--plot", str(out_png)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -37,8 +37,6 @@ def test_benchmark_writes_json_and_plot(small_ref, tmp_path):
     assert "speculative int8 k=4: " in run.stdout and "the float32 streaming limit; acceptance" in run.stdout
     adaptive = results["generation"]["gpt2fn speculative int8 k<=4 adaptive float32"]
     assert 1 <= adaptive["drafted_per_pass"] <= 4 and spec["drafted_per_pass"] == 4
-    other = results["generation"]["gpt2fn speculative gpt2-shakespeare k=4 float32"]  # another model as draft
-    assert 0 <= other["acceptance_rate"] <= 1 and "gpt2fn speculative gpt2-shakespeare v300 k=4 float32" in names
     cut = results["generation"]["gpt2fn speculative int8 v300 k=4 float32"]  # the draft over ids 0..299
     assert 0 <= cut["acceptance_rate"] <= 1 and "gpt2fn speculative int8 v300 k<=4 adaptive float32" in names
     assert all(g["tokens_per_s"] > 0 for g in results["generation"].values())
