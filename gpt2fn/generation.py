@@ -83,7 +83,7 @@ class Stream:
     """
 
     def __init__(self, params: Params, steps: Steps, prompts: list[list[int]], limits: list[int],
-                 stop_token: Optional[int], noise: Callable[[int], Optional[Tensor]]):  # fmt: skip
+                 stop_token: Optional[int], noise: Callable[[int, bool], Optional[Tensor]]):  # fmt: skip
         self.params, self.steps, self.prompts, self.limits = params, steps, prompts, limits
         self.stop_token, self.noise = stop_token, noise
         self.stats: Optional[GenerationStats] = None
@@ -128,7 +128,7 @@ class Stream:
 
         start = time.perf_counter()
         with torch.inference_mode():
-            token = steps.prefill(params, tokens, pos, state, self.noise(B))
+            token = steps.prefill(params, tokens, pos, state, self.noise(B, False))
         synchronize(device)
         prefill_s = time.perf_counter() - start
         self._made.append(token)
@@ -144,14 +144,14 @@ class Stream:
             start = time.perf_counter()
             with torch.inference_mode():
                 pos = (pos + advance).clamp_(max=length - 1)  # rows past their own end write a slot nobody reads
-                new = steps.decode(params, token[:, None], pos, state, self.noise(B))
+                new = steps.decode(params, token[:, None], pos, state, self.noise(B, True))
             compiling = steps.compiled and n_new == 1  # the first compiled step pays for compiling
             if compiling:
                 synchronize(device)
                 compile_s = time.perf_counter() - start
             else:
                 decode_s += time.perf_counter() - start
-            new = new[:, None] if new.dim() == 1 else new  # [B, m]: m > 1 for a speculative round
+            new = new[:, None] if new.dim() == 1 else new  # [B, m]: m > 1 for a chain or a speculative round
             advance = new.shape[1]
             for token in new.unbind(1):
                 if finished():
@@ -194,6 +194,7 @@ def generate(
     draft: Optional[tuple[Params, GPTConfig]] = None,
     draft_tokens: int = 4,
     adaptive_draft: bool = False,
+    tokens_per_call: int = 1,
 ) -> Stream:
     """Generate up to ``max_new_tokens`` per prompt; returns the :class:`Stream`.
 
@@ -214,9 +215,25 @@ def generate(
     proposing ``draft_tokens`` tokens per target pass (with ``adaptive_draft``,
     at most that many, adapted to the acceptance: see
     :func:`gpt2fn.speculative.next_k`): one prompt, cached.
+
+    ``tokens_per_call`` > 1 (cached, no draft) runs that many decode steps
+    per call, each chosen token fed to the next (:func:`gpt2fn.steps.chain`),
+    and the stream yields them one by one after the call: the same tokens
+    as one step a call (greedy; sampled too on the CPU, which draws the
+    same random numbers), for fewer calls. Compiled on the CPU, a model
+    narrower than GPT-2 runs the whole chain as one graph, which pays a
+    step's fixed cost (the call, its guards) once a call: worth it where
+    tokens need not appear one at a time. A generation may compute up to
+    ``tokens_per_call - 1`` steps past its end, which it discards.
     Raises :class:`~gpt2fn.errors.GPT2FnError` on bad input, before any work.
     """
     check_sampling_args(temperature, top_k, top_p)
+    if not isinstance(tokens_per_call, int) or isinstance(tokens_per_call, bool) or tokens_per_call < 1:
+        raise GPT2FnError(f"tokens_per_call must be an integer >= 1, got {tokens_per_call!r}")
+    if tokens_per_call > 1 and (draft is not None or not use_cache):
+        raise GPT2FnError("tokens_per_call chains cached plain decode steps; drop it, "
+                          + ("or the draft (speculative rounds emit several tokens a call already)" if draft is not None
+                             else "or keep the KV cache on"))  # fmt: skip
     if isinstance(prompts, Tensor):
         check_sequence_fits(config, prompts.shape[1], max_new_tokens)
         prompts = prompts.tolist()
@@ -228,7 +245,7 @@ def generate(
     if draft is None:
         if adaptive_draft:
             raise GPT2FnError("adaptive_draft adapts speculative decoding; pass a draft too")
-        steps = make_steps(config, device, len(prompts), use_cache, compile, attention, **sampling)
+        steps = make_steps(config, device, len(prompts), use_cache, compile, attention, tokens_per_call, **sampling)
     else:
         if len(prompts) > 1:
             raise GPT2FnError(f"speculative decoding takes one prompt, got {len(prompts)}; run them one at a time "
@@ -240,10 +257,16 @@ def generate(
                                   compile=compile, attention=attention, **sampling)  # fmt: skip
         width = (draft_tokens + 1, 2)  # one block per round, for the largest k (see accept_sampled)
 
-    def noise(batch: int) -> Optional[Tensor]:
+    def noise(batch: int, decode: bool) -> Optional[Tensor]:
+        """One call's random numbers: [B, W] for a step, [B, n, W] for a chain
+        of n (drawn in the order n steps would draw them), [B, k + 1, 2] for a
+        speculative round (its prefill takes [:, 0, 0])."""
         if temperature == 0:
             return None
-        return uniform_noise((batch, *width), generator, generator.device if generator else device).to(device)
+        at = generator.device if generator else device
+        if decode and tokens_per_call > 1:
+            return uniform_noise((tokens_per_call, batch, *width), generator, at).to(device).transpose(0, 1)
+        return uniform_noise((batch, *width), generator, at).to(device)
 
     limits = [min(max_new_tokens, config.n_ctx - len(p)) for p in prompts]
     return Stream(params, steps, prompts, limits, stop_token, noise)

@@ -6,7 +6,8 @@ capped by memory bandwidth. Here the target reads its weights once per
 *round* and emits between 1 and ``k + 1`` tokens:
 
 1. the draft decodes ``k`` tokens, each from the one before
-   (:func:`draft_chain`), starting from the last two emitted tokens;
+   (a :func:`~gpt2fn.steps.chain` of :func:`draft_step` calls), starting
+   from the last two emitted tokens;
 2. the target runs the last emitted token and the ``k`` drafted ones at
    their positions (one pass, :func:`verify_step`), which gives its choice
    after each of them;
@@ -33,7 +34,7 @@ every drafted token, one down after a round that accepted fewer than half.
 Compiled, the verify step is one graph for a whole generation, any prompt
 length and any ``k``: it is compiled with its token count marked dynamic
 (and the cache length, as for plain decoding). The draft
-(:func:`draft_chains`) is, for a draft narrower than GPT-2 on the CPU, its
+(:func:`~gpt2fn.steps.chains`) is, for a draft narrower than GPT-2 on the CPU, its
 whole chain of ``k`` steps as one graph (one for each ``k``), calling its
 step as one compile region; otherwise its step compiled (two graphs: the
 round's first step over two tokens, and one token), its blocks compile
@@ -79,8 +80,7 @@ from gpt2fn.model import hidden, logits
 from gpt2fn.params import Params, map_params
 from gpt2fn.quantize import quantize_int8
 from gpt2fn.sampling import draw, filtered_probs
-from gpt2fn.steps import (REGION_MIN_WIDTH, REGIONS, Steps, _cache, _marked_cache, compiled_step, decode_block,
-                          decode_kernels, resolve_attention)
+from gpt2fn.steps import Steps, _cache, _marked_cache, chains, compiled_step, decode_kernels, resolve_attention
 
 Tensor = torch.Tensor
 DRAFT_DTYPES = {"int8": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -131,9 +131,11 @@ def frequent_tokens(tokens: Tensor, n: int, vocab_size: int) -> Tensor:
 def draft_step(
     params: Params, tokens: Tensor, pos: Tensor, cache: KVCache, noise: Optional[Tensor],
     *, config: GPTConfig, kernels: Kernels, temperature: float, top_k: int, top_p: float, run_block: Callable = block,
-) -> tuple[Tensor, Optional[Tensor]]:  # fmt: skip
-    """One drafted token per row and the distribution it was drawn from:
-    tokens [B, 1] at pos [B, 1] -> (token [B], q [B, V] fp32; None when greedy).
+) -> tuple[Tensor, ...]:  # fmt: skip
+    """One drafted token per row, and when sampling the distribution it was
+    drawn from: tokens [B, T] at pos [B, T] -> (token [B],) greedy, or
+    (token [B], q [B, V] fp32): a tuple of tensors, as
+    :func:`~gpt2fn.steps.chain` calls its step.
     noise: [B] Uniform[0, 1) (one inverse-CDF draw from ``q``,
     :func:`~gpt2fn.sampling.draw`). ``run_block``: see
     :func:`~gpt2fn.steps.decode_block`. A draft with a vocabulary of its own
@@ -144,15 +146,13 @@ def draft_step(
     head = params if vocab is None else {**params, "wte": params["head"], "wte_scale": params.get("head_scale")}
     out = logits(head, config, x, kernels.linear)  # [B, V], or [B, Vd] over the draft's own vocabulary
     if temperature == 0:
-        choice, q = out.argmax(-1), None
-    else:
-        q = filtered_probs(out, temperature, top_k, top_p)
-        choice = draw(q, noise)
+        choice = out.argmax(-1)
+        return (choice,) if vocab is None else (vocab[choice],)
+    q = filtered_probs(out, temperature, top_k, top_p)
+    choice = draw(q, noise)
     if vocab is None:
         return choice, q
-    if q is not None:
-        q = q.new_zeros(q.shape[0], config.vocab_size).index_copy(1, vocab, q)
-    return vocab[choice], q
+    return vocab[choice], q.new_zeros(q.shape[0], config.vocab_size).index_copy(1, vocab, q)
 
 
 def verify_step(
@@ -230,26 +230,6 @@ class Speculation:
     counts: dict = field(default_factory=lambda: {"target_passes": 0, "drafted": 0, "accepted": 0})
 
 
-def draft_chain(
-    params: Params, tokens: Tensor, pos: Tensor, cache: KVCache, noise: Optional[Tensor], *, n: int, draft: Callable
-) -> tuple[Tensor, Optional[Tensor]]:
-    """``n`` drafted tokens a row, each fed to the next draft step:
-    tokens [B, T] at pos [B, T] -> (drafted [B, n], q [B, n, V] fp32 or
-    None when greedy). The first step runs all ``T`` tokens, each later one
-    the token drafted before it at the next position (clamped onto the
-    cache's last slot: only tokens past the generation's end land there).
-    noise: [B, n] Uniform[0, 1) or None. ``draft``: :func:`draft_step` with
-    its settings bound (compiled: see :func:`draft_chains`)."""
-    length = cache_len(cache)
-    drafted, qs = [], []
-    for i in range(n):
-        token, q = draft(params, tokens, pos, cache, None if noise is None else noise[:, i])
-        drafted.append(token)
-        qs.append(q)
-        tokens, pos = token[:, None], (pos[:, -1:] + 1).clamp(max=length - 1)
-    return torch.stack(drafted, dim=1), None if qs[0] is None else torch.stack(qs, dim=1)
-
-
 def speculative_round(
     params: Params, token: Tensor, pos: Tensor, state: Speculation, noise: Optional[Tensor],
     *, draft_params: Params, draft: Callable[[int], Callable], verify: Callable, accept: Callable,
@@ -258,7 +238,7 @@ def speculative_round(
     """One round of ``state.k`` drafted tokens (a decode step of the
     :class:`~gpt2fn.steps.Steps` protocol that emits several tokens):
     token [1, 1] at pos [1, 1] -> the emitted tokens [1, n + 1]. ``draft(k)``:
-    :func:`draft_chain` for ``k`` tokens with its step bound. With
+    a :func:`~gpt2fn.steps.chain` of ``k`` :func:`draft_step` calls. With
     ``levels`` (:func:`k_levels`) ``k`` is adaptive and the round sets the
     next one (:func:`next_k`); without, it stays. ``noise``:
     [1, K + 1, 2] for any K >= k (see :func:`accept_sampled`), or None.
@@ -274,11 +254,11 @@ def speculative_round(
     length = cache_len(state.target)
     if noise is not None:
         noise = noise[:, : k + 1]
-    drafted, q = draft(k)(draft_params, torch.cat([state.before, token], dim=1), torch.cat([pos - 1, pos], dim=1),
-                          state.draft, None if noise is None else noise[:, :k, 0])  # fmt: skip
+    drafted, *q = draft(k)(draft_params, torch.cat([state.before, token], dim=1), torch.cat([pos - 1, pos], dim=1),
+                           state.draft, None if noise is None else noise[:, :k, 0])  # fmt: skip
     verify_pos = (pos + torch.arange(k + 1, device=pos.device)).clamp(max=length - 1)
     out = verify(params, torch.cat([token, drafted], dim=1), verify_pos, state.target)
-    n, tokens = accept(drafted, out) if noise is None else accept(drafted, q, out, noise)
+    n, tokens = accept(drafted, out) if noise is None else accept(drafted, q[0], out, noise)
     m = int(n[0]) + 1
     state.before = token if m == 1 else tokens[:, m - 2 : m - 1]
     state.counts["target_passes"] += 1
@@ -298,13 +278,13 @@ def speculative_steps(
     :func:`speculative_round`; the state is a :class:`Speculation`. ``k``
     drafted tokens per round, or with ``adaptive`` at most ``k`` (starting
     there; see :func:`next_k`). With ``compile`` the draft (see
-    :func:`draft_chains`) and the verify step are compiled as the plain
+    :func:`~gpt2fn.steps.chains`) and the verify step are compiled as the plain
     decode step is (see the module docstring; CUDA graphs on CUDA)."""
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     eager = Kernels(linear, ATTEND[resolve_attention(attention)])
     draft_kernels = decode_kernels(device, 1, attention) if compile else eager
     verify_kernels = Kernels(few_rows, draft_kernels.attend)
-    draft = draft_chains(draft_config, draft_kernels, device, compile, **sampling)
+    draft = chains(draft_step, draft_config, draft_kernels, device, compile, **sampling)
     if compile:
         verify = compiled_step(verify_step, device, True, config=config, kernels=verify_kernels, **sampling)
     else:
@@ -328,56 +308,6 @@ def speculative_steps(
                                  verify=verify, accept=accept, levels=levels)  # fmt: skip
 
     return Steps(make_state, prefill, decode, compiled=compile, report=lambda state: dict(state.counts))
-
-
-def draft_chains(
-    config: GPTConfig, kernels: Kernels, device: torch.device, compile: bool, **sampling
-) -> Callable[[int], Callable]:
-    """``k`` -> :func:`draft_chain` for ``k`` tokens, its draft step bound:
-    eager, or with ``compile`` compiled. Compiled, a draft narrower than
-    :data:`~gpt2fn.steps.REGION_MIN_WIDTH` on the CPU (with
-    :data:`~gpt2fn.steps.REGIONS`) runs its whole chain as one graph, a graph
-    for each ``k``, with its step as one nested compile region: built once
-    and called ``k`` times, where the chain inlined would compile ``k``
-    copies. A step of such a model is mostly fixed cost (the call, its
-    guards, the wrapper's allocations), which the chain pays once a round:
-    on the bundled model, side by side, 0.39 -> 0.24 ms a drafted token
-    (int8, 2048-token head, k = 8; the chain compiles in 16 s, where 8
-    inlined copies took 73). Wider drafts, and every draft on CUDA (CUDA
-    graphs already make a call cheap) or with an older torch, call their
-    compiled step once a token, its blocks regions as the plain step's are
-    (:func:`~gpt2fn.steps.decode_block`): a GPT-2-wide chain took 38 s to
-    compile, with its blocks inlined, for a step 10% faster (124M shape,
-    k = 8), and with its blocks regions in the chain's region, 13% slower."""
-    settings = dict(config=config, kernels=kernels, **sampling)
-    if not compile:
-        step = functools.partial(draft_step, **settings)
-    elif device.type == "cpu" and REGIONS and config.n_embd < REGION_MIN_WIDTH:
-        step = _draft_region(**settings)
-        return lambda k: compiled_step(draft_chain, device, n=k, draft=step)
-    else:
-        step = compiled_step(draft_step, device, run_block=decode_block(device, kernels, config), **settings)
-    return lambda k: functools.partial(draft_chain, n=k, draft=step)
-
-
-@functools.lru_cache(maxsize=None)
-def _draft_region(**settings) -> Callable:
-    """:func:`draft_step` with ``settings`` bound, as one nested compile
-    region (made once per settings: a compiled chain reuses its region). The
-    region returns tensors only: dynamo reuses a region's trace only then,
-    and traced a region returning ``q = None`` again at every call (0.6-1 s
-    each: a k = 16 chain took 22 s to compile instead of ~3)."""
-
-    @torch.compiler.nested_compile_region
-    def region(params: Params, tokens: Tensor, pos: Tensor, cache: KVCache, noise: Optional[Tensor]):
-        token, q = draft_step(params, tokens, pos, cache, noise, **settings)
-        return (token,) if q is None else (token, q)
-
-    def step(params: Params, tokens: Tensor, pos: Tensor, cache: KVCache, noise: Optional[Tensor]):
-        token, *q = region(params, tokens, pos, cache, noise)
-        return token, (q[0] if q else None)
-
-    return step
 
 
 def check_draft(config: GPTConfig, draft_config: GPTConfig, k: int, n_prompt: int, max_new_tokens: int) -> None:

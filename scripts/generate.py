@@ -59,6 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "in merge order, common ones first)")
     p.add_argument("--draft_vocab_from", default=None,
                    help="a text file like the text you generate: --draft_vocab keeps its N most frequent tokens")
+    p.add_argument("--tokens_per_call", type=int, default=1,
+                   help="decode steps per call of the step, each token fed to the next (default 1): the same text, "
+                        "printed in bursts; with --compile on the CPU, a model narrower than GPT-2 runs them as one "
+                        "graph, faster (the bundled model: ~1.3x at 8)")
     p.add_argument("--max_tokens", type=int, default=50, help="new tokens to generate (default 50)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
     p.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens (0 = off, default)")
@@ -91,6 +95,12 @@ def run(args: argparse.Namespace) -> int:
     elif args.adaptive_draft or args.draft_vocab is not None:
         flag = "--adaptive_draft adapts" if args.adaptive_draft else "--draft_vocab cuts the draft of"
         raise GPT2FnError(f"{flag} speculative decoding; give a --draft too")
+    if args.tokens_per_call < 1:
+        raise GPT2FnError(f"--tokens_per_call must be >= 1, got {args.tokens_per_call}")
+    if args.tokens_per_call > 1 and (args.draft is not None or not args.kvcaching):
+        raise GPT2FnError("--tokens_per_call chains cached plain decode steps; drop it, or "
+                          + ("--draft (speculative rounds emit several tokens a call already)" if args.draft is not None
+                             else "--no-kvcaching"))  # fmt: skip
     if args.draft_vocab_from is not None and args.draft_vocab is None:
         raise GPT2FnError("--draft_vocab_from needs --draft_vocab N: how many of its most frequent tokens to keep")
     if args.draft_vocab is not None and args.draft_vocab < 1:
@@ -120,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
         use_cache=args.kvcaching, attention=args.attention,
         stop_token=None if args.ignore_eot else ENDOFTEXT_ID, compile=args.compile,
         draft=draft, draft_tokens=args.draft_tokens, adaptive_draft=args.adaptive_draft,
+        tokens_per_call=args.tokens_per_call,
     )  # fmt: skip
     if len(prompts) == 1:  # streamed as it is made
         sys.stdout.write(prompts[0])
@@ -139,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
 def report(args: argparse.Namespace, device: torch.device, seed: int, stream) -> str:
     stats = stream.stats
     mode = ("kv-cache" if args.kvcaching else "no cache") + (", compiled" if args.compile else "")
+    mode += f", {args.tokens_per_call} tokens a call" if args.tokens_per_call > 1 else ""
     batch = f", batch of {stats.batch}" if stats.batch > 1 else ""
     made = sum(len(row) for row in stream.rows())
     compiled = f"compile: {stats.compile_s:.1f} s (first decode step)\n" if args.compile else ""

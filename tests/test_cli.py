@@ -76,6 +76,9 @@ BAD_INPUTS = {
     "negative temperature": (["--temperature", "-1"], "temperature must be >= 0"),
     "negative top_k": (["--top_k", "-2"], "top_k must be an integer >= 0"),
     "bad device": (["--device", "tpu"], "unknown device 'tpu'"),
+    "tokens_per_call zero": (["--tokens_per_call", "0"], "--tokens_per_call must be >= 1, got 0"),
+    "tokens_per_call without cache": (["--tokens_per_call", "4", "--no-kvcaching"], "drop it, or --no-kvcaching"),
+    "tokens_per_call with a draft": (["--tokens_per_call", "4", "--draft", "int8"], "drop it, or --draft (speculative"),
 }
 
 
@@ -145,6 +148,19 @@ def test_several_prompts_compile_and_recompute_like_the_eager_batch(generate_cli
         assert code == 0 and "batch of 3" in err, err
         outputs.append(out)
     assert outputs[0] == outputs[1] == outputs[2] and outputs[0].count("--- [") == 3
+
+
+def test_tokens_per_call_prints_the_same_text_one_prompt_and_a_batch(generate_cli, capsys, small_ref):
+    """Chains of 4 steps (eager, and compiled: one graph) print what one step
+    a call prints, streamed for one prompt and at the end for a batch."""
+    model = ["--model", str(small_ref.directory), "--max_tokens", "18", "--temperature", "0", "--ignore_eot"]
+    for prompts in (["--prompt", "Hello there"], ["--prompt", "a", "--prompt", "The longest of the prompts"]):
+        outputs = set()
+        for flags in ([], ["--tokens_per_call", "4"], ["--tokens_per_call", "4", "--compile"]):
+            code, out, err = run_cli(generate_cli, capsys, *prompts, *model, *flags)
+            assert code == 0 and ("4 tokens a call" in err) == bool(flags), err
+            outputs.add(out)
+        assert len(outputs) == 1
 
 
 def test_missing_prompt_and_unreadable_prompt_file(generate_cli, capsys, small_ref, tmp_path):

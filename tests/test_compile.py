@@ -248,3 +248,44 @@ def test_compiled_no_cache_generation_equals_eager_and_reports_compile_apart(sma
     tokens, stats = generate_all(params, config, prompt(5), 12, temperature=0, use_cache=False, compile=True)
     assert torch.equal(tokens, eager)
     assert stats.compile_s > 0 and stats.decode_tokens == 10
+
+
+def test_tokens_per_call_yields_the_tokens_of_one_step_a_call(small_ref):
+    """A chain of n steps a call (eager and compiled) yields the tokens that
+    one step a call yields, greedy and seeded, in a ragged batch whose rows
+    stop at a stop token and at the context (n_ctx 128) at counts that are
+    no multiple of n; compiled, the chain is one graph for every call and
+    every prompt (the small model is narrower than REGION_MIN_WIDTH)."""
+    params, config = load_pretrained(small_ref.directory)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 50257, (n,), generator=g).tolist() for n in (3, 17, 121, 9)]
+    greedy = generate(params, config, prompts, 23, temperature=0).rows()
+    stop = greedy[0][6]
+    outputs = []
+    for kw in [dict(temperature=0), dict(temperature=0, stop_token=stop), dict(temperature=0.9, top_k=20, top_p=0.9)]:
+        runs = [generate(params, config, prompts, 23, generator=torch.Generator().manual_seed(7), tokens_per_call=n,
+                         compile=compile, **kw) for n, compile in [(1, False), (5, False), (5, True)]]  # fmt: skip
+        rows = [r.rows() for r in runs]
+        assert rows[0] == rows[1] == rows[2], kw
+        assert len(rows[0][2]) == 7  # row 2 stops at the context
+        assert [r.stats.decode_tokens for r in runs] == [runs[0].stats.n_new - 1] * 2 + [runs[0].stats.n_new - 1 - 5]
+        outputs.append(rows[0])
+    assert outputs[0] == greedy and len(outputs[1][0]) == greedy[0].index(stop) + 1 < 23  # the stop token cut row 0
+    assert outputs[2] != greedy
+    generate(params, config, prompts[::-1], 11, temperature=0, tokens_per_call=5, compile=True).rows()
+    # the chain's graph (greedy), and the seeded one: nothing for a second prompt
+    assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_tokens_per_call_on_the_gpt2_width_calls_the_compiled_step_per_token(small_ref, monkeypatch):
+    """Models at least REGION_MIN_WIDTH wide (here: the small model, the width
+    lowered) chain their compiled step, one call a token: one graph, the
+    same tokens."""
+    import gpt2fn.steps
+
+    monkeypatch.setattr(gpt2fn.steps, "REGION_MIN_WIDTH", config_width := 64)
+    params, config = load_pretrained(small_ref.directory)
+    assert config.n_embd == config_width
+    one = generate_all(params, config, prompt(7), 20, temperature=0)[0]
+    assert torch.equal(generate_all(params, config, prompt(7), 20, temperature=0, tokens_per_call=3, compile=True)[0], one)
+    assert counters["stats"]["unique_graphs"] == 1

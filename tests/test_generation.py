@@ -95,3 +95,21 @@ def test_bad_sampling_parameters_are_refused_before_any_work(small):
     params, config = small
     with pytest.raises(GPT2FnError, match="top_p"):
         generate(params, config, prompt(3), 5, top_p=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(tokens_per_call=0), r"tokens_per_call must be an integer >= 1, got 0$"),
+        (dict(tokens_per_call=2.0), r"tokens_per_call must be an integer >= 1, got 2.0$"),
+        (dict(tokens_per_call=True), r"tokens_per_call must be an integer >= 1, got True$"),
+        (dict(tokens_per_call=4, use_cache=False), r"chains cached plain decode steps; drop it, or keep the KV cache on$"),
+        (dict(tokens_per_call=4, draft_tokens=4), r"drop it, or the draft \(speculative rounds emit several tokens a call"),
+    ],
+)
+def test_bad_tokens_per_call_is_refused_before_any_work(small, kwargs, message):
+    params, config = small
+    if "draft_tokens" in kwargs:
+        kwargs["draft"] = small
+    with pytest.raises(GPT2FnError, match=message):
+        generate(params, config, prompt(3), 5, **kwargs)

@@ -10,16 +10,17 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from gpt2fn import GPT2FnError, GPTConfig, generate, generate_all, init_params, load_pretrained, make_cache, speculative
+import gpt2fn.steps
+from gpt2fn import GPT2FnError, GPTConfig, generate, generate_all, init_params, load_pretrained, make_cache
 from gpt2fn.layers import Kernels, block
 from gpt2fn.model import forward
 from gpt2fn.params import map_params
 from gpt2fn.quantize import cast_params
-from gpt2fn.speculative import (accept_greedy, accept_sampled, draft_chain, draft_step, draft_vocab, frequent_tokens,
-                                k_levels, next_k, self_draft)  # fmt: skip
-from gpt2fn.steps import REGION_MIN_WIDTH, REGIONS, _cache, decode_block
+from gpt2fn.speculative import (accept_greedy, accept_sampled, draft_step, draft_vocab, frequent_tokens, k_levels,
+                                next_k, self_draft)  # fmt: skip
+from gpt2fn.steps import REGION_MIN_WIDTH, REGIONS, _cache, chain, decode_block
 
-from conftest import ROOT, load_script
+from conftest import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +98,7 @@ def test_compiled_speculative_on_the_gpt2_width_runs_the_drafts_blocks_as_region
     config = GPT2_WIDE
     params = map_params(lambda t: t * 4 if t.dim() == 2 else t, init_params(config, seed=5))  # peaked logits
     blocks = []
-    monkeypatch.setattr(speculative, "decode_block", lambda *args: blocks.append(decode_block(*args)) or blocks[-1])
+    monkeypatch.setattr(gpt2fn.steps, "decode_block", lambda *args: blocks.append(decode_block(*args)) or blocks[-1])
     torch._dynamo.reset()
     counters.clear()
     draft = self_draft(params, "int8"), config
@@ -105,7 +106,7 @@ def test_compiled_speculative_on_the_gpt2_width_runs_the_drafts_blocks_as_region
         assert_greedy_identity(params, config, prompt, config.n_ctx - prompt.shape[1], draft, 4, compile=True)
         if i == 0:
             graphs = counters["stats"]["unique_graphs"]
-    assert len(set(blocks)) == 1 and block not in blocks  # the draft's region, made once
+    assert len(set(blocks)) == 1 and block not in blocks  # one region, made once, for the plain step and the draft
     # plain decode; the draft step over a round's first two tokens and over one; verify: no new graph after the first
     assert graphs == counters["stats"]["unique_graphs"] == 4
     torch._dynamo.reset()
@@ -169,8 +170,8 @@ def test_a_cut_vocabulary_draft_step_chooses_and_samples_within_it(small):
     settings = dict(config=config, kernels=Kernels())
     greedy = dict(temperature=0.0, top_k=0, top_p=1.0)
     full_logits = forward(full, config, tokens)[:, -1]
-    token, q = draft_step(cut, tokens, pos, _cache(config, cut, 2, 4), None, **settings, **greedy)
-    assert q is None and torch.equal(token, vocab[full_logits[:, vocab].argmax(-1)])
+    (token,) = draft_step(cut, tokens, pos, _cache(config, cut, 2, 4), None, **settings, **greedy)  # no q when greedy
+    assert torch.equal(token, vocab[full_logits[:, vocab].argmax(-1)])
     noise = torch.rand(2, generator=torch.Generator().manual_seed(0))
     sampling = dict(temperature=0.8, top_k=0, top_p=1.0)
     token, q = draft_step(cut, tokens, pos, _cache(config, cut, 2, 4), noise, **settings, **sampling)
@@ -280,11 +281,11 @@ def test_compiled_adaptive_k_compiles_a_draft_chain_per_level_and_one_verify_ste
     assert counters["stats"]["unique_graphs"] == 1 + len(k_levels(4)) + 1  # another prompt: no new graph
 
 
-def test_draft_chain_feeds_each_drafted_token_to_the_next_step_by_hand():
-    """A stand-in draft step that proposes "last token + 10" shows what the
-    chain feeds it: the round's tokens first, then each drafted token at the
-    next position, clamped onto the cache's last slot; one noise column per
-    step; q stacked per step."""
+def test_chain_feeds_each_chosen_token_to_the_next_step_by_hand():
+    """A stand-in step that chooses "last token + 10" shows what the chain
+    feeds it: the first call's tokens, then each chosen token at the next
+    position, clamped onto the cache's last slot; one noise column per
+    step; every output of the step stacked per step (a draft's q too)."""
     seen = []
 
     def step(params, tokens, pos, cache, noise):
@@ -294,12 +295,16 @@ def test_draft_chain_feeds_each_drafted_token_to_the_next_step_by_hand():
 
     cache = make_cache(GPTConfig(vocab_size=50, n_ctx=8, n_embd=4, n_layer=1, n_head=1), 1, 8)
     noise = torch.tensor([[0.125, 0.25, 0.375, 0.5]])
-    drafted, q = draft_chain({}, torch.tensor([[3, 4]]), torch.tensor([[4, 5]]), cache, noise, n=4, draft=step)
+    drafted, q = chain({}, torch.tensor([[3, 4]]), torch.tensor([[4, 5]]), cache, noise, n=4, step=step)
     assert drafted.tolist() == [[14, 24, 34, 44]]
     assert [s[0] for s in seen] == [[[3, 4]], [[14]], [[24]], [[34]]]
     assert [s[1] for s in seen] == [[[4, 5]], [[6]], [[7]], [[7]]]  # the last position clamped onto slot 7
     assert [s[2] for s in seen] == [[0.125], [0.25], [0.375], [0.5]]
     assert q.shape == (1, 4, 50) and q[0].argmax(-1).tolist() == [14, 24, 34, 44]
+    seen.clear()
+    (tokens,) = chain({}, torch.tensor([[3], [5]]), torch.tensor([[2], [6]]), cache, None, n=3, step=lambda *a: step(*a)[:1])
+    assert tokens.tolist() == [[13, 23, 33], [15, 25, 35]]  # a plain step's tokens, per row
+    assert [s[1] for s in seen] == [[[2], [6]], [[3], [7]], [[4], [7]]] and [s[2] for s in seen] == [None] * 3
 
 
 def test_accept_greedy_keeps_the_agreeing_prefix_and_the_targets_next_token():
@@ -453,15 +458,13 @@ def test_adaptive_without_a_draft_is_refused(small, generate_cli, capsys):
 
 
 def test_the_cuda_graph_wrapper_copies_a_draft_steps_outputs():
-    """On CUDA the compiled draft step is wrapped to copy its outputs out of
-    the graph's memory; it returns (token, q) or (token, None)."""
+    """On CUDA a compiled step is wrapped to copy its outputs out of the
+    graph's memory: a token, or a draft's tuple (token,) or (token, q)."""
     from gpt2fn.steps import _cloned
 
     token, q = torch.tensor([3]), torch.rand(1, 5)
-    for out in [(token, q), (token, None)]:
+    for out in [(token, q), (token,)]:
         copied = _cloned(lambda *args: out)()
-        assert len(copied) == 2 and copied[0] is not token and torch.equal(copied[0], token)
-        assert (copied[1] is None) == (out[1] is None)
-        assert copied[1] is None or (copied[1] is not q and torch.equal(copied[1], q))
+        assert len(copied) == len(out) and all(c is not t and torch.equal(c, t) for c, t in zip(copied, out))
     single = _cloned(lambda *args: token)()
     assert single is not token and torch.equal(single, token)
