@@ -25,7 +25,7 @@ import torch
 
 from gpt2fn.config import GPTConfig
 from gpt2fn.device import synchronize
-from gpt2fn.errors import GPT2FnError
+from gpt2fn.errors import GPT2FnError, check_int
 from gpt2fn.params import Params, params_device
 from gpt2fn.sampling import check_sampling_args, noise_width, uniform_noise
 from gpt2fn.speculative import check_draft, speculative_steps
@@ -228,8 +228,7 @@ def generate(
     Raises :class:`~gpt2fn.errors.GPT2FnError` on bad input, before any work.
     """
     check_sampling_args(temperature, top_k, top_p)
-    if not isinstance(tokens_per_call, int) or isinstance(tokens_per_call, bool) or tokens_per_call < 1:
-        raise GPT2FnError(f"tokens_per_call must be an integer >= 1, got {tokens_per_call!r}")
+    check_int("tokens_per_call", tokens_per_call)
     if tokens_per_call > 1 and (draft is not None or not use_cache):
         raise GPT2FnError("tokens_per_call chains cached plain decode steps; drop it, "
                           + ("or the draft (speculative rounds emit several tokens a call already)" if draft is not None

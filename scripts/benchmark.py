@@ -12,7 +12,8 @@ only ratios measured side by side mean anything):
 2. compile time of the decode step, cold (empty inductor cache) and warm
    (from the on-disk cache), and whether any step recompiles;
 3. generation (prompt + N new tokens, greedy), all through the one decode
-   loop of ``gpt2fn.generation``: eager and compiled, per dtype; a batch of
+   loop of ``gpt2fn.generation``: eager and compiled, per dtype, and
+   compiled with ``--tokens-per-call`` steps chained per call; a batch of
    ``--batch`` prompts decoded together, compiled for every dtype and eager
    for the first (tokens/s over all rows); and transformers' ``generate()``
    on the same weights (built by ``GPTConfig.to_hf``), with its default cache and, on CUDA, its static cache;
@@ -87,6 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--batch", type=int, default=8,
                    help="also decode this many prompts in one batch: compiled for every dtype, eager for the first (1 = skip)")
+    p.add_argument("--tokens-per-call", type=int, default=8,
+                   help="also compiled rows for every dtype with this many decode steps chained per call "
+                        "(generate's tokens_per_call; 0 or 1 = skip; default 8)")
     p.add_argument("--drafts", default="int8,bfloat16",
                    help="speculative decoding rows, compiled, for the float32 model drafted by each of these: "
                         f"its own weights at a dtype ({', '.join(DRAFT_DTYPES)}) or another model with its "
@@ -119,6 +123,7 @@ def check_args(args) -> tuple[list[str], list[int]]:
     check_int("--rounds", args.rounds)
     parse_int_list("--draft-tokens", args.draft_tokens, low=1)
     check_int("--adaptive-draft", args.adaptive_draft, low=0)
+    check_int("--tokens-per-call", args.tokens_per_call, low=0)
     check_int("--draft-vocab", args.draft_vocab, low=0)
     if args.draft_vocab_from is not None and not args.draft_vocab:
         raise GPT2FnError("--draft-vocab-from needs --draft-vocab N: how many of its most frequent tokens to keep")
@@ -214,15 +219,18 @@ def measure_compile(params: dict, config, prompt, attention) -> dict:
 
 
 def make_contenders(args, params: dict, params32, config, prompt, device, drafts, cut_vocab) -> list[Contender]:
-    def ours(d: str, compiled: bool, prompts) -> Contender:
+    def ours(d: str, compiled: bool, prompts, per_call: int = 1) -> Contender:
         def run() -> float:
             stats = generate_all(params[d], config, prompts, args.new_tokens, temperature=0,
-                                 attention=args.attention, compile=compiled)[1]  # fmt: skip
+                                 attention=args.attention, compile=compiled, tokens_per_call=per_call)[1]  # fmt: skip
             return stats.decode_tokens * stats.batch / stats.decode_s
 
-        return Contender("gpt2fn", "compiled" if compiled else "eager", d, prompts.shape[0], run)
+        mode = ("compiled" if compiled else "eager") + (f", {per_call} a call" if per_call > 1 else "")
+        return Contender("gpt2fn", mode, d, prompts.shape[0], run)
 
     contenders = [ours(d, compiled, prompt) for d in params for compiled in (False, True)]
+    if args.tokens_per_call > 1:
+        contenders += [ours(d, True, prompt, args.tokens_per_call) for d in params]
     if args.batch > 1:  # the same prompt length per row, so every row runs all steps
         prompts = torch.randint(0, config.vocab_size, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(1))
         contenders += [ours(next(iter(params)), False, prompts)] + [ours(d, True, prompts) for d in params]
@@ -393,6 +401,10 @@ def print_report(results) -> None:
                   f"the float32 streaming limit; acceptance {g['acceptance_rate']:.1%}, "
                   f"{g['drafted_per_pass']:.2f} drafted and {g['tokens_per_pass']:.2f} emitted per target pass")  # fmt: skip
     print("\n  compiled / eager:  " + ", ".join(f"{d} {fmt_ratio(tps('compiled', d) / tps('eager', d))}" for d in limit))
+    chained = [g for g in gen.values() if g["mode"].startswith("compiled, ")]
+    if chained:
+        print(f"  {chained[0]['mode'].split(', ')[1]} / one a call, compiled:  " + ", ".join(
+            f"{g['dtype']} {fmt_ratio(g['tokens_per_s'] / tps('compiled', g['dtype']))}" for g in chained))
     print(f"  graphs compiled during the timed runs: {results['graphs_compiled_during_timed_runs']} (0 = no recompilation)")
     print("  decode-step compile time: " + ", ".join(
         f"{d} cold {c['cold_s']:.1f} s / warm {c['warm_s']:.1f} s" for d, c in comp.items()))

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from gpt2fn.device import resolve_device
-from gpt2fn.errors import GPT2FnError, run_cli
+from gpt2fn.errors import GPT2FnError, check_int, run_cli
 from gpt2fn.generation import generate
 from gpt2fn.layers import ATTEND
 from gpt2fn.quantize import WEIGHT_DTYPES, cast_params
@@ -95,8 +95,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.adaptive_draft or args.draft_vocab is not None:
         flag = "--adaptive_draft adapts" if args.adaptive_draft else "--draft_vocab cuts the draft of"
         raise GPT2FnError(f"{flag} speculative decoding; give a --draft too")
-    if args.tokens_per_call < 1:
-        raise GPT2FnError(f"--tokens_per_call must be >= 1, got {args.tokens_per_call}")
+    check_int("--tokens_per_call", args.tokens_per_call)
     if args.tokens_per_call > 1 and (args.draft is not None or not args.kvcaching):
         raise GPT2FnError("--tokens_per_call chains cached plain decode steps; drop it, or "
                           + ("--draft (speculative rounds emit several tokens a call already)" if args.draft is not None

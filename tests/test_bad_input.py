@@ -287,6 +287,7 @@ def test_benchmark_refuses_bad_input_before_any_work(small_ref, tmp_path):
         "--new-tokens 0": "--new-tokens must be an integer >= 3, got 0",
         "--lengths abc": "--lengths must be a comma-separated list of integers >= 2 (e.g. 64,256), got 'abc'",
         "--rounds 0": "--rounds must be an integer >= 1, got 0",
+        "--tokens-per-call -1": "--tokens-per-call must be an integer >= 0, got -1",
         "--dtypes float32,float64": "unknown dtype 'float64' in --dtypes",
         f"--json {a_file(tmp_path)}/r.json": "cannot create --json file",
         "--plot bench.svg": "--plot file bench.svg must end in .png",

@@ -16,7 +16,7 @@ def test_benchmark_writes_json_and_plot(small_ref, tmp_path):
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
     run = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--model", str(small_ref.directory),
-         "--dtypes", "float32,int8", "--new-tokens", "12", "--batch", "3", "--rounds", "1", "--lengths", "16,64",
+         "--dtypes", "float32,int8", "--new-tokens", "12", "--batch", "3", "--rounds", "1", "--lengths", "16,64", "--tokens-per-call", "2",
          "--drafts", "int8", "--draft-tokens", "4", "--adaptive-draft", "4", "--draft-vocab", "300",
          "--json", str(out_json), "--plot", str(out_png)],
         capture_output=True, text=True, timeout=600,
@@ -29,6 +29,8 @@ def test_benchmark_writes_json_and_plot(small_ref, tmp_path):
     assert {"gpt2fn eager float32", "gpt2fn compiled float32", "gpt2fn compiled int8", "gpt2fn eager float32 batch 3",
             "gpt2fn compiled float32 batch 3", "gpt2fn compiled int8 batch 3", "transformers default float32"} <= names
     assert "gpt2fn eager int8 batch 3" not in names  # eager batches for the first dtype only
+    assert {"gpt2fn compiled, 2 a call float32", "gpt2fn compiled, 2 a call int8"} <= names
+    assert "2 a call / one a call, compiled:  float32 " in run.stdout
     batch = results["generation"]["gpt2fn compiled float32 batch 3"]
     assert (batch["system"], batch["mode"], batch["dtype"], batch["batch"]) == ("gpt2fn", "compiled", "float32", 3)
     assert "batch throughput: compiled int8 batch 3 / compiled batch 1 = " in run.stdout

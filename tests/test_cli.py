@@ -76,7 +76,7 @@ BAD_INPUTS = {
     "negative temperature": (["--temperature", "-1"], "temperature must be >= 0"),
     "negative top_k": (["--top_k", "-2"], "top_k must be an integer >= 0"),
     "bad device": (["--device", "tpu"], "unknown device 'tpu'"),
-    "tokens_per_call zero": (["--tokens_per_call", "0"], "--tokens_per_call must be >= 1, got 0"),
+    "tokens_per_call zero": (["--tokens_per_call", "0"], "--tokens_per_call must be an integer >= 1, got 0"),
     "tokens_per_call without cache": (["--tokens_per_call", "4", "--no-kvcaching"], "drop it, or --no-kvcaching"),
     "tokens_per_call with a draft": (["--tokens_per_call", "4", "--draft", "int8"], "drop it, or --draft (speculative"),
 }
