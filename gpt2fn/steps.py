@@ -4,8 +4,10 @@ A step is a pure function of its inputs (its state is written in place)::
 
     step(params, tokens [B, T], pos [B, T], state, noise) -> next token [B]
 
-(A decode step may also return several tokens per row, [B, m]: the
-speculative steps of :mod:`gpt2fn.speculative` emit one round at a time.)
+(A decode step may also return several tokens per row, [B, m]: a
+:func:`chain` of ``m`` steps, each token fed to the next, with
+``tokens_per_call`` = m; the speculative steps of :mod:`gpt2fn.speculative`
+emit one round at a time.)
 
 It runs the new tokens at their positions and chooses each row's next token
 from its last column, sampling included, with the randomness passed in as
