@@ -6,6 +6,7 @@ last good checkpoint intact. (scripts/generate.py: tests/test_cli.py.)"""
 from __future__ import annotations
 
 import errno
+import json
 import subprocess
 import sys
 
@@ -299,12 +300,28 @@ def test_benchmark_refuses_bad_input_before_any_work(small_ref, tmp_path):
         f"--drafts {other_vocab(tmp_path)} --lengths 16 --new-tokens 8": "has 1000 tokens and the target's 50257; a draft must share",
     }
     cases[f"--model {tmp_path / 'none'}"] = f"{tmp_path / 'none'} does not exist"
-    for args, message in cases.items():
-        model = [] if args.startswith("--model") else ["--model", str(small_ref.directory)]
-        run = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), *model, *args.split()],
-                             capture_output=True, text=True, timeout=120)  # fmt: skip
-        assert run.returncode == 2 and run.stderr.startswith("error: "), run.stderr[-2000:]
-        assert message in run.stderr and run.stderr.count("\n") == 1 and "gpt2fn benchmark" not in run.stdout
+    argvs = [([] if args.startswith("--model") else ["--model", str(small_ref.directory)]) + args.split() for args in cases]
+    script = str(ROOT / "scripts" / "benchmark.py")
+    run = subprocess.run([sys.executable, script, *argvs[0]], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr == f"error: {next(iter(cases.values()))}\n", run.stderr[-2000:]
+    # the rest in one process (an import of torch each would take ~3 s): main(argv) as the command runs it
+    driver = f"""if True:
+        import contextlib, io, json, runpy, sys
+        bench = runpy.run_path({script!r}, run_name="benchmark")
+        results = []
+        for argv in json.loads(sys.argv[1]):
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = bench["run_cli"](bench["main"], argv)
+            results.append((code, out.getvalue(), err.getvalue()))
+        print(json.dumps(results))"""
+    run = subprocess.run([sys.executable, "-c", driver, json.dumps(argvs[1:])], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads(run.stdout.splitlines()[-1])
+    assert len(results) == len(cases) - 1
+    for (code, out, err), message in zip(results, list(cases.values())[1:]):
+        assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, (message, err)
+        assert "gpt2fn benchmark" not in out
 
 
 def test_benchmark_train_refuses_bad_input(scripts, capsys, tmp_path):
