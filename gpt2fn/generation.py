@@ -223,7 +223,9 @@ def generate(
     same random numbers), for fewer calls. Compiled on the CPU, a model
     narrower than GPT-2 runs the whole chain as one graph, which pays a
     step's fixed cost (the call, its guards) once a call: worth it where
-    tokens need not appear one at a time. A generation may compute up to
+    tokens need not appear one at a time. Other compiled steps (GPT-2
+    sizes, CUDA) run one token a call whatever it says
+    (:func:`gpt2fn.steps.compiled_steps`). A generation may compute up to
     ``tokens_per_call - 1`` steps past its end, which it discards.
     Raises :class:`~gpt2fn.errors.GPT2FnError` on bad input, before any work.
     """

@@ -193,18 +193,27 @@ def compiled_steps(
     the 124M shape, 2-core CPU, compiling it gained 2-14% for ~50 s of cold
     compilation). ``scripts/benchmark.py`` measures both. With
     ``tokens_per_call`` > 1 a decode step is a :func:`chain` of that many
-    steps, compiled as :func:`chains` says (one graph for the whole chain
-    on the CPU for models narrower than :data:`REGION_MIN_WIDTH`)."""
+    steps where it is one graph (:func:`chain_graph`). Elsewhere the step
+    runs one token a call whatever ``tokens_per_call`` says: a chain of
+    compiled one-token calls gained nothing (124M shape, side by side:
+    fp32 0.95x, bf16 1.00x, int8 0.89x) and compiled a graph of its own."""
     prefill = cached_steps(config, attention, **sampling).prefill
     if compile_prefill:
         prefill = compiled_dynamic(cached_step, **prefill.keywords)
     kernels = decode_kernels(device, batch, attention)
-    if tokens_per_call == 1:
+    if tokens_per_call > 1 and chain_graph(config, device):
+        decode = _tokens(chains(chain_step, config, kernels, device, True, **sampling)(tokens_per_call))
+    else:
         run_block = decode_block(device, kernels, config)
         decode = compiled_step(cached_step, device, config=config, kernels=kernels, run_block=run_block, **sampling)
-    else:
-        decode = _tokens(chains(chain_step, config, kernels, device, True, **sampling)(tokens_per_call))
     return Steps(functools.partial(_marked_cache, config), prefill, decode, compiled=True)
+
+
+def chain_graph(config: GPTConfig, device: torch.device) -> bool:
+    """Whether a compiled :func:`chain` is one graph (see :func:`chains`): on
+    the CPU, with :data:`REGIONS`, for models narrower than
+    :data:`REGION_MIN_WIDTH`."""
+    return device.type == "cpu" and REGIONS and config.n_embd < REGION_MIN_WIDTH
 
 
 def chains(
@@ -212,9 +221,9 @@ def chains(
 ) -> Callable[[int], Callable]:  # fmt: skip
     """``n`` -> a :func:`chain` of ``n`` calls of ``step`` (:func:`chain_step`,
     or a speculative draft's step) with its settings bound: eager, or with
-    ``compile`` compiled. Compiled, a model narrower than
-    :data:`REGION_MIN_WIDTH` on the CPU (with :data:`REGIONS`) runs its
-    whole chain as one graph, a graph for each ``n``, with its step as one
+    ``compile`` compiled. Compiled, where :func:`chain_graph` says so (a
+    model narrower than :data:`REGION_MIN_WIDTH` on the CPU, with
+    :data:`REGIONS`), it runs its whole chain as one graph, a graph for each ``n``, with its step as one
     nested compile region: built once and called ``n`` times, where the
     chain inlined would compile ``n`` copies. A step of such a model is
     mostly fixed cost (the call, its guards over ~80 tensors, the wrapper's
@@ -222,17 +231,19 @@ def chains(
     bundled model: plain decoding, fp32, 1.53 -> 1.20 ms a token (n = 8;
     int8 0.72 -> 0.55 ms); a speculative draft, 0.39 -> 0.24 ms a drafted
     token (int8 over 2048 tokens, n = 8; the chain compiles in 16 s, where 8
-    inlined copies took 73). Wider models, and every model on CUDA (CUDA
-    graphs already make a call cheap; not run there) or with an older torch,
-    call their compiled step once a token, its blocks regions as the plain
-    step's are (:func:`decode_block`): a GPT-2-wide chain took 38 s to
+    inlined copies took 73). Elsewhere (wider models; CUDA, where CUDA
+    graphs already make a call cheap, not run there; an older torch) the
+    chain calls its compiled step once a token, its blocks regions as the
+    plain step's are (:func:`decode_block`): what a speculative draft does
+    there (a plain decode step then runs one token a call, see
+    :func:`compiled_steps`). A GPT-2-wide chain took 38 s to
     compile, with its blocks inlined, for a step 10% faster (124M shape,
     a speculative draft, n = 8), and with its blocks regions inside the
     chain's region, 13% slower."""
     settings = dict(config=config, kernels=kernels, **sampling)
     if not compile:
         bound = functools.partial(step, **settings)
-    elif device.type == "cpu" and REGIONS and config.n_embd < REGION_MIN_WIDTH:
+    elif chain_graph(config, device):
         region = _region(step, **settings)
         return lambda n: compiled_step(chain, device, n=n, step=region)
     else:

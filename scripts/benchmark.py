@@ -88,9 +88,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--batch", type=int, default=8,
                    help="also decode this many prompts in one batch: compiled for every dtype, eager for the first (1 = skip)")
-    p.add_argument("--tokens-per-call", type=int, default=8,
+    p.add_argument("--tokens-per-call", type=int, default=0,
                    help="also compiled rows for every dtype with this many decode steps chained per call "
-                        "(generate's tokens_per_call; 0 or 1 = skip; default 8)")
+                        "(generate's tokens_per_call: one graph for models narrower than GPT-2 on the CPU, else "
+                        "the same step as one a call; 0 or 1 = skip, default)")
     p.add_argument("--drafts", default="int8,bfloat16",
                    help="speculative decoding rows, compiled, for the float32 model drafted by each of these: "
                         f"its own weights at a dtype ({', '.join(DRAFT_DTYPES)}) or another model with its "

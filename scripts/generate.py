@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens_per_call", type=int, default=1,
                    help="decode steps per call of the step, each token fed to the next (default 1): the same text, "
                         "printed in bursts; with --compile on the CPU, a model narrower than GPT-2 runs them as one "
-                        "graph, faster (the bundled model: ~1.3x at 8)")
+                        "graph, faster (the bundled model: 1.1-1.4x at 8); compiled GPT-2 sizes run one a call anyway")
     p.add_argument("--max_tokens", type=int, default=50, help="new tokens to generate (default 50)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
     p.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens (0 = off, default)")

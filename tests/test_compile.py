@@ -277,15 +277,16 @@ def test_tokens_per_call_yields_the_tokens_of_one_step_a_call(small_ref):
     assert counters["stats"]["unique_graphs"] == 2
 
 
-def test_tokens_per_call_on_the_gpt2_width_calls_the_compiled_step_per_token(small_ref, monkeypatch):
-    """Models at least REGION_MIN_WIDTH wide (here: the small model, the width
-    lowered) chain their compiled step, one call a token: one graph, the
-    same tokens."""
+def test_tokens_per_call_on_the_gpt2_width_runs_the_one_token_step(small_ref, monkeypatch):
+    """Where a compiled chain would not be one graph (models at least
+    REGION_MIN_WIDTH wide; here the small model, the width lowered), the
+    step runs one token a call: the same tokens, and the graph of
+    tokens_per_call=1, no other."""
     import gpt2fn.steps
 
-    monkeypatch.setattr(gpt2fn.steps, "REGION_MIN_WIDTH", config_width := 64)
     params, config = load_pretrained(small_ref.directory)
-    assert config.n_embd == config_width
+    monkeypatch.setattr(gpt2fn.steps, "REGION_MIN_WIDTH", config.n_embd)
     one = generate_all(params, config, prompt(7), 20, temperature=0)[0]
     assert torch.equal(generate_all(params, config, prompt(7), 20, temperature=0, tokens_per_call=3, compile=True)[0], one)
+    assert torch.equal(generate_all(params, config, prompt(7), 20, temperature=0, compile=True)[0], one)
     assert counters["stats"]["unique_graphs"] == 1
