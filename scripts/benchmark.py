@@ -31,8 +31,9 @@ only ratios measured side by side mean anything):
    (weights already loaded: the cache, activations and workspace).
 
 Prints tables of tokens/s and ratios (compiled/eager, cache/no-cache,
-ours/transformers, ours/limit), writes JSON with ``--json`` and a PNG of
-tokens/s against sequence length with ``--plot`` (needs matplotlib:
+ours/transformers, ours/limit), writes JSON with ``--json`` and with
+``--plot`` a PNG of every generation row's tokens/s beside its limit and of
+tokens/s against sequence length (needs matplotlib:
 ``pip install -e ".[plot]"``).
 """
 
@@ -109,7 +110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     p.add_argument("--warm-cache", action="store_true", help="keep the on-disk inductor cache (no cold compile)")
     p.add_argument("--json", default=None, help="write all numbers here")
-    p.add_argument("--plot", default=None, help="write a PNG of tokens/s against sequence length here")
+    p.add_argument("--plot", default=None,
+                   help="write a PNG here: every generation row beside its limit, and tokens/s against sequence length")
     return p.parse_args(argv)
 
 
@@ -440,18 +442,33 @@ def print_report(results) -> None:
 
 
 def plot(results, path) -> None:
+    """Two panels: every generation row's tokens/s against its dtype's
+    weight-streaming limit (times the batch), and the per-step sweep."""
     plt = require_pyplot("--plot")
-    sweep = results["sweep"]["tokens_per_s"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    gen, limit, sweep = results["generation"], results["limit"], results["sweep"]["tokens_per_s"]
+    fig, (bars, lines) = plt.subplots(1, 2, figsize=(13, 0.9 + 0.32 * len(gen)), gridspec_kw={"width_ratios": [3, 2]})
+    names = list(gen)[::-1]  # the first row on top
+    bars.barh(names, [gen[n]["tokens_per_s"] for n in names], color="tab:blue")
+    for i, n in enumerate(names):
+        if gen[n]["dtype"] in limit:
+            at = gen[n]["batch"] * limit[gen[n]["dtype"]]["tokens_per_s"]
+            bars.plot([at, at], [i - 0.45, i + 0.45], color="tab:red", linewidth=2)
+    bars.plot([], [], color="tab:red", linewidth=2, label="weight-streaming limit of the row's dtype (x batch)")
+    bars.set_xscale("log")
+    bars.set_xlabel("decode tokens/s over all rows")
+    bars.tick_params(axis="y", labelsize=8)
+    bars.legend(loc="lower right", fontsize=8)
+    bars.set_title(f"generation, {results['prompt_len']}-token prompt + {results['new_tokens']} new tokens")
     for name, by_len in sweep.items():
-        lengths = sorted(int(n) for n in by_len)
-        ax.plot(lengths, [by_len[n] for n in lengths], marker="o", label=name)
-    ax.set_xlabel("sequence length (tokens)")
-    ax.set_ylabel("decode tokens/s")
-    ax.set_yscale("log")
-    ax.set_title(f"gpt2fn decode speed, {results['model']}, {results['sweep']['dtype']}")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+        by_len = {int(n): v for n, v in by_len.items()}  # int keys, or str once read back from the JSON
+        lines.plot(sorted(by_len), [by_len[n] for n in sorted(by_len)], marker="o", label=name)
+    lines.set_xlabel("sequence length (tokens)")
+    lines.set_ylabel("decode tokens/s")
+    lines.set_yscale("log")
+    lines.set_title(f"one step at each length, {results['sweep']['dtype']}")
+    lines.grid(True, which="both", alpha=0.3)
+    lines.legend(fontsize=8)
+    fig.suptitle(f"gpt2fn, {results['model']}")
     fig.tight_layout()
     save_figure(fig, path)
 
