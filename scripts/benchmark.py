@@ -289,7 +289,10 @@ def load_drafts(args, params32, config, device) -> dict[str, tuple]:
 
 def draft_vocabulary(args, config) -> torch.Tensor:
     """The ``--draft-vocab`` most frequent tokens of ``--draft-vocab-from`` (else the lowest ids)."""
-    text = Path(args.draft_vocab_from).read_text(encoding="utf-8", errors="replace") if args.draft_vocab_from else ""
+    try:
+        text = Path(args.draft_vocab_from).read_text(encoding="utf-8") if args.draft_vocab_from else ""
+    except UnicodeDecodeError as e:  # as the CLI's --draft_vocab_from: text, or one line saying it is not
+        raise GPT2FnError(f"--draft-vocab-from: {args.draft_vocab_from} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     tokens = torch.tensor(encode(get_tokenizer(), text), dtype=torch.long)
     return frequent_tokens(tokens, args.draft_vocab, config.vocab_size)
 

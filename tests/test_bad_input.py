@@ -299,6 +299,9 @@ def test_benchmark_refuses_bad_input_before_any_work(small_ref, tmp_path):
         "--drafts int8,nosuch --lengths 16 --new-tokens 8": "unknown model 'nosuch'",
         f"--drafts {other_vocab(tmp_path)} --lengths 16 --new-tokens 8": "has 1000 tokens and the target's 50257; a draft must share",
     }
+    (tmp_path / "binary.txt").write_bytes(b"abc\xff\xfe")
+    cases[f"--draft-vocab 9 --draft-vocab-from {tmp_path / 'binary.txt'} --lengths 16 --new-tokens 8"] = (
+        f"--draft-vocab-from: {tmp_path / 'binary.txt'} is not UTF-8 text (invalid start byte at byte 3)")
     cases[f"--model {tmp_path / 'none'}"] = f"{tmp_path / 'none'} does not exist"
     argvs = [([] if args.startswith("--model") else ["--model", str(small_ref.directory)]) + args.split() for args in cases]
     script = str(ROOT / "scripts" / "benchmark.py")
