@@ -265,8 +265,8 @@ def generate(
         if temperature == 0:
             return None
         at = generator.device if generator else device
-        if decode and tokens_per_call > 1:
-            return uniform_noise((tokens_per_call, batch, *width), generator, at).to(device).transpose(0, 1)
+        if decode and steps.chained > 1:  # what the steps chain, not what was asked (see compiled_steps)
+            return uniform_noise((steps.chained, batch, *width), generator, at).to(device).transpose(0, 1)
         return uniform_noise((batch, *width), generator, at).to(device)
 
     limits = [min(max_new_tokens, config.n_ctx - len(p)) for p in prompts]

@@ -91,6 +91,7 @@ class Steps(NamedTuple):
     decode: Step
     compiled: bool = False  # the first decode step compiles its graph
     report: Optional[Callable[[State], dict]] = None  # extra GenerationStats fields, read from the final state
+    chained: int = 1  # plain steps a decode call runs (a chain), each drawing its own noise: [B, n, W] when > 1
 
 
 def cached_step(
@@ -168,7 +169,7 @@ def cached_steps(config: GPTConfig, attention: str = "auto", tokens_per_call: in
     kernels = Kernels(linear, ATTEND[resolve_attention(attention)])
     step = functools.partial(cached_step, config=config, kernels=kernels, **sampling)
     decode = step if tokens_per_call == 1 else _tokens(chains(chain_step, config, kernels, None, False, **sampling)(tokens_per_call))
-    return Steps(functools.partial(_cache, config), step, decode)
+    return Steps(functools.partial(_cache, config), step, decode, chained=tokens_per_call)
 
 
 def uncached_steps(config: GPTConfig, attention: str = "auto", compile: bool = False, **sampling) -> Steps:
@@ -201,12 +202,13 @@ def compiled_steps(
     if compile_prefill:
         prefill = compiled_dynamic(cached_step, **prefill.keywords)
     kernels = decode_kernels(device, batch, attention)
-    if tokens_per_call > 1 and chain_graph(config, device):
-        decode = _tokens(chains(chain_step, config, kernels, device, True, **sampling)(tokens_per_call))
+    chained = tokens_per_call if chain_graph(config, device) else 1
+    if chained > 1:
+        decode = _tokens(chains(chain_step, config, kernels, device, True, **sampling)(chained))
     else:
         run_block = decode_block(device, kernels, config)
         decode = compiled_step(cached_step, device, config=config, kernels=kernels, run_block=run_block, **sampling)
-    return Steps(functools.partial(_marked_cache, config), prefill, decode, compiled=True)
+    return Steps(functools.partial(_marked_cache, config), prefill, decode, compiled=True, chained=chained)
 
 
 def chain_graph(config: GPTConfig, device: torch.device) -> bool:

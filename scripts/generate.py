@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
 def report(args: argparse.Namespace, device: torch.device, seed: int, stream) -> str:
     stats = stream.stats
     mode = ("kv-cache" if args.kvcaching else "no cache") + (", compiled" if args.compile else "")
-    mode += f", {args.tokens_per_call} tokens a call" if args.tokens_per_call > 1 else ""
+    mode += f", {stream.steps.chained} tokens a call" if stream.steps.chained > 1 else ""  # what ran (see --tokens_per_call)
     batch = f", batch of {stats.batch}" if stats.batch > 1 else ""
     made = sum(len(row) for row in stream.rows())
     compiled = f"compile: {stats.compile_s:.1f} s (first decode step)\n" if args.compile else ""

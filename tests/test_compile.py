@@ -290,3 +290,6 @@ def test_tokens_per_call_on_the_gpt2_width_runs_the_one_token_step(small_ref, mo
     assert torch.equal(generate_all(params, config, prompt(7), 20, temperature=0, tokens_per_call=3, compile=True)[0], one)
     assert torch.equal(generate_all(params, config, prompt(7), 20, temperature=0, compile=True)[0], one)
     assert counters["stats"]["unique_graphs"] == 1
+    seeded = [generate_all(params, config, prompt(7), 20, temperature=0.9, top_k=20, tokens_per_call=n, compile=compile,
+                           generator=torch.Generator().manual_seed(3))[0] for n, compile in [(1, False), (3, True)]]  # fmt: skip
+    assert torch.equal(seeded[0], seeded[1])  # the one-token step draws one step's noise a call
