@@ -29,7 +29,7 @@ from gpt2fn.errors import GPT2FnError, check_int
 from gpt2fn.params import Params, params_device
 from gpt2fn.sampling import check_sampling_args, noise_width, uniform_noise
 from gpt2fn.speculative import check_draft, speculative_steps
-from gpt2fn.steps import Steps, make_steps
+from gpt2fn.steps import State, Steps, make_steps, window_len
 
 Tensor = torch.Tensor
 Prompts = Union[Tensor, list[list[int]]]
@@ -77,7 +77,9 @@ class Stream:
 
     Per step, the loop touches the host only for the stop check (one sync,
     with ``stop_token``); the position advances on the device and the noise is
-    drawn on the generator's device. Timings count the steps only, not the
+    drawn on the generator's device. Each call is handed the part of the state
+    it touches (``Steps.window``: the cache's first positions, up to the
+    highest this call writes, which the loop follows on the host). Timings count the steps only, not the
     caller's work between tokens: on CUDA each interval ends when the step is
     queued, and the final synchronisation is added to ``decode_s``.
     """
@@ -124,11 +126,22 @@ class Stream:
         pos = torch.tensor([[min(t, len(p) - 1) for t in range(T)] for p in prompts], device=device)  # [B, T]
         limits = torch.tensor(self.limits, device=device)
         state = steps.make_state(params, B, length)
+        windows = {}  # n -> the state's first n positions (Steps.window), made once each
+
+        def state_for(end: int) -> State:
+            """The state for a call that touches positions < end."""
+            if steps.window is None:
+                return state
+            n = window_len(end, length)
+            if n not in windows:
+                windows[n] = steps.window(state, n)
+            return windows[n]
+
         warm_up(device)
 
         start = time.perf_counter()
         with torch.inference_mode():
-            token = steps.prefill(params, tokens, pos, state, self.noise(B, False))
+            token = steps.prefill(params, tokens, pos, state_for(T), self.noise(B, False))
         synchronize(device)
         prefill_s = time.perf_counter() - start
         self._made.append(token)
@@ -136,6 +149,7 @@ class Stream:
         done = None if stop is None else (token == stop) | (limits <= 1)
         pos, decode_s, compile_s = pos[:, -1:], 0.0, 0.0
         n_new, advance, decode_tokens = 1, 1, 0
+        top = T - 1  # the highest position in pos, on the host
 
         def finished() -> bool:
             return n_new == n_steps or (done is not None and bool(done.all()))
@@ -144,7 +158,8 @@ class Stream:
             start = time.perf_counter()
             with torch.inference_mode():
                 pos = (pos + advance).clamp_(max=length - 1)  # rows past their own end write a slot nobody reads
-                new = steps.decode(params, token[:, None], pos, state, self.noise(B, True))
+                top = min(top + advance, length - 1)
+                new = steps.decode(params, token[:, None], pos, state_for(top + steps.chained), self.noise(B, True))
             compiling = steps.compiled and n_new == 1  # the first compiled step pays for compiling
             if compiling:
                 synchronize(device)

@@ -23,7 +23,7 @@ from gpt2fn.device import synchronize
 from gpt2fn.layers import onednn_linear
 from gpt2fn.model import positions
 from gpt2fn.params import Params, flatten_params, param_shapes, params_device
-from gpt2fn.steps import Steps
+from gpt2fn.steps import Steps, window_len
 
 
 def weight_bytes(params: Params) -> int:
@@ -69,9 +69,12 @@ def decode_step_time(params: Params, config: GPTConfig, steps: Steps, seq_len: i
     """Seconds per decode step (greedy) with ``seq_len - 1`` tokens already
     run: the step at position ``seq_len - 1``, cached or recomputing,
     whichever ``steps`` are. The state holds ``cache_len`` positions
-    (default ``seq_len``)."""
+    (default ``seq_len``); the step gets the window of it that the decode
+    loop would hand it (``Steps.window``)."""
     device = params_device(params)
     state = steps.make_state(params, 1, cache_len or seq_len)
+    if steps.window is not None:
+        state = steps.window(state, window_len(seq_len, cache_len or seq_len))
     tokens = torch.randint(0, config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.inference_mode():
         steps.prefill(params, tokens[:, :-1], positions(1, seq_len - 1, device), state, None)

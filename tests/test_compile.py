@@ -46,6 +46,25 @@ def test_one_graph_for_every_step_and_every_prompt_length():
     assert torch.equal(first, generate_all(params, LONG, prompt(5), 600, temperature=0)[0])
 
 
+def test_the_whole_cache_and_its_windows_run_one_graph():
+    """A window (the cache's first n positions) is laid out as the whole
+    cache, so a compiled step handed either runs the same graph, and the same
+    tokens: the keys past the window are masked out anyway."""
+    params = init_params(LONG, seed=0)
+    steps = compiled_steps(LONG, torch.device("cpu"), 1, temperature=0, top_k=0, top_p=1.0)
+    outs = []
+    for n in (None, 30, 48, 64):  # positions up to 29
+        state, tokens = steps.make_state(params, 1, 64), []
+        with torch.inference_mode():
+            tokens.append(steps.prefill(params, prompt(9), torch.arange(9)[None], state, None))
+            for p in range(9, 30):
+                view = state if n is None else steps.window(state, n)
+                tokens.append(steps.decode(params, tokens[-1][:, None], torch.tensor([[p]]), view, None))
+        outs.append(torch.cat(tokens).tolist())
+    assert counters["stats"]["unique_graphs"] == 1
+    assert outs[1:] == outs[:1] * 3
+
+
 def test_a_token_cut_from_rows_of_any_length_runs_the_same_graph():
     """Dynamo guards on strides, a size-1 dim's too: a token cut out of a row
     (``seq[:, -1:]``, stride = the row's length) must not pick the graph.

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from gpt2fn import GPT2FnError, generate, generate_all, generation, load_pretrained
+from gpt2fn.cache import cache_len
+from gpt2fn.steps import cached_steps, window_len
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +115,37 @@ def test_bad_tokens_per_call_is_refused_before_any_work(small, kwargs, message):
         kwargs["draft"] = small
     with pytest.raises(GPT2FnError, match=message):
         generate(params, config, prompt(3), 5, **kwargs)
+
+
+def test_window_len_by_hand():
+    assert [window_len(end, 45) for end in (1, 5, 16, 17, 32, 33, 45)] == [16, 16, 16, 32, 32, 45, 45]
+    assert window_len(3, 2) == 2  # never past the cache
+
+
+@pytest.mark.parametrize("per_call", [1, 4])
+def test_each_call_gets_the_window_of_the_positions_it_touches(small, per_call):
+    """Prompt 5 + 40 new tokens: the cache holds 45 positions; the prefill
+    (positions 0..4) gets the first 16, and a decode call whose first
+    position is p, touching p..p + per_call - 1, the first
+    window_len(p + per_call) (capped at 45). The tokens are those of calls
+    handed the whole cache."""
+    params, config = small
+    steps = cached_steps(config, tokens_per_call=per_call, temperature=0, top_k=0, top_p=1.0)
+    seen = []
+
+    def recorded(step):
+        def run(params, tokens, pos, state, noise):
+            seen.append((int(pos.max()), cache_len(state)))
+            return step(params, tokens, pos, state, noise)
+
+        return run
+
+    def tokens(steps):
+        return generation.Stream(params, steps, [prompt(5)[0].tolist()], [40], None, lambda batch, decode: None).tokens()
+
+    windowed = tokens(steps._replace(prefill=recorded(steps.prefill), decode=recorded(steps.decode)))
+    first = list(range(5, 44, per_call))  # each decode call's first position
+    assert seen == [(4, 16)] + [(p, min(45, -(-(p + per_call) // 16) * 16)) for p in first]
+    assert [n for _, n in seen[:3]] == [16, 16, 16] and seen[-1][1] == 45
+    assert torch.equal(windowed, tokens(steps._replace(window=None)))
+    assert torch.equal(windowed, generate_all(params, config, prompt(5), 40, temperature=0)[0])

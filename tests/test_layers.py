@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from gpt2fn.cache import make_cache
+from gpt2fn.cache import cache_len, make_cache, window
 from gpt2fn.config import GPTConfig
 from gpt2fn.layers import Kernels, attend_manual, attend_sdpa, attention, causal_mask, ffn, gelu, layer_norm, linear, matvec
 from gpt2fn.layers import ONEDNN_MIN_WEIGHT, ONEDNN_ROWS, few_rows
@@ -93,6 +93,20 @@ def test_attention_writes_each_rows_cache_at_its_positions_and_sees_only_the_pas
         # row 1 at position 3 sees slots 0..3, three of them zero keys and values
         w = torch.softmax(torch.tensor([0.0, 0.0, 0.0, 50.0]) / math.sqrt(2), 0)
         assert torch.allclose(out[1, 0], w[3] * torch.tensor([5.0, 5.0]))
+
+
+def test_a_window_is_the_caches_first_positions_laid_out_as_the_whole_cache():
+    config = GPTConfig(vocab_size=8, n_ctx=8, n_embd=4, n_layer=2, n_head=2)
+    assert make_cache(config, 3, 6)[0][0].is_contiguous()  # by default each tensor is a buffer of its own
+    cache = make_cache(config, 3, 6, spare=True)
+    views = window(cache, 4)
+    assert len(views) == 2 and cache_len(cache) == 6 and cache_len(views) == 4
+    assert all(t.shape == (3, 2, 4, 2) for kv in views for t in kv)
+    views[1][1][2, 1, 3] = 7.0  # a write through the window lands in the cache
+    assert cache[1][1][2, 1, 3].tolist() == [7.0, 7.0] and cache[1][1].abs().sum() == 14
+    # spare: the same strides, whole or window (the whole cache is not a buffer of its own)
+    assert all(w.stride() == c.stride() for wkv, ckv in zip(views, cache) for w, c in zip(wkv, ckv))
+    assert not cache[0][0].is_contiguous() and cache[0][0].stride() == (2 * 7 * 2, 7 * 2, 2, 1)
 
 
 def test_the_model_binds_the_layer_index_of_a_tap():
