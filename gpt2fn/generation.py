@@ -79,9 +79,10 @@ class Stream:
     with ``stop_token``); the position advances on the device and the noise is
     drawn on the generator's device. Each call is handed the part of the state
     it touches (``Steps.window``: the cache's first positions, up to the
-    highest this call writes, which the loop follows on the host). Timings count the steps only, not the
-    caller's work between tokens: on CUDA each interval ends when the step is
-    queued, and the final synchronisation is added to ``decode_s``.
+    highest this call writes, which the loop follows on the host). Timings
+    count the steps only, not the caller's work between tokens: on CUDA each
+    interval ends when the step is queued, and the final synchronisation is
+    added to ``decode_s``.
     """
 
     def __init__(self, params: Params, steps: Steps, prompts: list[list[int]], limits: list[int],

@@ -15,7 +15,7 @@ from gpt2fn.measure import decode_step_time
 from gpt2fn.model import hidden, logits
 from gpt2fn.quantize import cast_params
 from gpt2fn.sampling import choose_token, filtered_probs, noise_width, uniform_noise
-from gpt2fn.steps import DECODE_OPTIONS, REGION_MIN_WIDTH, REGIONS, compiled_steps, decode_block, decode_kernels
+from gpt2fn.steps import DECODE_OPTIONS, REGION_MIN_WIDTH, REGIONS, compiled_steps, decode_block, decode_kernels, window_len
 
 from conftest import run_cached
 
@@ -91,14 +91,17 @@ def decode_logits(params, token, pos, cache, *, config, kernels, run_block=block
 def test_compiled_decode_matches_eager_logits_and_greedy_tokens(which, request):
     """The compiled CPU decode (matvec products, spelled-out attention, blocks
     as decode_block runs them: a compile region on the 768-wide gpt2 shape,
-    inlined on the small one) against the eager library kernels, logits step by step."""
+    inlined on the small one), handed the windows of its cache that the
+    decode loop hands it, against the eager library kernels on the whole
+    cache, logits step by step."""
     params, config = load_pretrained(request.getfixturevalue(f"{which}_ref").directory)
     T, steps = 6, 24
     fast_kernels = Kernels(matvec, attend_manual)
     step = functools.partial(decode_logits, config=config, kernels=fast_kernels,
                              run_block=decode_block(torch.device("cpu"), fast_kernels, config))  # fmt: skip
     compiled = torch.compile(step, fullgraph=True, dynamic=False, options=DECODE_OPTIONS)
-    caches = [make_cache(config, 1, T + steps) for _ in range(2)]
+    windows = compiled_steps(config, torch.device("cpu"), 1, temperature=0, top_k=0, top_p=1.0).window
+    caches = [make_cache(config, 1, T + steps), make_cache(config, 1, T + steps, spare=True)]
     tokens = prompt(T, seed=3)
     with torch.inference_mode():
         for cache in caches:
@@ -107,7 +110,7 @@ def test_compiled_decode_matches_eager_logits_and_greedy_tokens(which, request):
         for t in range(T, T + steps):
             pos = torch.tensor([[t]])
             eager = decode_logits(params, token, pos, caches[0], config=config, kernels=Kernels())
-            fast = compiled(params, token, pos, caches[1])
+            fast = compiled(params, token, pos, windows(caches[1], window_len(t + 1, T + steps)))  # 16, then 30: all
             assert (eager - fast).abs().max().item() <= 1e-4, f"step {t}"
             assert torch.equal(eager.argmax(-1), fast.argmax(-1))
             token = eager.argmax(-1)[:, None]
