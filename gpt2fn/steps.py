@@ -221,7 +221,9 @@ def compiled_steps(
     steps where it is one graph (:func:`chain_graph`). Elsewhere the step
     runs one token a call whatever ``tokens_per_call`` says: a chain of
     compiled one-token calls gained nothing (124M shape, side by side:
-    fp32 0.95x, bf16 1.00x, int8 0.89x) and compiled a graph of its own."""
+    fp32 0.95x, bf16 1.00x, int8 0.89x) and compiled a graph of its own.
+    On the CPU a step that runs one token a call takes windows of its cache
+    (``Steps.window``, see below why only there)."""
     prefill = cached_steps(config, attention, **sampling).prefill
     if compile_prefill:
         prefill = compiled_dynamic(cached_step, **prefill.keywords)
