@@ -72,9 +72,10 @@ def decode_step_time(params: Params, config: GPTConfig, steps: Steps, seq_len: i
     (default ``seq_len``); the step gets the window of it that the decode
     loop would hand it (``Steps.window``)."""
     device = params_device(params)
-    state = steps.make_state(params, 1, cache_len or seq_len)
+    length = cache_len or seq_len
+    state = steps.make_state(params, 1, length)
     if steps.window is not None:
-        state = steps.window(state, window_len(seq_len, cache_len or seq_len))
+        state = steps.window(state, window_len(seq_len, length))
     tokens = torch.randint(0, config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.inference_mode():
         steps.prefill(params, tokens[:, :-1], positions(1, seq_len - 1, device), state, None)

@@ -430,11 +430,9 @@ def _marked_cache(config: GPTConfig, params: Params, batch: int, length: int, sp
 
 
 def _marked_window(cache: State, n: int) -> State:
-    """:func:`~gpt2fn.cache.window` with its length marked dynamic: one graph for every ``n``."""
+    """:func:`~gpt2fn.cache.window` marked as its cache is (:func:`_mark_cache`): one graph for every ``n``."""
     views = window(cache, n)
-    for kv in views:
-        for t in kv:
-            torch._dynamo.mark_dynamic(t, 2)
+    _mark_cache(views)
     return views
 
 
@@ -453,15 +451,20 @@ def prepare_for_compiled_steps(params: Params, cache) -> None:
     """Mark what the compiled steps need marked: the cache length as dynamic
     (one graph for every length) and, on CUDA, params and cache as static
     addresses (CUDA graphs then read them in place instead of copying)."""
+    _mark_cache(cache)
+    tensors = flatten_params(params).values()
+    if any(t.is_cuda for t in tensors):
+        for t in tensors:
+            torch._dynamo.mark_static_address(t)
+
+
+def _mark_cache(cache: State) -> None:
+    """The cache's length dynamic and, on CUDA, its tensors static addresses."""
     for kv in cache:
         for t in kv:
             torch._dynamo.mark_dynamic(t, 2)
             if t.is_cuda:
                 torch._dynamo.mark_static_address(t)
-    tensors = flatten_params(params).values()
-    if any(t.is_cuda for t in tensors):
-        for t in tensors:
-            torch._dynamo.mark_static_address(t)
 
 
 def make_steps(
