@@ -91,6 +91,15 @@ def check_input(path: str | os.PathLike, what: str = "file", directory: bool = F
     return path
 
 
+def read_utf8(path: str | os.PathLike, prefix: str = "") -> str:
+    """A text file's contents, or one line saying it is not UTF-8 (after
+    ``prefix``, e.g. the flag that named it)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise GPT2FnError(f"{prefix}{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def _check_creatable(path: Path, what: str) -> None:
     """``path`` (absent) could be made: its nearest existing ancestor is a
     writable directory."""

@@ -64,7 +64,7 @@ from tqdm import tqdm
 
 from gpt2fn.config import PRESETS
 from gpt2fn.device import resolve_device
-from gpt2fn.errors import GPT2FnError, check_int, check_output_file, parse_int_list, run_cli
+from gpt2fn.errors import GPT2FnError, check_int, check_output_file, parse_int_list, read_utf8, run_cli
 from gpt2fn.files import atomic_write
 from gpt2fn.generation import generate_all
 from gpt2fn.layers import ONEDNN, ONEDNN_MIN_WEIGHT, ONEDNN_ROWS
@@ -289,10 +289,7 @@ def load_drafts(args, params32, config, device) -> dict[str, tuple]:
 
 def draft_vocabulary(args, config) -> torch.Tensor:
     """The ``--draft-vocab`` most frequent tokens of ``--draft-vocab-from`` (else the lowest ids)."""
-    try:
-        text = Path(args.draft_vocab_from).read_text(encoding="utf-8") if args.draft_vocab_from else ""
-    except UnicodeDecodeError as e:  # as the CLI's --draft_vocab_from: text, or one line saying it is not
-        raise GPT2FnError(f"--draft-vocab-from: {args.draft_vocab_from} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    text = read_utf8(args.draft_vocab_from, "--draft-vocab-from: ") if args.draft_vocab_from else ""
     tokens = torch.tensor(encode(get_tokenizer(), text), dtype=torch.long)
     return frequent_tokens(tokens, args.draft_vocab, config.vocab_size)
 

@@ -12,7 +12,7 @@ import sys
 import torch
 
 from gpt2fn.device import resolve_device
-from gpt2fn.errors import GPT2FnError, check_input, check_int, run_cli
+from gpt2fn.errors import GPT2FnError, check_input, check_int, read_utf8, run_cli
 from gpt2fn.evaluation import perplexity
 from gpt2fn.tokenizer import get_tokenizer
 from gpt2fn.weights import load_pretrained, resolve_model
@@ -34,10 +34,7 @@ def run(args) -> int:
     if args.stride is not None:
         check_int("--stride", args.stride)
     path = check_input(args.file, "text file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise GPT2FnError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    text = read_utf8(path)
     device = resolve_device(args.device)
     model_path = resolve_model(args.model)
     tokens = torch.tensor(get_tokenizer(model_path).encode_ordinary(text), dtype=torch.int64)
