@@ -48,25 +48,27 @@ def linear(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[Ten
     return y if b is None else y + b
 
 
-# The most rows (a compiled decode step's batch) matvec sums one by one.
+# The most rows (a compiled decode step's batch) matvec sums one by one; for
+# fp32 weights, the most it sums before handing them to few_rows.
 MATVEC_MAX_ROWS = 16
+MATVEC_FP32_MAX_ROWS = 8
 
 
 def matvec(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[Tensor] = None) -> Tensor:
     """The same function as :func:`linear`, for ``torch.compile`` on the CPU
     with 1 to :data:`MATVEC_MAX_ROWS` rows (a decode step's batch; the count is
-    static). Low-precision weights (bf16, fp16, int8) are summed in fp32 as
-    ``(row * part).sum(-1)`` for each row of ``x`` and each of
-    :func:`matvec_groups` groups of ``w``'s rows. Inductor fuses the sums into
-    one loop that reads each weight once for all rows, upcasts it in
-    registers and keeps an accumulator per sum (one sum alone waits on one
-    accumulator). Each row's sum is, bit for bit, the one a single sum over
-    all of ``w`` computes. fp32 weights go to :func:`linear` at one row (MKL
-    streams them as fast) and to :func:`few_rows` at several. Eagerly the
-    loop would materialise ``[out, in]`` per row: compiled steps only.
-    Measured in the README's Speed section."""
-    if w.dtype == torch.float32:
-        return (linear if x.numel() == x.shape[-1] else few_rows)(x, w, b, scale)
+    static). The weights are summed in fp32 as ``(row * part).sum(-1)`` for
+    each row of ``x`` and each of :func:`matvec_groups` groups of ``w``'s rows.
+    Inductor fuses the sums into one loop that reads each weight once for all
+    rows, upcasts a bf16, fp16 or int8 one in registers and keeps an
+    accumulator per sum (one sum alone waits on one accumulator). Each row's
+    sum is, bit for bit, the one a single sum over all of ``w`` computes.
+    fp32 weights with more than :data:`MATVEC_FP32_MAX_ROWS` rows of ``x`` go
+    to :func:`few_rows` (a library product). Eagerly the loop would
+    materialise ``[out, in]`` per row: compiled steps only. Measured in the
+    README's Speed section."""
+    if w.dtype == torch.float32 and x.numel() > MATVEC_FP32_MAX_ROWS * x.shape[-1]:
+        return few_rows(x, w, b, scale)
     per_group = -(-w.shape[0] // matvec_groups(w.shape[0]))
     rows = x.float().reshape(-1, 1, x.shape[-1])  # [R, 1, in]
     y = torch.cat([torch.cat([(row * part.float()).sum(-1) for part in w.split(per_group)], -1) for row in rows])

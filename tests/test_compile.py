@@ -10,7 +10,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from gpt2fn import GPTConfig, generate, generate_all, init_params, load_pretrained, make_cache
-from gpt2fn.layers import MATVEC_MAX_ROWS, Kernels, attend_manual, block, few_rows, linear, matvec, matvec_groups
+from gpt2fn.layers import MATVEC_FP32_MAX_ROWS, MATVEC_MAX_ROWS, Kernels, attend_manual, block, few_rows, linear, matvec, matvec_groups
 from gpt2fn.measure import decode_step_time
 from gpt2fn.model import hidden, logits
 from gpt2fn.quantize import cast_params
@@ -117,14 +117,14 @@ def test_compiled_decode_matches_eager_logits_and_greedy_tokens(which, request):
     assert counters["stats"]["unique_graphs"] == 1
 
 
-@pytest.mark.parametrize("dtype", [torch.int8, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bfloat16, torch.float32])
 def test_compiled_matvec_sums_each_row_as_one_sum_does(dtype):
     """matvec sums each row of x, and each group of w's rows, on its own (an
     accumulator each) for speed: every output is the one a single sum over
     all of w's rows, for that row of x alone, computes, bit for bit. Row
     counts of w that do and do not divide into the groups (the last group
     shorter), fewer rows than groups, the LM head's 8 groups; 1 and 3 rows
-    of x (a batch)."""
+    of x (a batch; fp32 weights too, up to MATVEC_FP32_MAX_ROWS)."""
     torch._dynamo.reset()  # static shapes: a graph for each
     one_sum = lambda x, w: (x.float()[..., None, :] * w.float()).sum(-1)  # one row of x, all of w's rows
     grouped = torch.compile(lambda x, w: matvec(x, w), fullgraph=True, dynamic=False, options=DECODE_OPTIONS)
@@ -133,6 +133,7 @@ def test_compiled_matvec_sums_each_row_as_one_sum_does(dtype):
     cpu = torch.device("cpu")  # the compiled CPU decode step takes matvec up to MATVEC_MAX_ROWS rows
     assert [decode_kernels(cpu, batch, "auto").linear for batch in (1, MATVEC_MAX_ROWS, MATVEC_MAX_ROWS + 1)] == [matvec, matvec, few_rows]
     g = torch.Generator().manual_seed(0)
+    assert MATVEC_FP32_MAX_ROWS >= 3
     for rows, batch in ((2304, 1), (2303, 1), (3, 1), (16385, 1), (2303, 3)):
         w = torch.randint(-127, 128, (rows, 96), generator=g).to(dtype)
         x = torch.randn(batch, 1, 96, generator=g).to(torch.float32 if dtype == torch.int8 else dtype)
@@ -143,6 +144,10 @@ def test_compiled_matvec_sums_each_row_as_one_sum_does(dtype):
                 assert torch.equal(out[r], single(x[r : r + 1], w)[0].to(x.dtype)), (rows, batch, r)
             rtol = 1e-2 if dtype == torch.bfloat16 else 1e-5  # bf16 x rounds its output
             torch.testing.assert_close(out.float(), linear(x.float(), w.float()), rtol=rtol, atol=1e-3)
+    if dtype == torch.float32:  # past MATVEC_FP32_MAX_ROWS rows, a library product (few_rows)
+        x = torch.randn(MATVEC_FP32_MAX_ROWS + 1, 1, 96, generator=g)
+        with torch.inference_mode():
+            assert torch.equal(grouped(x, w), few_rows(x, w))
     torch._dynamo.reset()
 
 

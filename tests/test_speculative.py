@@ -117,8 +117,15 @@ def test_compiled_speculative_with_a_bf16_target_emits_its_argmax_to_bf16_roundi
     plain step's fp32-accumulated sums round differently, so at a near-tie
     the output may leave plain decoding's (it did, at token 45 of 93, on
     this model); what holds is that every emitted token is the argmax of the
-    target's logits to bf16 rounding. (With its blocks as regions, the verify
-    step failed to compile here: dynamo fixed its symbolic token count.)"""
+    target's logits (an eager pass over the whole sequence) but for a few
+    near-ties, each within a few bf16 steps of the best. The compiled passes
+    round less often than the eager one (inductor keeps fused intermediates
+    in fp32): on a 2-core AMD EPYC with AVX-512 BF16, 1 of 93 and 2 of 85
+    tokens were not the reference argmax, 5.2 and 1.9 bf16 steps below it
+    (on an Intel CPU without it, within 4); the best and second-best logits
+    of this model lie a median 11 steps apart. (With its blocks as regions,
+    the verify step failed to compile here: dynamo fixed its symbolic token
+    count.)"""
     weights = map_params(lambda t: t * 4 if t.dim() == 2 else t, init_params(GPT2_WIDE, seed=5))
     params, draft = cast_params(weights, "bfloat16"), (self_draft(weights, "int8"), GPT2_WIDE)
     torch._dynamo.reset()
@@ -131,7 +138,8 @@ def test_compiled_speculative_with_a_bf16_target_emits_its_argmax_to_bf16_roundi
         with torch.inference_mode():  # the logits that chose each new token, from one pass over the sequence
             scores = forward(params, GPT2_WIDE, torch.cat([prompt, out], 1)[:, :-1])[0, prompt.shape[1] - 1 :].float()
         best, chosen = scores.max(-1).values, scores.gather(-1, out[0][:, None])[:, 0]
-        assert ((best - chosen) <= 4 * 2**-8 * best.abs()).all()  # within four bf16 steps of the best
+        assert (best > chosen).sum() <= 0.05 * n  # near-ties only
+        assert ((best - chosen) <= 8 * 2**-8 * best.abs()).all()  # within eight bf16 steps of the best
     assert counters["stats"]["unique_graphs"] == 3  # the draft step over a round's first two tokens and over one; verify
     torch._dynamo.reset()
 
