@@ -48,10 +48,8 @@ def linear(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[Ten
     return y if b is None else y + b
 
 
-# The most rows (a compiled decode step's batch) matvec sums one by one; for
-# fp32 weights, the most it sums before handing them to few_rows.
-MATVEC_MAX_ROWS = 16
-MATVEC_FP32_MAX_ROWS = 8
+# The most rows (a compiled decode step's batch) matvec sums; of fp32 weights.
+MATVEC_MAX_ROWS, MATVEC_FP32_MAX_ROWS = 16, 8
 
 
 def matvec(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[Tensor] = None) -> Tensor:
@@ -63,10 +61,9 @@ def matvec(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[Ten
     rows, upcasts a bf16, fp16 or int8 one in registers and keeps an
     accumulator per sum (one sum alone waits on one accumulator). Each row's
     sum is, bit for bit, the one a single sum over all of ``w`` computes.
-    fp32 weights with more than :data:`MATVEC_FP32_MAX_ROWS` rows of ``x`` go
-    to :func:`few_rows` (a library product). Eagerly the loop would
-    materialise ``[out, in]`` per row: compiled steps only. Measured in the
-    README's Speed section."""
+    Past :data:`MATVEC_FP32_MAX_ROWS` rows, fp32 weights go to :func:`few_rows`.
+    Eagerly the loop would materialise ``[out, in]`` per row: compiled steps
+    only. Measured in the README's Speed section."""
     if w.dtype == torch.float32 and x.numel() > MATVEC_FP32_MAX_ROWS * x.shape[-1]:
         return few_rows(x, w, b, scale)
     per_group = -(-w.shape[0] // matvec_groups(w.shape[0]))
