@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2fn.cache import LayerKV
+from gpt2fn.device import cpu_vendor
 
 Tensor = torch.Tensor
 # A tap sees a layer's intermediates by name and returns them, or a replacement
@@ -81,10 +82,10 @@ def matvec_groups(rows: int) -> int:
 
 
 # Whether this build has oneDNN; the row counts, and the smallest weight
-# (elements), for which its fp32 matrix product beats MKL's (see few_rows).
+# (elements), for which its fp32 matrix product beats MKL's (see few_rows):
+# every one on AMD CPUs, where MKL is slow; elsewhere as measured on Intel's.
 ONEDNN = torch.backends.mkldnn.is_available()
-ONEDNN_ROWS = (4, 16)
-ONEDNN_MIN_WEIGHT = 2**20
+ONEDNN_ROWS, ONEDNN_MIN_WEIGHT = ((1, 2**62), 0) if cpu_vendor() == "AuthenticAMD" else ((4, 16), 2**20)
 
 
 def onednn_linear(x: Tensor, w: Tensor, b: Optional[Tensor] = None) -> Tensor:
@@ -109,9 +110,9 @@ def _(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
 def few_rows(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[Tensor] = None) -> Tensor:
     """The same function as :func:`linear`, for the few rows of a compiled
     decode step with a batch, or of a speculative verify pass, on the CPU.
-    MKL's fp32 matrix-matrix product (``F.linear``) repacks the weight on
-    every call; from 4 to 12 rows oneDNN's product on the weight as stored is
-    faster, except on small weights. So fp32 products of :data:`ONEDNN_ROWS`
+    MKL's fp32 product (``F.linear``) repacks the weight every call; oneDNN's on
+    the weight as stored is faster on an Intel CPU from 4 to 12 rows but for
+    small weights, on an AMD one always. So fp32 products of :data:`ONEDNN_ROWS`
     rows with a weight of at least :data:`ONEDNN_MIN_WEIGHT` elements go to
     oneDNN and the rest to MKL, decided per call (the row count may be
     symbolic under ``torch.compile``); other dtypes and devices, and builds

@@ -434,8 +434,9 @@ def print_report(results) -> None:
         e, c = 1000 / sweep["eager, no cache"][n], 1000 / sweep["compiled, no cache"][n]
         print(f"  {n:6d}: eager {e:8.1f}   compiled {c:8.1f}   ({fmt_ratio(e / c)})")
     if "products" in results:
-        print("\nfloat32 products over every weight matrix, ms, by the CPU library (few_rows takes oneDNN for "
-              f"{ONEDNN_ROWS[0]}-{ONEDNN_ROWS[1]} rows with weights of at least {ONEDNN_MIN_WEIGHT} elements):")  # fmt: skip
+        rule = ("every product" if ONEDNN_ROWS[0] == 1 and ONEDNN_MIN_WEIGHT == 0 else
+                f"{ONEDNN_ROWS[0]}-{ONEDNN_ROWS[1]} rows with weights of at least {ONEDNN_MIN_WEIGHT} elements")  # fmt: skip
+        print(f"\nfloat32 products over every weight matrix, ms, by the CPU library (few_rows takes oneDNN for {rule}):")
         for n, t in results["products"].items():
             print(f"  {n:3d} rows: MKL {1000 * t['mkl']:7.1f}   oneDNN {1000 * t['onednn']:7.1f}   "
                   f"(oneDNN {fmt_ratio(t['mkl'] / t['onednn'])} as fast)")  # fmt: skip

@@ -9,6 +9,7 @@ import torch
 from gpt2fn.cache import cache_len, make_cache, window
 from gpt2fn.config import GPTConfig
 from gpt2fn.layers import Kernels, attend_manual, attend_sdpa, attention, causal_mask, ffn, gelu, layer_norm, linear, matvec
+from gpt2fn.device import cpu_vendor
 from gpt2fn.layers import ONEDNN_MIN_WEIGHT, ONEDNN_ROWS, few_rows
 from gpt2fn.model import at_layer, positions
 
@@ -41,8 +42,9 @@ def test_few_rows_by_hand_and_equal_to_linear_at_every_row_count():
     w = torch.tensor([[1.0, 0.0], [1.0, -1.0], [0.5, 0.5]])
     b = torch.tensor([0.0, 1.0, -1.0])
     assert ONEDNN_ROWS[0] <= 5 <= ONEDNN_ROWS[1]
-    assert few_rows(x, w, b).tolist() == [[1.0, 0.0, 0.5]] * 5  # a small weight: MKL
-    big_w, big_b = torch.zeros(ONEDNN_MIN_WEIGHT // 2, 2), torch.zeros(ONEDNN_MIN_WEIGHT // 2)  # large enough: oneDNN
+    assert few_rows(x, w, b).tolist() == [[1.0, 0.0, 0.5]] * 5  # a small weight: MKL (oneDNN on an AMD CPU)
+    assert ONEDNN_MIN_WEIGHT <= 2**20
+    big_w, big_b = torch.zeros(2**19, 2), torch.zeros(2**19)  # large enough: oneDNN
     big_w[:3], big_b[:3] = w, b
     assert few_rows(x, big_w, big_b)[:, :3].tolist() == [[1.0, 0.0, 0.5]] * 5 and few_rows(x, big_w, big_b)[:, 3:].abs().max() == 0
     q, scale = torch.tensor([[2, 0], [1, -1]], dtype=torch.int8), torch.tensor([0.5, 3.0])
@@ -50,10 +52,23 @@ def test_few_rows_by_hand_and_equal_to_linear_at_every_row_count():
     gen = torch.Generator().manual_seed(0)
     w, b = torch.randn(2**20 // 96 + 1, 96, generator=gen), torch.randn(2**20 // 96 + 1, generator=gen)  # >= ONEDNN_MIN_WEIGHT
     compiled = torch.compile(few_rows, fullgraph=True, dynamic=True)  # the row count symbolic, as in a verify pass
-    for rows in range(1, 20):  # both libraries, by the row count (MKL below 4 and above 16)
+    for rows in range(1, 20):  # both libraries, by the row count (MKL below 4 and above 16; oneDNN always on AMD)
         x = torch.randn(1, rows, 96, generator=gen)
         assert torch.allclose(few_rows(x, w, b), linear(x, w, b), rtol=1e-5, atol=1e-5)
         assert torch.allclose(compiled(x, w, b), linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_vendor_and_the_onednn_rule_it_picks(tmp_path):
+    """few_rows's rule follows the CPU's vendor: oneDNN for every fp32 product
+    on an AMD CPU, Intel's measured ranges elsewhere."""
+    amd, other = tmp_path / "amd", tmp_path / "other"
+    amd.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\n")
+    other.write_text("processor\t: 0\nBogoMIPS\t: 50.00\n")  # e.g. an ARM CPU: no vendor_id
+    assert (cpu_vendor(amd), cpu_vendor(other), cpu_vendor(tmp_path / "missing")) == ("AuthenticAMD", "", "")
+    if cpu_vendor() == "AuthenticAMD":
+        assert ONEDNN_ROWS[0] == 1 and ONEDNN_ROWS[1] >= 2**31 and ONEDNN_MIN_WEIGHT == 0
+    else:
+        assert (ONEDNN_ROWS, ONEDNN_MIN_WEIGHT) == ((4, 16), 2**20)
 
 
 def test_layer_norm_and_gelu_by_hand():
