@@ -75,12 +75,12 @@ import torch
 from gpt2fn.cache import KVCache, cache_len
 from gpt2fn.config import GPTConfig
 from gpt2fn.errors import GPT2FnError
-from gpt2fn.layers import ATTEND, Kernels, block, few_rows, linear
+from gpt2fn.layers import Kernels, block, few_rows
 from gpt2fn.model import hidden, logits
 from gpt2fn.params import Params, map_params
 from gpt2fn.quantize import quantize_int8
 from gpt2fn.sampling import draw, filtered_probs
-from gpt2fn.steps import Steps, _cache, _marked_cache, chains, compiled_step, decode_kernels, resolve_attention
+from gpt2fn.steps import Steps, _cache, _marked_cache, chains, compiled_step, decode_kernels, eager_kernels
 
 Tensor = torch.Tensor
 DRAFT_DTYPES = {"int8": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -189,7 +189,6 @@ def accept_sampled(drafted: Tensor, q: Tensor, p: Tensor, noise: Tensor) -> tupl
     ``q_k = 0``: the target's own ``p_k`` when all were accepted), by the
     inverse CDF (:func:`~gpt2fn.sampling.draw`), which needs no normalisation."""
     B, k = drafted.shape
-    V = p.shape[-1]
     p_x = p[:, :k].gather(-1, drafted[..., None])[..., 0]
     q_x = q.gather(-1, drafted[..., None])[..., 0]
     n = (noise[:, :k, 1] * q_x < p_x).long().cumprod(-1).sum(-1)  # [B]
@@ -281,7 +280,7 @@ def speculative_steps(
     :func:`~gpt2fn.steps.chains`) and the verify step are compiled as the plain
     decode step is (see the module docstring; CUDA graphs on CUDA)."""
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-    eager = Kernels(linear, ATTEND[resolve_attention(attention)])
+    eager = eager_kernels(attention)
     draft_kernels = decode_kernels(device, 1, attention) if compile else eager
     verify_kernels = Kernels(few_rows, draft_kernels.attend)
     draft = chains(draft_step, draft_config, draft_kernels, device, compile, **sampling)

@@ -187,10 +187,19 @@ def resolve_attention(attention: str, compiled_decode: bool = False, device: tor
     return "manual" if compiled_decode and (device is None or device.type == "cpu") else "sdpa"
 
 
+def eager_kernels(attention: str = "auto") -> Kernels:
+    """The kernels of the eager steps: :func:`~gpt2fn.layers.few_rows`, which
+    is :func:`~gpt2fn.layers.linear` but for fp32 products on the CPU that
+    oneDNN runs faster than MKL (on an AMD CPU, every one: a 124M eager step
+    29.0 -> 13.6 ms, a 64-token prefill 95 -> 42 ms, side by side), and the
+    ``attention`` named."""
+    return Kernels(few_rows, ATTEND[resolve_attention(attention)])
+
+
 def cached_steps(config: GPTConfig, attention: str = "auto", tokens_per_call: int = 1, **sampling) -> Steps:
     """``sampling``: temperature, top_k, top_p. With ``tokens_per_call`` > 1
     a decode step is a :func:`chain` of that many steps, emitting [B, n]."""
-    kernels = Kernels(linear, ATTEND[resolve_attention(attention)])
+    kernels = eager_kernels(attention)
     step = functools.partial(cached_step, config=config, kernels=kernels, **sampling)
     decode = step if tokens_per_call == 1 else _tokens(chains(chain_step, config, kernels, None, False, **sampling)(tokens_per_call))
     return Steps(functools.partial(_cache, config, spare=True), step, decode, chained=tokens_per_call, window=window)
@@ -199,7 +208,7 @@ def cached_steps(config: GPTConfig, attention: str = "auto", tokens_per_call: in
 def uncached_steps(config: GPTConfig, attention: str = "auto", compile: bool = False, **sampling) -> Steps:
     """With ``compile``, the recomputation runs under ``torch.compile`` with
     dynamic shapes (one graph for every sequence length)."""
-    settings = dict(config=config, kernels=Kernels(linear, ATTEND[resolve_attention(attention)]), **sampling)
+    settings = dict(config=config, kernels=eager_kernels(attention), **sampling)
     run = functools.partial(recompute, **settings)
     step = functools.partial(uncached_step, recompute=compiled_dynamic(recompute, **settings) if compile else run)
     # The prompt's pass runs eagerly, so that compiling happens in the first decode step.
