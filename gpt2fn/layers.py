@@ -108,8 +108,8 @@ def _(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
 
 
 def few_rows(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[Tensor] = None) -> Tensor:
-    """The same function as :func:`linear`, for the few rows of a compiled
-    decode step with a batch, or of a speculative verify pass, on the CPU.
+    """The same function as :func:`linear`, for the eager steps, a speculative
+    verify pass and compiled fp32 batches past matvec's rows, on the CPU.
     MKL's fp32 product (``F.linear``) repacks the weight every call; oneDNN's on
     the weight as stored is faster on an Intel CPU from 4 to 12 rows but for
     small weights, on an AMD one always. So fp32 products of :data:`ONEDNN_ROWS`

@@ -8,8 +8,8 @@ import torch
 
 from gpt2fn.cache import cache_len, make_cache, window
 from gpt2fn.config import GPTConfig
-from gpt2fn.layers import Kernels, attend_manual, attend_sdpa, attention, causal_mask, ffn, gelu, layer_norm, linear, matvec
 from gpt2fn.device import cpu_vendor
+from gpt2fn.layers import Kernels, attend_manual, attend_sdpa, attention, causal_mask, ffn, gelu, layer_norm, linear, matvec
 from gpt2fn.layers import ONEDNN_MIN_WEIGHT, ONEDNN_ROWS, few_rows
 from gpt2fn.model import at_layer, positions
 
