@@ -29,8 +29,9 @@ keys written so far, not the whole preallocated cache):
   length (a window's) is marked dynamic, so ONE graph serves every step of
   every generation, whatever the prompt length. On CUDA the mode is
   "reduce-overhead" (CUDA graphs): params and cache are marked as static
-  addresses so they are neither copied nor re-recorded, and the output token
-  is cloned before the next replay overwrites it. On the CPU the step is
+  addresses (:func:`mark_static`) so the graph reads them in place, a new
+  cache re-recording it, and the output token is cloned before the next
+  replay overwrites it. On the CPU the step is
   built with the :func:`~gpt2fn.layers.matvec` products up to batch 16 and
   the :func:`~gpt2fn.layers.few_rows` ones for larger batches, and (models 768 wide
   and up) each block is one nested compile region (:func:`decode_block`):
@@ -464,7 +465,18 @@ def prepare_for_compiled_steps(params: Params, cache) -> None:
     tensors = flatten_params(params).values()
     if any(t.is_cuda for t in tensors):
         for t in tensors:
-            torch._dynamo.mark_static_address(t)
+            mark_static(t)
+
+
+def mark_static(t: Tensor) -> None:
+    """Mark ``t`` as a static address (CUDA graphs read it in place instead
+    of copying it) without a guard on it: a new cache, which every generation
+    brings, re-records the CUDA graph instead of recompiling the step. (Until
+    pytorch#162208, Sept. 2025, the default guarded the tensor's identity: every
+    generation compiled its decode step again, the ninth in a process raised
+    dynamo's FailOnRecompileLimitHit (the step is ``fullgraph``), and the
+    guards kept every cache alive.)"""
+    torch._dynamo.mark_static_address(t, guard=False)
 
 
 def _mark_cache(cache: State) -> None:
@@ -473,7 +485,7 @@ def _mark_cache(cache: State) -> None:
         for t in kv:
             torch._dynamo.mark_dynamic(t, 2)
             if t.is_cuda:
-                torch._dynamo.mark_static_address(t)
+                mark_static(t)
 
 
 def make_steps(

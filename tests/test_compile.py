@@ -15,7 +15,9 @@ from gpt2fn.measure import decode_step_time
 from gpt2fn.model import hidden, logits
 from gpt2fn.quantize import cast_params
 from gpt2fn.sampling import choose_token, filtered_probs, noise_width, uniform_noise
-from gpt2fn.steps import DECODE_OPTIONS, REGION_MIN_WIDTH, REGIONS, compiled_steps, decode_block, decode_kernels, window_len
+from gpt2fn.steps import (
+    DECODE_OPTIONS, REGION_MIN_WIDTH, REGIONS, compiled_steps, decode_block, decode_kernels, mark_static, window_len,
+)  # fmt: skip
 
 from conftest import run_cached
 
@@ -63,6 +65,25 @@ def test_the_whole_cache_and_its_windows_run_one_graph():
         outs.append(torch.cat(tokens).tolist())
     assert counters["stats"]["unique_graphs"] == 1
     assert outs[1:] == outs[:1] * 3
+
+
+def test_a_new_cache_marked_static_as_on_cuda_runs_the_same_graph():
+    """On CUDA the cache's tensors are marked static addresses (read in place
+    by the CUDA graph), and every generation brings a new cache. Marked
+    without a guard, a new cache runs the same graph (CUDA re-records it);
+    with one (torch's old default), each compiled the step again."""
+    params = init_params(LONG, seed=0)
+    steps = compiled_steps(LONG, torch.device("cpu"), 1, temperature=0, top_k=0, top_p=1.0)
+    tokens = []
+    for _ in range(3):
+        state = steps.make_state(params, 1, 64)
+        for t in (t for kv in state for t in kv):
+            mark_static(t)
+        with torch.inference_mode():
+            first = steps.prefill(params, prompt(9), torch.arange(9)[None], state, None)
+            tokens.append(steps.decode(params, first[:, None], torch.tensor([[9]]), state, None).item())
+    assert counters["stats"]["unique_graphs"] == 1
+    assert tokens == tokens[:1] * 3
 
 
 def test_a_token_cut_from_rows_of_any_length_runs_the_same_graph():
