@@ -91,13 +91,15 @@ def check_input(path: str | os.PathLike, what: str = "file", directory: bool = F
     return path
 
 
-def read_utf8(path: str | os.PathLike, prefix: str = "") -> str:
-    """A text file's contents, or one line saying it is not UTF-8 (after
-    ``prefix``, e.g. the flag that named it)."""
+def read_utf8(path: str | os.PathLike, what: str = "file") -> str:
+    """A text file's contents, or one line saying that the ``what`` (e.g.
+    "prompt file", or the flag that named it) cannot be read or is not UTF-8."""
     try:
         return Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise GPT2FnError(f"{prefix}{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise GPT2FnError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise GPT2FnError(f"cannot read {what} {path} ({e.strerror or e})") from None
 
 
 def _check_creatable(path: Path, what: str) -> None:

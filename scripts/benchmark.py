@@ -289,7 +289,7 @@ def load_drafts(args, params32, config, device) -> dict[str, tuple]:
 
 def draft_vocabulary(args, config) -> torch.Tensor:
     """The ``--draft-vocab`` most frequent tokens of ``--draft-vocab-from`` (else the lowest ids)."""
-    text = read_utf8(args.draft_vocab_from, "--draft-vocab-from: ") if args.draft_vocab_from else ""
+    text = read_utf8(args.draft_vocab_from, "--draft-vocab-from file") if args.draft_vocab_from else ""
     tokens = torch.tensor(encode(get_tokenizer(), text), dtype=torch.long)
     return frequent_tokens(tokens, args.draft_vocab, config.vocab_size)
 

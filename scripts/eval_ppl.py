@@ -34,7 +34,7 @@ def run(args) -> int:
     if args.stride is not None:
         check_int("--stride", args.stride)
     path = check_input(args.file, "text file")
-    text = read_utf8(path)
+    text = read_utf8(path, "text file")
     device = resolve_device(args.device)
     model_path = resolve_model(args.model)
     tokens = torch.tensor(get_tokenizer(model_path).encode_ordinary(text), dtype=torch.int64)

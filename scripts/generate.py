@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-from pathlib import Path
 
 import torch
 
 from gpt2fn.device import resolve_device
-from gpt2fn.errors import GPT2FnError, check_int, run_cli
+from gpt2fn.errors import GPT2FnError, check_int, read_utf8, run_cli
 from gpt2fn.generation import generate
 from gpt2fn.layers import ATTEND
 from gpt2fn.quantize import WEIGHT_DTYPES, cast_params
@@ -104,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         raise GPT2FnError("--draft_vocab_from needs --draft_vocab N: how many of its most frequent tokens to keep")
     if args.draft_vocab is not None and args.draft_vocab < 1:
         raise GPT2FnError(f"--draft_vocab must be >= 1, got {args.draft_vocab}")
-    vocab_text = read_text(args.draft_vocab_from, "--draft_vocab_from file") if args.draft_vocab_from else ""
+    vocab_text = read_utf8(args.draft_vocab_from, "--draft_vocab_from file") if args.draft_vocab_from else ""
     device = resolve_device(args.device)
     seed = args.seed if args.seed is not None else random.randrange(2**31)
 
@@ -174,14 +173,7 @@ def report(args: argparse.Namespace, device: torch.device, seed: int, stream) ->
 def read_prompt_file(path: str | None) -> list[str]:
     if path is None:
         return []
-    return [line for line in read_text(path, "prompt file").splitlines() if line.strip()]
-
-
-def read_text(path: str, what: str) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise GPT2FnError(f"cannot read {what} {path} ({e})") from None
+    return [line for line in read_utf8(path, "prompt file").splitlines() if line.strip()]
 
 
 def per_second(count: int, seconds: float) -> str:

@@ -301,7 +301,7 @@ def test_benchmark_refuses_bad_input_before_any_work(small_ref, tmp_path):
     }
     (tmp_path / "binary.txt").write_bytes(b"abc\xff\xfe")
     cases[f"--draft-vocab 9 --draft-vocab-from {tmp_path / 'binary.txt'} --lengths 16 --new-tokens 8"] = (
-        f"--draft-vocab-from: {tmp_path / 'binary.txt'} is not UTF-8 text (invalid start byte at byte 3)")
+        f"--draft-vocab-from file {tmp_path / 'binary.txt'} is not UTF-8 text (invalid start byte at byte 3)")
     cases[f"--model {tmp_path / 'none'}"] = f"{tmp_path / 'none'} does not exist"
     argvs = [([] if args.startswith("--model") else ["--model", str(small_ref.directory)]) + args.split() for args in cases]
     script = str(ROOT / "scripts" / "benchmark.py")
