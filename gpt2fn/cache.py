@@ -3,9 +3,10 @@
 ``make_cache`` allocates, once, one ``(k, v)`` pair per layer, each
 ``[batch, n_head, max_len, head_dim]``. Attention writes the keys and values
 of new tokens into these tensors *in place* at the positions it is given
-(``Tensor.index_copy_``); the tuple itself never changes, nothing is
-reallocated or concatenated, so every decode step sees the same shapes and the
-same storage (which is what a compiled graph, or a CUDA graph, needs).
+(an indexed assignment, ``k[rows, :, pos] = ...``); the tuple itself never
+changes, nothing is reallocated or concatenated, so every decode step sees
+the same shapes and the same storage (which is what a compiled graph, or a
+CUDA graph, needs).
 
 Unwritten slots hold zeros and are masked out by position, never read as data.
 A call that touches only the first ``n`` positions may be handed
