@@ -10,6 +10,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from gpt2fn import GPTConfig, generate, generate_all, init_params, load_pretrained, make_cache
+from gpt2fn.generation import Stream
 from gpt2fn.layers import MATVEC_FP32_MAX_ROWS, MATVEC_MAX_ROWS, Kernels, attend_manual, block, few_rows, linear, matvec, matvec_groups
 from gpt2fn.measure import decode_step_time
 from gpt2fn.model import hidden, logits
@@ -84,6 +85,22 @@ def test_a_new_cache_marked_static_as_on_cuda_runs_the_same_graph():
             tokens.append(steps.decode(params, first[:, None], torch.tensor([[9]]), state, None).item())
     assert counters["stats"]["unique_graphs"] == 1
     assert tokens == tokens[:1] * 3
+
+
+def test_the_steps_built_for_cuda_run_their_python_on_cpu_tensors():
+    """No GPU here: the steps made for a CUDA device (the library's products,
+    blocks inlined, the whole cache instead of windows, ``reduce-overhead``,
+    outputs cloned) run on CPU params, where inductor leaves out the CUDA
+    graphs. A ragged batch then gets eager's tokens, with one graph over two
+    generations; what it cannot check is CUDA itself."""
+    params, prompts = init_params(LONG, seed=0), [[1, 2, 3, 4, 5], [7, 8]]
+    steps = compiled_steps(LONG, torch.device("cuda"), 2, temperature=0, top_k=0, top_p=1.0)
+    assert steps.window is None and steps.chained == 1
+    eager = generate_all(params, LONG, prompts, 20, temperature=0)[0]
+    for _ in range(2):
+        assert torch.equal(Stream(params, steps, prompts, [20, 20], None, lambda batch, decode: None).tokens(), eager)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["inductor"]["cudagraph_skips"] == 1  # compiled for CUDA graphs, left out for CPU tensors
 
 
 def test_a_token_cut_from_rows_of_any_length_runs_the_same_graph():
