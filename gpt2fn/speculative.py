@@ -77,7 +77,7 @@ from gpt2fn.config import GPTConfig
 from gpt2fn.errors import GPT2FnError
 from gpt2fn.layers import Kernels, block, few_rows
 from gpt2fn.model import hidden, logits
-from gpt2fn.params import Params, map_params
+from gpt2fn.params import Params, map_params, params_device
 from gpt2fn.quantize import quantize_int8
 from gpt2fn.sampling import draw, filtered_probs
 from gpt2fn.steps import Steps, _cache, _marked_cache, chains, compiled_step, decode_kernels, eager_kernels
@@ -294,7 +294,7 @@ def speculative_steps(
 
     def make_state(params: Params, batch: int, length: int) -> Speculation:
         target, drafts = new_cache(config, params, batch, length), new_cache(draft_config, draft_params, batch, length)
-        return Speculation(target, drafts, k, before=torch.zeros(batch, 1, dtype=torch.long, device=device))
+        return Speculation(target, drafts, k, before=torch.zeros(batch, 1, dtype=torch.long, device=params_device(params)))
 
     def prefill(params: Params, tokens: Tensor, pos: Tensor, state: Speculation, noise: Optional[Tensor]) -> Tensor:
         hidden(draft_params, draft_config, tokens, pos, state.draft, kernels=eager)  # fills the draft's cache

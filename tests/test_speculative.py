@@ -16,8 +16,9 @@ from gpt2fn.layers import Kernels, block
 from gpt2fn.model import forward
 from gpt2fn.params import map_params
 from gpt2fn.quantize import cast_params
+from gpt2fn.generation import Stream
 from gpt2fn.speculative import (accept_greedy, accept_sampled, draft_step, draft_vocab, frequent_tokens, k_levels,
-                                next_k, self_draft)  # fmt: skip
+                                next_k, self_draft, speculative_steps)  # fmt: skip
 from gpt2fn.steps import REGION_MIN_WIDTH, REGIONS, _cache, chain, decode_block
 
 from conftest import ROOT
@@ -84,6 +85,27 @@ def test_compiled_greedy_identity_and_a_fixed_number_of_graphs(small):
         assert_greedy_identity(params, config, prompt, config.n_ctx - prompt.shape[1], draft, 4, compile=True)
     plain_graphs = 1  # assert_greedy_identity also ran the plain compiled decode step
     assert counters["stats"]["unique_graphs"] == graphs + plain_graphs
+
+
+def test_speculative_steps_built_for_cuda_run_their_python_on_cpu_tensors(small):
+    """No GPU here: the speculative steps made for a CUDA device (the draft
+    called once a token, a chain of compiled steps; the verify's symbolic
+    token count; ``reduce-overhead``, outputs cloned) run on CPU params,
+    where inductor leaves out the CUDA graphs: the target's own greedy
+    tokens, and no new graph after the first generation."""
+    params, config = small
+    torch._dynamo.reset()
+    counters.clear()
+    steps = speculative_steps(config, self_draft(params, "int8"), config, 4, device=torch.device("cuda"), compile=True,
+                              temperature=0)  # fmt: skip
+    for i, prompt in enumerate(prompts(2, (5, 12), seed=6)):
+        plain = generate_all(params, config, prompt, 60, temperature=0)[0]
+        assert torch.equal(Stream(params, steps, prompt.tolist(), [60], None, lambda batch, decode: None).tokens(), plain)
+        if i == 0:
+            graphs = counters["stats"]["unique_graphs"]
+    # the draft step over a round's first two tokens and over one, the verify step
+    assert graphs == counters["stats"]["unique_graphs"] == counters["inductor"]["cudagraph_skips"] == 3
+    torch._dynamo.reset()
 
 
 GPT2_WIDE = GPTConfig(vocab_size=50257, n_ctx=96, n_embd=REGION_MIN_WIDTH, n_layer=2, n_head=12)
