@@ -94,7 +94,6 @@ def onednn_linear(x: Tensor, w: Tensor, b: Optional[Tensor] = None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
 
-@torch.library.custom_op("gpt2fn::few_rows_linear", mutates_args=())
 def _few_rows_linear(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
     rows = x.numel() // x.shape[-1]
     if ONEDNN_ROWS[0] <= rows <= ONEDNN_ROWS[1] and w.numel() >= ONEDNN_MIN_WEIGHT:
@@ -102,9 +101,11 @@ def _few_rows_linear(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
     return F.linear(x, w, b)
 
 
-@_few_rows_linear.register_fake
-def _(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
-    return x.new_empty(*x.shape[:-1], w.shape[0])
+# few_rows's op, registered by hand: a @custom_op's first call imports torch._dynamo (0.8 s of an eager prefill).
+LIBRARY = torch.library.Library("gpt2fn", "DEF")
+LIBRARY.define("few_rows_linear(Tensor x, Tensor w, Tensor? b) -> Tensor")
+LIBRARY.impl("few_rows_linear", _few_rows_linear, "CPU")
+torch.library.register_fake("gpt2fn::few_rows_linear", lambda x, w, b: x.new_empty(*x.shape[:-1], w.shape[0]))
 
 
 def few_rows(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[Tensor] = None) -> Tensor:
@@ -116,12 +117,11 @@ def few_rows(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[T
     rows with a weight of at least :data:`ONEDNN_MIN_WEIGHT` elements go to
     oneDNN and the rest to MKL, decided per call (the row count may be
     symbolic under ``torch.compile``); other dtypes and devices, and builds
-    without oneDNN, use :func:`linear`. A custom op, so that inductor calls it
-    as it stands (its own oneDNN lowering needs frozen weights). Measured in
-    the README's Speed section."""
+    without oneDNN, use :func:`linear`. An op of :data:`LIBRARY`, which inductor calls as
+    it stands (its oneDNN lowering needs frozen weights). Measured in the README."""
     if w.dtype != torch.float32 or scale is not None or w.device.type != "cpu" or not ONEDNN:
         return linear(x, w, b, scale)
-    return _few_rows_linear(x, w, b)
+    return torch.ops.gpt2fn.few_rows_linear(x, w, b)
 
 
 def embedding(tokens: Tensor, wte: Tensor, scale: Optional[Tensor] = None, dtype: Optional[torch.dtype] = None) -> Tensor:

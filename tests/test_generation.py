@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
@@ -149,3 +151,21 @@ def test_each_call_gets_the_window_of_the_positions_it_touches(small, per_call):
     assert [n for _, n in seen[:3]] == [16, 16, 16] and seen[-1][1] == 45
     assert torch.equal(windowed, tokens(steps._replace(window=None)))
     assert torch.equal(windowed, generate_all(params, config, prompt(5), 40, temperature=0)[0])
+
+
+def test_an_eager_generation_does_not_import_the_compiler():
+    """torch._dynamo takes ~0.8 s to import, which the first eager prefill
+    used to report as its own: the eager steps' fp32 products go through
+    ``few_rows``' op, and an op made with ``@torch.library.custom_op``
+    imports torch._dynamo at its first call (ours is registered by hand)."""
+    code = """if True:
+        import sys, torch
+        from gpt2fn import GPTConfig, generate_all, init_params
+        config = GPTConfig(vocab_size=50257, n_ctx=64, n_embd=32, n_layer=2, n_head=2)
+        params = init_params(config, seed=0)
+        assert params["wte"].dtype == torch.float32
+        generate_all(params, config, [[1, 2, 3], [4]], 5, temperature=0)
+        assert "torch._dynamo" not in sys.modules, "an eager generation imported torch._dynamo"
+    """
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
