@@ -294,7 +294,8 @@ def speculative_steps(
 
     def make_state(params: Params, batch: int, length: int) -> Speculation:
         target, drafts = new_cache(config, params, batch, length), new_cache(draft_config, draft_params, batch, length)
-        return Speculation(target, drafts, k, before=torch.zeros(batch, 1, dtype=torch.long, device=params_device(params)))
+        before = torch.zeros(batch, 1, dtype=torch.long, device=params_device(params))
+        return Speculation(target, drafts, k, before=before)
 
     def prefill(params: Params, tokens: Tensor, pos: Tensor, state: Speculation, noise: Optional[Tensor]) -> Tensor:
         hidden(draft_params, draft_config, tokens, pos, state.draft, kernels=eager)  # fills the draft's cache

@@ -29,9 +29,9 @@ keys written so far, not the whole preallocated cache):
   length (a window's) is marked dynamic, so ONE graph serves every step of
   every generation, whatever the prompt length. On CUDA the mode is
   "reduce-overhead" (CUDA graphs): params and cache are marked as static
-  addresses (:func:`mark_static`) so the graph reads them in place, a new
-  cache re-recording it, and the output token is cloned before the next
-  replay overwrites it. On the CPU the step is
+  addresses (:func:`mark_static`) so the graph reads them in place (a new
+  generation's cache records it again), and the output token is cloned
+  before the next replay overwrites it. On the CPU the step is
   built with the :func:`~gpt2fn.layers.matvec` products up to batch 16 and
   the :func:`~gpt2fn.layers.few_rows` ones for larger batches, and (models 768 wide
   and up) each block is one nested compile region (:func:`decode_block`):

@@ -100,7 +100,8 @@ def test_speculative_steps_built_for_cuda_run_their_python_on_cpu_tensors(small)
                               temperature=0)  # fmt: skip
     for i, prompt in enumerate(prompts(2, (5, 12), seed=6)):
         plain = generate_all(params, config, prompt, 60, temperature=0)[0]
-        assert torch.equal(Stream(params, steps, prompt.tolist(), [60], None, lambda batch, decode: None).tokens(), plain)
+        stream = Stream(params, steps, prompt.tolist(), [60], None, lambda batch, decode: None)
+        assert torch.equal(stream.tokens(), plain)
         if i == 0:
             graphs = counters["stats"]["unique_graphs"]
     # the draft step over a round's first two tokens and over one, the verify step
