@@ -1,9 +1,20 @@
-"""Turning the user's device string into a torch device, with one clear line
-when what was asked for is not there."""
+"""The machine: the user's device string as a torch device, with one clear
+line when what was asked for is not there; and on the CPU, which library
+computes an fp32 matrix product (the op behind :func:`gpt2fn.layers.few_rows`).
+
+MKL's fp32 product (``F.linear``) repacks the weight on every call; oneDNN's
+on the weight as stored is faster on an Intel CPU from 4 to 12 rows but for
+small weights, and on an AMD CPU, where MKL runs slow code, always (forward
+and backward: the gradients are products of the same op). Measured in the
+README's Speed and Training sections.
+"""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
 
 from gpt2fn.errors import GPT2FnError
 
@@ -41,3 +52,45 @@ def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
             return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
     except OSError:
         return ""
+
+
+# Whether this build has oneDNN; the row counts, and the smallest weight
+# (elements), for which its fp32 matrix product beats MKL's: every one on AMD
+# CPUs; elsewhere as measured on Intel's.
+ONEDNN = torch.backends.mkldnn.is_available()
+ONEDNN_ROWS, ONEDNN_MIN_WEIGHT = ((1, 2**62), 0) if cpu_vendor() == "AuthenticAMD" else ((4, 16), 2**20)
+
+
+def onednn_linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ w.T + b`` by oneDNN's matrix product on the fp32 weight as stored (CPU builds with oneDNN)."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+def few_rows_linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x @ w.T + b`` by oneDNN if ``x`` has :data:`ONEDNN_ROWS` rows and
+    ``w`` at least :data:`ONEDNN_MIN_WEIGHT` elements, else by MKL (decided
+    per call: under ``torch.compile`` the row count may be symbolic)."""
+    rows = x.numel() // x.shape[-1]
+    if ONEDNN_ROWS[0] <= rows <= ONEDNN_ROWS[1] and w.numel() >= ONEDNN_MIN_WEIGHT:
+        return onednn_linear(x, w, b)
+    return F.linear(x, w, b)
+
+
+def _few_rows_backward(ctx, dy: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+    """Each gradient a product by the same rule: dx = dy @ w, dw = (x^T @ dy)^T, db = the sum of dy's rows."""
+    x, w = ctx.saved_tensors
+    dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+    dx = torch.ops.gpt2fn.few_rows_linear(dy, w.T, None) if ctx.needs_input_grad[0] else None
+    dw = torch.ops.gpt2fn.few_rows_linear(x2.T, dy2.T, None).T if ctx.needs_input_grad[1] else None
+    return dx, dw, dy2.sum(0) if ctx.needs_input_grad[2] else None
+
+
+# few_rows_linear as an op, which inductor calls as it stands (its own oneDNN
+# lowering needs frozen weights). Registered by hand: a @custom_op's first
+# call imports torch._dynamo, 0.8 s that an eager generation's prefill paid.
+LIBRARY = torch.library.Library("gpt2fn", "DEF")
+LIBRARY.define("few_rows_linear(Tensor x, Tensor w, Tensor? b) -> Tensor")
+LIBRARY.impl("few_rows_linear", few_rows_linear, "CPU")
+torch.library.register_fake("gpt2fn::few_rows_linear", lambda x, w, b: x.new_empty(*x.shape[:-1], w.shape[0]))
+torch.library.register_autograd("gpt2fn::few_rows_linear", _few_rows_backward,
+                                setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs[:2]))

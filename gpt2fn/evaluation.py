@@ -23,6 +23,7 @@ from gpt2fn.config import GPTConfig
 from gpt2fn.errors import GPT2FnError
 from gpt2fn.model import forward
 from gpt2fn.params import Params, params_device
+from gpt2fn.steps import eager_kernels
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def perplexity(
     for begin in tqdm(starts, desc="perplexity", unit="window", disable=not progress):
         end = min(begin + context, len(tokens))
         window = tokens[begin:end]
-        logits = forward(params, config, window[None, :-1])[0].float()  # predicts window[1:]
+        logits = forward(params, config, window[None, :-1], kernels=eager_kernels())[0].float()  # predicts window[1:]
         new = min(end - scored_until, len(window) - 1)  # targets no earlier window scored
         nll = F.cross_entropy(logits[-new:], window[-new:], reduction="sum")
         total, count, scored_until = total + nll.item(), count + new, end

@@ -27,6 +27,7 @@ from gpt2fn.config import GPTConfig
 from gpt2fn.errors import GPT2FnError, check_input
 from gpt2fn.model import forward
 from gpt2fn.params import Params, params_device
+from gpt2fn.steps import eager_kernels
 
 REFERENCE_ACC_NORM = {"gpt2": 0.2955, "gpt2-xl": 0.4893}  # validation set, this scoring (build-nanogpt)
 
@@ -115,7 +116,7 @@ def ending_logprobs(
         tokens[i, : len(row)] = torch.tensor(row)
         scored[i, len(row) - 1 - len(ending) : len(row) - 1] = True
     tokens, scored = tokens.to(params_device(params)), scored.to(params_device(params))
-    logits = forward(params, config, tokens[:, :-1]).float()
+    logits = forward(params, config, tokens[:, :-1], kernels=eager_kernels()).float()
     logprobs = -F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")  # [4, width - 1]
     total = (logprobs * scored).sum(1)
     return total, total / scored.sum(1)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2fn.cache import LayerKV
-from gpt2fn.device import cpu_vendor
+from gpt2fn.device import ONEDNN
 
 Tensor = torch.Tensor
 # A tap sees a layer's intermediates by name and returns them, or a replacement
@@ -81,45 +81,16 @@ def matvec_groups(rows: int) -> int:
     return 8 if rows >= 16384 else 4
 
 
-# Whether this build has oneDNN; the row counts, and the smallest weight
-# (elements), for which its fp32 matrix product beats MKL's (see few_rows):
-# every one on AMD CPUs, where MKL is slow; elsewhere as measured on Intel's.
-ONEDNN = torch.backends.mkldnn.is_available()
-ONEDNN_ROWS, ONEDNN_MIN_WEIGHT = ((1, 2**62), 0) if cpu_vendor() == "AuthenticAMD" else ((4, 16), 2**20)
-
-
-def onednn_linear(x: Tensor, w: Tensor, b: Optional[Tensor] = None) -> Tensor:
-    """``x @ w.T + b`` by oneDNN's matrix product on the fp32 weight as stored
-    (CPU builds with oneDNN; see :func:`few_rows`)."""
-    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-
-
-def _few_rows_linear(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
-    rows = x.numel() // x.shape[-1]
-    if ONEDNN_ROWS[0] <= rows <= ONEDNN_ROWS[1] and w.numel() >= ONEDNN_MIN_WEIGHT:
-        return onednn_linear(x, w, b)
-    return F.linear(x, w, b)
-
-
-# few_rows's op, registered by hand: a @custom_op's first call imports torch._dynamo (0.8 s of an eager prefill).
-LIBRARY = torch.library.Library("gpt2fn", "DEF")
-LIBRARY.define("few_rows_linear(Tensor x, Tensor w, Tensor? b) -> Tensor")
-LIBRARY.impl("few_rows_linear", _few_rows_linear, "CPU")
-torch.library.register_fake("gpt2fn::few_rows_linear", lambda x, w, b: x.new_empty(*x.shape[:-1], w.shape[0]))
-
-
 def few_rows(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[Tensor] = None) -> Tensor:
-    """The same function as :func:`linear`, for the eager steps, a speculative
-    verify pass and compiled fp32 batches past matvec's rows, on the CPU.
-    MKL's fp32 product (``F.linear``) repacks the weight every call; oneDNN's on
-    the weight as stored is faster on an Intel CPU from 4 to 12 rows but for
-    small weights, on an AMD one always. So fp32 products of :data:`ONEDNN_ROWS`
-    rows with a weight of at least :data:`ONEDNN_MIN_WEIGHT` elements go to
-    oneDNN and the rest to MKL, decided per call (the row count may be
-    symbolic under ``torch.compile``); other dtypes and devices, and builds
-    without oneDNN, use :func:`linear`. An op of :data:`LIBRARY`, which inductor calls as
-    it stands (its oneDNN lowering needs frozen weights). Measured in the README."""
-    if w.dtype != torch.float32 or scale is not None or w.device.type != "cpu" or not ONEDNN:
+    """The same function as :func:`linear`, gradients included, for the eager
+    steps, training, a speculative verify pass and compiled fp32 batches past
+    matvec's rows, on the CPU: fp32 products go to the op
+    ``gpt2fn::few_rows_linear``, which takes oneDNN's product or MKL's
+    (``F.linear``) by :data:`~gpt2fn.device.ONEDNN_ROWS` (see
+    :mod:`gpt2fn.device`); other dtypes and devices, autocast (which casts
+    linear's inputs) and builds without oneDNN use :func:`linear`."""
+    cpu_fp32 = w.dtype == torch.float32 and scale is None and w.device.type == "cpu" and ONEDNN
+    if not cpu_fp32 or torch.is_autocast_enabled("cpu"):
         return linear(x, w, b, scale)
     return torch.ops.gpt2fn.few_rows_linear(x, w, b)
 

@@ -19,8 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from gpt2fn.config import GPTConfig
-from gpt2fn.device import synchronize
-from gpt2fn.layers import onednn_linear
+from gpt2fn.device import onednn_linear, synchronize
 from gpt2fn.model import positions
 from gpt2fn.params import Params, flatten_params, param_shapes, params_device
 from gpt2fn.steps import Steps, window_len

@@ -36,6 +36,7 @@ from gpt2fn.files import atomic_write, remove_stale_temporaries
 from gpt2fn.layers import block
 from gpt2fn.model import hidden, logits, positions
 from gpt2fn.params import Params, flatten_params, params_device, unflatten_params
+from gpt2fn.steps import eager_kernels
 
 Tensor = torch.Tensor
 
@@ -91,8 +92,10 @@ def loss_fn(params: Params, config: GPTConfig, windows: Tensor, checkpoint_block
     input and recomputes the block in the backward pass: memory for compute."""
     tokens = windows[:, :-1]
     pos = positions(1, tokens.shape[1], device=tokens.device)  # shared by every row
-    x = hidden(params, config, tokens, pos, run_block=checkpointed_block if checkpoint_blocks else block)
-    out = logits(params, config, x)
+    kernels = eager_kernels()  # few_rows: oneDNN's fp32 products where MKL's are slow, forward and backward
+    run_block = checkpointed_block if checkpoint_blocks else block
+    x = hidden(params, config, tokens, pos, kernels=kernels, run_block=run_block)
+    out = logits(params, config, x, kernels.linear)
     return F.cross_entropy(out.float().reshape(-1, out.shape[-1]), windows[:, 1:].reshape(-1))
 
 

@@ -63,11 +63,10 @@ from torch._dynamo.utils import counters
 from tqdm import tqdm
 
 from gpt2fn.config import PRESETS
-from gpt2fn.device import resolve_device
+from gpt2fn.device import ONEDNN, ONEDNN_MIN_WEIGHT, ONEDNN_ROWS, resolve_device
 from gpt2fn.errors import GPT2FnError, check_int, check_output_file, parse_int_list, read_utf8, run_cli
 from gpt2fn.files import atomic_write
 from gpt2fn.generation import generate_all
-from gpt2fn.layers import ONEDNN, ONEDNN_MIN_WEIGHT, ONEDNN_ROWS
 from gpt2fn.measure import (decode_step_time, memory_mb, peak_memory_mb, product_times, reset_peak_memory, streaming_limit_s,
                             weight_bytes)  # fmt: skip
 from gpt2fn.params import init_params

@@ -9,7 +9,7 @@ import sys
 
 from conftest import ROOT
 
-from gpt2fn.layers import ONEDNN, ONEDNN_ROWS
+from gpt2fn.device import ONEDNN, ONEDNN_ROWS
 
 
 def test_benchmark_writes_json_and_plot(small_ref, tmp_path):

@@ -8,9 +8,10 @@ import torch
 
 from gpt2fn.cache import cache_len, make_cache, window
 from gpt2fn.config import GPTConfig
-from gpt2fn.device import cpu_vendor
-from gpt2fn.layers import Kernels, attend_manual, attend_sdpa, attention, causal_mask, ffn, gelu, layer_norm, linear, matvec
-from gpt2fn.layers import ONEDNN_MIN_WEIGHT, ONEDNN_ROWS, few_rows
+from gpt2fn.device import ONEDNN_MIN_WEIGHT, ONEDNN_ROWS, cpu_vendor
+from gpt2fn.layers import (
+    Kernels, attend_manual, attend_sdpa, attention, causal_mask, ffn, few_rows, gelu, layer_norm, linear, matvec,
+)  # fmt: skip
 from gpt2fn.model import at_layer, positions
 
 
@@ -56,6 +57,28 @@ def test_few_rows_by_hand_and_equal_to_linear_at_every_row_count():
         x = torch.randn(1, rows, 96, generator=gen)
         assert torch.allclose(few_rows(x, w, b), linear(x, w, b), rtol=1e-5, atol=1e-5)
         assert torch.allclose(compiled(x, w, b), linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_few_rows_gradients_equal_linears_and_autocast_takes_linear():
+    """few_rows's op has a backward of its own (its products by the same
+    rule): x, w and b's gradients equal F.linear's, with and without a bias,
+    over 3-D inputs, on both libraries' sides (a small weight and a few rows:
+    MKL on an Intel CPU; many rows: oneDNN on an AMD one, MKL elsewhere);
+    under bf16 autocast it is linear, in bf16, as F.linear is."""
+    gen = torch.Generator().manual_seed(1)
+    for rows, (out, d), bias in [(3, (7, 5), True), (300, (96, 64), True), (300, (50, 64), False)]:
+        x = torch.randn(2, rows // 2 + 1, d, generator=gen)
+        w, b = torch.randn(out, d, generator=gen), torch.randn(out, generator=gen) if bias else None
+        dy = torch.randn(*x.shape[:-1], out, generator=gen)
+        grads = []
+        for product in (few_rows, linear):
+            leaves = [t.clone().requires_grad_() for t in (x, w, b) if t is not None]
+            y = product(leaves[0], leaves[1], leaves[2] if bias else None)
+            grads.append(torch.autograd.grad(y, leaves, dy))
+        for mine, reference in zip(*grads):
+            assert torch.allclose(mine, reference, rtol=1e-4, atol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert few_rows(x, w).dtype == torch.bfloat16 and torch.equal(few_rows(x, w), linear(x, w))
 
 
 def test_cpu_vendor_and_the_onednn_rule_it_picks(tmp_path):

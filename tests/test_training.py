@@ -14,6 +14,7 @@ from gpt2fn.data import load_split, load_tokens, prepare, random_windows
 from gpt2fn.evaluation import perplexity, unigram_perplexity
 from gpt2fn.params import flatten_params
 from gpt2fn.tokenizer import ENDOFTEXT_ID, get_tokenizer
+from gpt2fn.weights import hf_name, transformers_model
 from gpt2fn.training import (
     TrainConfig, load_checkpoint, loss_fn, lr_at, make_optimizer, save_checkpoint, train, trainable,
 )  # fmt: skip
@@ -62,6 +63,23 @@ def test_loss_matches_reference(small_ref):
     with torch.no_grad():
         expected = small_ref.model(windows, labels=windows).loss  # the reference shifts internally
     assert abs(loss_fn(params, config, windows).item() - expected.item()) <= 1e-5
+
+
+def test_gradients_match_the_reference(small_ref):
+    """Every parameter's gradient of the loss equals the reference's, on the
+    CPU through few_rows (oneDNN's products forward and backward on an AMD
+    CPU, MKL's elsewhere) as through F.linear."""
+    params, config = load_pretrained(small_ref.directory)
+    params = trainable(params)
+    windows = torch.randint(0, 50257, (3, 33), generator=torch.Generator().manual_seed(2))
+    loss_fn(params, config, windows).backward()
+    reference = transformers_model(load_pretrained(small_ref.directory)[0], config)
+    reference(windows, labels=windows).loss.backward()
+    grads = {name: t.grad for name, t in reference.named_parameters()}
+    for name, t in flatten_params(params).items():
+        expected = grads["transformer." + hf_name(name)]
+        expected = expected.T if name.endswith(".w") else expected  # the reference's linear weights are [in, out]
+        assert torch.allclose(t.grad, expected, rtol=1e-4, atol=1e-6), name
 
 
 def test_learning_rate_schedule():
