@@ -14,10 +14,10 @@ from gpt2fn.data import load_split, load_tokens, prepare, random_windows
 from gpt2fn.evaluation import perplexity, unigram_perplexity
 from gpt2fn.params import flatten_params
 from gpt2fn.tokenizer import ENDOFTEXT_ID, get_tokenizer
-from gpt2fn.weights import hf_name, transformers_model
 from gpt2fn.training import (
     TrainConfig, load_checkpoint, loss_fn, lr_at, make_optimizer, save_checkpoint, train, trainable,
 )  # fmt: skip
+from gpt2fn.weights import hf_name, transformers_model
 
 TINY = GPTConfig(vocab_size=50257, n_ctx=64, n_embd=32, n_layer=2, n_head=2)
 TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 40
