@@ -12,11 +12,11 @@ from torch._dynamo.utils import counters
 
 import gpt2fn.steps
 from gpt2fn import GPT2FnError, GPTConfig, generate, generate_all, init_params, load_pretrained, make_cache
+from gpt2fn.generation import Stream
 from gpt2fn.layers import Kernels, block
 from gpt2fn.model import forward
 from gpt2fn.params import map_params
 from gpt2fn.quantize import cast_params
-from gpt2fn.generation import Stream
 from gpt2fn.speculative import (accept_greedy, accept_sampled, draft_step, draft_vocab, frequent_tokens, k_levels,
                                 next_k, self_draft, speculative_steps)  # fmt: skip
 from gpt2fn.steps import REGION_MIN_WIDTH, REGIONS, _cache, chain, decode_block
