@@ -151,11 +151,8 @@ class Stream:
         pos, decode_s, compile_s = pos[:, -1:], 0.0, 0.0
         n_new, advance, decode_tokens = 1, 1, 0
         top = T - 1  # the highest position in pos, on the host
-
-        def finished() -> bool:
-            return n_new == n_steps or (done is not None and bool(done.all()))
-
-        while not finished():
+        running = not self._all_stopped(done)  # the stop check: one sync a token, and only with a stop token
+        while running and n_new < n_steps:
             start = time.perf_counter()
             with torch.inference_mode():
                 pos = (pos + advance).clamp_(max=length - 1)  # rows past their own end write a slot nobody reads
@@ -169,20 +166,26 @@ class Stream:
                 decode_s += time.perf_counter() - start
             new = new[:, None] if new.dim() == 1 else new  # [B, m]: m > 1 for a chain or a speculative round
             advance = new.shape[1]
-            for token in new.unbind(1):
-                if finished():
-                    break
+            for token in new.unbind(1)[: n_steps - n_new]:  # what a chain computes past the end is dropped
                 if done is not None:
                     done = done | (token == stop) | (limits <= n_new + 1)
                 n_new += 1
                 decode_tokens += not compiling
                 self._made.append(token)
                 yield token
+                if self._all_stopped(done):
+                    running = False
+                    break
         start = time.perf_counter()
         synchronize(device)
         decode_s += time.perf_counter() - start
         extra = steps.report(state) if steps.report else {}
         self.stats = GenerationStats(T, n_new, prefill_s, decode_s, decode_tokens, compile_s, B, **extra)
+
+    @staticmethod
+    def _all_stopped(done: Optional[Tensor]) -> bool:
+        """Whether every row has stopped (a sync), or False without a stop token (no sync)."""
+        return done is not None and bool(done.all())
 
 
 def warm_up(device: torch.device) -> None:

@@ -12,6 +12,7 @@ import torch
 
 from gpt2fn import GPT2FnError, generate, generate_all, generation, load_pretrained
 from gpt2fn.cache import cache_len
+from gpt2fn.generation import Stream
 from gpt2fn.steps import cached_steps, window_len
 
 
@@ -169,3 +170,17 @@ def test_an_eager_generation_does_not_import_the_compiler():
     """
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("per_call", [1, 3])
+def test_the_loop_checks_for_the_stop_token_once_a_token(small, monkeypatch, per_call):
+    """The stop check (every row done?) is the loop's one host sync on a GPU:
+    it runs once for each token yielded, and not at all without a stop token."""
+    params, config = small
+    checks = []
+    real = Stream._all_stopped
+    monkeypatch.setattr(Stream, "_all_stopped", staticmethod(lambda done: checks.append(done is not None) or real(done)))
+    for stop_token in (None, 50256):
+        checks.clear()
+        out = generate_all(params, config, [[1, 2, 3], [4]], 20, temperature=0, stop_token=stop_token, tokens_per_call=per_call)[0]
+        assert out.shape == (2, 20) and len(checks) == 20 and all(checks) == (stop_token is not None)
