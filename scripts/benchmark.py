@@ -262,13 +262,24 @@ def make_contenders(args, params: dict, params32, config, prompt, device, drafts
 
             name = f"speculative {d} k<={k} adaptive" if adaptive else f"speculative {d} k={k}"
             contenders.append(Contender("gpt2fn", name, "float32", 1, run, notes))
-    if not args.no_transformers:
-        model = transformers_model(params32, config).eval()
+    model = None if args.no_transformers else transformers_model(params32, config)  # None: transformers is not installed
+    if model is not None:
         modes = ("default", "static cache") if device.type == "cuda" else ("default",)
-        for mode in modes:
-            run = functools.partial(hf_generate, model, prompt, args.new_tokens, mode == "static cache")
-            contenders.append(Contender("transformers", mode, "float32", 1, run))
+        for d in transformers_dtypes(params, device):
+            hf = (model if d == "float32" else transformers_model(params32, config).to(getattr(torch, d))).eval()
+            for mode in modes:
+                run = functools.partial(hf_generate, hf, prompt, args.new_tokens, mode == "static cache")
+                contenders.append(Contender("transformers", mode, d, 1, run))
     return contenders
+
+
+def transformers_dtypes(params: dict, device) -> list[str]:
+    """The dtypes transformers runs in: float32 (the baseline of every row),
+    and on CUDA also each of ``--dtypes`` it has (bfloat16, float16: like
+    against like); its int8 is another scheme, so int8 rows meet float32."""
+    if device.type != "cuda":
+        return ["float32"]
+    return ["float32", *(d for d in params if d in ("bfloat16", "float16"))]
 
 
 def load_drafts(args, params32, config, device) -> dict[str, tuple]:
@@ -375,23 +386,26 @@ def hf_generate(model, prompt, n_new, static_cache: bool) -> float:
     return (n_new - 1) / (clock.times[-1] - clock.times[1])
 
 
+SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8": "int8"}
+
+
 def print_report(results) -> None:
     gen, limit, comp = results["generation"], results["limit"], results["compile"]
     print("\nWeight-streaming limit (time to read every weight byte once, best round):")
     for d, L in limit.items():
         print(f"  {d:9s} {L['weight_mb']:7.0f} MB  {L['seconds'] * 1000:6.2f} ms  ({L['gb_per_s']:.0f} GB/s)  "
               f"= {L['tokens_per_s']:6.1f} tokens/s at most")  # fmt: skip
-    hf = {g["mode"]: g["tokens_per_s"] for g in gen.values() if g["system"] == "transformers"}
+    hf = {f"{g['mode']} {SHORT[g['dtype']]}": g["tokens_per_s"] for g in gen.values() if g["system"] == "transformers"}
     rounds = len(next(iter(gen.values()))["all"])
     print(f"\nGeneration: {results['prompt_len']}-token prompt + {results['new_tokens']} new tokens, decode tokens/s "
           f"over all rows (median of {rounds} interleaved rounds)")  # fmt: skip
-    header = "".join(f"{'vs hf ' + m:>18s}" for m in hf)
+    header = "".join(f"{'vs hf ' + m:>23s}" for m in hf)
     width = max(len(name) for name in gen)
     print(f"  {'variant':{width}s} {'tok/s':>8s} {'ms/step':>8s}{header} {'vs limit':>9s} {'+peak MB':>9s}")
     for name, g in gen.items():
         tps, batch = g["tokens_per_s"], g["batch"]
         of_limit = tps / (batch * limit[g["dtype"]]["tokens_per_s"]) if g["dtype"] in limit else float("nan")
-        vs_hf = "".join(f"{fmt_ratio(tps / h):>18s}" for h in hf.values())
+        vs_hf = "".join(f"{fmt_ratio(tps / h):>23s}" for h in hf.values())
         print(f"  {name:{width}s} {tps:8.1f} {1000 * batch / tps:8.2f}{vs_hf} {of_limit:8.0%} {g['peak_memory_mb']:9.0f}")
     print("  (vs limit: a batch reads each weight once for all its rows, so its limit is batch x that of one row)")
 
