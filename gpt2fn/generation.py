@@ -239,12 +239,12 @@ def generate(
     per call, each chosen token fed to the next (:func:`gpt2fn.steps.chain`),
     and the stream yields them one by one after the call: the same tokens
     as one step a call (greedy; sampled too on the CPU, which draws the
-    same random numbers), for fewer calls. Compiled on the CPU, a model
-    narrower than GPT-2 runs the whole chain as one graph, which pays a
-    step's fixed cost (the call, its guards) once a call: worth it where
-    tokens need not appear one at a time. Other compiled steps (GPT-2
-    sizes, CUDA) run one token a call whatever it says
-    (:func:`gpt2fn.steps.compiled_steps`). A generation may compute up to
+    same random numbers), for fewer calls. Compiled on CUDA (one CUDA graph
+    replay a call), and on the CPU for a model narrower than GPT-2, the
+    whole chain is one graph, which pays a step's fixed cost (the call, its
+    guards) once a call: worth it where tokens need not appear one at a
+    time. Compiled GPT-2 sizes on the CPU run one token a call whatever it
+    says (:func:`gpt2fn.steps.compiled_steps`). A generation may compute up to
     ``tokens_per_call - 1`` steps past its end, which it discards.
     Raises :class:`~gpt2fn.errors.GPT2FnError` on bad input, before any work.
     """

@@ -230,10 +230,11 @@ def compiled_steps(
     the 124M shape, 2-core CPU, compiling it gained 2-14% for ~50 s of cold
     compilation). ``scripts/benchmark.py`` measures both. With
     ``tokens_per_call`` > 1 a decode step is a :func:`chain` of that many
-    steps where it is one graph (:func:`chain_graph`). Elsewhere the step
-    runs one token a call whatever ``tokens_per_call`` says: a chain of
-    compiled one-token calls gained nothing (124M shape, side by side:
-    fp32 0.95x, bf16 1.00x, int8 0.89x) and compiled a graph of its own.
+    steps where it is one graph (:func:`chain_graph`: on CUDA, one CUDA
+    graph replay a call). Elsewhere (GPT-2 sizes on the CPU) the step runs
+    one token a call whatever ``tokens_per_call`` says: a chain of compiled
+    one-token calls gained nothing there (124M shape, side by side: fp32
+    0.95x, bf16 1.00x, int8 0.89x) and compiled a graph of its own.
     On the CPU a step that runs one token a call takes windows of its cache
     (``Steps.window``, see below why only there)."""
     prefill = cached_steps(config, attention, **sampling).prefill
@@ -260,9 +261,9 @@ def compiled_steps(
 
 def chain_graph(config: GPTConfig, device: torch.device) -> bool:
     """Whether a compiled :func:`chain` is one graph (see :func:`chains`): on
-    the CPU, with :data:`REGIONS`, for models narrower than
-    :data:`REGION_MIN_WIDTH`."""
-    return device.type == "cpu" and REGIONS and config.n_embd < REGION_MIN_WIDTH
+    CUDA (one CUDA graph replay a call), and on the CPU, with
+    :data:`REGIONS`, for models narrower than :data:`REGION_MIN_WIDTH`."""
+    return device.type == "cuda" or (device.type == "cpu" and REGIONS and config.n_embd < REGION_MIN_WIDTH)
 
 
 def chains(
@@ -270,22 +271,26 @@ def chains(
 ) -> Callable[[int], Callable]:  # fmt: skip
     """``n`` -> a :func:`chain` of ``n`` calls of ``step`` (:func:`chain_step`,
     or a speculative draft's step) with its settings bound: eager, or with
-    ``compile`` compiled. Compiled, where :func:`chain_graph` says so (a
-    model narrower than :data:`REGION_MIN_WIDTH` on the CPU, with
-    :data:`REGIONS`), it runs its whole chain as one graph, a graph for each ``n``, with its step as one
-    nested compile region: built once and called ``n`` times, where the
-    chain inlined would compile ``n`` copies. A step of such a model is
-    mostly fixed cost (the call, its guards over ~80 tensors, the wrapper's
-    allocations), which the chain pays once a call. Side by side on the
-    bundled model: plain decoding, fp32, 1.53 -> 1.20 ms a token (n = 8;
-    int8 0.72 -> 0.55 ms); a speculative draft, 0.39 -> 0.24 ms a drafted
+    ``compile`` compiled. Compiled, where :func:`chain_graph` says so, it
+    runs its whole chain as one graph, a graph for each ``n``. On the CPU (a
+    model narrower than :data:`REGION_MIN_WIDTH`, with :data:`REGIONS`) its
+    step is one nested compile region: built once and called ``n`` times,
+    where the chain inlined would compile ``n`` copies. A step of such a
+    model is mostly fixed cost (the call, its guards over ~80 tensors, the
+    wrapper's allocations), which the chain pays once a call. Side by side
+    on the bundled model: plain decoding, fp32, 1.53 -> 1.20 ms a token (n =
+    8; int8 0.72 -> 0.55 ms); a speculative draft, 0.39 -> 0.24 ms a drafted
     token (int8 over 2048 tokens, n = 8; the chain compiles in 16 s, where 8
-    inlined copies took 73). Elsewhere (wider models; CUDA, where CUDA
-    graphs already make a call cheap, not run there; an older torch) the
-    chain calls its compiled step once a token, its blocks regions as the
-    plain step's are (:func:`decode_block`): what a speculative draft does
-    there (a plain decode step then runs one token a call, see
-    :func:`compiled_steps`). A GPT-2-wide chain took 38 s to
+    inlined copies took 73). On CUDA the chain is one CUDA graph with its
+    steps inlined (regions have not been run there): a call's fixed cost on
+    the host (guards, the graph tree's checks, the output copy), which a
+    small model's step on a GPU is mostly made of, is paid once for ``n``
+    tokens, for a compilation that grows with ``n`` (not measured on a GPU
+    yet: see ``.ci/gpu``). Elsewhere (wider models on the CPU, an older
+    torch) the chain calls its compiled step once a token, its blocks
+    regions as the plain step's are (:func:`decode_block`): what a
+    speculative draft does there (a plain decode step then runs one token a
+    call, see :func:`compiled_steps`). A GPT-2-wide chain took 38 s to
     compile, with its blocks inlined, for a step 10% faster (124M shape,
     a speculative draft, n = 8), and with its blocks regions inside the
     chain's region, 13% slower: a region inside a region is
@@ -295,8 +300,8 @@ def chains(
     if not compile:
         bound = functools.partial(step, **settings)
     elif chain_graph(config, device):
-        region = _region(step, **settings)
-        return lambda n: compiled_step(chain, device, n=n, step=region)
+        inner = _region(step, **settings) if device.type == "cpu" else _bound(step, **settings)
+        return lambda n: compiled_step(chain, device, n=n, step=inner)
     else:
         bound = compiled_step(step, device, run_block=decode_block(device, kernels, config), **settings)
     return lambda n: functools.partial(chain, n=n, step=bound)
@@ -315,6 +320,13 @@ def _region(step: Callable, **settings) -> Callable:
         return step(params, tokens, pos, cache, noise, **settings)
 
     return region
+
+
+@functools.lru_cache(maxsize=None)
+def _bound(step: Callable, **settings) -> Callable:
+    """``step`` with ``settings`` bound, made once per step and settings (a
+    compiled chain's settings hold it: a new one would compile the chain again)."""
+    return functools.partial(step, **settings)
 
 
 def _tokens(chain: Callable) -> Step:

@@ -60,8 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a text file like the text you generate: --draft_vocab keeps its N most frequent tokens")
     p.add_argument("--tokens_per_call", type=int, default=1,
                    help="decode steps per call of the step, each token fed to the next (default 1): the same text, "
-                        "printed in bursts; with --compile on the CPU, a model narrower than GPT-2 runs them as one "
-                        "graph, faster (the bundled model: 1.1-1.4x at 8); compiled GPT-2 sizes run one a call anyway")
+                        "printed in bursts; with --compile they run as one graph (on CUDA, one CUDA graph replay) "
+                        "where they can: on CUDA, and on the CPU for a model narrower than GPT-2 (the bundled model: "
+                        "1.1-1.4x faster at 8); compiled GPT-2 sizes on the CPU run one a call anyway")
     p.add_argument("--max_tokens", type=int, default=50, help="new tokens to generate (default 50)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
     p.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens (0 = off, default)")

@@ -103,6 +103,24 @@ def test_the_steps_built_for_cuda_run_their_python_on_cpu_tensors():
     assert counters["inductor"]["cudagraph_skips"] == 1  # compiled for CUDA graphs, left out for CPU tensors
 
 
+def test_a_chain_built_for_cuda_is_one_graph_and_runs_its_python_on_cpu_tensors():
+    """On CUDA a chain of ``tokens_per_call`` steps is one graph (one CUDA
+    graph replay a call), its steps inlined: on CPU tensors, a ragged batch
+    gets eager's tokens with a stop token at no multiple of the chain, one
+    graph over two generations, its CUDA graphs skipped."""
+    params, prompts = init_params(LONG, seed=0), [[1, 2, 3, 4, 5], [7, 8]]
+    steps = compiled_steps(LONG, torch.device("cuda"), 2, tokens_per_call=4, temperature=0, top_k=0, top_p=1.0)
+    assert steps.window is None and steps.chained == 4
+    eager = generate_all(params, LONG, prompts, 22, temperature=0)[0]
+    for _ in range(2):
+        assert torch.equal(Stream(params, steps, prompts, [22, 22], None, lambda batch, decode: None).tokens(), eager)
+    stop = int(eager[0, 9])
+    stopped = Stream(params, steps, prompts, [22, 22], stop, lambda batch, decode: None).rows()
+    assert stopped == [row[: row.index(stop) + 1] if stop in row else row for row in eager.tolist()]
+    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["inductor"]["cudagraph_skips"] == 1
+
+
 def test_a_token_cut_from_rows_of_any_length_runs_the_same_graph():
     """Dynamo guards on strides, a size-1 dim's too: a token cut out of a row
     (``seq[:, -1:]``, stride = the row's length) must not pick the graph.

@@ -97,6 +97,17 @@ def test_cuda_graphs_give_eagers_greedy_tokens_in_a_ragged_batch(which, request)
     assert torch.equal(alone[0], eager[1])
 
 
+def test_a_chain_of_steps_is_one_cuda_graph_with_eagers_tokens(small):
+    """``tokens_per_call=4``: each call replays one CUDA graph of four steps;
+    a ragged batch, with a stop token, gets the tokens of one step a call."""
+    params, config = small
+    prompts = ragged((9, 3))
+    eager = generate(params, config, prompts, 30, temperature=0, stop_token=50256).rows()
+    stream = generate(params, config, prompts, 30, temperature=0, stop_token=50256, compile=True, tokens_per_call=4)
+    assert stream.rows() == eager and stream.steps.chained == 4
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
 def test_cuda_graphs_with_reduced_weights_give_eagers_greedy_tokens(small, dtype):
     """bf16 and int8 weights, compiled against eager on the GPU (the small
