@@ -58,6 +58,17 @@ def gpt2_ref(tmp_path_factory) -> Reference:
     return make_reference(tmp_path_factory.mktemp("gpt2_124m"), GPT2_124M, seed=2, weight_std=0.02)
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's graphs and counters cleared before and after a test (tests count graphs)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
 def load_script(name: str):
     """scripts/NAME.py as a module (scripts/ is not a package), to call its main(argv) in-process."""
     spec = importlib.util.spec_from_file_location(f"{name}_cli", ROOT / "scripts" / f"{name}.py")

@@ -23,14 +23,7 @@ from gpt2fn.steps import (
 from conftest import run_cached
 
 LONG = GPTConfig(vocab_size=50257, n_ctx=1024, n_embd=32, n_layer=2, n_head=2)
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def prompt(n, seed=0):

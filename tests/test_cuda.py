@@ -25,17 +25,10 @@ from gpt2fn.speculative import self_draft
 from gpt2fn.steps import compiled_steps
 from gpt2fn.training import TrainConfig, loss_fn, train, trainable
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine"),
+              pytest.mark.usefixtures("fresh_dynamo")]
 GPU = torch.device("cuda")
 LONG = GPTConfig(vocab_size=50257, n_ctx=1024, n_embd=64, n_layer=2, n_head=4)
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
 
 
 @pytest.fixture(scope="module")
