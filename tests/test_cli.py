@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from gpt2fn import decode, encode, generate_all, get_tokenizer, load_pretrained
+from gpt2fn.steps import REGIONS
 
 from conftest import ROOT
 
@@ -158,7 +159,8 @@ def test_tokens_per_call_prints_the_same_text_one_prompt_and_a_batch(generate_cl
         outputs = set()
         for flags in ([], ["--tokens_per_call", "4"], ["--tokens_per_call", "4", "--compile"]):
             code, out, err = run_cli(generate_cli, capsys, *prompts, *model, *flags)
-            assert code == 0 and ("4 tokens a call" in err) == bool(flags), err
+            chained = bool(flags) and (REGIONS or "--compile" not in flags)  # compiled chains on the CPU need 2.12
+            assert code == 0 and ("4 tokens a call" in err) == chained, err
             outputs.add(out)
         assert len(outputs) == 1
 

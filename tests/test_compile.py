@@ -331,8 +331,10 @@ def test_tokens_per_call_yields_the_tokens_of_one_step_a_call(small_ref):
     one step a call yields, greedy and seeded, in a ragged batch whose rows
     stop at a stop token and at the context (n_ctx 128) at counts that are
     no multiple of n; compiled, the chain is one graph for every call and
-    every prompt (the small model is narrower than REGION_MIN_WIDTH)."""
+    every prompt (the small model is narrower than REGION_MIN_WIDTH; with
+    torch < 2.12, where a compiled chain is no graph, one token a call)."""
     params, config = load_pretrained(small_ref.directory)
+    first_call = 5 if REGIONS else 1  # the tokens of the compiled first call, which compiles (not timed)
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, 50257, (n,), generator=g).tolist() for n in (3, 17, 121, 9)]
     greedy = generate(params, config, prompts, 23, temperature=0).rows()
@@ -344,7 +346,7 @@ def test_tokens_per_call_yields_the_tokens_of_one_step_a_call(small_ref):
         rows = [r.rows() for r in runs]
         assert rows[0] == rows[1] == rows[2], kw
         assert len(rows[0][2]) == 7  # row 2 stops at the context
-        assert [r.stats.decode_tokens for r in runs] == [runs[0].stats.n_new - 1] * 2 + [runs[0].stats.n_new - 1 - 5]
+        assert [r.stats.decode_tokens for r in runs] == [runs[0].stats.n_new - 1] * 2 + [runs[0].stats.n_new - 1 - first_call]
         outputs.append(rows[0])
     assert outputs[0] == greedy and len(outputs[1][0]) == greedy[0].index(stop) + 1 < 23  # the stop token cut row 0
     assert outputs[2] != greedy
