@@ -290,7 +290,7 @@ def speculative_steps(
         verify = functools.partial(verify_step, config=config, kernels=verify_kernels, **sampling)
     accept = accept_greedy if temperature == 0 else accept_sampled
     levels = k_levels(k) if adaptive else None
-    new_cache = _marked_cache if compile else _cache
+    new_cache = functools.partial(_marked_cache, graphs=device.type == "cuda") if compile else _cache
 
     def make_state(params: Params, batch: int, length: int) -> Speculation:
         target, drafts = new_cache(config, params, batch, length), new_cache(draft_config, draft_params, batch, length)

@@ -255,8 +255,9 @@ def compiled_steps(
     # compiled sampled run of tests/test_speculative.py parted from the eager
     # one), a plain chain's calls never do, but its caches stay whole too.
     windowed = device.type == "cpu" and chained == 1
-    return Steps(functools.partial(_marked_cache, config, spare=windowed), prefill, decode, compiled=True,
-                 chained=chained, window=_marked_window if windowed else None)  # fmt: skip
+    make_state = functools.partial(_marked_cache, config, spare=windowed, graphs=device.type == "cuda")
+    return Steps(make_state, prefill, decode, compiled=True, chained=chained,
+                 window=_marked_window if windowed else None)  # fmt: skip
 
 
 def chain_graph(config: GPTConfig, device: torch.device) -> bool:
@@ -446,8 +447,30 @@ def _token_buffer(params: Params, batch: int, length: int) -> State:
     return torch.zeros(batch, length, dtype=torch.long, device=params_device(params))
 
 
-def _marked_cache(config: GPTConfig, params: Params, batch: int, length: int, spare: bool = False) -> State:
-    """A cache marked as the compiled steps need (see :func:`prepare_for_compiled_steps`)."""
+# On CUDA a compiled step's cache holds the generation's length rounded up to
+# a multiple of GRAPH_CACHE_STEP positions (at most the context). CUDA graph
+# trees record a graph for every distinct cache length (torch warns past 8:
+# `cudagraph_dynamic_shape_warn_limit`), and one for a cache at a new address;
+# rounded, a process records at most n_ctx / 128 lengths per step, batch size
+# and dtype (8 for GPT-2), and a new cache of a length seen before can take the
+# block the last one freed, replaying its graph. The cost: attention over up
+# to 127 masked positions a step. (Reasoned, not measured: no GPU so far;
+# `.ci/gpu graphs` times 200 generations.)
+GRAPH_CACHE_STEP = 128
+
+
+def graph_cache_len(length: int, n_ctx: int) -> int:
+    """The positions of a cache for CUDA graphs: ``length`` rounded up to a
+    multiple of :data:`GRAPH_CACHE_STEP`, at most ``n_ctx`` (and at least ``length``)."""
+    return max(length, min(n_ctx, -(-length // GRAPH_CACHE_STEP) * GRAPH_CACHE_STEP))
+
+
+def _marked_cache(config: GPTConfig, params: Params, batch: int, length: int, spare: bool = False,
+                  graphs: bool = False) -> State:  # fmt: skip
+    """A cache marked as the compiled steps need (see :func:`prepare_for_compiled_steps`);
+    with ``graphs`` (steps for CUDA graphs) of :func:`graph_cache_len` positions."""
+    if graphs:
+        length = graph_cache_len(length, config.n_ctx)
     cache = _cache(config, params, batch, length, spare)
     prepare_for_compiled_steps(params, cache)
     return cache

@@ -10,6 +10,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from gpt2fn import GPTConfig, generate, generate_all, init_params, load_pretrained, make_cache
+from gpt2fn.cache import cache_len
 from gpt2fn.generation import Stream
 from gpt2fn.layers import MATVEC_FP32_MAX_ROWS, MATVEC_MAX_ROWS, Kernels, attend_manual, block, few_rows, linear, matvec, matvec_groups
 from gpt2fn.measure import decode_step_time
@@ -17,7 +18,8 @@ from gpt2fn.model import hidden, logits
 from gpt2fn.quantize import cast_params
 from gpt2fn.sampling import choose_token, filtered_probs, noise_width, uniform_noise
 from gpt2fn.steps import (
-    DECODE_OPTIONS, REGION_MIN_WIDTH, REGIONS, compiled_steps, decode_block, decode_kernels, mark_static, window_len,
+    DECODE_OPTIONS, REGION_MIN_WIDTH, REGIONS, compiled_steps, decode_block, decode_kernels, graph_cache_len, mark_static,
+    window_len,
 )  # fmt: skip
 
 from conftest import run_cached
@@ -90,10 +92,21 @@ def test_the_steps_built_for_cuda_run_their_python_on_cpu_tensors():
     steps = compiled_steps(LONG, torch.device("cuda"), 2, temperature=0, top_k=0, top_p=1.0)
     assert steps.window is None and steps.chained == 1
     eager = generate_all(params, LONG, prompts, 20, temperature=0)[0]
-    for _ in range(2):
-        assert torch.equal(Stream(params, steps, prompts, [20, 20], None, lambda batch, decode: None).tokens(), eager)
+    for n in (20, 140):  # caches of 25 and 145 positions, made 128 and 256 long
+        assert torch.equal(Stream(params, steps, prompts, [n, n], None, lambda batch, decode: None).tokens()[:, :20], eager)
     assert counters["stats"]["unique_graphs"] == 1
     assert counters["inductor"]["cudagraph_skips"] == 1  # compiled for CUDA graphs, left out for CPU tensors
+
+
+def test_a_cache_for_cuda_graphs_is_a_multiple_of_128_positions_within_the_context():
+    """CUDA graph trees record a graph per cache length: a compiled step for
+    CUDA makes its cache graph_cache_len long (its CPU twin the length asked)."""
+    assert [graph_cache_len(n, 1024) for n in (1, 25, 128, 129, 1000, 1024)] == [128, 128, 128, 256, 1024, 1024]
+    assert graph_cache_len(100, 120) == 120 and graph_cache_len(130, 120) == 130  # never past n_ctx, never short
+    params = init_params(LONG, seed=0)
+    for device, lengths in (("cuda", [128, 256, 1024]), ("cpu", [25, 145, 1000])):
+        steps = compiled_steps(LONG, torch.device(device), 1, temperature=0, top_k=0, top_p=1.0)
+        assert [cache_len(steps.make_state(params, 1, n)) for n in (25, 145, 1000)] == lengths
 
 
 def test_a_chain_built_for_cuda_is_one_graph_and_runs_its_python_on_cpu_tensors():

@@ -114,11 +114,11 @@ def test_cuda_graphs_with_reduced_weights_give_eagers_greedy_tokens(small, dtype
 def test_many_generations_run_one_graph():
     """Every generation brings a new cache, marked as static addresses
     without a guard (steps.mark_static): twelve generations of three cache
-    lengths (more than dynamo's 8 recompilations) run one dynamo graph,
-    each with eager's tokens; CUDA graphs record again for a new cache."""
+    lengths (more than dynamo's 8 recompilations; 35, 47 and 170 positions,
+    made 128 and 256 long) run one dynamo graph, each with eager's tokens."""
     params = init_params(LONG, seed=0, device=GPU)
     for i in range(12):
-        prompt = ids((5, 17, 40)[i % 3], seed=i)
+        prompt = ids((5, 17, 140)[i % 3], seed=i)
         compiled = generate_all(params, LONG, prompt, 30, temperature=0, compile=True)[0]
         assert torch.equal(compiled, generate_all(params, LONG, prompt, 30, temperature=0)[0]), i
     assert counters["stats"]["unique_graphs"] == 1

@@ -12,6 +12,7 @@ from torch._dynamo.utils import counters
 
 import gpt2fn.steps
 from gpt2fn import GPT2FnError, GPTConfig, generate, generate_all, init_params, load_pretrained, make_cache
+from gpt2fn.cache import cache_len
 from gpt2fn.generation import Stream
 from gpt2fn.layers import Kernels, block
 from gpt2fn.model import forward
@@ -111,6 +112,8 @@ def test_speculative_steps_built_for_cuda_run_their_python_on_cpu_tensors(small)
             graphs = counters["stats"]["unique_graphs"]
     # the draft's chain of 4, the verify step
     assert graphs == counters["stats"]["unique_graphs"] == counters["inductor"]["cudagraph_skips"] == 2
+    state = steps.make_state(params, 1, 72)
+    assert cache_len(state.target) == cache_len(state.draft) == min(128, config.n_ctx)  # rounded for CUDA graphs
     torch._dynamo.reset()
 
 
