@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2fn.cache import LayerKV
-from gpt2fn.device import ONEDNN
+from gpt2fn.device import MATVEC_GROUPS, MATVEC_HEAD_GROUPS, ONEDNN
 
 Tensor = torch.Tensor
 # A tap sees a layer's intermediates by name and returns them, or a replacement
@@ -77,8 +77,9 @@ def matvec(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[Ten
 
 
 def matvec_groups(rows: int) -> int:
-    """The groups :func:`matvec` sums a weight's rows in: 4; 8 from 16384 rows (LM head)."""
-    return 8 if rows >= 16384 else 4
+    """The groups :func:`matvec` sums a weight's rows in, by the machine
+    (:data:`~gpt2fn.device.MATVEC_GROUPS`; the LM head's from 16384 rows)."""
+    return MATVEC_HEAD_GROUPS if rows >= 16384 else MATVEC_GROUPS
 
 
 def few_rows(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[Tensor] = None) -> Tensor:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+import gpt2fn.layers
 from gpt2fn import GPTConfig, generate, generate_all, init_params, load_pretrained, make_cache
 from gpt2fn.cache import cache_len
 from gpt2fn.generation import Stream
@@ -179,19 +180,22 @@ def test_compiled_decode_matches_eager_logits_and_greedy_tokens(which, request):
     assert counters["stats"]["unique_graphs"] == 1
 
 
+@pytest.mark.parametrize("groups", [(2, 2), (4, 8)])  # the AMD and the Intel rule (gpt2fn.device)
 @pytest.mark.parametrize("dtype", [torch.int8, torch.bfloat16, torch.float32])
-def test_compiled_matvec_sums_each_row_as_one_sum_does(dtype):
+def test_compiled_matvec_sums_each_row_as_one_sum_does(dtype, groups, monkeypatch):
     """matvec sums each row of x, and each group of w's rows, on its own (an
     accumulator each) for speed: every output is the one a single sum over
     all of w's rows, for that row of x alone, computes, bit for bit. Row
     counts of w that do and do not divide into the groups (the last group
-    shorter), fewer rows than groups, the LM head's 8 groups; 1 and 3 rows
+    shorter), fewer rows than groups, the LM head's groups; 1 and 3 rows
     of x (a batch; fp32 weights too, up to MATVEC_FP32_MAX_ROWS)."""
     torch._dynamo.reset()  # static shapes: a graph for each
+    monkeypatch.setattr(gpt2fn.layers, "MATVEC_GROUPS", groups[0])
+    monkeypatch.setattr(gpt2fn.layers, "MATVEC_HEAD_GROUPS", groups[1])
     one_sum = lambda x, w: (x.float()[..., None, :] * w.float()).sum(-1)  # one row of x, all of w's rows
     grouped = torch.compile(lambda x, w: matvec(x, w), fullgraph=True, dynamic=False, options=DECODE_OPTIONS)
     single = torch.compile(one_sum, fullgraph=True, dynamic=False, options=DECODE_OPTIONS)
-    assert (matvec_groups(2304), matvec_groups(16383), matvec_groups(16385)) == (4, 4, 8)
+    assert (matvec_groups(2304), matvec_groups(16383), matvec_groups(16385)) == (groups[0], groups[0], groups[1])
     cpu = torch.device("cpu")  # the compiled CPU decode step takes matvec up to MATVEC_MAX_ROWS rows
     assert [decode_kernels(cpu, batch, "auto").linear for batch in (1, MATVEC_MAX_ROWS, MATVEC_MAX_ROWS + 1)] == [matvec, matvec, few_rows]
     g = torch.Generator().manual_seed(0)
