@@ -172,8 +172,9 @@ def test_the_decode_loop_syncs_once_a_token_for_its_stop_check_only(small, stop_
     assert n == (0 if stop_token is None else 20)
 
 
-def test_compiled_speculative_decoding_on_cuda_keeps_the_targets_greedy_tokens(gpt2):
-    params, config = gpt2
+def test_compiled_speculative_decoding_on_cuda_keeps_the_targets_greedy_tokens(small):
+    """The draft's chain of 4 one CUDA graph, the verify step another."""
+    params, config = small
     prompt = ids(8)
     plain = generate_all(params, config, prompt, 40, temperature=0)[0]
     for compile in (False, True):
