@@ -54,6 +54,15 @@ def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
         return ""
 
 
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset:
+    """The CPU's feature flags as Linux lists them ("avx512_bf16", "amx_bf16", ...), or none where they cannot be read."""
+    try:
+        with open(cpuinfo) as f:
+            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), ()))
+    except OSError:
+        return frozenset()
+
+
 # Whether this build has oneDNN; the row counts, and the smallest weight
 # (elements), for which its fp32 matrix product beats MKL's: every one on AMD
 # CPUs; elsewhere as measured on Intel's.
@@ -67,6 +76,15 @@ ONEDNN_ROWS, ONEDNN_MIN_WEIGHT = ((1, 2**62), 0) if AMD else ((4, 16), 2**20)
 # 9.3, 8.1, 7.7, 7.7, 8.1 ms; on AMD (Zen 5) 2 against 4 and 8: batch 1 fp32
 # 1.07x, bf16 1.00-1.02x, int8 1.01-1.03x; batch 8 1.02-1.09x (two runs).
 MATVEC_GROUPS, MATVEC_HEAD_GROUPS = (2, 2) if AMD else (4, 8)
+
+# The most rows of bf16 weights gpt2fn.layers.matvec sums itself; past them,
+# oneDNN's bf16 product (F.linear) on a CPU that multiplies bf16 natively
+# (AVX-512 BF16 or AMX). Side by side, whole compiled 124M bf16 step on the
+# AMD EPYC (Zen 5, AVX-512 BF16): batch 4 0.78x, 6 0.97x, 8 1.19x, 12 1.82x,
+# 16 2.04x the grouped loop. Without native bf16, oneDNN emulates it: the loop
+# keeps every batch it takes (16).
+NATIVE_BF16 = ONEDNN and bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+MATVEC_BF16_MAX_ROWS = 6 if NATIVE_BF16 else 16
 
 
 def onednn_linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:

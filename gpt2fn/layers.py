@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2fn.cache import LayerKV
-from gpt2fn.device import MATVEC_GROUPS, MATVEC_HEAD_GROUPS, ONEDNN
+from gpt2fn.device import MATVEC_BF16_MAX_ROWS, MATVEC_GROUPS, MATVEC_HEAD_GROUPS, ONEDNN
 
 Tensor = torch.Tensor
 # A tap sees a layer's intermediates by name and returns them, or a replacement
@@ -49,7 +49,8 @@ def linear(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[Ten
     return y if b is None else y + b
 
 
-# The most rows (a compiled decode step's batch) matvec sums; of fp32 weights.
+# The most rows (a compiled decode step's batch) matvec sums; of fp32 weights
+# (of bf16 ones: MATVEC_BF16_MAX_ROWS, by the machine).
 MATVEC_MAX_ROWS, MATVEC_FP32_MAX_ROWS = 16, 8
 
 
@@ -62,10 +63,12 @@ def matvec(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[Ten
     rows, upcasts a bf16, fp16 or int8 one in registers and keeps an
     accumulator per sum (one sum alone waits on one accumulator). Each row's
     sum is, bit for bit, the one a single sum over all of ``w`` computes.
-    Past :data:`MATVEC_FP32_MAX_ROWS` rows, fp32 weights go to :func:`few_rows`.
-    Eagerly the loop would materialise ``[out, in]`` per row: compiled steps
-    only. Measured in the README's Speed section."""
-    if w.dtype == torch.float32 and x.numel() > MATVEC_FP32_MAX_ROWS * x.shape[-1]:
+    Past :data:`MATVEC_FP32_MAX_ROWS` rows fp32 weights, and past
+    :data:`~gpt2fn.device.MATVEC_BF16_MAX_ROWS` bf16 ones, go to
+    :func:`few_rows`. Eagerly the loop would materialise ``[out, in]`` per
+    row: compiled steps only. Measured in the README's Speed section."""
+    most = {torch.float32: MATVEC_FP32_MAX_ROWS, torch.bfloat16: MATVEC_BF16_MAX_ROWS}.get(w.dtype, MATVEC_MAX_ROWS)
+    if x.numel() > most * x.shape[-1]:
         return few_rows(x, w, b, scale)
     per_group = -(-w.shape[0] // matvec_groups(w.shape[0]))
     rows = x.float().reshape(-1, 1, x.shape[-1])  # [R, 1, in]

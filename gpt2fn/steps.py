@@ -339,7 +339,8 @@ def decode_kernels(device: torch.device, batch: int, attention: str) -> Kernels:
     """The kernels of a compiled decode step: on the CPU,
     :func:`~gpt2fn.layers.matvec` for a batch of up to
     :data:`~gpt2fn.layers.MATVEC_MAX_ROWS` rows (with fp32 weights, past
-    :data:`~gpt2fn.layers.MATVEC_FP32_MAX_ROWS` rows it hands them to
+    :data:`~gpt2fn.layers.MATVEC_FP32_MAX_ROWS` rows, and bf16 ones past
+    :data:`~gpt2fn.device.MATVEC_BF16_MAX_ROWS`, it hands them to
     :func:`~gpt2fn.layers.few_rows`) and :func:`~gpt2fn.layers.few_rows` for
     larger ones; the library's products on other devices."""
     products = (matvec if batch <= MATVEC_MAX_ROWS else few_rows) if device.type == "cpu" else linear

@@ -188,10 +188,12 @@ def test_compiled_matvec_sums_each_row_as_one_sum_does(dtype, groups, monkeypatc
     all of w's rows, for that row of x alone, computes, bit for bit. Row
     counts of w that do and do not divide into the groups (the last group
     shorter), fewer rows than groups, the LM head's groups; 1 and 3 rows
-    of x (a batch; fp32 weights too, up to MATVEC_FP32_MAX_ROWS)."""
+    of x (a batch; fp32 and bf16 weights too, up to MATVEC_FP32_MAX_ROWS
+    and MATVEC_BF16_MAX_ROWS, past which they are few_rows's product)."""
     torch._dynamo.reset()  # static shapes: a graph for each
     monkeypatch.setattr(gpt2fn.layers, "MATVEC_GROUPS", groups[0])
     monkeypatch.setattr(gpt2fn.layers, "MATVEC_HEAD_GROUPS", groups[1])
+    monkeypatch.setattr(gpt2fn.layers, "MATVEC_BF16_MAX_ROWS", 4)  # the rule on a CPU with native bf16 is 6 (gpt2fn.device)
     one_sum = lambda x, w: (x.float()[..., None, :] * w.float()).sum(-1)  # one row of x, all of w's rows
     grouped = torch.compile(lambda x, w: matvec(x, w), fullgraph=True, dynamic=False, options=DECODE_OPTIONS)
     single = torch.compile(one_sum, fullgraph=True, dynamic=False, options=DECODE_OPTIONS)
@@ -210,10 +212,16 @@ def test_compiled_matvec_sums_each_row_as_one_sum_does(dtype, groups, monkeypatc
                 assert torch.equal(out[r], single(x[r : r + 1], w)[0].to(x.dtype)), (rows, batch, r)
             rtol = 1e-2 if dtype == torch.bfloat16 else 1e-5  # bf16 x rounds its output
             torch.testing.assert_close(out.float(), linear(x.float(), w.float()), rtol=rtol, atol=1e-3)
-    if dtype == torch.float32:  # past MATVEC_FP32_MAX_ROWS rows, a library product (few_rows)
-        x = torch.randn(MATVEC_FP32_MAX_ROWS + 1, 1, 96, generator=g)
+    most = {torch.float32: MATVEC_FP32_MAX_ROWS, torch.bfloat16: gpt2fn.layers.MATVEC_BF16_MAX_ROWS}.get(dtype)
+    if most is not None and most < MATVEC_MAX_ROWS:  # past them, a library product (few_rows)
+        w = torch.randn(2303, 96, generator=g).to(dtype)  # sums that round, so that the order shows
+        x = torch.randn(most + 1, 1, 96, generator=g).to(dtype)
+        calls = []  # which row counts matvec hands on (its route, whatever the sums round to)
+        monkeypatch.setattr(gpt2fn.layers, "few_rows", lambda x, *rest: calls.append(len(x)) or few_rows(x, *rest))
         with torch.inference_mode():
             assert torch.equal(grouped(x, w), few_rows(x, w))
+            matvec(x[:most], w), matvec(x, w)
+        assert calls == [most + 1, most + 1]
     torch._dynamo.reset()
 
 

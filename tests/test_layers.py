@@ -8,7 +8,7 @@ import torch
 
 from gpt2fn.cache import cache_len, make_cache, window
 from gpt2fn.config import GPTConfig
-from gpt2fn.device import ONEDNN_MIN_WEIGHT, ONEDNN_ROWS, cpu_vendor
+from gpt2fn.device import MATVEC_BF16_MAX_ROWS, ONEDNN, ONEDNN_MIN_WEIGHT, ONEDNN_ROWS, cpu_flags, cpu_vendor
 from gpt2fn.layers import (
     Kernels, attend_manual, attend_sdpa, attention, causal_mask, ffn, few_rows, gelu, layer_norm, linear, matvec,
 )  # fmt: skip
@@ -92,6 +92,19 @@ def test_cpu_vendor_and_the_onednn_rule_it_picks(tmp_path):
         assert ONEDNN_ROWS[0] == 1 and ONEDNN_ROWS[1] >= 2**31 and ONEDNN_MIN_WEIGHT == 0
     else:
         assert (ONEDNN_ROWS, ONEDNN_MIN_WEIGHT) == ((4, 16), 2**20)
+
+
+def test_cpu_flags_and_the_bf16_rule_they_pick(tmp_path):
+    """matvec hands bf16 products of more than 6 rows to oneDNN on a CPU
+    that multiplies bf16 natively (AVX-512 BF16 or AMX), and keeps every
+    batch it takes (16 rows) elsewhere."""
+    zen5, old = tmp_path / "zen5", tmp_path / "old"
+    zen5.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 avx512_vnni\nbugs\t\t: sysret_ss_attrs\n")
+    old.write_text("processor\t: 0\nflags\t\t: fpu avx2\n")
+    assert "avx512_bf16" in cpu_flags(zen5) and "sysret_ss_attrs" not in cpu_flags(zen5)
+    assert (cpu_flags(old), cpu_flags(tmp_path / "missing")) == ({"fpu", "avx2"}, frozenset())
+    native = ONEDNN and bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    assert MATVEC_BF16_MAX_ROWS == (6 if native else 16)
 
 
 def test_layer_norm_and_gelu_by_hand():
