@@ -79,12 +79,13 @@ MATVEC_GROUPS, MATVEC_HEAD_GROUPS = (2, 2) if AMD else (4, 8)
 
 # The most rows of bf16 weights gpt2fn.layers.matvec sums itself; past them,
 # oneDNN's bf16 product (F.linear) on a CPU that multiplies bf16 natively
-# (AVX-512 BF16 or AMX). Side by side, whole compiled 124M bf16 step on the
-# AMD EPYC (Zen 5, AVX-512 BF16): batch 4 0.78x, 6 0.97x, 8 1.19x, 12 1.82x,
-# 16 2.04x the grouped loop. Without native bf16, oneDNN emulates it: the loop
-# keeps every batch it takes (16).
+# (AVX-512 BF16 or AMX), as for fp32 weights. Side by side on the AMD EPYC
+# (Zen 5, AVX-512 BF16), 124M bf16, 8-token prompts, tokens/s of the
+# generation loop against the grouped loop: batch 12 1.60x, 16 2.05-2.09x;
+# batch 8 1.02-1.20x (the loop keeps it), the step alone at batch 4 0.78x.
+# Without native bf16, oneDNN emulates it: the loop keeps every batch (16).
 NATIVE_BF16 = ONEDNN and bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
-MATVEC_BF16_MAX_ROWS = 6 if NATIVE_BF16 else 16
+MATVEC_BF16_MAX_ROWS = 8 if NATIVE_BF16 else 16
 
 
 def onednn_linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -95,7 +95,7 @@ def test_cpu_vendor_and_the_onednn_rule_it_picks(tmp_path):
 
 
 def test_cpu_flags_and_the_bf16_rule_they_pick(tmp_path):
-    """matvec hands bf16 products of more than 6 rows to oneDNN on a CPU
+    """matvec hands bf16 products of more than 8 rows to oneDNN on a CPU
     that multiplies bf16 natively (AVX-512 BF16 or AMX), and keeps every
     batch it takes (16 rows) elsewhere."""
     zen5, old = tmp_path / "zen5", tmp_path / "old"
@@ -104,7 +104,7 @@ def test_cpu_flags_and_the_bf16_rule_they_pick(tmp_path):
     assert "avx512_bf16" in cpu_flags(zen5) and "sysret_ss_attrs" not in cpu_flags(zen5)
     assert (cpu_flags(old), cpu_flags(tmp_path / "missing")) == ({"fpu", "avx2"}, frozenset())
     native = ONEDNN and bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
-    assert MATVEC_BF16_MAX_ROWS == (6 if native else 16)
+    assert MATVEC_BF16_MAX_ROWS == (8 if native else 16)
 
 
 def test_layer_norm_and_gelu_by_hand():
