@@ -85,6 +85,19 @@ def matvec_groups(rows: int) -> int:
     return MATVEC_HEAD_GROUPS if rows >= 16384 else MATVEC_GROUPS
 
 
+def int8_sums(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[Tensor] = None) -> Tensor:
+    """The same function as :func:`linear`, for ``torch.compile`` on a GPU: an
+    int8 weight is upcast inside the sums ``(x * w).sum(-1)``, one reduction
+    that inductor generates reading each weight byte once (:func:`linear`
+    converts the whole matrix first: 1 byte a weight read, then 4 written and
+    read again); other weights go to :func:`linear` (cuBLAS). Eagerly the
+    sums would materialise ``[..., out, in]``: compiled steps only."""
+    if scale is None:
+        return linear(x, w, b)
+    y = (x.float()[..., None, :] * w.float()).sum(-1) * scale
+    return (y if b is None else y + b.float()).to(x.dtype)
+
+
 def few_rows(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[Tensor] = None) -> Tensor:
     """The same function as :func:`linear`, gradients included, for the eager
     steps, training, a speculative verify pass and compiled fp32 batches past

@@ -52,7 +52,7 @@ import torch
 from gpt2fn.cache import cache_len, make_cache, window
 from gpt2fn.config import GPTConfig
 from gpt2fn.errors import GPT2FnError
-from gpt2fn.layers import ATTEND, MATVEC_MAX_ROWS, Kernels, block, few_rows, linear, matvec
+from gpt2fn.layers import ATTEND, MATVEC_MAX_ROWS, Kernels, block, few_rows, int8_sums, linear, matvec
 from gpt2fn.model import hidden, logits, positions
 from gpt2fn.params import Params, flatten_params, params_device, params_dtype
 from gpt2fn.sampling import choose_token
@@ -342,8 +342,13 @@ def decode_kernels(device: torch.device, batch: int, attention: str) -> Kernels:
     :data:`~gpt2fn.layers.MATVEC_FP32_MAX_ROWS` rows, and bf16 ones past
     :data:`~gpt2fn.device.MATVEC_BF16_MAX_ROWS`, it hands them to
     :func:`~gpt2fn.layers.few_rows`) and :func:`~gpt2fn.layers.few_rows` for
-    larger ones; the library's products on other devices."""
-    products = (matvec if batch <= MATVEC_MAX_ROWS else few_rows) if device.type == "cpu" else linear
+    larger ones. On other devices the library's products, but for int8
+    weights in a batch of up to :data:`~gpt2fn.layers.MATVEC_MAX_ROWS` rows:
+    :func:`~gpt2fn.layers.int8_sums` (unmeasured on a GPU so far)."""
+    if device.type == "cpu":
+        products = matvec if batch <= MATVEC_MAX_ROWS else few_rows
+    else:
+        products = int8_sums if batch <= MATVEC_MAX_ROWS else linear
     return Kernels(products, ATTEND[resolve_attention(attention, True, device)])
 
 

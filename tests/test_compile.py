@@ -13,10 +13,12 @@ import gpt2fn.layers
 from gpt2fn import GPTConfig, generate, generate_all, init_params, load_pretrained, make_cache
 from gpt2fn.cache import cache_len
 from gpt2fn.generation import Stream
-from gpt2fn.layers import MATVEC_FP32_MAX_ROWS, MATVEC_MAX_ROWS, Kernels, attend_manual, block, few_rows, linear, matvec, matvec_groups
+from gpt2fn.layers import (
+    MATVEC_FP32_MAX_ROWS, MATVEC_MAX_ROWS, Kernels, attend_manual, block, few_rows, int8_sums, linear, matvec, matvec_groups,
+)
 from gpt2fn.measure import decode_step_time
 from gpt2fn.model import hidden, logits
-from gpt2fn.quantize import cast_params
+from gpt2fn.quantize import cast_params, quantize_rows
 from gpt2fn.sampling import choose_token, filtered_probs, noise_width, uniform_noise
 from gpt2fn.steps import (
     DECODE_OPTIONS, REGION_MIN_WIDTH, REGIONS, compiled_steps, decode_block, decode_kernels, graph_cache_len, mark_static,
@@ -97,6 +99,32 @@ def test_the_steps_built_for_cuda_run_their_python_on_cpu_tensors():
         assert torch.equal(Stream(params, steps, prompts, [n, n], None, lambda batch, decode: None).tokens()[:, :20], eager)
     assert counters["stats"]["unique_graphs"] == 1
     assert counters["inductor"]["cudagraph_skips"] == 1  # compiled for CUDA graphs, left out for CPU tensors
+
+
+def test_int8_sums_compute_linear_and_the_steps_for_a_gpu_take_them_for_int8_weights():
+    """A compiled step for a GPU takes the library's products (cuBLAS), but
+    for int8 weights in a batch of up to MATVEC_MAX_ROWS rows int8_sums,
+    which upcasts each weight inside the sums instead of converting the whole
+    matrix first. Compiled (on CPU tensors), it is linear's function: int8
+    weights within fp32 rounding, with and without a bias, 1 and 3 rows;
+    other weights handed to linear as they are. Steps built for CUDA, on
+    int8 params on CPU tensors, give eager's tokens."""
+    gpu = torch.device("cuda")
+    assert [decode_kernels(gpu, b, "auto").linear for b in (1, MATVEC_MAX_ROWS, MATVEC_MAX_ROWS + 1)] == [int8_sums, int8_sums, linear]
+    sums = torch.compile(int8_sums, fullgraph=True, dynamic=False)
+    g = torch.Generator().manual_seed(0)
+    w, scale = quantize_rows(torch.randn(200, 96, generator=g))
+    w32, b = torch.randn(200, 96, generator=g), torch.randn(200, generator=g)
+    with torch.inference_mode():
+        for rows in (1, 3):
+            x = torch.randn(rows, 1, 96, generator=g)
+            for bias in (None, b):
+                torch.testing.assert_close(sums(x, w, bias, scale), linear(x, w, bias, scale), rtol=1e-5, atol=1e-5)
+            assert torch.equal(sums(x, w32, b), linear(x, w32, b))
+    params, prompts = cast_params(init_params(LONG, seed=0), "int8"), [[1, 2, 3, 4, 5], [7, 8]]
+    steps = compiled_steps(LONG, gpu, 2, temperature=0, top_k=0, top_p=1.0)
+    eager = generate_all(params, LONG, prompts, 20, temperature=0)[0]
+    assert torch.equal(Stream(params, steps, prompts, [20, 20], None, lambda batch, decode: None).tokens(), eager)
 
 
 def test_a_cache_for_cuda_graphs_is_a_multiple_of_128_positions_within_the_context():
