@@ -84,8 +84,12 @@ MATVEC_GROUPS, MATVEC_HEAD_GROUPS = (2, 2) if AMD else (4, 8)
 # generation loop against the grouped loop: batch 12 1.60x, 16 2.05-2.09x;
 # batch 8 1.02-1.20x (the loop keeps it), the step alone at batch 4 0.78x.
 # Without native bf16, oneDNN emulates it: the loop keeps every batch (16).
-NATIVE_BF16 = ONEDNN and bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
-MATVEC_BF16_MAX_ROWS = 8 if NATIVE_BF16 else 16
+def matvec_bf16_max_rows(flags: frozenset, onednn: bool) -> int:
+    """8 where oneDNN multiplies bf16 natively (its flags have ``avx512_bf16`` or ``amx_bf16``), else 16."""
+    return 8 if onednn and {"avx512_bf16", "amx_bf16"} & flags else 16
+
+
+MATVEC_BF16_MAX_ROWS = matvec_bf16_max_rows(cpu_flags(), ONEDNN)
 
 
 def onednn_linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:

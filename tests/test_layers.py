@@ -8,7 +8,9 @@ import torch
 
 from gpt2fn.cache import cache_len, make_cache, window
 from gpt2fn.config import GPTConfig
-from gpt2fn.device import MATVEC_BF16_MAX_ROWS, ONEDNN, ONEDNN_MIN_WEIGHT, ONEDNN_ROWS, cpu_flags, cpu_vendor
+from gpt2fn.device import (
+    MATVEC_BF16_MAX_ROWS, ONEDNN, ONEDNN_MIN_WEIGHT, ONEDNN_ROWS, cpu_flags, cpu_vendor, matvec_bf16_max_rows,
+)
 from gpt2fn.layers import (
     Kernels, attend_manual, attend_sdpa, attention, causal_mask, ffn, few_rows, gelu, layer_norm, linear, matvec,
 )  # fmt: skip
@@ -103,8 +105,10 @@ def test_cpu_flags_and_the_bf16_rule_they_pick(tmp_path):
     old.write_text("processor\t: 0\nflags\t\t: fpu avx2\n")
     assert "avx512_bf16" in cpu_flags(zen5) and "sysret_ss_attrs" not in cpu_flags(zen5)
     assert (cpu_flags(old), cpu_flags(tmp_path / "missing")) == ({"fpu", "avx2"}, frozenset())
-    native = ONEDNN and bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
-    assert MATVEC_BF16_MAX_ROWS == (8 if native else 16)
+    amx = frozenset({"fpu", "amx_bf16", "amx_tile"})
+    assert [matvec_bf16_max_rows(f, True) for f in (cpu_flags(zen5), amx, cpu_flags(old))] == [8, 8, 16]
+    assert matvec_bf16_max_rows(cpu_flags(zen5), False) == 16  # no oneDNN in this build
+    assert MATVEC_BF16_MAX_ROWS == matvec_bf16_max_rows(cpu_flags(), ONEDNN)  # this machine's
 
 
 def test_layer_norm_and_gelu_by_hand():
