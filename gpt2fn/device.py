@@ -45,22 +45,23 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
-    """The CPU's vendor as Linux names it ("GenuineIntel", "AuthenticAMD"), or "" where it cannot be read."""
+def cpuinfo_field(name: str, cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The value of the first ``name`` line of ``/proc/cpuinfo`` (its first CPU's), or "" where it cannot be read."""
     try:
         with open(cpuinfo) as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(name)), "")
     except OSError:
         return ""
 
 
+def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's vendor as Linux names it ("GenuineIntel", "AuthenticAMD"), or "" where it cannot be read."""
+    return cpuinfo_field("vendor_id", cpuinfo)
+
+
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset:
     """The CPU's feature flags as Linux lists them ("avx512_bf16", "amx_bf16", ...), or none where they cannot be read."""
-    try:
-        with open(cpuinfo) as f:
-            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), ()))
-    except OSError:
-        return frozenset()
+    return frozenset(cpuinfo_field("flags", cpuinfo).split())
 
 
 # Whether this build has oneDNN; the row counts, and the smallest weight
