@@ -78,6 +78,30 @@ Step = Callable[[Params, Tensor, Tensor, State, Optional[Tensor]], Tensor]
 DECODE_OPTIONS = {
     "realize_reads_threshold": 1, "realize_acc_reads_threshold": 3, "size_asserts": False, "alignment_asserts": False,
 }  # fmt: skip
+# Since torch 2.13 (not in 2.11) inductor computes a CPU LayerNorm of up to
+# this option's many values (default 1024) in two passes, mean then variance,
+# when a kernel has several rows, and in one (Welford's) for a single row: a
+# row's bits at batch 8 were not its bits alone, and compiled bf16 rows of
+# the 124M shape parted from their prompts alone after 104-182 tokens. At 0
+# every batch size takes Welford's pass (batch 1's code is unchanged). Side
+# by side (124M, 2-core CPU, cache of 144), a batch-8 step: fp32 0.996x the
+# time, bf16 0.995x, int8 0.981x.
+TWO_STEP_VARIANCE = "cpp.use_two_step_variance_threshold"
+
+
+@functools.cache
+def decode_options() -> dict:
+    """The inductor options of a compiled CPU decode step:
+    :data:`DECODE_OPTIONS`, and where this torch has it
+    :data:`TWO_STEP_VARIANCE` = 0 (Welford's LayerNorm at every batch size),
+    so that each row of a compiled step's batch is, bit for bit, that row
+    run alone (``tests/test_compile.py``). Read at the first compilation:
+    inductor's config module takes ~1 s to import."""
+    import torch._inductor.config as inductor
+
+    has_threshold = hasattr(inductor.cpp, TWO_STEP_VARIANCE.split(".")[1])
+    return {**DECODE_OPTIONS, **({TWO_STEP_VARIANCE: 0} if has_threshold else {})}
+
 
 # Whether this torch compiles a block that writes its inputs (the KV cache) as
 # a nested compile region: regions that mutate their inputs are
@@ -384,7 +408,7 @@ def decode_block(device: torch.device, kernels: Kernels, config: GPTConfig) -> C
 def compiled_step(step: Callable, device: torch.device, symbolic_tokens: bool = False, /, **settings) -> Callable:
     """A decode-sized ``step`` with ``settings`` bound (config, kernels,
     sampling, ...) under ``torch.compile``, as the module docstring says: on
-    the CPU with :data:`DECODE_OPTIONS`; on CUDA with CUDA graphs, its outputs
+    the CPU with :func:`decode_options`; on CUDA with CUDA graphs, its outputs
     copied out of the graph's memory. Made once per process for each step and
     settings, so that every generation with them runs its graphs.
 
@@ -428,7 +452,7 @@ def compiled_dynamic(step: Callable, **settings) -> Callable:
 
 def _compile(step: Callable, device: torch.device) -> Callable:
     if device.type == "cpu":
-        return torch.compile(step, fullgraph=True, dynamic=False, options=DECODE_OPTIONS)
+        return torch.compile(step, fullgraph=True, dynamic=False, options=decode_options())
     return _cloned(torch.compile(step, fullgraph=True, dynamic=False, mode="reduce-overhead"))
 
 

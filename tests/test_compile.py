@@ -21,7 +21,7 @@ from gpt2fn.model import hidden, logits
 from gpt2fn.quantize import cast_params, quantize_rows
 from gpt2fn.sampling import choose_token, filtered_probs, noise_width, uniform_noise
 from gpt2fn.steps import (
-    DECODE_OPTIONS, REGION_MIN_WIDTH, REGIONS, compiled_steps, decode_block, decode_kernels, graph_cache_len, mark_static,
+    REGION_MIN_WIDTH, REGIONS, compiled_steps, decode_block, decode_kernels, decode_options, graph_cache_len, mark_static,
     window_len,
 )  # fmt: skip
 
@@ -190,7 +190,7 @@ def test_compiled_decode_matches_eager_logits_and_greedy_tokens(which, request):
     fast_kernels = Kernels(matvec, attend_manual)
     step = functools.partial(decode_logits, config=config, kernels=fast_kernels,
                              run_block=decode_block(torch.device("cpu"), fast_kernels, config))  # fmt: skip
-    compiled = torch.compile(step, fullgraph=True, dynamic=False, options=DECODE_OPTIONS)
+    compiled = torch.compile(step, fullgraph=True, dynamic=False, options=decode_options())
     windows = compiled_steps(config, torch.device("cpu"), 1, temperature=0, top_k=0, top_p=1.0).window
     caches = [make_cache(config, 1, T + steps), make_cache(config, 1, T + steps, spare=True)]
     tokens = prompt(T, seed=3)
@@ -223,8 +223,8 @@ def test_compiled_matvec_sums_each_row_as_one_sum_does(dtype, groups, monkeypatc
     monkeypatch.setattr(gpt2fn.layers, "MATVEC_HEAD_GROUPS", groups[1])
     monkeypatch.setattr(gpt2fn.layers, "MATVEC_BF16_MAX_ROWS", 4)  # the rule on a CPU with native bf16 is 8 (gpt2fn.device)
     one_sum = lambda x, w: (x.float()[..., None, :] * w.float()).sum(-1)  # one row of x, all of w's rows
-    grouped = torch.compile(lambda x, w: matvec(x, w), fullgraph=True, dynamic=False, options=DECODE_OPTIONS)
-    single = torch.compile(one_sum, fullgraph=True, dynamic=False, options=DECODE_OPTIONS)
+    grouped = torch.compile(lambda x, w: matvec(x, w), fullgraph=True, dynamic=False, options=decode_options())
+    single = torch.compile(one_sum, fullgraph=True, dynamic=False, options=decode_options())
     assert (matvec_groups(2304), matvec_groups(16383), matvec_groups(16385)) == (groups[0], groups[0], groups[1])
     cpu = torch.device("cpu")  # the compiled CPU decode step takes matvec up to MATVEC_MAX_ROWS rows
     assert [decode_kernels(cpu, batch, "auto").linear for batch in (1, MATVEC_MAX_ROWS, MATVEC_MAX_ROWS + 1)] == [matvec, matvec, few_rows]
@@ -328,6 +328,37 @@ def test_the_dynamic_shape_compiled_paths_get_a_frame_per_model_and_settings():
                 with torch.inference_mode():
                     steps.prefill(params, prompt(n), torch.arange(n)[None], steps.make_state(params, 1, 16), None)
     assert counters["stats"]["unique_graphs"] == 6  # per model: two sampling settings + the prefill
+
+
+@pytest.mark.parametrize("which, dtype", [("small", "float32"), ("small", "bfloat16"), ("small", "int8"), ("gpt2", "bfloat16")])
+def test_each_row_of_a_compiled_batch_computes_the_bits_it_computes_alone(which, dtype, request):
+    """The compiled CPU step at batch 4 and at batch 1, over the same cache
+    rows at ragged positions, three steps: every layer's keys and values and
+    every chosen token are equal bit for bit (decode_options: without them
+    torch 2.13's inductor computes a LayerNorm in two passes at batch 4, in
+    one at batch 1). The small model inlines its blocks, the gpt2 shape runs
+    them as compile regions."""
+    params, config = load_pretrained(request.getfixturevalue(f"{which}_ref").directory)
+    params = cast_params(params, dtype)
+    batch, alone = (compiled_steps(config, torch.device("cpu"), b, temperature=0, top_k=0, top_p=1.0) for b in (4, 1))
+    g = torch.Generator().manual_seed(5)
+    cache = batch.make_state(params, 4, 40)
+    for t in (t for kv in cache for t in kv):  # keys and values written at positions 0-11
+        t[:, :, :12] = torch.randn(t[:, :, :12].shape, generator=g).to(t.dtype)
+    rows = [alone.make_state(params, 1, 40) for _ in range(4)]
+    tokens, pos = torch.randint(0, 50257, (4, 1), generator=g), torch.tensor([[11], [3], [8], [0]])
+    with torch.inference_mode():
+        for r, row in enumerate(rows):
+            for t_row, t in zip((t for kv in row for t in kv), (t for kv in cache for t in kv)):
+                t_row.copy_(t[r : r + 1])
+        for _ in range(3):
+            out = batch.decode(params, tokens, pos, batch.window(cache, 16), None)
+            for r, row in enumerate(rows):
+                one = alone.decode(params, tokens[r : r + 1], pos[r : r + 1], alone.window(row, 16), None)
+                assert torch.equal(out[r : r + 1], one)
+                for layer, (kv, kv_row) in enumerate(zip(cache, row)):
+                    assert all(torch.equal(t[r : r + 1], t_row) for t, t_row in zip(kv, kv_row)), (r, layer)
+            tokens, pos = out[:, None], pos + 1
 
 
 def test_compiled_ragged_batch_rows_equal_each_prompt_alone(small_ref):

@@ -25,7 +25,7 @@ from gpt2fn.layers import Kernels, attend_manual, matvec
 from gpt2fn.model import forward
 from gpt2fn.params import flatten_params
 from gpt2fn.quantize import cast_params, quantize_int8, quantize_rows
-from gpt2fn.steps import DECODE_OPTIONS
+from gpt2fn.steps import decode_options
 
 from conftest import run_cached
 from test_compile import decode_logits
@@ -64,7 +64,7 @@ def test_compiled_decode_close_to_fp32(small_ref, dtype):
     params, config = load_pretrained(small_ref.directory)
     low = cast_params(params, dtype)
     fast = Kernels(matvec, attend_manual)  # the compiled CPU decode's kernels
-    step = torch.compile(functools.partial(decode_logits, config=config, kernels=fast), fullgraph=True, options=DECODE_OPTIONS)
+    step = torch.compile(functools.partial(decode_logits, config=config, kernels=fast), fullgraph=True, options=decode_options())
     tokens = torch.randint(0, 50257, (1, 12), generator=torch.Generator().manual_seed(1))
     cache32, cache_low = make_cache(config, 1, 12), make_cache(config, 1, 12, low["wpe"].dtype)
     with torch.inference_mode():
