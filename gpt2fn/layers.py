@@ -100,16 +100,21 @@ def int8_sums(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[
 
 def few_rows(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[Tensor] = None) -> Tensor:
     """The same function as :func:`linear`, gradients included, for the eager
-    steps, training, a speculative verify pass and compiled fp32 batches past
+    steps, training, a speculative verify pass and compiled batches past
     matvec's rows, on the CPU: fp32 products go to the op
     ``gpt2fn::few_rows_linear``, which takes oneDNN's product or MKL's
     (``F.linear``) by :data:`~gpt2fn.device.ONEDNN_ROWS` (see
-    :mod:`gpt2fn.device`); other dtypes and devices, autocast (which casts
-    linear's inputs) and builds without oneDNN use :func:`linear`."""
-    cpu_fp32 = w.dtype == torch.float32 and scale is None and w.device.type == "cpu" and ONEDNN
-    if not cpu_fp32 or torch.is_autocast_enabled("cpu"):
-        return linear(x, w, b, scale)
-    return torch.ops.gpt2fn.few_rows_linear(x, w, b)
+    :mod:`gpt2fn.device`), and so do int8 weights' (fp32 activations), as
+    the product of the dequantized weight that :func:`linear` computes; other
+    dtypes and devices, autocast (which casts linear's inputs) and builds
+    without oneDNN use :func:`linear`."""
+    cpu_fp32 = x.dtype == torch.float32 and w.device.type == "cpu" and ONEDNN and not torch.is_autocast_enabled("cpu")
+    if cpu_fp32 and scale is not None:
+        y = few_rows(x, w.to(x.dtype)) * scale
+        return y if b is None else y + b
+    if cpu_fp32 and w.dtype == torch.float32:
+        return torch.ops.gpt2fn.few_rows_linear(x, w, b)
+    return linear(x, w, b, scale)
 
 
 def embedding(tokens: Tensor, wte: Tensor, scale: Optional[Tensor] = None, dtype: Optional[torch.dtype] = None) -> Tensor:
