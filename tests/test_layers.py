@@ -53,10 +53,10 @@ def test_few_rows_by_hand_and_equal_to_linear_at_every_row_count():
     q, scale = torch.tensor([[2, 0], [1, -1]], dtype=torch.int8), torch.tensor([0.5, 3.0])
     assert few_rows(x, q, None, scale).tolist() == [[1.0, -3.0]] * 5
     gen = torch.Generator().manual_seed(0)
-    q = torch.randint(-127, 128, (2**20 // 96 + 1, 96), generator=gen, dtype=torch.int8)  # int8: the product of the
+    q = torch.randint(-127, 128, (2**20 // 96 + 1, 96), generator=gen, dtype=torch.int8)  # int8: the op's product of
     scale, b, x = torch.rand(len(q), generator=gen), torch.randn(len(q), generator=gen), torch.randn(5, 96, generator=gen)
-    dequantized = few_rows(x, q.float()) * scale + b if ONEDNN else linear(x, q, b, scale)  # fp32 weight (oneDNN's)
-    assert torch.equal(few_rows(x, q, b, scale), dequantized)
+    op = torch.ops.gpt2fn.few_rows_linear  # the dequantized fp32 weight (not MKL's, whose bits differ), then scaled
+    assert torch.equal(few_rows(x, q, b, scale), op(x, q.float(), None) * scale + b if ONEDNN else linear(x, q, b, scale))
     w, b = torch.randn(2**20 // 96 + 1, 96, generator=gen), torch.randn(2**20 // 96 + 1, generator=gen)  # >= ONEDNN_MIN_WEIGHT
     compiled = torch.compile(few_rows, fullgraph=True, dynamic=True)  # the row count symbolic, as in a verify pass
     for rows in range(1, 20):  # both libraries, by the row count (MKL below 4 and above 16; oneDNN always on AMD)
