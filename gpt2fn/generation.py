@@ -12,7 +12,10 @@ exactly what that position computes, so every row's last column is its own
 last token, and each row's ``i``-th decode step writes and reads at its own
 position ``len_b + i``. Slots a row has not written yet are hidden by the
 causal mask. Nothing about a row depends on the others: greedy rows equal
-generating each prompt alone.
+generating each prompt alone. A compiled CPU decode step computes each row's
+bits as that row alone computes them; the library products of the prompt's
+pass and of the eager steps may round by the row count (see the README,
+"Several prompts at once").
 """
 
 from __future__ import annotations
