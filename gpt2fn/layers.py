@@ -67,8 +67,7 @@ def matvec(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[Ten
     :data:`~gpt2fn.device.MATVEC_BF16_MAX_ROWS` bf16 ones, go to
     :func:`few_rows`. Eagerly the loop would materialise ``[out, in]`` per
     row: compiled steps only. Measured in the README's Speed section."""
-    most = {torch.float32: MATVEC_FP32_MAX_ROWS, torch.bfloat16: MATVEC_BF16_MAX_ROWS}.get(w.dtype, MATVEC_MAX_ROWS)
-    if x.numel() > most * x.shape[-1]:
+    if x.numel() > matvec_max_rows(w.dtype) * x.shape[-1]:
         return few_rows(x, w, b, scale)
     per_group = -(-w.shape[0] // matvec_groups(w.shape[0]))
     rows = x.float().reshape(-1, 1, x.shape[-1])  # [R, 1, in]
@@ -77,6 +76,11 @@ def matvec(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[Ten
     if scale is not None:
         y = y * scale
     return (y if b is None else y + b.float()).to(x.dtype)
+
+
+def matvec_max_rows(dtype: torch.dtype) -> int:
+    """The most rows :func:`matvec` sums itself for weights of ``dtype`` (past them, :func:`few_rows`)."""
+    return {torch.float32: MATVEC_FP32_MAX_ROWS, torch.bfloat16: MATVEC_BF16_MAX_ROWS}.get(dtype, MATVEC_MAX_ROWS)
 
 
 def matvec_groups(rows: int) -> int:

@@ -15,6 +15,7 @@ from gpt2fn.cache import cache_len
 from gpt2fn.generation import Stream
 from gpt2fn.layers import (
     MATVEC_FP32_MAX_ROWS, MATVEC_MAX_ROWS, Kernels, attend_manual, block, few_rows, int8_sums, linear, matvec, matvec_groups,
+    matvec_max_rows,
 )
 from gpt2fn.measure import decode_step_time
 from gpt2fn.model import hidden, logits
@@ -240,8 +241,9 @@ def test_compiled_matvec_sums_each_row_as_one_sum_does(dtype, groups, monkeypatc
                 assert torch.equal(out[r], single(x[r : r + 1], w)[0].to(x.dtype)), (rows, batch, r)
             rtol = 1e-2 if dtype == torch.bfloat16 else 1e-5  # bf16 x rounds its output
             torch.testing.assert_close(out.float(), linear(x.float(), w.float()), rtol=rtol, atol=1e-3)
-    most = {torch.float32: MATVEC_FP32_MAX_ROWS, torch.bfloat16: gpt2fn.layers.MATVEC_BF16_MAX_ROWS}.get(dtype)
-    if most is not None and most < MATVEC_MAX_ROWS:  # past them, a library product (few_rows)
+    assert [matvec_max_rows(d) for d in (torch.float32, torch.bfloat16, torch.int8)] == [MATVEC_FP32_MAX_ROWS, 4, MATVEC_MAX_ROWS]
+    most = matvec_max_rows(dtype)
+    if most < MATVEC_MAX_ROWS:  # past them, a library product (few_rows)
         w = torch.randn(2303, 96, generator=g).to(dtype)  # sums that round, so that the order shows
         x = torch.randn(most + 1, 1, 96, generator=g).to(dtype)
         calls = []  # which row counts matvec hands on (its route, whatever the sums round to)
