@@ -71,7 +71,8 @@ def matvec(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[Ten
         return few_rows(x, w, b, scale)
     per_group = -(-w.shape[0] // matvec_groups(w.shape[0]))
     rows = x.float().reshape(-1, 1, x.shape[-1])  # [R, 1, in]
-    y = torch.cat([torch.cat([(row * part.float()).sum(-1) for part in w.split(per_group)], -1) for row in rows])
+    # one flat cat of the R * groups sums, each written in place into its slice
+    y = torch.cat([(row * part.float()).sum(-1) for row in rows for part in w.split(per_group)])
     y = y.view(*x.shape[:-1], w.shape[0])
     if scale is not None:
         y = y * scale
