@@ -4,8 +4,8 @@
     python scripts/benchmark.py                       # 124M shape, random weights
     python scripts/benchmark.py --model gpt2 --json results.json --plot tokens_per_s.png
 
-Measures, interleaving the variants over several rounds (machines are noisy:
-only ratios measured side by side mean anything):
+Measures, interleaving the variants over several rounds, in alternating
+order (machines are noisy: only ratios measured side by side mean anything):
 
 1. the weight-streaming limit: the time to read every weight byte once
    (measured in every round, the best kept);
@@ -305,7 +305,7 @@ def draft_vocabulary(args, config) -> torch.Tensor:
 
 
 def measure_generation(contenders: list[Contender], params: dict, device, rounds: int) -> dict:
-    """Every contender, interleaved over ``rounds`` (median kept), beside the
+    """Every contender, interleaved over ``rounds`` in alternating order (median kept), beside the
     weight-streaming limit of each dtype, measured in every round (best kept)."""
     for c in contenders:  # compile every graph and put it back in memory before timing
         if c.mode.startswith(("compiled", "speculative")):
@@ -317,10 +317,10 @@ def measure_generation(contenders: list[Contender], params: dict, device, rounds
     runs: dict[str, list] = {c.name: [] for c in contenders}
     limit_s: dict[str, list[float]] = {d: [] for d in params}
     with tqdm(total=rounds * len(contenders), desc="generation", leave=False) as bar:
-        for _ in range(rounds):
+        for r in range(rounds):
             for d in params:
                 limit_s[d].append(streaming_limit_s(weight_bytes(params[d]), device)[0])
-            for c in contenders:
+            for c in contenders if r % 2 == 0 else contenders[::-1]:  # no variant always runs after the same one
                 before = memory_mb(device)
                 reset_peak_memory(device)
                 runs[c.name].append((c.run(), peak_memory_mb(device) - before))

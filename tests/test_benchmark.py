@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import torch
+
 from conftest import ROOT
 
 from gpt2fn.device import ONEDNN, ONEDNN_ROWS
@@ -54,6 +56,23 @@ def test_benchmark_writes_json_and_plot(small_ref, tmp_path):
     assert "compiled / eager" in run.stdout and "vs hf default" in run.stdout
     assert results["command"].startswith("python scripts/benchmark.py --model")
     assert out_png.stat().st_size > 10_000 and out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_benchmark_alternates_the_order_of_its_runs_every_round():
+    """A run timed right after another one can gain or lose a few percent
+    from it, so no variant always follows the same one: the order reverses
+    every round, and each variant's median is over its own runs."""
+    from conftest import load_script
+
+    bench = load_script("benchmark")
+    order = []
+    contenders = [bench.Contender("gpt2fn", mode, "float32", 1, lambda mode=mode: order.append(mode) or len(order))
+                  for mode in ("eager", "compiled", "default")]  # fmt: skip
+    results = bench.measure_generation(contenders, {}, torch.device("cpu"), rounds=3)
+    assert order[0] == "compiled"  # compiled runs warm up once before the timed rounds
+    assert order[1:] == ["eager", "compiled", "default", "default", "compiled", "eager", "eager", "compiled", "default"]
+    assert results["generation"]["gpt2fn eager float32"]["all"] == [2, 7, 8]
+    assert results["generation"]["gpt2fn compiled float32"]["tokens_per_s"] == 6  # the median of 3, 6, 9
 
 
 def test_benchmark_train_writes_json(tmp_path, capsys):
