@@ -10,6 +10,7 @@ anything, so a run refused at the start leaves the file system as it was.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 from pathlib import Path
@@ -38,6 +39,34 @@ def run_cli(run, *args) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser for the scripts, where a long option may be spelt
+    with hyphens or underscores (``--max-tokens`` or ``--max_tokens``): each
+    script's ``--help`` shows one spelling, and the scripts do not all use the
+    same one."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        import sys
+
+        args = sys.argv[1:] if args is None else list(args)
+        spelt = {_option_key(o): o for a in self._actions for o in a.option_strings if o.startswith("--")}
+        end = args.index("--") if "--" in args else len(args)  # after "--" everything is a value
+        for i, arg in enumerate(args[:end]):
+            name, eq, value = arg.partition("=")
+            if not name.startswith("--") or name in spelt.values():
+                continue
+            key = _option_key(name)  # the whole name, or (as argparse allows) a prefix of one only
+            matches = [spelt[key]] if key in spelt else [o for k, o in spelt.items() if k.startswith(key)]
+            if len(matches) == 1:
+                args[i] = matches[0] + eq + value
+        return super().parse_known_args(args, namespace)
+
+
+def _option_key(option: str) -> str:
+    """A long option without its spelling: ``--max-tokens`` and ``--max_tokens`` -> ``max_tokens``."""
+    return option[2:].replace("-", "_")
 
 
 # ----------------------------------------------------------------------------- numbers

@@ -64,7 +64,7 @@ from tqdm import tqdm
 
 from gpt2fn.config import PRESETS
 from gpt2fn.device import ONEDNN, ONEDNN_MIN_WEIGHT, ONEDNN_ROWS, resolve_device
-from gpt2fn.errors import GPT2FnError, check_int, check_output_file, parse_int_list, read_utf8, run_cli
+from gpt2fn.errors import ArgumentParser, GPT2FnError, check_int, check_output_file, parse_int_list, read_utf8, run_cli
 from gpt2fn.files import atomic_write
 from gpt2fn.generation import generate_all
 from gpt2fn.measure import (decode_step_time, memory_mb, peak_memory_mb, product_times, reset_peak_memory, streaming_limit_s,
@@ -79,7 +79,7 @@ from gpt2fn.weights import load_pretrained, transformers_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="weights to load (default: random weights of --shape)")
     p.add_argument("--shape", default="gpt2", choices=sorted(PRESETS), help="preset shape for random weights")
     p.add_argument("--device", default="cpu")

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gpt2fn.errors import check_int, check_output_file, parse_int_list, run_cli
+from gpt2fn.errors import ArgumentParser, check_int, check_output_file, parse_int_list, run_cli
 from gpt2fn.files import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ WORDS = ("the of and to in is that it was for on are with as his they be at one 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workers", default="1,2", help="worker counts to compare (default 1,2)")
     p.add_argument("--throughput-mb", type=int, default=256, help="corpus size for the throughput rounds")
     p.add_argument("--memory-mb", type=int, default=1024, help="corpus size for the memory run (0 = skip)")

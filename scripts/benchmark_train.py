@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from gpt2fn.config import PRESETS, GPTConfig
 from gpt2fn.device import resolve_device, synchronize
-from gpt2fn.errors import GPT2FnError, check_int, check_number, check_output_file, run_cli
+from gpt2fn.errors import ArgumentParser, GPT2FnError, check_int, check_number, check_output_file, run_cli
 from gpt2fn.files import atomic_write
 from gpt2fn.measure import peak_flops, training_flops_per_token
 from gpt2fn.params import init_params
@@ -51,7 +51,7 @@ SHAPES = {"gpt2-shakespeare": GPTConfig(n_layer=4, n_head=4, n_embd=128, n_ctx=2
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="gpt2-shakespeare", choices=sorted(SHAPES), help="model shape (random weights)")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--block_size", type=int, default=256)

@@ -11,18 +11,17 @@ token). GPT-2 124M scores acc_norm 0.2955 on the validation set, 1558M 0.4893.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from gpt2fn.device import resolve_device
-from gpt2fn.errors import check_int, run_cli
+from gpt2fn.errors import ArgumentParser, check_int, run_cli
 from gpt2fn.hellaswag import evaluate_hellaswag, hub_validation_file, load_examples
 from gpt2fn.tokenizer import get_tokenizer
 from gpt2fn.weights import load_pretrained, resolve_model
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="gpt2")
     p.add_argument("--data", default=None, help="HellaSwag jsonl (ctx, endings, label per line), e.g. "
                    "hellaswag_val.jsonl; default: the validation split from the Hub (Rowan/hellaswag, needs pyarrow)")

@@ -6,20 +6,19 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 
 from gpt2fn.device import resolve_device
-from gpt2fn.errors import GPT2FnError, check_input, check_int, read_utf8, run_cli
+from gpt2fn.errors import ArgumentParser, GPT2FnError, check_input, check_int, read_utf8, run_cli
 from gpt2fn.evaluation import perplexity
 from gpt2fn.tokenizer import get_tokenizer
 from gpt2fn.weights import load_pretrained, resolve_model
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="gpt2")
     p.add_argument("--file", required=True, help="UTF-8 text file")
     p.add_argument("--context", type=int, default=None, help="window length (default: the model's context)")

@@ -16,7 +16,7 @@ import sys
 import torch
 
 from gpt2fn.device import resolve_device
-from gpt2fn.errors import GPT2FnError, check_int, read_utf8, run_cli
+from gpt2fn.errors import ArgumentParser, GPT2FnError, check_int, read_utf8, run_cli
 from gpt2fn.generation import generate
 from gpt2fn.layers import ATTEND
 from gpt2fn.quantize import WEIGHT_DTYPES, cast_params
@@ -27,7 +27,7 @@ from gpt2fn.weights import load_pretrained, resolve_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prompt", action="append", default=[],
                    help="text to continue; repeat it for several prompts, generated together in one batch")
     p.add_argument("--prompt-file", dest="prompt_file", default=None,

@@ -8,12 +8,11 @@ stream from another prompt.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 
-from gpt2fn.errors import GPT2FnError, run_cli
+from gpt2fn.errors import ArgumentParser, GPT2FnError, run_cli
 from gpt2fn.interp import ablate_head, logit_lens, patch, run_with_cache
 from gpt2fn.model import forward
 from gpt2fn.tokenizer import encode, get_tokenizer
@@ -21,7 +20,7 @@ from gpt2fn.weights import load_pretrained, resolve_model
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="gpt2-shakespeare")
     p.add_argument("--prompt", default="ROMEO: O, she doth teach the torches to burn")
     p.add_argument("--source", default="ROMEO: O, he doth teach the candles to weep",

@@ -17,15 +17,14 @@ the val split.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from gpt2fn.data import prepare
-from gpt2fn.errors import GPT2FnError, check_int, run_cli
+from gpt2fn.errors import ArgumentParser, GPT2FnError, check_int, run_cli
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="*", help="text, .jsonl or .parquet files")
     p.add_argument("--out", required=True, help="directory for the shards and manifest.json")
     p.add_argument("--val_fraction", type=float, default=0.1, help="the last fraction of the tokens (default 0.1)")

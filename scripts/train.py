@@ -40,7 +40,7 @@ from tqdm import tqdm
 from gpt2fn.config import GPTConfig
 from gpt2fn.data import load_split
 from gpt2fn.device import resolve_device
-from gpt2fn.errors import GPT2FnError, check_int, check_number, check_output_file, run_cli
+from gpt2fn.errors import ArgumentParser, GPT2FnError, check_int, check_number, check_output_file, run_cli
 from gpt2fn.files import atomic_write
 from gpt2fn.hellaswag import evaluate_hellaswag, load_examples
 from gpt2fn.measure import peak_flops, training_flops_per_token
@@ -61,7 +61,7 @@ DEVICE_DEFAULTS = {  # TrainConfig fields whose default depends on the device
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="a directory made by scripts/prepare_data.py (shards, or train.bin + val.bin)")
     p.add_argument("--out", required=True, help="checkpoint file (written at every evaluation)")
     p.add_argument("--resume", action="store_true",

@@ -10,13 +10,12 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 
 import torch
 
-from gpt2fn.errors import GPT2FnError, check_output_dir, parse_int_list, run_cli
+from gpt2fn.errors import ArgumentParser, GPT2FnError, check_output_dir, parse_int_list, run_cli
 from gpt2fn.interp import run_with_cache
 from gpt2fn.params import flatten_params
 from gpt2fn.plotting import require_pyplot, save_figure
@@ -25,7 +24,7 @@ from gpt2fn.weights import load_pretrained, resolve_model
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="gpt2-shakespeare")
     p.add_argument("--prompt", default="ROMEO: But soft, what light through yonder window breaks?")
     p.add_argument("--out", required=True, help="directory for the PNG files")

@@ -359,3 +359,36 @@ def test_resume_with_other_data_is_refused(scripts, capsys, data, tmp_path):
     err = refused(capsys, scripts["train"], "--data", tmp_path / "other", "--out", ckpt, "--resume")
     assert "--resume with other data: the checkpoint trained on" in err and "resume with the data it was trained on" in err
     assert ckpt.read_bytes() == before
+
+
+def test_every_script_takes_its_long_options_with_hyphens_or_underscores(scripts, capsys, data, tmp_path):
+    """The scripts spell their options differently (--max_tokens, --new-tokens),
+    so each takes either spelling: the option reaches its own check, not
+    argparse's 'unrecognized arguments'."""
+    text, out = data / "t.txt", tmp_path / "out"
+    assert "val_fraction must be a finite number in (0, 1), got 1.5" in refused(
+        capsys, scripts["prepare_data"], text, "--out", out, "--val-fraction", "1.5")
+    assert "--batch_size must be an integer >= 1, got -2" in refused(capsys, scripts["benchmark_train"], "--batch-size=-2")
+    assert "lr must be a finite number > 0, got -1.0" in refused(
+        capsys, scripts["train"], "--data", data / "data", "--out", tmp_path / "c.pt", *TINY, "--lr", "-1", "--warmup-steps", "1")
+    generate = load_script("generate").parse_args(
+        ["--prompt", "x", "--max-tokens", "7", "--prompt_file", "f", "--draft-tokens=3", "--ignore-eot", "--no_kvcaching"])
+    assert (generate.max_tokens, generate.prompt_file, generate.draft_tokens, generate.ignore_eot, generate.kvcaching) == (
+        7, "f", 3, True, False)
+    bench = load_script("benchmark").parse_args(["--new_tokens", "5", "--prompt_len=4", "--draft_vocab_from", "v.txt"])
+    assert (bench.new_tokens, bench.prompt_len, bench.draft_vocab_from) == (5, 4, "v.txt")
+    assert not out.exists()
+
+
+def test_an_option_spelt_either_way_may_be_cut_short_as_argparse_allows():
+    from gpt2fn.errors import ArgumentParser
+
+    p = ArgumentParser(prog="t")
+    p.add_argument("--max_tokens", type=int)
+    p.add_argument("--max_len", type=int)
+    p.add_argument("rest", nargs="*")
+    assert p.parse_args(["--max-tok", "3"]).max_tokens == 3  # a prefix of one option only
+    assert p.parse_args(["--max-len=4", "--max_tokens", "5"]).max_len == 4
+    assert p.parse_args(["--", "--max-tokens"]).rest == ["--max-tokens"]  # after "--" a value, as it stands
+    with pytest.raises(SystemExit):
+        p.parse_args(["--max-", "3"])  # a prefix of both: argparse's own refusal
