@@ -1,4 +1,5 @@
-"""The one exception type users see for bad input, and the checks that raise it.
+"""The one exception type users see for bad input, the checks that raise it,
+and the scripts' argument parser.
 
 Everything the user can get wrong (a prompt, a flag, a file, a device) raises
 :class:`GPT2FnError` with a single line that says what is wrong and what to do.
