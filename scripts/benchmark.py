@@ -53,11 +53,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-# A fresh inductor cache makes the first compilation truly cold. Set before torch
-# is imported; --warm-cache keeps the user's cache instead.
-if "--warm-cache" not in sys.argv:
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="gpt2fn-bench-inductor-")
-
 import torch
 from torch._dynamo.utils import counters
 from tqdm import tqdm
@@ -166,6 +161,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     dtypes, lengths = check_args(args)
     device = resolve_device(args.device)
+    if not args.warm_cache:  # a fresh inductor cache (read at every compilation) makes the first one truly cold
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="gpt2fn-bench-inductor-")
     if args.model:
         params32, config = load_pretrained(args.model, device=device)
         model_name = args.model

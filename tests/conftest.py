@@ -5,7 +5,6 @@ zero and no LayerNorm gain is one (those would hide layout mistakes)."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,12 +74,7 @@ def load_script(name: str):
     spec = importlib.util.spec_from_file_location(f"{name}_cli", ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[f"{name}_cli"] = module
-    environ = dict(os.environ)
     spec.loader.exec_module(module)
-    # what a script sets up for its own process stays out of this one: benchmark.py's
-    # import points inductor at a fresh cache, which made every later compile cold
-    os.environ.clear()
-    os.environ.update(environ)
     return module
 
 

@@ -4,6 +4,7 @@ every number it promises, as JSON and as a plot."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -73,6 +74,18 @@ def test_benchmark_alternates_the_order_of_its_runs_every_round():
     assert order[1:] == ["eager", "compiled", "default", "default", "compiled", "eager", "eager", "compiled", "default"]
     assert results["generation"]["gpt2fn eager float32"]["all"] == [2, 7, 8]
     assert results["generation"]["gpt2fn compiled float32"]["tokens_per_s"] == 6  # the median of 3, 6, 9
+
+
+def test_the_benchmark_points_inductor_at_a_fresh_cache_in_its_run_only():
+    """A cold compile needs a fresh inductor cache, which main() sets (unless
+    --warm-cache, spelt either way); importing the script sets nothing, or a
+    test process importing it would compile everything cold afterwards."""
+    from conftest import load_script
+
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    bench = load_script("benchmark")
+    assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") == before
+    assert bench.parse_args(["--warm_cache"]).warm_cache and not bench.parse_args([]).warm_cache
 
 
 def test_benchmark_train_writes_json(tmp_path, capsys):
