@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from pathlib import Path
 
 
@@ -26,8 +27,6 @@ def run_cli(run, *args) -> int:
     line on stderr and returns exit status 2; so does a file-system error on a
     path the user gave (permission denied, not a directory, disk full);
     Ctrl-C returns 130 quietly."""
-    import sys
-
     try:
         return run(*args)
     except GPT2FnError as e:
@@ -49,8 +48,6 @@ class ArgumentParser(argparse.ArgumentParser):
     same one."""
 
     def parse_known_args(self, args=None, namespace=None):
-        import sys
-
         args = sys.argv[1:] if args is None else list(args)
         spelt = {_option_key(o): o for a in self._actions for o in a.option_strings if o.startswith("--")}
         end = args.index("--") if "--" in args else len(args)  # after "--" everything is a value
