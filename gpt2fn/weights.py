@@ -46,14 +46,18 @@ def resolve_model(name_or_path: str | os.PathLike, revision: Optional[str] = Non
 
     Downloads go to huggingface_hub's normal cache (``HF_HOME``/``HF_HUB_CACHE``),
     with its progress bars; ``HF_HUB_OFFLINE=1`` uses the cache only.
+    A ``revision`` (branch, tag or commit) picks a Hub snapshot: with a local
+    or bundled model, which has none, this raises.
     """
     path = Path(name_or_path).expanduser()
-    if path.exists():
-        return path
     name = str(name_or_path)
     bundled = BUNDLED_DIR / f"{name}.safetensors"
-    if "/" not in name and bundled.is_file():  # a model that ships with the project, by name
-        return bundled
+    local = path if path.exists() else bundled if "/" not in name and bundled.is_file() else None
+    if local is not None:  # a path, or a model that ships with the project, by name
+        if revision is not None:
+            raise GPT2FnError(f"revision {revision!r} picks a Hub snapshot, but {name} is the local "
+                              f"{'file' if local.is_file() else 'directory'} {local}; drop the revision")  # fmt: skip
+        return local
     if name.startswith((".", "/", "~")) or name.endswith(".safetensors") or name.count("/") > 1:
         raise GPT2FnError(f"{name} does not exist; pass an existing checkpoint directory or .safetensors file")
     if name in HUB_REPOS:

@@ -46,6 +46,8 @@ def run(args) -> int:
         raise GPT2FnError("give input files or --hf_dataset REPO (one of the two)")
     if args.hf_subset and not args.hf_dataset:
         raise GPT2FnError("--hf_subset needs --hf_dataset")
+    if args.revision and not args.hf_dataset:
+        raise GPT2FnError("--revision picks a Hub snapshot of --hf_dataset; drop it for local files")
     files = args.files
     if args.hf_dataset:
         from gpt2fn.weights import hub_dataset_files

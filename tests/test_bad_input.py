@@ -223,6 +223,8 @@ def test_prepare_data_refuses_bad_input(scripts, capsys, data, tmp_path):
     assert "--workers must be an integer >= 1, got 0" in refused(capsys, cli, text, "--out", out, "--workers", "0")
     assert "--shard_tokens must be an integer >= 2" in refused(capsys, cli, text, "--out", out, "--shard_tokens", "1")
     assert "give input files or --hf_dataset" in refused(capsys, cli, "--out", out)
+    assert "--revision picks a Hub snapshot of --hf_dataset; drop it for local files" in refused(
+        capsys, cli, text, "--out", out, "--revision", "v1")
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
     assert f"{tmp_path / 'bad.jsonl'} line 2 is not JSON" in failed_midway(capsys, cli, tmp_path / "bad.jsonl", "--out", out)
     (tmp_path / "notext.jsonl").write_text('{"body": "x"}\n')

@@ -208,6 +208,18 @@ def test_missing_path(name):
         load_pretrained(name)
 
 
+def test_a_revision_with_a_local_model_is_refused(small_ref):
+    """A revision names a Hub snapshot: a local directory, file or bundled
+    model has none, so asking for one is an error, not silently ignored."""
+    cases = [(small_ref.directory, "directory"), (small_ref.directory / "model.safetensors", "file"),
+             ("gpt2-shakespeare", "file")]  # fmt: skip
+    for name, kind in cases:
+        with pytest.raises(GPT2FnError, match=f"revision 'v1' picks a Hub snapshot, but .* is the local {kind} .*; "
+                                              "drop the revision"):  # fmt: skip
+            load_pretrained(name, revision="v1")
+        load_pretrained(name)  # and without one it loads
+
+
 def fake_hub_cache(hf_home, checkpoint_dir, repo="openai-community/gpt2", refs=("main",)):
     """The on-disk layout huggingface_hub keeps in HF_HOME/hub."""
     commit = "0123456789abcdef0123456789abcdef01234567"
