@@ -92,14 +92,14 @@ def check_number(name: str, value, low: float = -math.inf, high: float = math.in
     return value
 
 
-def parse_int_list(name: str, text: str, low: int = 1) -> list[int]:
-    """``"64,256"`` -> ``[64, 256]``, each an integer >= ``low``."""
+def parse_int_list(name: str, text: str, low: int = 1, example: str = "64,256") -> list[int]:
+    """``"64,256"`` -> ``[64, 256]``, each an integer >= ``low`` (``example``: a valid list, for the error)."""
     try:
         values = [int(part) for part in text.split(",")]
     except ValueError:
         values = []
     if not values or any(v < low for v in values):
-        raise GPT2FnError(f"{name} must be a comma-separated list of integers >= {low} (e.g. 64,256), got {text!r}")
+        raise GPT2FnError(f"{name} must be a comma-separated list of integers >= {low} (e.g. {example}), got {text!r}")
     return values
 
 

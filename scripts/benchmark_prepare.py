@@ -49,7 +49,7 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    workers = parse_int_list("--workers", args.workers)
+    workers = parse_int_list("--workers", args.workers, example="1,2")
     check_int("--throughput-mb", args.throughput_mb)
     check_int("--memory-mb", args.memory_mb, low=0)
     check_int("--rounds", args.rounds)

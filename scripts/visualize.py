@@ -38,7 +38,7 @@ def run(args) -> int:
     plt = require_pyplot("scripts/visualize.py")
     if not args.prompt:
         raise GPT2FnError("the prompt is empty; pass some text with --prompt")
-    layers = None if args.layers is None else parse_int_list("--layers", args.layers, low=0)
+    layers = None if args.layers is None else parse_int_list("--layers", args.layers, low=0, example="0,5")
     columns = parse_int_list("--columns", args.columns, low=0)
     out = check_output_dir(args.out, "--out directory")
     path = resolve_model(args.model)

@@ -258,7 +258,7 @@ def test_eval_ppl_refuses_bad_input(scripts, capsys, small_ref, data, tmp_path):
 def test_visualize_refuses_bad_input(scripts, capsys, small_ref, tmp_path):
     cli, out = scripts["visualize"], tmp_path / "viz"
     base = ["--model", small_ref.directory, "--out", out]
-    assert "--layers must be a comma-separated list of integers >= 0 (e.g. 64,256), got 'a,b'" in refused(
+    assert "--layers must be a comma-separated list of integers >= 0 (e.g. 0,5), got 'a,b'" in refused(
         capsys, cli, *base, "--layers", "a,b")
     assert "--layers must be between 0 and 1, got 0,5" in refused(capsys, cli, *base, "--layers", "0,5")
     assert "--columns must be a comma-separated list" in refused(capsys, cli, *base, "--columns", "-1")
@@ -279,6 +279,14 @@ def test_interventions_refuse_bad_input(scripts, capsys, small_ref):
                                                                                      "than the default one, by far")
 
 
+def test_benchmark_prepare_refuses_bad_input(capsys):
+    cli = load_script("benchmark_prepare")
+    assert "--workers must be a comma-separated list of integers >= 1 (e.g. 1,2), got '2,0'" in refused(
+        capsys, cli, "--workers", "2,0")
+    assert "--rounds must be an integer >= 1, got 0" in refused(capsys, cli, "--rounds", "0")
+    assert "--throughput-mb must be an integer >= 1, got -1" in refused(capsys, cli, "--throughput-mb", "-1")
+
+
 def other_vocab(tmp_path):
     config = GPTConfig(vocab_size=1000, n_ctx=64, n_embd=32, n_layer=1, n_head=2)
     return save_params(init_params(config), config, tmp_path / "other_vocab.safetensors")
@@ -290,6 +298,7 @@ def test_benchmark_refuses_bad_input_before_any_work(small_ref, tmp_path):
         "--new-tokens 0": "--new-tokens must be an integer >= 3, got 0",
         "--lengths abc": "--lengths must be a comma-separated list of integers >= 2 (e.g. 64,256), got 'abc'",
         "--rounds 0": "--rounds must be an integer >= 1, got 0",
+        "--draft-tokens 4,0": "--draft-tokens must be a comma-separated list of integers >= 1 (e.g. 4,8), got '4,0'",
         "--tokens-per-call -1": "--tokens-per-call must be an integer >= 0, got -1",
         "--dtypes float32,float64": "unknown dtype 'float64' in --dtypes",
         f"--json {a_file(tmp_path)}/r.json": "cannot create --json file",
