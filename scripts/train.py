@@ -206,9 +206,11 @@ def train_and_export(args, device: torch.device) -> int:
     if hellaswag:
         tokenizer = get_tokenizer(resolve_model(args.from_model) if args.from_model else None)
 
-        def evaluations(params):
+        def evaluate(params):
             result = evaluate_hellaswag(params, config, tokenizer, hellaswag)
             return {"hellaswag_acc": result.acc, "hellaswag_acc_norm": result.acc_norm}
+
+        evaluations = evaluate
 
     start = time.perf_counter()
     try:
