@@ -119,7 +119,7 @@ def check_args(args) -> tuple[list[str], list[int]]:
     check_int("--new-tokens", args.new_tokens, low=3)  # the compiled run spends its first step compiling
     check_int("--batch", args.batch)
     check_int("--rounds", args.rounds)
-    parse_int_list("--draft-tokens", args.draft_tokens, example="4,8")
+    draft_tokens(args)
     check_int("--adaptive-draft", args.adaptive_draft, low=0)
     check_int("--tokens-per-call", args.tokens_per_call, low=0)
     check_int("--draft-vocab", args.draft_vocab, low=0)
@@ -138,6 +138,11 @@ def check_args(args) -> tuple[list[str], list[int]]:
         check_output_file(args.plot, "--plot file", suffix=".png")
         require_pyplot("--plot")
     return dtypes, lengths
+
+
+def draft_tokens(args) -> list[int]:
+    """--draft-tokens as integers (refused with one line if it is not a list of them)."""
+    return parse_int_list("--draft-tokens", args.draft_tokens, example="4,8")
 
 
 @dataclass(frozen=True)
@@ -240,7 +245,7 @@ def make_contenders(args, params: dict, params32, config, prompt, device, drafts
     if args.batch > 1:  # the same prompt length per row, so every row runs all steps
         prompts = torch.randint(0, config.vocab_size, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(1))
         contenders += [ours(next(iter(params)), False, prompts)] + [ours(d, True, prompts) for d in params]
-    ks = [(k, False) for k in parse_int_list("--draft-tokens", args.draft_tokens, example="4,8")]
+    ks = [(k, False) for k in draft_tokens(args)]
     ks += [(args.adaptive_draft, True)] if args.adaptive_draft else []
     vocabs = [None] if cut_vocab is None else [None, cut_vocab]  # whole, and cut to --draft-vocab tokens
     for (d, (draft, draft_config)), vocab in itertools.product(drafts.items(), vocabs):
@@ -288,7 +293,7 @@ def load_drafts(args, params32, config, device) -> dict[str, tuple]:
             drafts[d] = self_draft(params32, d), config
             continue
         draft, draft_config = load_pretrained(d, device=device)
-        check_draft(config, draft_config, max(parse_int_list("--draft-tokens", args.draft_tokens, example="4,8")),
+        check_draft(config, draft_config, max(draft_tokens(args)),
                     args.prompt_len, args.new_tokens)  # fmt: skip
         drafts[Path(d).stem] = draft, draft_config
     return drafts
