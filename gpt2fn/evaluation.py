@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from gpt2fn.config import GPTConfig
 from gpt2fn.errors import GPT2FnError
+from gpt2fn.generation import check_token_ids
 from gpt2fn.model import forward
 from gpt2fn.params import Params, params_device
 from gpt2fn.steps import eager_kernels
@@ -51,6 +52,7 @@ def perplexity(
     tokens = tokens.to(torch.int64).to(params_device(params))
     if len(tokens) < 2:
         raise GPT2FnError("need at least 2 tokens to measure perplexity")
+    check_token_ids("the text", [int(tokens.min()), int(tokens.max())], config.vocab_size)
     total, count, scored_until = 0.0, 0, 1  # token 0 is never predicted
     starts = range(0, len(tokens) - 1, stride)
     for begin in tqdm(starts, desc="perplexity", unit="window", disable=not progress):

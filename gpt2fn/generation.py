@@ -262,6 +262,8 @@ def generate(
         prompts = prompts.tolist()
     else:
         check_prompts(config, prompts, max_new_tokens)
+    for i, p in enumerate(prompts):
+        check_token_ids(f"prompt {i + 1}", p, config.vocab_size)
     device = params_device(params)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     width = (noise_width(config.vocab_size, top_k),)  # the random numbers a step needs per row
@@ -321,6 +323,16 @@ def check_prompts(config: GPTConfig, prompts: list[list[int]], max_new_tokens: i
             raise GPT2FnError(f"prompt {i + 1} is {len(p)} tokens but the context holds {config.n_ctx}; shorten it")
     if max_new_tokens < 0:
         raise GPT2FnError(f"max_tokens must be >= 0, got {max_new_tokens}")
+
+
+def check_token_ids(what: str, ids: list, vocab_size: int) -> None:
+    """One clear line if ``ids`` holds anything but ids of a ``vocab_size``-token vocabulary."""
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int):
+            raise GPT2FnError(f"{what} holds {t!r}, which is not a token id; token ids are integers")
+        if not 0 <= t < vocab_size:
+            raise GPT2FnError(f"{what} holds token {t}, outside the model's vocabulary of {vocab_size} (ids 0 to "
+                              f"{vocab_size - 1}); encode text with the tokenizer the model was trained with")  # fmt: skip
 
 
 def generate_all(params: Params, config: GPTConfig, prompts: Prompts, max_new_tokens: int, **kwargs) -> tuple[Tensor, GenerationStats]:

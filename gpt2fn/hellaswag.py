@@ -28,6 +28,7 @@ from gpt2fn.errors import GPT2FnError, check_input
 from gpt2fn.model import forward
 from gpt2fn.params import Params, params_device
 from gpt2fn.steps import eager_kernels
+from gpt2fn.tokenizer import check_vocabulary
 
 REFERENCE_ACC_NORM = {"gpt2": 0.2955, "gpt2-xl": 0.4893}  # validation set, this scoring (build-nanogpt)
 
@@ -126,6 +127,7 @@ def ending_logprobs(
 def evaluate_hellaswag(
     params: Params, config: GPTConfig, tokenizer: tiktoken.Encoding, examples: Sequence[Example], progress: bool = False
 ) -> HellaSwagResult:
+    check_vocabulary(tokenizer, config.vocab_size)
     right = right_norm = 0
     for example in tqdm(examples, desc="hellaswag", unit="example", disable=not progress, leave=False):
         total, mean = ending_logprobs(params, config, tokenizer, example)

@@ -127,8 +127,31 @@ def encode(tokenizer: tiktoken.Encoding, text: str) -> list[int]:
     return tokenizer.encode(text, allowed_special={ENDOFTEXT})
 
 
+def check_vocabulary(
+    tokenizer: tiktoken.Encoding, vocab_size: int, source: str = "its tokenizer",
+    fix: str = "use the model with the tokenizer it was trained with (a checkpoint directory holding its vocab.json "
+               "and merges.txt)",
+) -> None:  # fmt: skip
+    """One clear line if a model of ``vocab_size`` tokens lacks ids that
+    ``tokenizer`` makes (``source``: whose tokenizer it is; ``fix``: what to
+    do). A vocabulary wider than the tokenizer's (padded, as nanoGPT's 50304)
+    is fine: the ids past it decode as :func:`token_bytes` says."""
+    if vocab_size < tokenizer.n_vocab:
+        raise GPT2FnError(f"the model's vocabulary holds {vocab_size} tokens but {source} has {tokenizer.n_vocab}, "
+                          f"so the model would be handed ids it lacks; {fix}")
+
+
+def token_bytes(tokenizer: tiktoken.Encoding, token: int) -> bytes:
+    """The bytes of ``token``; an id past the tokenizer's (a model with a
+    padded vocabulary may choose one) reads ``<|token N|>``, visibly."""
+    if token >= tokenizer.n_vocab:
+        return f"<|token {token}|>".encode()
+    return tokenizer.decode_single_token_bytes(token)
+
+
 def decode(tokenizer: tiktoken.Encoding, ids: list[int]) -> str:
-    return tokenizer.decode(ids)
+    """Token ids -> text (ids past the tokenizer's as :func:`token_bytes` says)."""
+    return b"".join(token_bytes(tokenizer, t) for t in ids).decode("utf-8", errors="replace")
 
 
 def decode_stream(tokenizer: tiktoken.Encoding, ids: Iterable[int]) -> Iterator[str]:
@@ -137,7 +160,7 @@ def decode_stream(tokenizer: tiktoken.Encoding, ids: Iterable[int]) -> Iterator[
     back until its last byte arrives instead of printing as a replacement."""
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for token in ids:
-        text = utf8.decode(tokenizer.decode_single_token_bytes(token))
+        text = utf8.decode(token_bytes(tokenizer, token))
         if text:
             yield text
     tail = utf8.decode(b"", final=True)

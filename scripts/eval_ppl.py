@@ -13,7 +13,7 @@ import torch
 from gpt2fn.device import resolve_device
 from gpt2fn.errors import ArgumentParser, GPT2FnError, check_input, check_int, read_utf8, run_cli
 from gpt2fn.evaluation import perplexity
-from gpt2fn.tokenizer import get_tokenizer
+from gpt2fn.tokenizer import check_vocabulary, get_tokenizer
 from gpt2fn.weights import load_pretrained, resolve_model
 
 
@@ -36,10 +36,12 @@ def run(args) -> int:
     text = read_utf8(path, "text file")
     device = resolve_device(args.device)
     model_path = resolve_model(args.model)
-    tokens = torch.tensor(get_tokenizer(model_path).encode_ordinary(text), dtype=torch.int64)
+    tokenizer = get_tokenizer(model_path)
+    tokens = torch.tensor(tokenizer.encode_ordinary(text), dtype=torch.int64)
     if len(tokens) < 2:
         raise GPT2FnError(f"{path} holds {len(tokens)} token(s); perplexity needs at least 2")
     params, config = load_pretrained(model_path, device=device)
+    check_vocabulary(tokenizer, config.vocab_size)
     result = perplexity(params, config, tokens, args.context, args.stride, progress=True)
     print(f"{args.model} on {path.name}: {result.n_tokens} tokens, NLL {result.nll:.4f} nats/token, "
           f"perplexity {result.perplexity:.2f}")  # fmt: skip

@@ -22,7 +22,7 @@ from gpt2fn.layers import ATTEND
 from gpt2fn.quantize import WEIGHT_DTYPES, cast_params
 from gpt2fn.sampling import check_sampling_args
 from gpt2fn.speculative import DRAFT_DTYPES, draft_vocab, frequent_tokens, self_draft
-from gpt2fn.tokenizer import ENDOFTEXT_ID, decode, decode_stream, encode, get_tokenizer
+from gpt2fn.tokenizer import ENDOFTEXT_ID, check_vocabulary, decode, decode_stream, encode, get_tokenizer
 from gpt2fn.weights import load_pretrained, resolve_model
 
 
@@ -111,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
     model_path = resolve_model(args.model, args.revision)
     tokenizer = get_tokenizer(model_path)
     params, config = load_pretrained(model_path, device=device)
+    check_vocabulary(tokenizer, config.vocab_size)
     draft = None
     if args.draft in DRAFT_DTYPES:
         draft = self_draft(params, args.draft), config

@@ -15,7 +15,7 @@ import torch
 from gpt2fn.errors import ArgumentParser, GPT2FnError, run_cli
 from gpt2fn.interp import ablate_head, logit_lens, patch, run_with_cache
 from gpt2fn.model import forward
-from gpt2fn.tokenizer import encode, get_tokenizer
+from gpt2fn.tokenizer import check_vocabulary, decode, encode, get_tokenizer
 from gpt2fn.weights import load_pretrained, resolve_model
 
 
@@ -39,12 +39,13 @@ def run(args) -> int:
     if src.shape != ids.shape:
         raise GPT2FnError(f"--source has {src.shape[1]} tokens, --prompt {ids.shape[1]}: patching needs the same length")
     params, config = load_pretrained(path)
+    check_vocabulary(tok, config.vocab_size)
     if ids.shape[1] > config.n_ctx:
         raise GPT2FnError(f"the prompt is {ids.shape[1]} tokens; the context holds {config.n_ctx}")
     layer = config.n_layer // 2 if args.layer is None else args.layer
     if not 0 <= layer < config.n_layer:
         raise GPT2FnError(f"--layer must be between 0 and {config.n_layer - 1}, got {layer}")
-    show = lambda i: repr(tok.decode([int(i)]))  # noqa: E731
+    show = lambda i: repr(decode(tok, [int(i)]))  # noqa: E731
 
     logits, cache = run_with_cache(params, config, ids)
     top = int(logits[0, -1].argmax())

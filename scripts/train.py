@@ -49,7 +49,7 @@ from gpt2fn.plotting import require_pyplot, save_figure
 from gpt2fn.training import (
     TrainConfig, check_fits, check_resume_data, distributed_world, load_checkpoint, resolve_for_device, train,
 )  # fmt: skip
-from gpt2fn.tokenizer import get_tokenizer
+from gpt2fn.tokenizer import check_vocabulary, get_tokenizer
 from gpt2fn.weights import load_pretrained, resolve_model, save_params
 
 
@@ -170,6 +170,8 @@ def train_and_export(args, device: torch.device) -> int:
         params, config = load_pretrained(args.from_model)
     else:
         params = init_params(config, seed=tc.seed)
+    check_vocabulary(get_tokenizer(), config.vocab_size, "the data's tokenizer (GPT-2's)",
+                     "fine-tune a model with GPT-2's vocabulary")
     resolved = resolve_for_device(tc, device)
     peak = args.peak_flops or peak_flops(device)
     flops_per_step = training_flops_per_token(config, tc.block_size) * tc.batch_size * tc.block_size * tc.grad_accum

@@ -19,7 +19,7 @@ from gpt2fn.errors import ArgumentParser, GPT2FnError, check_output_dir, parse_i
 from gpt2fn.interp import run_with_cache
 from gpt2fn.params import flatten_params
 from gpt2fn.plotting import require_pyplot, save_figure
-from gpt2fn.tokenizer import encode, get_tokenizer
+from gpt2fn.tokenizer import check_vocabulary, encode, get_tokenizer
 from gpt2fn.weights import load_pretrained, resolve_model
 
 
@@ -44,6 +44,7 @@ def run(args) -> int:
     path = resolve_model(args.model)
     params, config = load_pretrained(path)
     tok = get_tokenizer(path)
+    check_vocabulary(tok, config.vocab_size)
     ids = encode(tok, args.prompt)
     if len(ids) > config.n_ctx:
         raise GPT2FnError(f"the prompt is {len(ids)} tokens; the context holds {config.n_ctx}")

@@ -292,6 +292,29 @@ def other_vocab(tmp_path):
     return save_params(init_params(config), config, tmp_path / "other_vocab.safetensors")
 
 
+def test_a_model_narrower_than_its_tokenizer_is_refused_by_every_script(scripts, capsys, data, tmp_path):
+    """A 1000-token model with GPT-2's tokenizer (50257 ids) would be handed
+    ids it lacks: every script that feeds it text says so before any output."""
+    model, out = other_vocab(tmp_path), tmp_path / "out"
+    (tmp_path / "hellaswag.jsonl").write_text('{"ctx": "A man", "endings": ["runs.", "sits.", "is.", "was."], "label": 0}\n')
+    narrow = "error: the model's vocabulary holds 1000 tokens but its tokenizer has 50257, so the model would be handed ids it lacks"
+    runs = {
+        "generate": ["--prompt", "Hello", "--max_tokens", "3"],
+        "eval_ppl": ["--file", data / "t.txt"],
+        "eval_hellaswag": ["--data", tmp_path / "hellaswag.jsonl"],
+        "interventions": [],
+        "visualize": ["--out", out],
+    }
+    for name, args in runs.items():
+        cli = scripts.get(name) or load_script(name)
+        assert refused(capsys, cli, "--model", model, *args).startswith(narrow), name
+    assert refused(capsys, scripts["train"], "--data", data / "data", "--out", out / "ck.pt", "--from_model", model,
+                   *TINY[8:]) == ("error: the model's vocabulary holds 1000 tokens but the data's tokenizer (GPT-2's) "
+                                  "has 50257, so the model would be handed ids it lacks; fine-tune a model with GPT-2's "
+                                  "vocabulary\n")  # fmt: skip
+    assert not out.exists()
+
+
 def test_benchmark_refuses_bad_input_before_any_work(small_ref, tmp_path):
     """As a command (importing it would point inductor at a fresh cache for this whole process)."""
     cases = {

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from gpt2fn import decode, encode, generate_all, get_tokenizer, load_pretrained
+from gpt2fn import GPTConfig, decode, encode, generate_all, get_tokenizer, init_params, load_pretrained, save_params
 from gpt2fn.steps import REGIONS
 
 from conftest import ROOT
@@ -117,6 +117,21 @@ def test_as_a_command(small_ref, tmp_path):
                          "--max_tokens", "5", "--seed", "0"], capture_output=True, text=True, env=env)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith("Hi") and "tokens/s" in ok.stderr
+
+
+def test_ids_past_the_tokenizer_print_visibly(generate_cli, capsys, tmp_path):
+    """A padded vocabulary (nanoGPT's 50304): the model below always chooses
+    50300, which the tokenizer lacks (its final LayerNorm adds 1 everywhere
+    and that token's embedding is all 10s: a logit of ~10 x 32)."""
+    config = GPTConfig(vocab_size=50304, n_ctx=64, n_embd=32, n_layer=1, n_head=2)
+    params = init_params(config)
+    params["ln_f"]["b"] += 1
+    params["wte"][50300] = 10
+    model = save_params(params, config, tmp_path / "padded.safetensors")
+    code, out, err = run_cli(generate_cli, capsys, "--model", str(model), "--prompt", "Hello world", "--max_tokens", "3",
+                             "--temperature", "0")  # fmt: skip
+    assert code == 0, err
+    assert out == "Hello world<|token 50300|><|token 50300|><|token 50300|>\n"
 
 
 def test_zero_new_tokens_prints_the_prompt_and_no_rates(generate_cli, capsys, small_ref):

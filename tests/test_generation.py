@@ -96,6 +96,32 @@ def test_bad_lengths_are_refused(small, n_prompt, n_new, message):
         generate_all(params, config, prompt(n_prompt), n_new)
 
 
+@pytest.mark.parametrize(
+    "prompts, message",
+    [
+        ([[1, 2, 50257]], r"^prompt 1 holds token 50257, outside the model's vocabulary of 50257 \(ids 0 to 50256\); "
+                          r"encode text with the tokenizer the model was trained with$"),
+        ([[5], [1, -1]], r"^prompt 2 holds token -1, outside the model's vocabulary of 50257"),
+        ([[1, 2.5]], r"^prompt 1 holds 2.5, which is not a token id; token ids are integers$"),
+        ([[1, True]], r"^prompt 1 holds True, which is not a token id"),
+        (torch.tensor([[1.0, 2.0]]), r"^prompt 1 holds 1.0, which is not a token id"),
+        (torch.tensor([[1, 2], [3, 60000]]), r"^prompt 2 holds token 60000, outside"),
+    ],
+)
+def test_prompts_that_are_not_token_ids_of_the_model_are_refused(small, prompts, message):
+    params, config = small
+    with pytest.raises(GPT2FnError, match=message):
+        generate(params, config, prompts, 5)
+
+
+def test_perplexity_refuses_tokens_outside_the_vocabulary(small):
+    from gpt2fn.evaluation import perplexity
+
+    params, config = small
+    with pytest.raises(GPT2FnError, match=r"^the text holds token 50300, outside the model's vocabulary of 50257"):
+        perplexity(params, config, torch.tensor([1, 2, 50300, 3]))
+
+
 def test_bad_sampling_parameters_are_refused_before_any_work(small):
     params, config = small
     with pytest.raises(GPT2FnError, match="top_p"):

@@ -101,3 +101,24 @@ def test_streaming_decode_never_splits_a_character():
     assert all("\ufffd" not in p for p in pieces)
     # at least one emoji spans several tokens, so holding bytes back mattered
     assert len(pieces) < len(ids)
+
+
+def test_ids_past_the_tokenizer_decode_visibly():
+    """A model with a padded vocabulary (nanoGPT's 50304) may choose an id the
+    tokenizer lacks: it reads <|token N|>, in a whole decode and a stream."""
+    t = get_tokenizer()
+    ids = encode(t, "Hi 😀") + [50300] + encode(t, " there")
+    assert decode(t, ids) == "Hi 😀<|token 50300|> there"
+    assert "".join(decode_stream(t, ids)) == "Hi 😀<|token 50300|> there"
+    assert decode(t, [50256, 50257]) == "<|endoftext|><|token 50257|>"  # the last id the tokenizer has, then the first it lacks
+    # bytes cut mid-character still decode as tiktoken does, with a replacement character
+    assert decode(t, encode(t, "😀")[:1]) == t.decode(encode(t, "😀")[:1]) == "\ufffd"
+
+
+def test_a_model_narrower_than_its_tokenizer_is_refused():
+    t = get_tokenizer()
+    with pytest.raises(GPT2FnError, match=r"^the model's vocabulary holds 1000 tokens but its tokenizer has 50257, so "
+                                          r"the model would be handed ids it lacks; use the model with the tokenizer"):
+        tok.check_vocabulary(t, 1000)
+    tok.check_vocabulary(t, 50257)
+    tok.check_vocabulary(t, 50304)  # padded: wider is fine
