@@ -47,7 +47,8 @@ class GenerationStats:
     decode_tokens: int  # how many decode steps decode_s covers
     compile_s: float = 0.0  # compiled steps: the first decode step, which compiles (or loads) the graph
     batch: int = 1  # sequences decoded together
-    # speculative decoding only (0 otherwise): rounds run, tokens drafted, drafted tokens accepted
+    # speculative decoding only (0 otherwise): rounds run, tokens drafted, drafted tokens accepted (drafted
+    # tokens past the generation's end, which a last round may verify and drop, are not counted)
     target_passes: int = 0
     drafted: int = 0
     accepted: int = 0

@@ -225,6 +225,7 @@ class Speculation:
     target: KVCache
     draft: KVCache
     k: int
+    end: int  # the generation's end: its last token sits at end - 1
     before: Tensor  # [B, 1]: the emitted token before the next round's first (the draft runs both, see speculative_round)
     counts: dict = field(default_factory=lambda: {"target_passes": 0, "drafted": 0, "accepted": 0})
 
@@ -241,7 +242,8 @@ def speculative_round(
     ``levels`` (:func:`k_levels`) ``k`` is adaptive and the round sets the
     next one (:func:`next_k`); without, it stays. ``noise``:
     [1, K + 1, 2] for any K >= k (see :func:`accept_sampled`), or None.
-    One host synchronisation: reading ``n``.
+    One host synchronisation: reading ``n`` (and how many drafted tokens
+    lie inside the generation, for the counts).
 
     The draft's first step runs the token before ``token`` too, at ``pos -
     1``: after a round that accepted all ``k`` drafted tokens the draft has
@@ -258,13 +260,16 @@ def speculative_round(
     verify_pos = (pos + torch.arange(k + 1, device=pos.device)).clamp(max=length - 1)
     out = verify(params, torch.cat([token, drafted], dim=1), verify_pos, state.target)
     n, tokens = accept(drafted, out) if noise is None else accept(drafted, q[0], out, noise)
-    m = int(n[0]) + 1
+    # Drafted tokens past the generation's end (verified at clamped positions,
+    # dropped by the loop) count neither as drafted nor as accepted.
+    n, inside = torch.stack([n[0], (state.end - 1 - pos[0, 0]).clamp(0, k)]).tolist()
+    m = n + 1
     state.before = token if m == 1 else tokens[:, m - 2 : m - 1]
     state.counts["target_passes"] += 1
-    state.counts["drafted"] += k
-    state.counts["accepted"] += m - 1
+    state.counts["drafted"] += inside
+    state.counts["accepted"] += min(n, inside)
     if levels is not None:
-        state.k = next_k(levels, k, m - 1)
+        state.k = next_k(levels, k, n)
     return tokens[:, :m]
 
 
@@ -295,7 +300,7 @@ def speculative_steps(
     def make_state(params: Params, batch: int, length: int) -> Speculation:
         target, drafts = new_cache(config, params, batch, length), new_cache(draft_config, draft_params, batch, length)
         before = torch.zeros(batch, 1, dtype=torch.long, device=params_device(params))
-        return Speculation(target, drafts, k, before=before)
+        return Speculation(target, drafts, k, length, before=before)
 
     def prefill(params: Params, tokens: Tensor, pos: Tensor, state: Speculation, noise: Optional[Tensor]) -> Tensor:
         hidden(draft_params, draft_config, tokens, pos, state.draft, kernels=eager)  # fills the draft's cache
