@@ -258,13 +258,7 @@ def generate(
         raise GPT2FnError("tokens_per_call chains cached plain decode steps; drop it, "
                           + ("or the draft (speculative rounds emit several tokens a call already)" if draft is not None
                              else "or keep the KV cache on"))  # fmt: skip
-    if isinstance(prompts, Tensor):
-        check_sequence_fits(config, prompts.shape[1], max_new_tokens)
-        prompts = prompts.tolist()
-    else:
-        check_prompts(config, prompts, max_new_tokens)
-    for i, p in enumerate(prompts):
-        check_token_ids(f"prompt {i + 1}", p, config.vocab_size)
+    prompts = prompt_lists(config, prompts, max_new_tokens)
     device = params_device(params)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     width = (noise_width(config.vocab_size, top_k),)  # the random numbers a step needs per row
@@ -298,12 +292,37 @@ def generate(
     return Stream(params, steps, prompts, limits, stop_token, noise)
 
 
+def prompt_lists(config: GPTConfig, prompts: Prompts, max_new_tokens: int) -> list[list[int]]:
+    """The prompts as token lists, after one clear line for any that cannot
+    run: a [B, T] tensor (each prompt with its new tokens must fit the
+    context) or a list of token lists (each row stops at the context), of
+    token ids of the model."""
+    check_int("max_tokens", max_new_tokens, low=0)
+    if isinstance(prompts, Tensor):
+        if prompts.dim() != 2 or len(prompts) == 0:
+            hint = "; for one prompt pass ids[None]" if prompts.dim() == 1 else ""
+            raise GPT2FnError(f"a prompt tensor is [B, T] token ids, got shape {list(prompts.shape)}{hint}")
+        check_sequence_fits(config, prompts.shape[1], max_new_tokens)
+        prompts = prompts.tolist()
+    else:
+        rows = prompts if isinstance(prompts, (list, tuple)) else [prompts]
+        odd = next((i for i, p in enumerate(rows) if not isinstance(p, (list, tuple))), None)
+        if odd is not None:
+            if rows is prompts and all(isinstance(t, int) for t in rows):
+                what = "a list of token ids; for one prompt pass [ids]"
+            else:
+                what = type(rows[odd]).__name__ + (f" as prompt {odd + 1}" if rows is prompts else "")
+            raise GPT2FnError(f"prompts are a [B, T] tensor or a list of token lists, got {what}")
+        check_prompts(config, prompts)
+    for i, p in enumerate(prompts):
+        check_token_ids(f"prompt {i + 1}", p, config.vocab_size)
+    return [list(p) for p in prompts]
+
+
 def check_sequence_fits(config: GPTConfig, n_prompt: int, max_new_tokens: int) -> None:
     """Raise one clear line if a prompt plus the tokens to generate do not fit."""
     if n_prompt == 0:
         raise GPT2FnError("the prompt is empty; give at least one token of text")
-    if max_new_tokens < 0:
-        raise GPT2FnError(f"max_tokens must be >= 0, got {max_new_tokens}")
     if n_prompt > config.n_ctx:
         raise GPT2FnError(f"the prompt is {n_prompt} tokens but the context holds {config.n_ctx}; shorten the prompt")
     if n_prompt + max_new_tokens > config.n_ctx:
@@ -313,7 +332,7 @@ def check_sequence_fits(config: GPTConfig, n_prompt: int, max_new_tokens: int) -
         )
 
 
-def check_prompts(config: GPTConfig, prompts: list[list[int]], max_new_tokens: int) -> None:
+def check_prompts(config: GPTConfig, prompts: list[list[int]]) -> None:
     """One clear line for a batch that cannot run."""
     if not prompts:
         raise GPT2FnError("no prompts given")
@@ -322,8 +341,6 @@ def check_prompts(config: GPTConfig, prompts: list[list[int]], max_new_tokens: i
             raise GPT2FnError(f"prompt {i + 1} is empty; give at least one token of text")
         if len(p) > config.n_ctx:
             raise GPT2FnError(f"prompt {i + 1} is {len(p)} tokens but the context holds {config.n_ctx}; shorten it")
-    if max_new_tokens < 0:
-        raise GPT2FnError(f"max_tokens must be >= 0, got {max_new_tokens}")
 
 
 def check_token_ids(what: str, ids: list, vocab_size: int) -> None:

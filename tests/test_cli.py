@@ -69,7 +69,7 @@ BAD_INPUTS = {
     "empty prompt": (["--prompt", ""], "the prompt is empty"),
     "prompt too long": (["--prompt", "word " * 200], "the context holds 128; shorten the prompt"),
     "max_tokens beyond context": (["--max_tokens", "500"], "exceeds the 128-token context; use max_tokens <= "),
-    "negative max_tokens": (["--max_tokens", "-3"], "max_tokens must be >= 0"),
+    "negative max_tokens": (["--max_tokens", "-3"], "max_tokens must be an integer >= 0, got -"),
     "unknown model": (["--model", "gpt5"], "unknown model 'gpt5'"),
     "missing file": (["--model", "/nonexistent/dir/model.safetensors"], "does not exist"),
     "top_p zero": (["--top_p", "0"], "top_p must be in (0, 1]"),

@@ -87,7 +87,7 @@ def test_fills_the_context_exactly(small):
         (129, 1, "the prompt is 129 tokens but the context holds 128"),
         (100, 29, r"exceeds the 128-token context; use max_tokens <= 28"),
         (5, 10_000, r"use max_tokens <= 123"),
-        (5, -1, "max_tokens must be >= 0"),
+        (5, -1, "max_tokens must be an integer >= 0, got -"),
     ],
 )
 def test_bad_lengths_are_refused(small, n_prompt, n_new, message):
@@ -112,6 +112,25 @@ def test_prompts_that_are_not_token_ids_of_the_model_are_refused(small, prompts,
     params, config = small
     with pytest.raises(GPT2FnError, match=message):
         generate(params, config, prompts, 5)
+
+
+@pytest.mark.parametrize(
+    "prompts, message",
+    [
+        (torch.tensor([1, 2, 3]), r"^a prompt tensor is \[B, T\] token ids, got shape \[3\]; for one prompt pass ids\[None\]$"),
+        (torch.zeros(1, 2, 3, dtype=torch.long), r"^a prompt tensor is \[B, T\] token ids, got shape \[1, 2, 3\]$"),
+        (torch.zeros(0, 3, dtype=torch.long), r"got shape \[0, 3\]$"),
+        ([1, 2, 3], r"^prompts are a \[B, T\] tensor or a list of token lists, got a list of token ids; for one prompt "
+                    r"pass \[ids\]$"),
+        ([[1, 2], 3], r"^prompts are a \[B, T\] tensor or a list of token lists, got int as prompt 2$"),
+        ("ROMEO:", r"^prompts are a \[B, T\] tensor or a list of token lists, got str$"),
+        ([[1, 2]], None),  # a float count: max_new_tokens below
+    ],
+)
+def test_prompts_of_another_shape_are_refused(small, prompts, message):
+    params, config = small
+    with pytest.raises(GPT2FnError, match=message or r"^max_tokens must be an integer >= 0, got 2.5$"):
+        generate(params, config, prompts, 5 if message else 2.5)
 
 
 def test_perplexity_refuses_tokens_outside_the_vocabulary(small):
