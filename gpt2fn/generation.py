@@ -47,11 +47,12 @@ class GenerationStats:
     decode_tokens: int  # how many decode steps decode_s covers
     compile_s: float = 0.0  # compiled steps: the first decode step, which compiles (or loads) the graph
     batch: int = 1  # sequences decoded together
-    # speculative decoding only (0 otherwise): rounds run, tokens drafted, drafted tokens accepted (drafted
-    # tokens past the generation's end, which a last round may verify and drop, are not counted)
+    # speculative decoding only (0 otherwise): rounds run, tokens drafted, drafted tokens accepted, and
+    # drafted tokens past the generation's end (a last round's, verified and dropped: neither accepted nor not)
     target_passes: int = 0
     drafted: int = 0
     accepted: int = 0
+    drafted_past_end: int = 0
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -60,8 +61,10 @@ class GenerationStats:
 
     @property
     def acceptance_rate(self) -> float:
-        """Speculative decoding: the share of drafted tokens the target accepted."""
-        return self.accepted / self.drafted if self.drafted else float("nan")
+        """Speculative decoding: the share of drafted tokens the target accepted
+        (of those inside the generation)."""
+        judged = self.drafted - self.drafted_past_end
+        return self.accepted / judged if judged else float("nan")
 
     @property
     def drafted_per_pass(self) -> float:

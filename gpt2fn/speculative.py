@@ -227,7 +227,7 @@ class Speculation:
     k: int
     end: int  # the generation's end: its last token sits at end - 1
     before: Tensor  # [B, 1]: the emitted token before the next round's first (the draft runs both, see speculative_round)
-    counts: dict = field(default_factory=lambda: {"target_passes": 0, "drafted": 0, "accepted": 0})
+    counts: dict = field(default_factory=lambda: {"target_passes": 0, "drafted": 0, "accepted": 0, "drafted_past_end": 0})
 
 
 def speculative_round(
@@ -261,13 +261,14 @@ def speculative_round(
     out = verify(params, torch.cat([token, drafted], dim=1), verify_pos, state.target)
     n, tokens = accept(drafted, out) if noise is None else accept(drafted, q[0], out, noise)
     # Drafted tokens past the generation's end (verified at clamped positions,
-    # dropped by the loop) count neither as drafted nor as accepted.
+    # dropped by the loop) are counted apart: neither accepted nor rejected.
     n, inside = torch.stack([n[0], (state.end - 1 - pos[0, 0]).clamp(0, k)]).tolist()
     m = n + 1
     state.before = token if m == 1 else tokens[:, m - 2 : m - 1]
     state.counts["target_passes"] += 1
-    state.counts["drafted"] += inside
+    state.counts["drafted"] += k
     state.counts["accepted"] += min(n, inside)
+    state.counts["drafted_past_end"] += k - inside
     if levels is not None:
         state.k = next_k(levels, k, n)
     return tokens[:, :m]
