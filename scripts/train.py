@@ -53,6 +53,7 @@ from gpt2fn.tokenizer import check_vocabulary, get_tokenizer
 from gpt2fn.weights import load_pretrained, resolve_model, save_params
 
 
+SHAPE = ("n_layer", "n_head", "n_embd", "n_ctx")  # the options that shape a model trained from scratch
 DEVICE_DEFAULTS = {  # TrainConfig fields whose default depends on the device
     "deterministic": "bit-identical runs (default: on for the CPU, where it costs nothing measurable; off for CUDA, "
                      "where it costs speed)",
@@ -65,7 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="a directory made by scripts/prepare_data.py (shards, or train.bin + val.bin)")
     p.add_argument("--out", required=True, help="checkpoint file (written at every evaluation)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run saved in --out, with its own saved settings, to its max_steps")
+                   help="continue the run saved in --out, with its own saved settings, to its max_steps "
+                   "(a setting given otherwise is refused)")
     p.add_argument("--stop_at", type=int, default=None,
                    help="stop after this step (a checkpoint is written), to --resume later")
     p.add_argument("--from_model", default=None, help="fine-tune this model instead of training from scratch")
@@ -94,7 +96,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "under torchrun on CUDA each process takes cuda:LOCAL_RANK")
     p.add_argument("--peak_flops", type=float, default=None,
                    help="the device's peak FLOP/s for MFU (default: looked up for known GPUs; none for CPUs)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for action in p._actions:  # parsed again without defaults: which options the command line gives
+        action.default = argparse.SUPPRESS
+    args.given = set(vars(p.parse_args(argv)))
+    return args
 
 
 def main(argv=None) -> int:
@@ -149,15 +155,30 @@ def check_args(args) -> Checked:
             raise GPT2FnError(f"nothing to resume: checkpoint {args.out} does not exist (start the run without --resume)")
         resume = load_checkpoint(args.out)  # its own settings replace the command line's
         tc, config = resume["train_config"], resume["config"]
+        check_resume_settings(args, tc, config)
         check_resume_data(resume, train_tokens, val_tokens)
     elif check_output_file(args.out, "checkpoint").exists():
         raise GPT2FnError(f"checkpoint {args.out} already exists; pass --resume to continue that run, "
                           "or choose another --out (a new run would overwrite it)")  # fmt: skip
     elif not args.from_model:
         config = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, n_ctx=args.n_ctx)
+    elif args.given & set(SHAPE):
+        shape = next(name for name in SHAPE if name in args.given)
+        raise GPT2FnError(f"--{shape} shapes a model trained from scratch; --from_model brings its own shape: drop --{shape}")
     if config is not None:
         check_fits(config, tc, train_tokens, val_tokens)
     return Checked(tc, resume, config, train_tokens, val_tokens, hellaswag)
+
+
+def check_resume_settings(args, tc: TrainConfig, config: GPTConfig) -> None:
+    """``--resume`` continues a run with its saved settings: one that the
+    command line gives otherwise would be ignored, so it is refused (the same
+    command again with ``--resume`` passes)."""
+    saved = {**dataclasses.asdict(tc), **{name: getattr(config, name) for name in SHAPE}}
+    name = next((n for n in saved if n in args.given and getattr(args, n) != saved[n]), None)
+    if name is not None:
+        raise GPT2FnError(f"--resume continues the run with its saved settings, but --{name} {getattr(args, name)} "
+                          f"differs from its {saved[name]}; drop --{name}, or start a new run with another --out")
 
 
 def train_and_export(args, device: torch.device) -> int:
@@ -220,8 +241,9 @@ def train_and_export(args, device: torch.device) -> int:
                                 stop_at=args.stop_at, on_step=on_step, device=device, evaluations=evaluations)
     finally:
         bar.close()
-    print(f"done: {history[-1]['step']} steps in {time.perf_counter() - start:.0f} s, "
-          f"final val loss {history[-1].get('val_loss', float('nan')):.4f}")  # fmt: skip
+    evaluated = [record for record in history if "val_loss" in record]
+    last_val = f", val loss {evaluated[-1]['val_loss']:.4f} at step {evaluated[-1]['step']}" if evaluated else ""
+    print(f"done: step {history[-1]['step']} in {time.perf_counter() - start:.0f} s{last_val}")
     if rank != 0:
         return 0
     if args.export:

@@ -124,6 +124,29 @@ def test_train_refuses_to_overwrite_a_checkpoint_and_leaves_it_untouched(scripts
     assert ckpt.read_bytes() == b"a previous run's checkpoint" and [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
 
 
+def test_resume_refuses_settings_it_would_ignore_and_from_model_a_shape(scripts, capsys, data, tmp_path, small_ref):
+    """--resume continues with the run's saved settings: a setting the command
+    line gives otherwise is refused, not ignored (the same command again
+    passes); --from_model brings its own shape, so a shape option is refused."""
+    train_cli, ckpt = scripts["train"], tmp_path / "ckpt.pt"
+    assert train_cli.main(["--data", str(data / "data"), "--out", str(ckpt), *TINY, "--stop_at", "2"]) == 0
+    capsys.readouterr()
+    saved = ckpt.read_bytes()
+    for extra, name, given, was in ((["--max_steps", "8"], "max_steps", "8", "4"), (["--n_embd", "32"], "n_embd", "32", "16"),
+                                    (["--compile"], "compile", "True", "False"),
+                                    (["--no-deterministic"], "deterministic", "False", "True")):  # fmt: skip
+        err = refused(capsys, train_cli, "--data", data / "data", "--out", ckpt, *TINY, "--resume", *extra)
+        assert err == (f"error: --resume continues the run with its saved settings, but --{name} {given} differs from "
+                       f"its {was}; drop --{name}, or start a new run with another --out\n")  # fmt: skip
+    assert ckpt.read_bytes() == saved
+    assert train_cli.main(["--data", str(data / "data"), "--out", str(ckpt), *TINY, "--resume", "--stop_at", "3"]) == 0
+    assert "done: step 3" in capsys.readouterr().out
+    err = refused(capsys, train_cli, "--data", data / "data", "--out", tmp_path / "tuned.pt", "--from_model",
+                  small_ref.directory, "--n_layer", "2", *TINY[8:])  # fmt: skip
+    assert err == "error: --n_layer shapes a model trained from scratch; --from_model brings its own shape: drop --n_layer\n"
+    assert not (tmp_path / "tuned.pt").exists()
+
+
 def test_train_config_refuses_what_the_cli_refuses():
     for bad in (dict(batch_size=0), dict(lr=float("inf")), dict(beta1=-0.1), dict(eval_batches=0), dict(seed=-1),
                 dict(deterministic="yes")):  # fmt: skip
