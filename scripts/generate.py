@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--draft", default=None,
                    help="speculative decoding: int8, bfloat16 or float16 (the model's own weights at that dtype "
                         "draft for it) or another model with the same tokenizer (e.g. gpt2 for gpt2-xl); one prompt")
-    p.add_argument("--draft_tokens", type=int, default=4, help="tokens the draft proposes per target pass (default 4)")
+    p.add_argument("--draft_tokens", type=int, default=None, help="tokens the draft proposes per target pass (default 4)")
     p.add_argument("--adaptive_draft", action="store_true",
                    help="adapt the drafted tokens per pass to the acceptance (1, 2, 4, ... up to --draft_tokens)")
     p.add_argument("--draft_vocab", type=int, default=None,
@@ -86,15 +86,19 @@ def run(args: argparse.Namespace) -> int:
     if any(not p for p in prompts):
         raise GPT2FnError("the prompt is empty; pass some text with --prompt")
     if args.draft is not None:
+        args.draft_tokens = 4 if args.draft_tokens is None else args.draft_tokens
         if len(prompts) > 1:
             raise GPT2FnError(f"--draft takes one prompt, got {len(prompts)}; run them one at a time or drop --draft")
         if not args.kvcaching:
             raise GPT2FnError("--draft needs the KV cache; drop --no-kvcaching")
         if args.draft_tokens < 1:
             raise GPT2FnError(f"--draft_tokens must be >= 1, got {args.draft_tokens}")
-    elif args.adaptive_draft or args.draft_vocab is not None:
-        flag = "--adaptive_draft adapts" if args.adaptive_draft else "--draft_vocab cuts the draft of"
-        raise GPT2FnError(f"{flag} speculative decoding; give a --draft too")
+    elif args.adaptive_draft:
+        raise GPT2FnError("--adaptive_draft adapts speculative decoding; give a --draft too")
+    elif args.draft_vocab is not None:
+        raise GPT2FnError("--draft_vocab cuts the draft of speculative decoding; give a --draft too")
+    elif args.draft_tokens is not None:
+        raise GPT2FnError("--draft_tokens sets how many tokens a round of speculative decoding drafts; give a --draft too")
     check_int("--tokens_per_call", args.tokens_per_call)
     if args.tokens_per_call > 1 and (args.draft is not None or not args.kvcaching):
         raise GPT2FnError("--tokens_per_call chains cached plain decode steps; drop it, or "

@@ -492,11 +492,15 @@ def test_cli_bad_draft_combinations(generate_cli, capsys, extra, message):
     assert len(err) == 1 and message in err[0]
 
 
-def test_cli_draft_vocab_without_a_draft_is_refused(generate_cli, capsys):
+@pytest.mark.parametrize("extra, message", [
+    (["--draft_vocab", "50"], "--draft_vocab cuts the draft of speculative decoding; give a --draft too"),
+    (["--draft_tokens", "8"], "--draft_tokens sets how many tokens a round of speculative decoding drafts; give a --draft too"),
+])  # fmt: skip
+def test_cli_draft_options_without_a_draft_are_refused(generate_cli, capsys, extra, message):
     model = str(ROOT / "weights" / "gpt2-shakespeare.safetensors")
-    assert generate_cli.main(["--model", model, "--prompt", "a", "--draft_vocab", "50"]) == 2
+    assert generate_cli.main(["--model", model, "--prompt", "a", *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--draft_vocab cuts the draft of speculative decoding; give a --draft too" in err[0]
+    assert err == [f"error: {message}"]
 
 
 def test_adaptive_without_a_draft_is_refused(small, generate_cli, capsys):
