@@ -220,12 +220,14 @@ def next_k(levels: tuple[int, ...], k: int, accepted: int) -> int:
 @dataclass
 class Speculation:
     """The state of a speculative generation: both caches, the token before
-    the next round's, and the ``k`` of the next round."""
+    the next round's, the ``k`` of the next round, where the generation ends
+    and where it stands, and the counts its stats report."""
 
     target: KVCache
     draft: KVCache
     k: int
     end: int  # the generation's end: its last token sits at end - 1
+    at: int  # the position of the token the next round is fed (on the host)
     before: Tensor  # [B, 1]: the emitted token before the next round's first (the draft runs both, see speculative_round)
     counts: dict = field(default_factory=lambda: {"target_passes": 0, "drafted": 0, "accepted": 0, "drafted_past_end": 0})
 
@@ -242,8 +244,7 @@ def speculative_round(
     ``levels`` (:func:`k_levels`) ``k`` is adaptive and the round sets the
     next one (:func:`next_k`); without, it stays. ``noise``:
     [1, K + 1, 2] for any K >= k (see :func:`accept_sampled`), or None.
-    One host synchronisation: reading ``n`` (and how many drafted tokens
-    lie inside the generation, for the counts).
+    One host synchronisation: reading ``n``.
 
     The draft's first step runs the token before ``token`` too, at ``pos -
     1``: after a round that accepted all ``k`` drafted tokens the draft has
@@ -260,10 +261,12 @@ def speculative_round(
     verify_pos = (pos + torch.arange(k + 1, device=pos.device)).clamp(max=length - 1)
     out = verify(params, torch.cat([token, drafted], dim=1), verify_pos, state.target)
     n, tokens = accept(drafted, out) if noise is None else accept(drafted, q[0], out, noise)
+    n = int(n[0])
+    m = n + 1
     # Drafted tokens past the generation's end (verified at clamped positions,
     # dropped by the loop) are counted apart: neither accepted nor rejected.
-    n, inside = torch.stack([n[0], (state.end - 1 - pos[0, 0]).clamp(0, k)]).tolist()
-    m = n + 1
+    inside = min(k, max(0, state.end - 1 - state.at))
+    state.at += m
     state.before = token if m == 1 else tokens[:, m - 2 : m - 1]
     state.counts["target_passes"] += 1
     state.counts["drafted"] += k
@@ -301,11 +304,11 @@ def speculative_steps(
     def make_state(params: Params, batch: int, length: int) -> Speculation:
         target, drafts = new_cache(config, params, batch, length), new_cache(draft_config, draft_params, batch, length)
         before = torch.zeros(batch, 1, dtype=torch.long, device=params_device(params))
-        return Speculation(target, drafts, k, length, before=before)
+        return Speculation(target, drafts, k, length, 0, before=before)
 
     def prefill(params: Params, tokens: Tensor, pos: Tensor, state: Speculation, noise: Optional[Tensor]) -> Tensor:
         hidden(draft_params, draft_config, tokens, pos, state.draft, kernels=eager)  # fills the draft's cache
-        state.before = tokens[:, -1:].clone()
+        state.before, state.at = tokens[:, -1:].clone(), tokens.shape[1]  # the chosen token sits at the prompt's end
         out = logits(params, config, hidden(params, config, tokens, pos, state.target, kernels=eager)[:, -1])
         return out.argmax(-1) if noise is None else draw(filtered_probs(out, **sampling), noise[:, 0, 0])
 
