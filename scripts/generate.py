@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt", action="append", default=[],
                    help="text to continue; repeat it for several prompts, generated together in one batch")
     p.add_argument("--prompt-file", dest="prompt_file", default=None,
-                   help="a file of prompts, one per line (blank lines skipped), generated in one batch")
+                   help="a file of prompts, one per line (blank lines skipped; - reads standard input), generated in one batch")
     p.add_argument("--model", default="gpt2",
                    help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hub id, a checkpoint directory or a .safetensors file")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) for Hub models")
@@ -177,9 +177,17 @@ def report(args: argparse.Namespace, device: torch.device, seed: int, stream) ->
 
 
 def read_prompt_file(path: str | None) -> list[str]:
+    """The file's non-blank lines; ``-`` reads standard input."""
     if path is None:
         return []
-    return [line for line in read_utf8(path, "prompt file").splitlines() if line.strip()]
+    if path == "-":
+        try:
+            text = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError:
+            raise GPT2FnError("standard input (--prompt-file -) is not UTF-8 text") from None
+    else:
+        text = read_utf8(path, "prompt file")
+    return [line for line in text.splitlines() if line.strip()]
 
 
 def per_second(count: int, seconds: float) -> str:

@@ -3,6 +3,7 @@ clear line (exit 2) for every kind of bad input."""
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
@@ -185,3 +186,18 @@ def test_missing_prompt_and_unreadable_prompt_file(generate_cli, capsys, small_r
     assert code == 2 and "no prompt given" in err
     code, out, err = run_cli(generate_cli, capsys, "--prompt-file", str(tmp_path / "none.txt"))
     assert code == 2 and "cannot read prompt file" in err and err.count("\n") == 1
+
+
+def test_prompts_from_standard_input(generate_cli, capsys, small_ref, monkeypatch, tmp_path):
+    """--prompt-file - reads standard input: the batch a file of the same lines gives; bytes that are not UTF-8 get one line."""
+    lines = "Second prompt\n\n   \nThird, longer prompt here\n"
+    (tmp_path / "prompts.txt").write_text(lines)
+    args = ["--prompt", "First", "--model", str(small_ref.directory), "--max_tokens", "12", "--temperature", "0"]
+    code, from_file, err = run_cli(generate_cli, capsys, *args, "--prompt-file", str(tmp_path / "prompts.txt"))
+    assert code == 0 and "batch of 3" in err, err
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(lines.encode())))
+    code, from_stdin, err = run_cli(generate_cli, capsys, *args, "--prompt-file", "-")
+    assert code == 0 and from_stdin == from_file, err
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xff\xfe")))
+    code, out, err = run_cli(generate_cli, capsys, *args, "--prompt-file", "-")
+    assert code == 2 and out == "" and err == "error: standard input (--prompt-file -) is not UTF-8 text\n"
