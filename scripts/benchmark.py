@@ -76,7 +76,7 @@ from gpt2fn.weights import load_pretrained, transformers_model
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="weights to load (default: random weights of --shape)")
-    p.add_argument("--shape", default="gpt2", choices=sorted(PRESETS), help="preset shape for random weights")
+    p.add_argument("--shape", default=None, choices=sorted(PRESETS), help="preset shape for random weights (default gpt2)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtypes", default="float32,bfloat16,int8", help=f"comma-separated, from {WEIGHT_DTYPES}")
     p.add_argument("--attention", default="auto", choices=["auto", "manual", "sdpa"])
@@ -115,6 +115,8 @@ def fmt_ratio(x: float) -> str:
 
 def check_args(args) -> tuple[list[str], list[int]]:
     """Refuse bad flags before any work; returns (dtypes, lengths)."""
+    if args.model is not None and args.shape is not None:
+        raise GPT2FnError("--shape sets the shape of random weights; --model brings its own: drop --shape")
     check_int("--prompt-len", args.prompt_len)
     check_int("--new-tokens", args.new_tokens, low=3)  # the compiled run spends its first step compiling
     check_int("--batch", args.batch)
@@ -172,9 +174,10 @@ def main(argv=None) -> int:
         params32, config = load_pretrained(args.model, device=device)
         model_name = args.model
     else:
-        config = PRESETS[args.shape]
+        shape = args.shape or "gpt2"
+        config = PRESETS[shape]
         params32 = init_params(config, seed=0, device=device)
-        model_name = f"{args.shape} shape, random weights"
+        model_name = f"{shape} shape, random weights"
     if max(lengths) > config.n_ctx or args.prompt_len + args.new_tokens > config.n_ctx:
         raise GPT2FnError(f"lengths must fit the {config.n_ctx}-token context")
     vocab = draft_vocabulary(args, config) if args.draft_vocab else None

@@ -342,6 +342,7 @@ def test_benchmark_refuses_bad_input_before_any_work(small_ref, tmp_path):
     """As a command (importing it would point inductor at a fresh cache for this whole process)."""
     cases = {
         "--new-tokens 0": "--new-tokens must be an integer >= 3, got 0",
+        "--model gpt2-shakespeare --shape gpt2": "--shape sets the shape of random weights; --model brings its own: drop --shape",
         "--lengths abc": "--lengths must be a comma-separated list of integers >= 2 (e.g. 64,256), got 'abc'",
         "--rounds 0": "--rounds must be an integer >= 1, got 0",
         "--draft-tokens 4,0": "--draft-tokens must be a comma-separated list of integers >= 1 (e.g. 4,8), got '4,0'",
