@@ -148,6 +148,8 @@ def check_args(args) -> Checked:
         check_number("--peak_flops", args.peak_flops, 0, low_open=True)
     if args.hellaswag_limit is not None:
         check_int("--hellaswag_limit", args.hellaswag_limit)
+        if not args.hellaswag:
+            raise GPT2FnError("--hellaswag_limit cuts the --hellaswag evaluation; give a --hellaswag file too")
     hellaswag = load_examples(args.hellaswag, args.hellaswag_limit) if args.hellaswag else None
     resume, config = None, None
     if args.resume:
@@ -167,6 +169,10 @@ def check_args(args) -> Checked:
         raise GPT2FnError(f"--{shape} shapes a model trained from scratch; --from_model brings its own shape: drop --{shape}")
     if config is not None:
         check_fits(config, tc, train_tokens, val_tokens)
+    first = resume["step"] if resume else 0
+    if args.stop_at is not None and not first < args.stop_at <= tc.max_steps:
+        raise GPT2FnError(f"--stop_at must be past the run's step {first} and at most its max_steps {tc.max_steps}, "
+                          f"got {args.stop_at}")  # fmt: skip
     return Checked(tc, resume, config, train_tokens, val_tokens, hellaswag)
 
 

@@ -73,6 +73,9 @@ TRAIN_CASES = {  # extra args -> what the line says
     "zero accumulation": (["--grad_accum", "0"], "grad_accum must be an integer >= 1"),
     "zero interval": (["--eval_interval", "0"], "eval_interval must be an integer >= 1"),
     "zero stop_at": (["--stop_at", "0"], "stop_at must be an integer >= 1"),
+    "stop_at past the end": (["--stop_at", "5"], "--stop_at must be past the run's step 0 and at most its max_steps 4, got 5"),
+    "hellaswag_limit alone": (["--hellaswag_limit", "5"], "--hellaswag_limit cuts the --hellaswag evaluation; give a "
+                                                          "--hellaswag file too"),
     "negative lr": (["--lr", "-1"], "lr must be a finite number > 0, got -1.0"),
     "nan lr": (["--lr", "nan"], "lr must be a finite number > 0, got nan"),
     "min_lr above lr": (["--min_lr", "1"], "min_lr must be a finite number in [0, 0.001], got 1.0"),
@@ -138,6 +141,8 @@ def test_resume_refuses_settings_it_would_ignore_and_from_model_a_shape(scripts,
         err = refused(capsys, train_cli, "--data", data / "data", "--out", ckpt, *TINY, "--resume", *extra)
         assert err == (f"error: --resume continues the run with its saved settings, but --{name} {given} differs from "
                        f"its {was}; drop --{name}, or start a new run with another --out\n")  # fmt: skip
+    err = refused(capsys, train_cli, "--data", data / "data", "--out", ckpt, "--resume", "--stop_at", "2")
+    assert err == "error: --stop_at must be past the run's step 2 and at most its max_steps 4, got 2\n"
     assert ckpt.read_bytes() == saved
     assert train_cli.main(["--data", str(data / "data"), "--out", str(ckpt), *TINY, "--resume", "--stop_at", "3"]) == 0
     assert "done: step 3" in capsys.readouterr().out
