@@ -29,12 +29,22 @@ from typing import Callable, Optional
 import torch
 
 from gpt2fn.config import GPTConfig
+from gpt2fn.errors import GPT2FnError, check_int
 from gpt2fn.layers import Kernels, attend_manual
 from gpt2fn.model import Tap, forward, logits
 from gpt2fn.params import Params
 
 Tensor = torch.Tensor
 MANUAL = Kernels(attend=attend_manual)  # the kernels whose attention probabilities exist
+POINTS = ("attn_probs", "attn_heads", "attn_out", "mlp_act", "resid")  # the names a tap sees
+
+
+def check_point(name: str, layer: int) -> None:
+    """One clear line for a tap point that never fires: a name not in
+    :data:`POINTS` (a typo would intervene nowhere) or a negative layer."""
+    if name not in POINTS:
+        raise GPT2FnError(f"no tap point {name!r}; the points are {', '.join(POINTS)}")
+    check_int("layer", layer, low=0)
 
 
 def run_with_cache(params: Params, config: GPTConfig, tokens: Tensor, tap: Optional[Tap] = None) -> tuple[Tensor, dict]:
@@ -54,6 +64,9 @@ def ablate_head(params: Params, layer: int, head: int, n_head: int) -> Params:
     """Params in which head ``head`` of ``layer`` contributes nothing: the
     input columns of that layer's attention output projection that read the
     head are zeroed. Copy-on-write: only that one tensor is copied."""
+    if not 0 <= layer < len(params["blocks"]) or not 0 <= head < n_head:
+        raise GPT2FnError(f"layer {layer}, head {head} is not in the model: its layers are 0 to "
+                          f"{len(params['blocks']) - 1}, its heads 0 to {n_head - 1}")  # fmt: skip
     c_proj = params["blocks"][layer]["attn"]["c_proj"]
     hd = c_proj["w"].shape[1] // n_head
     w = c_proj["w"].clone()
@@ -66,6 +79,8 @@ def ablate_head(params: Params, layer: int, head: int, n_head: int) -> Params:
 
 def zero_head_tap(layer: int, head: int) -> Tap:
     """The same ablation as a replacement function: zero that head's output."""
+    check_point("attn_heads", layer)
+    check_int("head", head, low=0)
 
     def tap(name: str, i: int, t: Tensor) -> Tensor:
         if name == "attn_heads" and i == layer:
@@ -77,7 +92,9 @@ def zero_head_tap(layer: int, head: int) -> Tap:
 
 
 def patch(name: str, layer: int, replacement: Tensor | Callable[[Tensor], Tensor]) -> Tap:
-    """Replace one intermediate (e.g. another prompt's "resid" at ``layer``)."""
+    """Replace one intermediate (e.g. another prompt's "resid" at ``layer``).
+    ("attn_probs" fires only with ``kernels=MANUAL``.)"""
+    check_point(name, layer)
 
     def tap(n: str, i: int, t: Tensor) -> Tensor:
         if n == name and i == layer:

@@ -122,3 +122,22 @@ def test_interventions_example_runs_and_patching_reproduces_the_source(small_ref
     assert run.returncode == 0, run.stderr[-2000:]
     assert "1. Logit lens" in run.stdout and "head 3:" in run.stdout
     assert "max |logit difference| to the source run 0.0e+00" in run.stdout
+
+
+def test_interventions_that_would_fire_nowhere_are_refused(model):
+    """A typo in a tap point's name, or a layer or head the model lacks, would
+    silently change nothing: each is one clear line instead."""
+    from gpt2fn import GPT2FnError
+
+    params, config = model
+    with pytest.raises(GPT2FnError, match=r"^no tap point 'resdi'; the points are attn_probs, attn_heads, attn_out, "
+                                          r"mlp_act, resid$"):
+        patch("resdi", 1, torch.zeros(1))
+    with pytest.raises(GPT2FnError, match=r"^layer must be an integer >= 0, got -1$"):
+        patch("resid", -1, torch.zeros(1))
+    for layer, head in ((0, 4), (0, -1), (2, 0)):  # 2 layers, 4 heads
+        with pytest.raises(GPT2FnError, match=rf"^layer {layer}, head {head} is not in the model: its layers are 0 to 1, "
+                                              r"its heads 0 to 3$"):
+            ablate_head(params, layer, head, config.n_head)
+    with pytest.raises(GPT2FnError, match=r"^head must be an integer >= 0, got -1$"):
+        zero_head_tap(0, -1)
