@@ -148,8 +148,10 @@ def sample(
     """Pick one token per row. logits: [B, V] -> [B] int64.
 
     ``temperature == 0`` is greedy (argmax); otherwise draw from
-    :func:`filtered_probs` with randomness from ``generator``.
+    :func:`filtered_probs` with randomness from ``generator``. Impossible
+    settings raise one clear line (:func:`check_sampling_args`).
     """
+    check_sampling_args(temperature, top_k, top_p)
     B, V = logits.shape
     noise = None if temperature == 0 else uniform_noise((B, noise_width(V, top_k)), generator, logits.device)
     return choose_token(logits, noise, temperature, top_k, top_p)

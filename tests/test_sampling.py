@@ -149,3 +149,5 @@ def test_impossible_parameters_are_refused(kwargs, message):
     args = dict(temperature=1.0, top_k=0, top_p=1.0) | kwargs
     with pytest.raises(GPT2FnError, match=message):
         check_sampling_args(**args)
+    with pytest.raises(GPT2FnError, match=message):  # the library's one-shot sampler checks them too
+        sample(torch.randn(2, 10), **args)
