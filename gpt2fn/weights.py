@@ -26,6 +26,7 @@ from gpt2fn.config import PRESETS, GPTConfig
 from gpt2fn.errors import GPT2FnError
 from gpt2fn.files import atomic_write
 from gpt2fn.params import Params, flatten_params, map_params, param_shapes, params_device, unflatten_params
+from gpt2fn.quantize import quantize_int8
 
 # Hugging Face repositories of the four released sizes.
 HUB_REPOS: dict[str, str] = {name: f"openai-community/{name}" for name in PRESETS}
@@ -343,11 +344,13 @@ def load_pretrained(
     name_or_path: str | os.PathLike,
     *,
     revision: Optional[str] = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     device: torch.device | str = "cpu",
 ) -> tuple[Params, GPTConfig]:
     """Load a model from anything :func:`resolve_model` understands.
-    Returns ``(params, config)`` with params cast to ``dtype`` on ``device``."""
+    Returns ``(params, config)`` with params cast to ``dtype`` on ``device``:
+    a floating dtype (``torch.bfloat16`` or its name, "bfloat16"), or int8,
+    the weight-only quantization of :mod:`gpt2fn.quantize`."""
     path = resolve_model(name_or_path, revision)
     if path.is_dir():
         params, config = load_hf_checkpoint(path)
@@ -359,5 +362,12 @@ def load_pretrained(
             params, config = load_hf_checkpoint(path.parent, weights=[path])
     else:
         raise GPT2FnError(f"{path} is neither a directory nor a .safetensors file")
-    return map_params(lambda t: t.to(device=device, dtype=dtype), params), config
+    name = str(dtype).removeprefix("torch.")
+    if name == "int8":
+        params = quantize_int8(params)
+    elif isinstance(getattr(torch, name, None), torch.dtype) and getattr(torch, name).is_floating_point:
+        params = map_params(lambda t: t.to(getattr(torch, name)), params)
+    else:
+        raise GPT2FnError(f"weights cannot be {name}; use a floating dtype (float32, bfloat16, float16) or int8")
+    return map_params(lambda t: t.to(device), params), config
 

@@ -102,6 +102,18 @@ def test_untied_lm_head_is_refused(small_ref, tmp_path):
 def test_dtype_and_device_on_load(small_ref):
     params, _ = load_pretrained(small_ref.directory, dtype=torch.bfloat16, device="cpu")
     assert {t.dtype for t in flatten_params(params).values()} == {torch.bfloat16}
+    by_name, _ = load_pretrained(small_ref.directory, dtype="bfloat16")
+    assert all(torch.equal(a, b) for a, b in zip(flatten_params(params).values(), flatten_params(by_name).values()))
+    # int8 (by name or torch dtype) is the weight-only quantization, not a cast that truncates the weights
+    from gpt2fn.quantize import quantize_int8
+
+    quantized = flatten_params(quantize_int8(load_pretrained(small_ref.directory)[0]))
+    for dtype in ("int8", torch.int8):
+        loaded = flatten_params(load_pretrained(small_ref.directory, dtype=dtype)[0])
+        assert loaded.keys() == quantized.keys() and all(torch.equal(loaded[n], quantized[n]) for n in loaded)
+    with pytest.raises(GPT2FnError, match=r"^weights cannot be int32; use a floating dtype \(float32, bfloat16, "
+                                          r"float16\) or int8$"):
+        load_pretrained(small_ref.directory, dtype=torch.int32)
 
 
 def test_own_format_round_trip(small_ref, tmp_path):
