@@ -317,8 +317,13 @@ def load_hf_checkpoint(directory: Path, weights: Optional[Iterable[Path]] = None
 def save_params(params: Params, config: GPTConfig, path: str | os.PathLike) -> Path:
     """Write params + config to one safetensors file, atomically: a temporary
     file in the same directory renamed over the target, so a crash never
-    leaves a half-written file under the real name."""
+    leaves a half-written file under the real name. Float weights only: an
+    int8-quantized model is saved as its float weights and quantized at load
+    (``load_pretrained(..., dtype="int8")``)."""
     flat = {name: t.detach().contiguous().cpu() for name, t in flatten_params(params).items()}
+    if not all(t.is_floating_point() for t in flat.values()):
+        raise GPT2FnError("these params hold int8-quantized weights, which a saved model cannot hold; save the float "
+                          "weights, and load them with dtype='int8' (--dtype int8) to quantize")  # fmt: skip
     metadata = {"format": "pt", CONFIG_METADATA_KEY: config.to_json()}
     return atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
 

@@ -116,6 +116,14 @@ def test_dtype_and_device_on_load(small_ref):
         load_pretrained(small_ref.directory, dtype=torch.int32)
 
 
+def test_int8_params_are_not_saved_where_they_cannot_be_read_back(small_ref, tmp_path):
+    params, config = load_pretrained(small_ref.directory, dtype="int8")
+    with pytest.raises(GPT2FnError, match=r"^these params hold int8-quantized weights, which a saved model cannot "
+                                          r"hold; save the float weights, and load them with dtype='int8'"):
+        save_params(params, config, tmp_path / "q.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_own_format_round_trip(small_ref, tmp_path):
     params, config = load_pretrained(small_ref.directory)
     path = save_params(params, config, tmp_path / "sub" / "model.safetensors")
