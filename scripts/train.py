@@ -135,7 +135,8 @@ def check_args(args) -> Checked:
     file written), and what those checks read."""
     if args.stop_at is not None:
         check_int("stop_at", args.stop_at)
-    tc = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})  # validates itself
+    # a new run's settings validate themselves; a resumed run has its own (check_resume_settings)
+    tc = None if args.resume else TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     train_tokens, val_tokens = load_split(args.data, "train"), load_split(args.data, "val")
     if args.export:
         check_output_file(args.export, "--export file", suffix=".safetensors")

@@ -137,7 +137,8 @@ def test_resume_refuses_settings_it_would_ignore_and_from_model_a_shape(scripts,
     saved = ckpt.read_bytes()
     for extra, name, given, was in ((["--max_steps", "8"], "max_steps", "8", "4"), (["--n_embd", "32"], "n_embd", "32", "16"),
                                     (["--compile"], "compile", "True", "False"),
-                                    (["--no-deterministic"], "deterministic", "False", "True")):  # fmt: skip
+                                    (["--no-deterministic"], "deterministic", "False", "True"),
+                                    (["--warmup_steps", "9"], "warmup_steps", "9", "1")):  # not "exceeds max_steps 4"  # fmt: skip
         err = refused(capsys, train_cli, "--data", data / "data", "--out", ckpt, *TINY, "--resume", *extra)
         assert err == (f"error: --resume continues the run with its saved settings, but --{name} {given} differs from "
                        f"its {was}; drop --{name}, or start a new run with another --out\n")  # fmt: skip
