@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import select
 import sys
 from pathlib import Path
 
@@ -26,19 +27,39 @@ def run_cli(run, *args) -> int:
     """Call a script's ``run(*args)``: bad input prints one ``error: ...``
     line on stderr and returns exit status 2; so does a file-system error on a
     path the user gave (permission denied, not a directory, disk full);
-    Ctrl-C returns 130 quietly."""
+    Ctrl-C returns 130 quietly, and so does a reader of stdout that went away
+    (``| head``) with 141, as Unix tools stop on SIGPIPE."""
     try:
         return run(*args)
     except GPT2FnError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError as e:
+        if not _stdout_gone():
+            return _os_error(e)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush then has nowhere to fail
+        return 141
     except OSError as e:
-        where = f" ({e.filename})" if e.filename else ""
-        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
-        return 2
+        return _os_error(e)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+
+
+def _os_error(e: OSError) -> int:
+    where = f" ({e.filename})" if e.filename else ""
+    print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+    return 2
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports an error on its write end)."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll on this OS, or no file behind stdout
+        return False
 
 
 class ArgumentParser(argparse.ArgumentParser):

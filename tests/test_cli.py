@@ -118,6 +118,19 @@ def test_as_a_command(small_ref, tmp_path):
                          "--max_tokens", "5", "--seed", "0"], capture_output=True, text=True, env=env)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith("Hi") and "tokens/s" in ok.stderr
+    # a reader that goes away (| head): a quiet stop with SIGPIPE's status, as Unix tools give, not an error
+    gone = subprocess.Popen([sys.executable, script, "--prompt", "Hi", "--model", str(small_ref.directory)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)  # fmt: skip
+    gone.stdout.close()
+    assert gone.wait(timeout=120) == 141 and gone.stderr.read() == b""
+    gone.stderr.close()
+    # a broken pipe elsewhere is still an error: one line, status 2
+    from gpt2fn.errors import run_cli as run_script
+
+    def fails():
+        raise BrokenPipeError(32, "Broken pipe")
+
+    assert run_script(fails) == 2
 
 
 def test_ids_past_the_tokenizer_print_visibly(generate_cli, capsys, tmp_path):
