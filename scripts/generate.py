@@ -157,15 +157,17 @@ def report(args: argparse.Namespace, device: torch.device, seed: int, stream) ->
     mode += f", {stream.steps.chained} tokens a call" if stream.steps.chained > 1 else ""  # what ran (see --tokens_per_call)
     batch = f", batch of {stats.batch}" if stats.batch > 1 else ""
     made = sum(len(row) for row in stream.rows())
-    compiled = f"compile: {stats.compile_s:.1f} s (first decode step)\n" if args.compile else ""
+    compiled = f"compile: {stats.compile_s:.1f} s (first decode step)\n" if args.compile and stats.compile_s else ""
     steps, speculative = ("" if args.draft else f" in {stats.n_new} steps"), ""
     if args.draft is not None:
-        per_round = (f"{stats.drafted_per_pass:.2f} tokens per round (adaptive, at most "
-                     f"{args.draft_tokens})" if args.adaptive_draft else f"{args.draft_tokens} tokens per round")
+        per_round = f"{args.draft_tokens} tokens per round"
+        if args.adaptive_draft:
+            mean = f"{stats.drafted_per_pass:.2f} " if stats.target_passes else ""
+            per_round = f"{mean}tokens per round (adaptive, at most {args.draft_tokens})"
         cut = "" if args.draft_vocab is None else f" over {args.draft_vocab} tokens"
-        speculative = (f"\nspeculative: draft {args.draft}{cut}, {per_round}: acceptance "
-                       f"{stats.acceptance_rate:.1%}, {stats.tokens_per_pass:.2f} tokens per target pass "
-                       f"({stats.target_passes} passes)")  # fmt: skip
+        rounds = (f"acceptance {stats.acceptance_rate:.1%}, {stats.tokens_per_pass:.2f} tokens per target pass "
+                  f"({stats.target_passes} passes)" if stats.target_passes else "no round ran")  # fmt: skip
+        speculative = f"\nspeculative: draft {args.draft}{cut}, {per_round}: {rounds}"
     return (
         f"[{args.model} {args.dtype} on {device}, {mode}, {args.attention} attention{batch}, seed {seed}] "
         f"prompt {stats.n_prompt} tokens{' (longest)' if batch else ''}, generated {made}{steps}\n"
@@ -191,7 +193,7 @@ def read_prompt_file(path: str | None) -> list[str]:
 
 
 def per_second(count: int, seconds: float) -> str:
-    return f"{count / seconds:.1f}" if seconds > 0 else "-"
+    return f"{count / seconds:.1f}" if count > 0 and seconds > 0 else "-"
 
 
 if __name__ == "__main__":

@@ -153,6 +153,16 @@ def test_zero_new_tokens_prints_the_prompt_and_no_rates(generate_cli, capsys, sm
     assert code == 0 and out == "Hi\n" and "generated 0" in err and "(- tokens/s)" in err
 
 
+def test_one_new_token_reports_no_decode_rate_and_no_round(generate_cli, capsys, small_ref):
+    """One token is the prompt's step alone: no decode rate, no compile line, no speculative round (not nan)."""
+    base = ["--prompt", "Hi", "--model", str(small_ref.directory), "--max_tokens", "1", "--temperature", "0"]
+    for extra in ([], ["--compile"], ["--draft", "int8"], ["--draft", "int8", "--adaptive_draft"]):
+        code, out, err = run_cli(generate_cli, capsys, *base, *extra)
+        assert code == 0 and "generated 1" in err and "for 0 " in err and "(- tokens/s)" in err, err
+        assert "nan" not in err and "compile:" not in err, err
+        assert ("speculative: draft int8, " in err) == ("--draft" in extra) and ("no round ran" in err) == ("--draft" in extra)
+
+
 def test_several_prompts_run_as_one_batch(generate_cli, capsys, small_ref, tmp_path):
     from gpt2fn.generation import generate
 
