@@ -79,7 +79,8 @@ class GenerationStats:
 
 class Stream:
     """One generation, run by iterating it. Each item is the next token of
-    every row ([B] int64); after the last, :attr:`stats` is set.
+    every row ([B] int64); after the last, :attr:`stats` is set (reading it
+    before raises one clear line).
     :meth:`tokens` and :meth:`rows` run it to its end.
 
     Per step, the loop touches the host only for the stop check (one sync,
@@ -96,12 +97,20 @@ class Stream:
                  stop_token: Optional[int], noise: Callable[[int, bool], Optional[Tensor]]):  # fmt: skip
         self.params, self.steps, self.prompts, self.limits = params, steps, prompts, limits
         self.stop_token, self.noise = stop_token, noise
-        self.stats: Optional[GenerationStats] = None
+        self._stats: Optional[GenerationStats] = None
         self._made: list[Tensor] = []
         self._loop = self._run()
 
     def __iter__(self) -> Iterator[Tensor]:
         return self._loop
+
+    @property
+    def stats(self) -> GenerationStats:
+        """The generation's timings and counts, once it has run to its end."""
+        if self._stats is None:
+            raise GPT2FnError("the stream has not run to its end yet: iterate it, or call .tokens() or .rows(), "
+                              "then read its stats")  # fmt: skip
+        return self._stats
 
     def tokens(self) -> Tensor:
         """Run to the end: every step's tokens, [B, n_new] (rows go on past
@@ -127,7 +136,7 @@ class Stream:
         device = params_device(params)
         B, T, n_steps = len(prompts), max(len(p) for p in prompts), max(self.limits)
         if n_steps == 0:
-            self.stats = GenerationStats(T, 0, 0.0, 0.0, 0, batch=B)
+            self._stats = GenerationStats(T, 0, 0.0, 0.0, 0, batch=B)
             return
         length = max(len(p) + n for p, n in zip(prompts, self.limits))  # the cache: the longest row's end
         tokens = torch.tensor([p + p[-1:] * (T - len(p)) for p in prompts], device=device)  # [B, T]
@@ -187,7 +196,7 @@ class Stream:
         synchronize(device)
         decode_s += time.perf_counter() - start
         extra = steps.report(state) if steps.report else {}
-        self.stats = GenerationStats(T, n_new, prefill_s, decode_s, decode_tokens, compile_s, B, **extra)
+        self._stats = GenerationStats(T, n_new, prefill_s, decode_s, decode_tokens, compile_s, B, **extra)
 
     @staticmethod
     def _all_stopped(done: Optional[Tensor]) -> bool:

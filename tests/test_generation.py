@@ -55,7 +55,8 @@ def test_streams_one_token_at_a_time_and_reports_timings(small, monkeypatch):
     stream = generate(params, config, prompt(8), 10, temperature=0)
     seen = []
     for token in stream:
-        assert stream.stats is None  # set when the stream ends
+        with pytest.raises(GPT2FnError, match=r"^the stream has not run to its end yet: iterate it, or call \.tokens\(\)"):
+            stream.stats  # set when the stream ends
         seen.append(token)
         paused += 3600.0  # the caller's time between tokens is not the model's
     stats = stream.stats
