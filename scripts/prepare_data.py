@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="*", help="text, .jsonl or .parquet files")
     p.add_argument("--out", required=True, help="directory for the shards and manifest.json")
-    p.add_argument("--val_fraction", type=float, default=0.1, help="the last fraction of the tokens (default 0.1)")
+    p.add_argument("--val_fraction", type=float, default=None, help="the last fraction of the tokens (default 0.1)")
     p.add_argument("--val_tokens", type=int, default=None, help="the last N tokens instead (e.g. 100000000 at scale)")
     p.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per shard (default 100M: 200 MB)")
     p.add_argument("--workers", type=int, default=1, help="tokenizing processes (default 1)")
@@ -42,6 +42,8 @@ def run(args) -> int:
     check_int("--shard_tokens", args.shard_tokens, low=2)
     if args.val_tokens is not None:
         check_int("--val_tokens", args.val_tokens, low=2)
+        if args.val_fraction is not None:
+            raise GPT2FnError("--val_tokens and --val_fraction both size the val split; give one")
     if bool(args.files) == bool(args.hf_dataset):
         raise GPT2FnError("give input files or --hf_dataset REPO (one of the two)")
     if args.hf_subset and not args.hf_dataset:
@@ -53,7 +55,8 @@ def run(args) -> int:
         from gpt2fn.weights import hub_dataset_files
 
         files = hub_dataset_files(args.hf_dataset, args.hf_subset, args.revision)
-    counts = prepare(files, args.out, args.val_fraction, val_tokens=args.val_tokens, shard_tokens=args.shard_tokens,
+    val_fraction = 0.1 if args.val_fraction is None else args.val_fraction
+    counts = prepare(files, args.out, val_fraction, val_tokens=args.val_tokens, shard_tokens=args.shard_tokens,
                      workers=args.workers, progress=True)  # fmt: skip
     print(f"{counts['train']} train tokens in {counts['train_shards']} shard(s), {counts['val']} val tokens in "
           f"{counts['val_shards']} -> {args.out}")  # fmt: skip

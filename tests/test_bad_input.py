@@ -242,6 +242,8 @@ def test_prepare_data_refuses_bad_input(scripts, capsys, data, tmp_path):
         capsys, cli, text, "--out", out, "--val_fraction", "1.5")
     assert "val_fraction must be a finite number in (0, 1), got nan" in refused(
         capsys, cli, text, "--out", out, "--val_fraction", "nan")
+    assert "--val_tokens and --val_fraction both size the val split; give one" in refused(
+        capsys, cli, text, "--out", out, "--val_fraction", "0.2", "--val_tokens", "100")
     assert f"input file {tmp_path / 'none.txt'} does not exist" in refused(capsys, cli, tmp_path / "none.txt", "--out", out)
     assert "is not a file" in refused(capsys, cli, tmp_path, "--out", out)
     assert "output directory" in refused(capsys, cli, text, "--out", a_file(tmp_path))
