@@ -127,6 +127,8 @@ def check_args(args) -> tuple[list[str], list[int]]:
     check_int("--draft-vocab", args.draft_vocab, low=0)
     if args.draft_vocab_from is not None and not args.draft_vocab:
         raise GPT2FnError("--draft-vocab-from needs --draft-vocab N: how many of its most frequent tokens to keep")
+    if args.draft_vocab and not args.drafts:
+        raise GPT2FnError("--draft-vocab cuts the speculative rows' drafts; give --drafts too")
     if args.draft_vocab_from is not None and not os.path.isfile(args.draft_vocab_from):
         raise GPT2FnError(f"--draft-vocab-from: there is no file {args.draft_vocab_from}")
     lengths = parse_int_list("--lengths", args.lengths, low=2)

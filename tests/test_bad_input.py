@@ -360,6 +360,7 @@ def test_benchmark_refuses_bad_input_before_any_work(small_ref, tmp_path):
         "--plot bench.svg": "--plot file bench.svg must end in .png",
         "--device tpu": "unknown device 'tpu'",
         "--draft-vocab-from x.txt": "--draft-vocab-from needs --draft-vocab N",
+        "--draft-vocab 9 --drafts=": "--draft-vocab cuts the speculative rows' drafts; give --drafts too",
         "--draft-vocab 9 --draft-vocab-from no/such.txt": "--draft-vocab-from: there is no file no/such.txt",
         "--draft-vocab 60000 --lengths 16 --new-tokens 8": "size must be between 1 and 50257, got 60000",
         "--drafts int8,nosuch --lengths 16 --new-tokens 8": "unknown model 'nosuch'",
