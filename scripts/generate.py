@@ -22,7 +22,7 @@ from gpt2fn.layers import ATTEND
 from gpt2fn.quantize import WEIGHT_DTYPES, cast_params
 from gpt2fn.sampling import check_sampling_args
 from gpt2fn.speculative import DRAFT_DTYPES, draft_vocab, frequent_tokens, self_draft
-from gpt2fn.tokenizer import ENDOFTEXT_ID, check_vocabulary, decode, decode_stream, encode, get_tokenizer
+from gpt2fn.tokenizer import check_vocabulary, decode, decode_stream, encode, get_tokenizer
 from gpt2fn.weights import load_pretrained, resolve_model
 
 
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         generator=torch.Generator(device).manual_seed(seed),
         use_cache=args.kvcaching, attention=args.attention,
-        stop_token=None if args.ignore_eot else ENDOFTEXT_ID, compile=args.compile,
+        stop_token=None if args.ignore_eot else tokenizer.eot_token, compile=args.compile,
         draft=draft, draft_tokens=args.draft_tokens, adaptive_draft=args.adaptive_draft,
         tokens_per_call=args.tokens_per_call,
     )  # fmt: skip

@@ -122,3 +122,30 @@ def test_a_model_narrower_than_its_tokenizer_is_refused():
         tok.check_vocabulary(t, 1000)
     tok.check_vocabulary(t, 50257)
     tok.check_vocabulary(t, 50304)  # padded: wider is fine
+
+
+def test_a_tokenizer_json_alone_is_read(reference, tmp_path):
+    """transformers 5 saves a GPT-2 tokenizer as tokenizer.json alone (no
+    vocab.json, no merges.txt): it is read, the same ids as the reference; a
+    tokenizer of another kind is refused rather than replaced by GPT-2's."""
+    import json
+
+    (tmp_path / "new").mkdir()
+    reference.backend_tokenizer.save(str(tmp_path / "new" / "tokenizer.json"))
+    t = get_tokenizer(tmp_path / "new")
+    assert t.n_vocab == 50257 and t.eot_token == ENDOFTEXT_ID
+    for text in SAMPLES:
+        assert encode(t, text) == reference(text)["input_ids"]
+    spec = json.loads((tmp_path / "new" / "tokenizer.json").read_text())
+    # merges spelt "a b" (older tokenizers files) read the same
+    spec["model"]["merges"] = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "tokenizer.json").write_text(json.dumps(spec))
+    old = get_tokenizer(tmp_path / "old")
+    assert old.n_vocab == 50257 and all(encode(old, text) == encode(t, text) for text in SAMPLES)
+    spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": True}
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(GPT2FnError, match=r"tokenizer.json is not a GPT-2 tokenizer \(byte-level BPE with GPT-2's "
+                                          r"pre-tokenizer\); gpt2fn reads only those"):
+        get_tokenizer(tmp_path / "other")
