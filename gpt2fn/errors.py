@@ -98,6 +98,16 @@ def check_int(name: str, value, low: int = 1) -> int:
     return value
 
 
+def check_token_ids(what: str, ids: list, vocab_size: int) -> None:
+    """One clear line if ``ids`` holds anything but ids of a ``vocab_size``-token vocabulary."""
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int):
+            raise GPT2FnError(f"{what} holds {t!r}, which is not a token id; token ids are integers")
+        if not 0 <= t < vocab_size:
+            raise GPT2FnError(f"{what} holds token {t}, outside the model's vocabulary of {vocab_size} (ids 0 to "
+                              f"{vocab_size - 1}); encode text with the tokenizer the model was trained with")  # fmt: skip
+
+
 def check_number(name: str, value, low: float = -math.inf, high: float = math.inf, *,
                  low_open: bool = False, high_open: bool = False) -> float:  # fmt: skip
     """A finite number in the interval from ``low`` to ``high`` (closed unless

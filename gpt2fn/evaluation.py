@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from gpt2fn.config import GPTConfig
-from gpt2fn.errors import GPT2FnError
-from gpt2fn.generation import check_token_ids
+from gpt2fn.errors import GPT2FnError, check_token_ids
 from gpt2fn.model import forward
 from gpt2fn.params import Params, params_device
 from gpt2fn.steps import eager_kernels

@@ -28,7 +28,7 @@ import torch
 
 from gpt2fn.config import GPTConfig
 from gpt2fn.device import synchronize
-from gpt2fn.errors import GPT2FnError, check_int
+from gpt2fn.errors import GPT2FnError, check_int, check_token_ids
 from gpt2fn.params import Params, params_device
 from gpt2fn.sampling import check_sampling_args, noise_width, uniform_noise
 from gpt2fn.speculative import check_draft, speculative_steps
@@ -316,14 +316,13 @@ def prompt_lists(config: GPTConfig, prompts: Prompts, max_new_tokens: int) -> li
             raise GPT2FnError(f"a prompt tensor is [B, T] token ids, got shape {list(prompts.shape)}{hint}")
         check_sequence_fits(config, prompts.shape[1], max_new_tokens)
         prompts = prompts.tolist()
+    elif not isinstance(prompts, (list, tuple)):
+        raise GPT2FnError(f"prompts are a [B, T] tensor or a list of token lists, got {type(prompts).__name__}")
     else:
-        rows = prompts if isinstance(prompts, (list, tuple)) else [prompts]
-        odd = next((i for i, p in enumerate(rows) if not isinstance(p, (list, tuple))), None)
+        odd = next((i for i, p in enumerate(prompts) if not isinstance(p, (list, tuple))), None)
         if odd is not None:
-            if rows is prompts and all(isinstance(t, int) for t in rows):
-                what = "a list of token ids; for one prompt pass [ids]"
-            else:
-                what = type(rows[odd]).__name__ + (f" as prompt {odd + 1}" if rows is prompts else "")
+            what = (f"{type(prompts[odd]).__name__} as prompt {odd + 1}" if not all(isinstance(t, int) for t in prompts)
+                    else "a list of token ids; for one prompt pass [ids]")  # fmt: skip
             raise GPT2FnError(f"prompts are a [B, T] tensor or a list of token lists, got {what}")
         check_prompts(config, prompts)
     for i, p in enumerate(prompts):
@@ -353,16 +352,6 @@ def check_prompts(config: GPTConfig, prompts: list[list[int]]) -> None:
             raise GPT2FnError(f"prompt {i + 1} is empty; give at least one token of text")
         if len(p) > config.n_ctx:
             raise GPT2FnError(f"prompt {i + 1} is {len(p)} tokens but the context holds {config.n_ctx}; shorten it")
-
-
-def check_token_ids(what: str, ids: list, vocab_size: int) -> None:
-    """One clear line if ``ids`` holds anything but ids of a ``vocab_size``-token vocabulary."""
-    for t in ids:
-        if isinstance(t, bool) or not isinstance(t, int):
-            raise GPT2FnError(f"{what} holds {t!r}, which is not a token id; token ids are integers")
-        if not 0 <= t < vocab_size:
-            raise GPT2FnError(f"{what} holds token {t}, outside the model's vocabulary of {vocab_size} (ids 0 to "
-                              f"{vocab_size - 1}); encode text with the tokenizer the model was trained with")  # fmt: skip
 
 
 def generate_all(params: Params, config: GPTConfig, prompts: Prompts, max_new_tokens: int, **kwargs) -> tuple[Tensor, GenerationStats]:

@@ -79,7 +79,7 @@ def ablate_head(params: Params, layer: int, head: int, n_head: int) -> Params:
 
 def zero_head_tap(layer: int, head: int) -> Tap:
     """The same ablation as a replacement function: zero that head's output."""
-    check_point("attn_heads", layer)
+    check_int("layer", layer, low=0)
     check_int("head", head, low=0)
 
     def tap(name: str, i: int, t: Tensor) -> Tensor:
