@@ -159,7 +159,7 @@ def encode(tokenizer: tiktoken.Encoding, text: str) -> list[int]:
 def check_vocabulary(
     tokenizer: tiktoken.Encoding, vocab_size: int, source: str = "its tokenizer",
     fix: str = "use the model with the tokenizer it was trained with (a checkpoint directory holding its vocab.json "
-               "and merges.txt)",
+               "and merges.txt, or its tokenizer.json)",
 ) -> None:  # fmt: skip
     """One clear line if a model of ``vocab_size`` tokens lacks ids that
     ``tokenizer`` makes (``source``: whose tokenizer it is; ``fix``: what to
