@@ -18,6 +18,10 @@ import torch.nn.functional as F
 
 from gpt2fn.errors import GPT2FnError
 
+# What --device takes, in every script's --help (resolve_device).
+DEVICE_HELP = "cpu, cuda, cuda:N, or auto: cuda if present"
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """"auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N"."""
     if name == "auto":

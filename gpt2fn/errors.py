@@ -66,7 +66,11 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser for the scripts, where a long option may be spelt
     with hyphens or underscores (``--max-tokens`` or ``--max_tokens``): each
     script's ``--help`` shows one spelling, and the scripts do not all use the
-    same one."""
+    same one. ``--help`` shows each option's default (:class:`HelpFormatter`)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def parse_known_args(self, args=None, namespace=None):
         args = sys.argv[1:] if args is None else list(args)
@@ -81,6 +85,17 @@ class ArgumentParser(argparse.ArgumentParser):
             if len(matches) == 1:
                 args[i] = matches[0] + eq + value
         return super().parse_known_args(args, namespace)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to an option's help, unless the help speaks
+    of its default itself or there is none to show (None, a flag's False, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, default = action.help or "", action.default
+        if "default" in text or default is None or default is False or default in ([], argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
 
 
 def _option_key(option: str) -> str:

@@ -30,12 +30,15 @@ from gpt2fn.quantize import quantize_int8
 
 # Hugging Face repositories of the four released sizes.
 HUB_REPOS: dict[str, str] = {name: f"openai-community/{name}" for name in PRESETS}
-# Files a snapshot needs: weights, config, and the tokenizer's vocab/merges.
-# the tokenizer as vocab.json + merges.txt, or tokenizer.json alone (what transformers 5 saves)
+# Files a snapshot needs: weights, config, and the tokenizer as vocab.json +
+# merges.txt, or tokenizer.json alone (what transformers 5 saves).
 HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "vocab.json", "merges.txt", "tokenizer.json"]
 CONFIG_METADATA_KEY = "gpt2fn_config"
 # Models that ship with the project (weights/NAME.safetensors) load by NAME.
 BUNDLED_DIR = Path(__file__).resolve().parents[1] / "weights"
+# What --model takes, in every script's --help (resolve_model).
+MODEL_HELP = (f"{', '.join(HUB_REPOS)} (from the Hub), a model in weights/ by name (gpt2-shakespeare), "
+              "a Hub id owner/repo, a checkpoint directory or a .safetensors file")
 
 
 # ----------------------------------------------------------------------------- finding files

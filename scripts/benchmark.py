@@ -58,7 +58,7 @@ from torch._dynamo.utils import counters
 from tqdm import tqdm
 
 from gpt2fn.config import PRESETS
-from gpt2fn.device import ONEDNN, ONEDNN_MIN_WEIGHT, ONEDNN_ROWS, resolve_device
+from gpt2fn.device import DEVICE_HELP, ONEDNN, ONEDNN_MIN_WEIGHT, ONEDNN_ROWS, resolve_device
 from gpt2fn.errors import ArgumentParser, GPT2FnError, check_int, check_output_file, parse_int_list, read_utf8, run_cli
 from gpt2fn.files import atomic_write
 from gpt2fn.generation import generate_all
@@ -70,18 +70,18 @@ from gpt2fn.quantize import WEIGHT_DTYPES, cast_params
 from gpt2fn.speculative import DRAFT_DTYPES, check_draft, draft_vocab, frequent_tokens, self_draft
 from gpt2fn.steps import cached_steps, compiled_steps, uncached_steps
 from gpt2fn.tokenizer import encode, get_tokenizer
-from gpt2fn.weights import load_pretrained, transformers_model
+from gpt2fn.weights import MODEL_HELP, load_pretrained, transformers_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="weights to load (default: random weights of --shape)")
+    p.add_argument("--model", default=None, help=f"weights to load: {MODEL_HELP} (default: random weights of --shape)")
     p.add_argument("--shape", default=None, choices=sorted(PRESETS), help="preset shape for random weights (default gpt2)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtypes", default="float32,bfloat16,int8", help=f"comma-separated, from {WEIGHT_DTYPES}")
-    p.add_argument("--attention", default="auto", choices=["auto", "manual", "sdpa"])
-    p.add_argument("--prompt-len", type=int, default=8)
-    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    p.add_argument("--dtypes", default="float32,bfloat16,int8", help=f"comma-separated, from {', '.join(WEIGHT_DTYPES)}")
+    p.add_argument("--attention", default="auto", choices=["auto", "manual", "sdpa"], help="as generate.py's --attention")
+    p.add_argument("--prompt-len", type=int, default=8, help="prompt tokens of each generation")
+    p.add_argument("--new-tokens", type=int, default=256, help="new tokens of each generation")
     p.add_argument("--batch", type=int, default=8,
                    help="also decode this many prompts in one batch: compiled for every dtype, eager for the first (1 = skip)")
     p.add_argument("--tokens-per-call", type=int, default=0,
@@ -92,9 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="speculative decoding rows, compiled, for the float32 model drafted by each of these: "
                         f"its own weights at a dtype ({', '.join(DRAFT_DTYPES)}) or another model with its "
                         "vocabulary (a name or path, as --model; empty = skip)")
-    p.add_argument("--draft-tokens", default="4,8", help="comma-separated k: tokens each speculative round drafts (default 4,8)")
+    p.add_argument("--draft-tokens", default="4,8", help="comma-separated k: tokens each speculative round drafts")
     p.add_argument("--adaptive-draft", type=int, default=8,
-                   help="also a speculative row with k adaptive up to this many (0 = skip; default 8)")
+                   help="also a speculative row with k adaptive up to this many (0 = skip)")
     p.add_argument("--draft-vocab", type=int, default=0,
                    help="also every speculative row with the draft proposing only this many tokens: the most "
                         "frequent in --draft-vocab-from, else the lowest ids (0 = skip, default)")

@@ -36,10 +36,10 @@ WORDS = ("the of and to in is that it was for on are with as his they be at one 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workers", default="1,2", help="worker counts to compare (default 1,2)")
+    p.add_argument("--workers", default="1,2", help="worker counts to compare")
     p.add_argument("--throughput-mb", type=int, default=256, help="corpus size for the throughput rounds")
     p.add_argument("--memory-mb", type=int, default=1024, help="corpus size for the memory run (0 = skip)")
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (the median is reported)")
     p.add_argument("--json", default=None, help="write all numbers here")
     return p.parse_args(argv)
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from gpt2fn.config import PRESETS, GPTConfig
-from gpt2fn.device import resolve_device, synchronize
+from gpt2fn.device import DEVICE_HELP, resolve_device, synchronize
 from gpt2fn.errors import ArgumentParser, GPT2FnError, check_int, check_number, check_output_file, run_cli
 from gpt2fn.files import atomic_write
 from gpt2fn.measure import peak_flops, training_flops_per_token
@@ -53,11 +53,11 @@ SHAPES = {"gpt2-shakespeare": GPTConfig(n_layer=4, n_head=4, n_embd=128, n_ctx=2
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="gpt2-shakespeare", choices=sorted(SHAPES), help="model shape (random weights)")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--block_size", type=int, default=256)
+    p.add_argument("--batch_size", type=int, default=8, help="windows per step")
+    p.add_argument("--block_size", type=int, default=256, help="tokens per window")
     p.add_argument("--steps", type=int, default=4, help="timed optimizer steps per variant per round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (the median is reported)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda if present; default)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--peak_flops", type=float, default=None, help="the device's peak FLOP/s for MFU (default: known GPUs)")
     p.add_argument("--autocast_bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast for every variant (default: the device's, on for CUDA, off for the CPU)")

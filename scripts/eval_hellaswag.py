@@ -13,20 +13,20 @@ from __future__ import annotations
 
 import sys
 
-from gpt2fn.device import resolve_device
+from gpt2fn.device import DEVICE_HELP, resolve_device
 from gpt2fn.errors import ArgumentParser, check_int, run_cli
 from gpt2fn.hellaswag import evaluate_hellaswag, hub_validation_file, load_examples
 from gpt2fn.tokenizer import get_tokenizer
-from gpt2fn.weights import load_pretrained, resolve_model
+from gpt2fn.weights import MODEL_HELP, load_pretrained, resolve_model
 
 
 def main(argv=None) -> int:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="gpt2")
+    p.add_argument("--model", default="gpt2", help=MODEL_HELP)
     p.add_argument("--data", default=None, help="HellaSwag jsonl (ctx, endings, label per line), e.g. "
                    "hellaswag_val.jsonl; default: the validation split from the Hub (Rowan/hellaswag, needs pyarrow)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N examples")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda if present; default)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     return run_cli(run, p.parse_args(argv))
 
 

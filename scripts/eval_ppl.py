@@ -10,20 +10,20 @@ import sys
 
 import torch
 
-from gpt2fn.device import resolve_device
+from gpt2fn.device import DEVICE_HELP, resolve_device
 from gpt2fn.errors import ArgumentParser, GPT2FnError, check_input, check_int, read_utf8, run_cli
 from gpt2fn.evaluation import perplexity
 from gpt2fn.tokenizer import check_vocabulary, get_tokenizer
-from gpt2fn.weights import load_pretrained, resolve_model
+from gpt2fn.weights import MODEL_HELP, load_pretrained, resolve_model
 
 
 def main(argv=None) -> int:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="gpt2")
+    p.add_argument("--model", default="gpt2", help=MODEL_HELP)
     p.add_argument("--file", required=True, help="UTF-8 text file")
     p.add_argument("--context", type=int, default=None, help="window length (default: the model's context)")
     p.add_argument("--stride", type=int, default=None, help="window step (default: the context)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     return run_cli(run, p.parse_args(argv))
 
 

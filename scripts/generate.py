@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from gpt2fn.device import resolve_device
+from gpt2fn.device import DEVICE_HELP, resolve_device
 from gpt2fn.errors import ArgumentParser, GPT2FnError, check_int, read_utf8, run_cli
 from gpt2fn.generation import generate
 from gpt2fn.layers import ATTEND
@@ -23,7 +23,7 @@ from gpt2fn.quantize import WEIGHT_DTYPES, cast_params
 from gpt2fn.sampling import check_sampling_args
 from gpt2fn.speculative import DRAFT_DTYPES, draft_vocab, frequent_tokens, self_draft
 from gpt2fn.tokenizer import check_vocabulary, decode, decode_stream, encode, get_tokenizer
-from gpt2fn.weights import load_pretrained, resolve_model
+from gpt2fn.weights import MODEL_HELP, load_pretrained, resolve_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,15 +32,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="text to continue; repeat it for several prompts, generated together in one batch")
     p.add_argument("--prompt-file", dest="prompt_file", default=None,
                    help="a file of prompts, one per line (blank lines skipped; - reads standard input), generated in one batch")
-    p.add_argument("--model", default="gpt2",
-                   help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hub id, a checkpoint directory or a .safetensors file")
+    p.add_argument("--model", default="gpt2", help=MODEL_HELP)
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) for Hub models")
     p.add_argument("--kvcaching", action=argparse.BooleanOptionalAction, default=True,
                    help="decode against the preallocated KV cache (default: on; --no-kvcaching recomputes "
                         "the whole sequence every step)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda if present; default)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", default="float32", choices=WEIGHT_DTYPES,
-                   help="weights: float32 (default), bfloat16, float16, or int8 (weight-only, fp32 compute)")
+                   help="weights: float32, bfloat16, float16, or int8 (weight-only, fp32 compute)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (one graph for every step; the first run compiles)")
     p.add_argument("--attention", default="auto", choices=("auto", *ATTEND),
@@ -59,14 +58,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--draft_vocab_from", default=None,
                    help="a text file like the text you generate: --draft_vocab keeps its N most frequent tokens")
     p.add_argument("--tokens_per_call", type=int, default=1,
-                   help="decode steps per call of the step, each token fed to the next (default 1): the same text, "
+                   help="decode steps per call of the step, each token fed to the next: the same text, "
                         "printed in bursts; with --compile they run as one graph (on CUDA, one CUDA graph replay) "
                         "where they can: on CUDA, and on the CPU for a model narrower than GPT-2 (the bundled model: "
                         "1.1-1.4x faster at 8); compiled GPT-2 sizes on the CPU run one a call anyway")
-    p.add_argument("--max_tokens", type=int, default=50, help="new tokens to generate (default 50)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
-    p.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens (0 = off, default)")
-    p.add_argument("--top_p", type=float, default=1.0, help="nucleus: smallest set with mass >= p (1 = off, default)")
+    p.add_argument("--max_tokens", type=int, default=50, help="new tokens to generate")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
+    p.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus: the smallest set with mass >= p (1 = off)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, printed at the end)")
     p.add_argument("--ignore_eot", action="store_true", help="keep going past <|endoftext|>")
     return p.parse_args(argv)

@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--val_fraction", type=float, default=None, help="the last fraction of the tokens (default 0.1)")
     p.add_argument("--val_tokens", type=int, default=None, help="the last N tokens instead (e.g. 100000000 at scale)")
     p.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per shard (default 100M: 200 MB)")
-    p.add_argument("--workers", type=int, default=1, help="tokenizing processes (default 1)")
+    p.add_argument("--workers", type=int, default=1, help="tokenizing processes")
     p.add_argument("--hf_dataset", default=None, help="a Hub dataset of parquet files, e.g. HuggingFaceFW/fineweb-edu")
     p.add_argument("--hf_subset", default=None, help="its subset (a folder of parquet files), e.g. sample-10BT")
     p.add_argument("--revision", default=None, help="Hub revision of --hf_dataset")

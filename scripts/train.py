@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from gpt2fn.config import GPTConfig
 from gpt2fn.data import load_split
-from gpt2fn.device import resolve_device
+from gpt2fn.device import DEVICE_HELP, resolve_device
 from gpt2fn.errors import ArgumentParser, GPT2FnError, check_int, check_number, check_output_file, run_cli
 from gpt2fn.files import atomic_write
 from gpt2fn.hellaswag import evaluate_hellaswag, load_examples
@@ -54,10 +54,31 @@ from gpt2fn.weights import load_pretrained, resolve_model, save_params
 
 
 SHAPE = ("n_layer", "n_head", "n_embd", "n_ctx")  # the options that shape a model trained from scratch
-DEVICE_DEFAULTS = {  # TrainConfig fields whose default depends on the device
+HELP = {  # the shape's options and TrainConfig's fields, as --help shows them
+    "n_layer": "blocks of a model trained from scratch",
+    "n_head": "attention heads per block (they divide n_embd)",
+    "n_embd": "width of the residual stream",
+    "n_ctx": "the model's context: positions it has embeddings for (at least block_size)",
+    "batch_size": "windows per micro-batch, over all processes when distributed",
+    "block_size": "tokens per window",
+    "grad_accum": "micro-batches per optimizer step (a step trains on batch_size x block_size x grad_accum tokens)",
+    "max_steps": "optimizer steps of the run",
+    "lr": "peak learning rate, after the warmup",
+    "min_lr": "learning rate at max_steps, the end of the cosine",
+    "warmup_steps": "steps of linear warmup from 0 to lr",
+    "weight_decay": "AdamW's decoupled weight decay on the 2-D weights (matrices and embeddings; not biases or LayerNorms)",
+    "beta1": "AdamW's beta1",
+    "beta2": "AdamW's beta2",
+    "grad_clip": "clip the global gradient norm to this (0 = off)",
+    "autocast_bf16": "bf16 autocast for the forward and backward, weights in fp32 (default: on for CUDA, off for the CPU)",
+    "checkpoint_activations": "recompute each block's activations in the backward: less memory, about a third "
+                              "more compute",
+    "compile": "torch.compile the loss (the backward through AOTAutograd)",
+    "eval_interval": "steps between evaluations of the val loss, each with a checkpoint",
+    "eval_batches": "val batches per evaluation (always the same windows)",
+    "seed": "the initial weights (from scratch) and the order of the training windows",
     "deterministic": "bit-identical runs (default: on for the CPU, where it costs nothing measurable; off for CUDA, "
                      "where it costs speed)",
-    "autocast_bf16": "bf16 autocast for the forward and backward, weights in fp32 (default: on for CUDA, off for the CPU)",
 }  # fmt: skip
 
 
@@ -71,28 +92,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stop_at", type=int, default=None,
                    help="stop after this step (a checkpoint is written), to --resume later")
     p.add_argument("--from_model", default=None, help="fine-tune this model instead of training from scratch")
-    p.add_argument("--n_layer", type=int, default=4)
-    p.add_argument("--n_head", type=int, default=4)
-    p.add_argument("--n_embd", type=int, default=128)
-    p.add_argument("--n_ctx", type=int, default=256)
+    for name, default in zip(SHAPE, (4, 4, 128, 256)):
+        p.add_argument(f"--{name}", type=int, default=default, help=HELP[name])
     for field in dataclasses.fields(TrainConfig):
-        if field.name in DEVICE_DEFAULTS:
-            p.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction, default=None,
-                           help=DEVICE_DEFAULTS[field.name])
-            continue
-        kind = {bool: "flag", int: int, float: float}[type(field.default)]
-        if kind == "flag":
-            p.add_argument(f"--{field.name}", action="store_true")
+        if field.default is None:  # a flag whose default depends on the device
+            p.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction, default=None, help=HELP[field.name])
+        elif isinstance(field.default, bool):
+            p.add_argument(f"--{field.name}", action="store_true", help=HELP[field.name])
         else:
-            p.add_argument(f"--{field.name}", type=kind, default=field.default)
+            p.add_argument(f"--{field.name}", type=type(field.default), default=field.default, help=HELP[field.name])
     p.add_argument("--export", default=None, help="write the final weights here (.safetensors)")
-    p.add_argument("--export_dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--export_dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="dtype of the exported weights")
     p.add_argument("--plot", default=None, help="write the loss curve PNG here (needs matplotlib)")
     p.add_argument("--hellaswag", default=None,
                    help="HellaSwag jsonl (e.g. hellaswag_val.jsonl): its acc_norm at every evaluation")
     p.add_argument("--hellaswag_limit", type=int, default=None, help="score only the first N HellaSwag examples")
     p.add_argument("--log", default=None, help="append one JSON line per step here (loss, lr, tokens/s, MFU, val loss)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda if present; default); "
+    p.add_argument("--device", default="auto", help=f"{DEVICE_HELP}; "
                    "under torchrun on CUDA each process takes cuda:LOCAL_RANK")
     p.add_argument("--peak_flops", type=float, default=None,
                    help="the device's peak FLOP/s for MFU (default: looked up for known GPUs; none for CPUs)")

@@ -20,13 +20,14 @@ from gpt2fn.interp import run_with_cache
 from gpt2fn.params import flatten_params
 from gpt2fn.plotting import require_pyplot, save_figure
 from gpt2fn.tokenizer import check_vocabulary, encode, get_tokenizer
-from gpt2fn.weights import load_pretrained, resolve_model
+from gpt2fn.weights import MODEL_HELP, load_pretrained, resolve_model
 
 
 def main(argv=None) -> int:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="gpt2-shakespeare")
-    p.add_argument("--prompt", default="ROMEO: But soft, what light through yonder window breaks?")
+    p.add_argument("--model", default="gpt2-shakespeare", help=MODEL_HELP)
+    p.add_argument("--prompt", default="ROMEO: But soft, what light through yonder window breaks?",
+                   help="the text whose attention patterns are drawn")
     p.add_argument("--out", required=True, help="directory for the PNG files")
     p.add_argument("--layers", default=None, help="comma-separated layers to draw (default: all)")
     p.add_argument("--columns", default="0,1,2,3,4", help="position-embedding columns to plot")

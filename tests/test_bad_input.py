@@ -5,7 +5,9 @@ last good checkpoint intact. (scripts/generate.py: tests/test_cli.py.)"""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
 import json
 import subprocess
 import sys
@@ -459,3 +461,54 @@ def test_an_option_spelt_either_way_may_be_cut_short_as_argparse_allows():
     assert p.parse_args(["--", "--max-tokens"]).rest == ["--max-tokens"]  # after "--" a value, as it stands
     with pytest.raises(SystemExit):
         p.parse_args(["--max-", "3"])  # a prefix of both: argparse's own refusal
+
+
+ALL_SCRIPTS = ("generate", "train", "eval_ppl", "eval_hellaswag", "prepare_data", "visualize", "interventions",
+               "benchmark", "benchmark_train", "benchmark_prepare")  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ALL_SCRIPTS)
+def test_every_option_of_every_script_says_what_it_does_and_its_default(name, monkeypatch):
+    from gpt2fn.errors import ArgumentParser
+
+    assert {p.stem for p in (ROOT / "scripts").glob("*.py")} == set(ALL_SCRIPTS)
+    parsers = []
+
+    def capture(self, args=None, namespace=None):
+        parsers.append(self)
+        raise SystemExit(0)
+
+    script = load_script(name)
+    monkeypatch.setattr(ArgumentParser, "parse_known_args", capture)
+    with pytest.raises(SystemExit):
+        script.parse_args([]) if hasattr(script, "parse_args") else script.main([])
+    options = [a for a in parsers[0]._actions if a.option_strings and a.dest != "help"]
+    assert [a.option_strings[0] for a in options if not a.help] == []
+    monkeypatch.undo()
+    text = one_line_help(script)
+    text = text[text.index(" options: "):]
+    starts, formatter = [0], parsers[0]._get_formatter()
+    for a in options:  # where each option's entry begins, in order: "--top_k TOP_K ...", "--kvcaching, --no-kvcaching ..."
+        starts.append(text.index(f" {formatter._format_action_invocation(a)} ", starts[-1]))
+    starts = starts[1:] + [len(text)]
+    for a, start, end in zip(options, starts, starts[1:]):  # each option's own help
+        if a.default is not None and a.default is not False and a.default != []:
+            assert "default" in text[start:end], text[start:end]
+    assert "(default: None)" not in text and "(default: False)" not in text and "(default: [])" not in text
+
+
+def test_help_shows_the_defaults_in_one_form():
+    text = one_line_help(load_script("train"))
+    assert " --lr LR peak learning rate, after the warmup (default: 0.001) " in text
+    assert " --seed SEED the initial weights (from scratch) and the order of the training windows (default: 0) " in text
+    assert " --compile torch.compile the loss (the backward through AOTAutograd) --eval_interval" in text  # a flag: off
+    assert " --export EXPORT write the final weights here (.safetensors) --export_dtype" in text  # None: nothing to say
+
+
+def one_line_help(script) -> str:
+    """A script's --help, its wrapped lines joined."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        script.main(["--help"])
+    return " ".join(out.getvalue().split())
+
