@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -31,6 +32,7 @@ import torch.utils.checkpoint
 
 from gpt2fn.config import GPTConfig
 from gpt2fn.data import data_fingerprint, random_windows
+from gpt2fn.device import synchronize
 from gpt2fn.errors import GPT2FnError, check_int, check_number
 from gpt2fn.files import atomic_write, remove_stale_temporaries
 from gpt2fn.layers import block
@@ -378,7 +380,10 @@ def train(
     Evaluates every ``eval_interval`` steps and at the end (the val loss,
     and whatever ``evaluations(params)`` returns, e.g. HellaSwag accuracy,
     merged into that step's record), writes the checkpoint at each
-    evaluation, and returns (params, history).
+    evaluation, and returns (params, history). After each step it calls
+    ``on_step`` with that step's record plus ``step_s``, the step's own time
+    (drawing the batch, forward, backward, update; not the evaluation or the
+    checkpoint), which the history leaves out so that runs compare equal.
 
     ``tc``'s device defaults are resolved (:func:`resolve_for_device`) and
     recorded in the checkpoint; resuming restores them with the rest. Runs in
@@ -437,6 +442,7 @@ def train(
     end = tc.max_steps if stop_at is None else min(stop_at, tc.max_steps)
     with deterministic_mode(tc.deterministic), tf32_matmuls(device):
         while step < end:
+            started = time.perf_counter()
             batches = [to_device(random_windows(train_tokens, tc.batch_size, tc.block_size, data_rng, rows), device)
                        for _ in range(tc.grad_accum)]  # fmt: skip
             lr = lr_at(step, tc)
@@ -451,6 +457,8 @@ def train(
                     raise
                 raise GPT2FnError(f"out of memory at step {step + 1}; {last_good()}: use a smaller batch_size "
                                   "(a larger grad_accum keeps the batch) or checkpoint_activations") from None  # fmt: skip
+            synchronize(device)  # the optimizer's update, queued on CUDA, belongs to this step's time
+            step_s = time.perf_counter() - started
             step += 1
             record = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm}
             if step % tc.eval_interval == 0 or step == tc.max_steps:
@@ -467,5 +475,5 @@ def train(
                                       f"{last_good()}") from None  # fmt: skip
                 saved_step = step
             if on_step is not None:
-                on_step(record)
+                on_step({**record, "step_s": step_s})
     return params, history

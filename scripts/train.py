@@ -227,15 +227,13 @@ def train_and_export(args, device: torch.device) -> int:
     log = StepLog(args.log, resume["step"] if resume else 0) if args.log and rank == 0 else None
     bar = tqdm(total=tc.max_steps, initial=resume["step"] if resume else 0, desc="training", unit="step",
                disable=rank != 0)
-    last = time.perf_counter()
 
-    def on_step(record):
-        nonlocal last
-        now = time.perf_counter()
-        record = {**record, "tokens_per_s": tc.batch_size * tc.block_size * tc.grad_accum / (now - last)}
+    def on_step(record):  # tokens/s and MFU over the step itself, not its evaluation
+        step_s = record.pop("step_s")
+        record["tokens_per_s"] = tc.batch_size * tc.block_size * tc.grad_accum / step_s
         shown = {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"}
         if peak:
-            record["mfu"] = flops_per_step / (now - last) / (peak * world)
+            record["mfu"] = flops_per_step / step_s / (peak * world)
             shown["MFU"] = f"{record['mfu']:.1%}"
         if "val_loss" in record:
             shown["val"] = f"{record['val_loss']:.3f}"
@@ -247,7 +245,6 @@ def train_and_export(args, device: torch.device) -> int:
             log.write(record)
         bar.set_postfix(shown)
         bar.update()
-        last = now
 
     evaluations = None
     if hellaswag:

@@ -314,3 +314,62 @@ def test_train_script_logs_every_step_and_scores_hellaswag(data, tmp_path):
             assert r["hellaswag_acc"] in (0.0, 0.5, 1.0)
     assert "hellaswag acc_norm" in again.stdout
     assert load_checkpoint(tmp_path / "c.pt")["history"][-1]["hellaswag_acc_norm"] == records[-1]["hellaswag_acc_norm"]
+
+
+class FakeClock:
+    """perf_counter for gpt2fn.training: each reading moves it 0.25 s on, and
+    an evaluation (``spend``) 100 s."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 0.25
+        return self.now
+
+    def spend(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_a_steps_time_leaves_out_its_evaluation_and_checkpoint(data, tmp_path, monkeypatch):
+    """on_step gets each step's own time (two clock readings apart, whatever
+    the evaluation at that step took); the history leaves it out."""
+    import gpt2fn.training
+
+    clock = FakeClock()
+    monkeypatch.setattr(gpt2fn.training, "time", clock)
+    d, _ = data
+    tc = TrainConfig(batch_size=2, block_size=16, max_steps=4, warmup_steps=1, eval_interval=2, eval_batches=1)
+    seen = []
+    _, history = train(init_params(TINY), TINY, tc, load_split(d / "out", "train"), load_split(d / "out", "val"),
+                       tmp_path / "c.pt", on_step=seen.append, evaluations=lambda params: clock.spend(100) or {})  # fmt: skip
+    assert [r["step_s"] for r in seen] == [0.25] * 4
+    assert history == [{k: v for k, v in r.items() if k != "step_s"} for r in seen]
+    assert "val_loss" in seen[1] and "step_s" not in load_checkpoint(tmp_path / "c.pt")["history"][-1]
+
+
+def test_train_scripts_tokens_per_s_and_mfu_are_the_steps_own(data, tmp_path, monkeypatch):
+    """--log's tokens/s and MFU at an evaluation step are the step's, not the evaluation's (they read 10x low)."""
+    import json
+
+    import gpt2fn.training
+    from gpt2fn.measure import training_flops_per_token
+
+    from conftest import load_script
+
+    clock = FakeClock()
+    monkeypatch.setattr(gpt2fn.training, "time", clock)
+    evaluate = gpt2fn.training.evaluate
+    monkeypatch.setattr(gpt2fn.training, "evaluate", lambda *a: clock.spend(100) or evaluate(*a))
+    d, _ = data
+    log = tmp_path / "log.jsonl"
+    code = load_script("train").main([
+        "--data", str(d / "out"), "--out", str(tmp_path / "c.pt"), "--n_layer", "1", "--n_head", "2", "--n_embd", "16",
+        "--n_ctx", "32", "--block_size", "16", "--batch_size", "2", "--grad_accum", "3", "--max_steps", "4",
+        "--warmup_steps", "1", "--eval_interval", "2", "--eval_batches", "1", "--log", str(log), "--device", "cpu",
+        "--peak_flops", "1e9"])  # fmt: skip
+    assert code == 0
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [("val_loss" in r, r["tokens_per_s"]) for r in records] == [(False, 384), (True, 384), (False, 384), (True, 384)]
+    config = GPTConfig(vocab_size=50257, n_ctx=32, n_embd=16, n_layer=1, n_head=2)
+    assert all(r["mfu"] == pytest.approx(training_flops_per_token(config, 16) * 96 / 0.25 / 1e9) for r in records)
