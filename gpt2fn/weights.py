@@ -1,11 +1,15 @@
-"""Getting parameters in and out of files. Safetensors only: nothing here
-unpickles, so a weights file cannot run code.
+"""Getting parameters in and out of files: safetensors, which cannot hold
+code, and the training checkpoints gpt2fn writes (``.pt``), read by
+``torch.load(weights_only=True)``, which builds tensors and plain data only
+(from torch 2.10, whose loader has no known hole; before, they are refused).
+A pickle is never unpickled.
 
 * :func:`load_pretrained` takes a Hugging Face hub name (gpt2, gpt2-medium,
   gpt2-large, gpt2-xl, or an ``owner/repo`` id), a local directory in the
   Hugging Face layout (``config.json`` + ``model.safetensors``, possibly
-  sharded), or a ``.safetensors`` file (the project's own format, or a Hugging
-  Face file with ``config.json`` beside it).
+  sharded), a ``.safetensors`` file (the project's own format, or a Hugging
+  Face file with ``config.json`` beside it), or a training checkpoint
+  (``scripts/train.py --out``'s ``.pt``: its weights, as at its last step).
 * :func:`save_params` / :func:`load_params` are the project's own format: the
   flattened params dict with the config in the file's metadata, so a converted
   or trained model is one self-describing file (kept under ``weights/``).
@@ -27,6 +31,7 @@ from gpt2fn.errors import GPT2FnError
 from gpt2fn.files import atomic_write
 from gpt2fn.params import Params, flatten_params, map_params, param_shapes, params_device, unflatten_params
 from gpt2fn.quantize import quantize_int8
+from gpt2fn.training import load_checkpoint
 
 # Hugging Face repositories of the four released sizes.
 HUB_REPOS: dict[str, str] = {name: f"openai-community/{name}" for name in PRESETS}
@@ -36,9 +41,12 @@ HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "vo
 CONFIG_METADATA_KEY = "gpt2fn_config"
 # Models that ship with the project (weights/NAME.safetensors) load by NAME.
 BUNDLED_DIR = Path(__file__).resolve().parents[1] / "weights"
+# torch.load(weights_only=True) has no known hole that lets a file run code from torch 2.10 on
+# (CVE-2025-32434, fixed in 2.6; CVE-2026-24747, fixed in 2.10): .pt models load from there.
+SAFE_TORCH_LOAD = torch.torch_version.TorchVersion(torch.__version__) >= "2.10"
 # What --model takes, in every script's --help (resolve_model).
 MODEL_HELP = (f"{', '.join(HUB_REPOS)} (from the Hub), a model in weights/ by name (gpt2-shakespeare), "
-              "a Hub id owner/repo, a checkpoint directory or a .safetensors file")
+              "a Hub id owner/repo, a checkpoint directory, a .safetensors file, or a training checkpoint (.pt)")
 
 
 # ----------------------------------------------------------------------------- finding files
@@ -63,8 +71,9 @@ def resolve_model(name_or_path: str | os.PathLike, revision: Optional[str] = Non
             raise GPT2FnError(f"revision {revision!r} picks a Hub snapshot, but {name} is the local "
                               f"{'file' if local.is_file() else 'directory'} {local}; drop the revision")  # fmt: skip
         return local
-    if name.startswith((".", "/", "~")) or name.endswith(".safetensors") or name.count("/") > 1:
-        raise GPT2FnError(f"{name} does not exist; pass an existing checkpoint directory or .safetensors file")
+    if name.startswith((".", "/", "~")) or name.endswith((".safetensors", ".pt")) or name.count("/") > 1:
+        raise GPT2FnError(f"{name} does not exist; pass an existing checkpoint directory, .safetensors file or "
+                          "training checkpoint (.pt)")
     if name in HUB_REPOS:
         repo_id = HUB_REPOS[name]
     elif name.count("/") == 1:
@@ -369,8 +378,17 @@ def load_pretrained(
             params, config = load_params(path)
         else:  # a Hugging Face weights file: its config.json must sit beside it
             params, config = load_hf_checkpoint(path.parent, weights=[path])
+    elif path.suffix == ".pt":  # a checkpoint written by training, read without running code
+        if not SAFE_TORCH_LOAD:
+            raise GPT2FnError(f"{path}: torch {torch.__version__}'s weights-only loader has known holes that let a .pt "
+                              "file run code (fixed in torch 2.10); upgrade torch, or export the run's weights with "
+                              "scripts/train.py ... --resume --export w.safetensors")  # fmt: skip
+        state = load_checkpoint(path)
+        config = state["config"]
+        _check_names_and_shapes(state["params"], param_shapes(config))
+        params = unflatten_params(state["params"])
     else:
-        raise GPT2FnError(f"{path} is neither a directory nor a .safetensors file")
+        raise GPT2FnError(f"{path} is not a directory, a .safetensors file or a training checkpoint (.pt)")
     name = str(dtype).removeprefix("torch.")
     if name == "int8":
         params = quantize_int8(params)

@@ -36,6 +36,23 @@ def test_greedy_output_is_the_library_greedy_continuation(generate_cli, capsys, 
     assert "prefill:" in err and "decode:" in err and "tokens/s" in err and "generated 20" in err
 
 
+def test_a_training_checkpoint_generates_as_its_weights_do(generate_cli, capsys, tmp_path):
+    """--model runs/ckpt.pt: the run's weights at its last step (nanoGPT's sample.py habit)."""
+    from gpt2fn.training import TrainConfig, train
+
+    config = GPTConfig(vocab_size=50257, n_ctx=32, n_embd=16, n_layer=1, n_head=2)
+    tokens = torch.randint(0, 50257, (400,), generator=torch.Generator().manual_seed(0))
+    params, _ = train(init_params(config), config, TrainConfig(batch_size=2, block_size=16, max_steps=2, warmup_steps=1),
+                      tokens, checkpoint_path=tmp_path / "ckpt.pt")  # fmt: skip
+    code, out, err = run_cli(generate_cli, capsys, "--prompt", "To be", "--model", str(tmp_path / "ckpt.pt"),
+                             "--max_tokens", "8", "--temperature", "0", "--ignore_eot", "--device", "cpu")
+    assert code == 0, err
+    t = get_tokenizer()
+    with torch.no_grad():
+        ids, _ = generate_all(params, config, torch.tensor([encode(t, "To be")]), 8, temperature=0)
+    assert out == "To be" + decode(t, ids[0].tolist()) + "\n"
+
+
 def test_cache_flags_and_attention_backends_agree(generate_cli, capsys, small_ref):
     base = ["--prompt", "Once upon a time", "--model", str(small_ref.directory), "--max_tokens", "15",
             "--temperature", "0", "--ignore_eot"]

@@ -137,6 +137,37 @@ def test_own_format_round_trip(small_ref, tmp_path):
     assert torch.equal(forward(again, config, tokens), forward(params, config, tokens))
 
 
+def test_a_training_checkpoint_loads_as_a_model(tmp_path, monkeypatch):
+    """train.py's --out (.pt) is a model source: its weights at its last step,
+    read by torch's weights-only loader, refused where that loader has known
+    holes; a file that is not a checkpoint, or whose weights miss their
+    config, gets one line."""
+    import gpt2fn.weights
+    from gpt2fn.quantize import quantize_int8
+    from gpt2fn.training import TrainConfig, train
+
+    config = GPTConfig(vocab_size=50257, n_ctx=32, n_embd=16, n_layer=1, n_head=2)
+    tokens = torch.randint(0, 50257, (400,), generator=torch.Generator().manual_seed(0))
+    trained, _ = train(init_params(config), config, TrainConfig(batch_size=2, block_size=16, max_steps=2, warmup_steps=1),
+                       tokens, checkpoint_path=tmp_path / "c.pt")  # fmt: skip
+    params, loaded_config = load_pretrained(tmp_path / "c.pt")
+    assert loaded_config == config
+    assert_same_params(params, trained)
+    assert_same_params(load_pretrained(str(tmp_path / "c.pt"), dtype="int8")[0], quantize_int8(params))
+    state = torch.load(tmp_path / "c.pt", weights_only=True)
+    state["config"]["n_embd"] = 32
+    torch.save(state, tmp_path / "other.pt")
+    with pytest.raises(GPT2FnError, match=r"weight wte has shape \(50257, 16\) but the config needs \(50257, 32\)"):
+        load_pretrained(tmp_path / "other.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(GPT2FnError, match="junk.pt is not a readable gpt2fn checkpoint"):
+        load_pretrained(tmp_path / "junk.pt")
+    monkeypatch.setattr(gpt2fn.weights, "SAFE_TORCH_LOAD", False)
+    with pytest.raises(GPT2FnError, match=r"c.pt: torch .*'s weights-only loader has known holes that let a .pt file "
+                                          r"run code \(fixed in torch 2.10\); upgrade torch, or export"):
+        load_pretrained(tmp_path / "c.pt")
+
+
 def test_save_is_atomic(tmp_path, monkeypatch):
     import gpt2fn.weights as weights
 
@@ -222,7 +253,8 @@ def test_unknown_model_name(name):
         load_pretrained(name)
 
 
-@pytest.mark.parametrize("name", ["./nowhere", "/no/such/dir", "no/such/path.safetensors", "model.safetensors"])
+@pytest.mark.parametrize("name", ["./nowhere", "/no/such/dir", "no/such/path.safetensors", "model.safetensors",
+                                  "runs/ckpt.pt"])
 def test_missing_path(name):
     with pytest.raises(GPT2FnError, match="does not exist"):
         load_pretrained(name)
