@@ -66,18 +66,18 @@ def run(args) -> int:
         cols = math.ceil(math.sqrt(config.n_head))
         rows = math.ceil(config.n_head / cols)
         size = max(3.0, 0.25 * len(ids))
-        fig, axes = plt.subplots(rows, cols, figsize=(cols * size, rows * size), squeeze=False)
+        fig, axes = plt.subplots(rows, cols, figsize=(cols * size + 1, rows * size), squeeze=False, constrained_layout=True)
         for h, ax in enumerate(axes.flat):
             if h >= config.n_head:
                 ax.axis("off")
                 continue
-            ax.imshow(probs[h].numpy(), cmap="viridis", vmin=0, vmax=1)
+            image = ax.imshow(probs[h].numpy(), cmap="viridis", vmin=0, vmax=1)
             ax.set_title(f"layer {layer}, head {h}")
             ax.set_xticks(range(len(ids)), labels, rotation=90, fontsize=7)
             ax.set_yticks(range(len(ids)), labels, fontsize=7)
             ax.set_xlabel("key (attended to)")
             ax.set_ylabel("query")
-        fig.tight_layout()
+        fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight (each row sums to 1)")
         save_figure(fig, out / f"attention_layer{layer}.png", dpi=100)
 
     fig, ax = plt.subplots(figsize=(8, 4.5))

@@ -105,7 +105,7 @@ def test_visualize_writes_the_three_kinds_of_picture(small_ref, tmp_path):
     side = round(100 * 2 * max(3.0, 0.25 * n))  # 4 heads: a 2 x 2 grid of max(3, T/4)-inch panels at 100 dpi
     for layer in range(2):
         path = tmp_path / f"attention_layer{layer}.png"
-        assert png_size(path) == (side, side) and path.stat().st_size > 20_000
+        assert png_size(path) == (side + 100, side) and path.stat().st_size > 20_000  # + an inch for the colour bar
     assert png_size(tmp_path / "position_embedding.png") == (800, 450)
     assert png_size(tmp_path / "weight_blocks_0_attn_c_attn_w.png") == (800, 1600)  # [192, 64]: height capped at 2x
     assert (tmp_path / "weight_blocks_0_attn_c_attn_w.png").stat().st_size > 20_000
