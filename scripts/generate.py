@@ -167,8 +167,9 @@ def report(args: argparse.Namespace, device: torch.device, seed: int, stream) ->
         rounds = (f"acceptance {stats.acceptance_rate:.1%}, {stats.tokens_per_pass:.2f} tokens per target pass "
                   f"({stats.target_passes} passes)" if stats.target_passes else "no round ran")  # fmt: skip
         speculative = f"\nspeculative: draft {args.draft}{cut}, {per_round}: {rounds}"
+    drawn = "greedy" if args.temperature == 0 else f"seed {seed}"  # greedy draws nothing: no seed to repeat it with
     return (
-        f"[{args.model} {args.dtype} on {device}, {mode}, {args.attention} attention{batch}, seed {seed}] "
+        f"[{args.model} {args.dtype} on {device}, {mode}, {args.attention} attention{batch}, {drawn}] "
         f"prompt {stats.n_prompt} tokens{' (longest)' if batch else ''}, generated {made}{steps}\n"
         f"{compiled}prefill: {stats.prefill_s * 1000:.1f} ms ({per_second(stats.n_prompt * stats.batch, stats.prefill_s)} tokens/s)\n"
         f"decode:  {stats.decode_s * 1000:.1f} ms for {stats.decode_tokens} {'tokens' if args.draft else 'steps'} "

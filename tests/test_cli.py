@@ -74,6 +74,17 @@ def test_seeded_sampling_is_reproducible(generate_cli, capsys, small_ref):
     assert a == b and a != c
 
 
+def test_the_printed_seed_repeats_a_sampled_run_and_greedy_prints_none(generate_cli, capsys, small_ref):
+    import re
+
+    args = ["--prompt", "Hello", "--model", str(small_ref.directory), "--max_tokens", "25", "--ignore_eot"]
+    _, out, err = run_cli(generate_cli, capsys, *args)
+    seed = re.search(r", seed (\d+)\] prompt", err).group(1)
+    assert run_cli(generate_cli, capsys, *args, "--seed", seed)[1] == out
+    _, _, err = run_cli(generate_cli, capsys, *args, "--temperature", "0", "--seed", seed)
+    assert ", greedy] prompt 1 tokens, generated 25" in err and "seed" not in err
+
+
 @pytest.fixture
 def truncated_checkpoint(small_ref, tmp_path):
     d = tmp_path / "truncated"
