@@ -79,8 +79,8 @@ class GenerationStats:
 
 class Stream:
     """One generation, run by iterating it. Each item is the next token of
-    every row ([B] int64); after the last, :attr:`stats` is set (reading it
-    before raises one clear line).
+    every row ([B] int64); after the last, or once :meth:`close` ends it
+    early, :attr:`stats` is set (reading it before raises one clear line).
     :meth:`tokens` and :meth:`rows` run it to its end.
 
     Per step, the loop touches the host only for the stop check (one sync,
@@ -104,12 +104,24 @@ class Stream:
     def __iter__(self) -> Iterator[Tensor]:
         return self._loop
 
+    def close(self) -> None:
+        """End the generation here, e.g. at a stop string: no more steps run,
+        and :attr:`stats` count the tokens yielded so far. ``with generate(...)
+        as stream:`` closes it on leaving the block."""
+        self._loop.close()
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     @property
     def stats(self) -> GenerationStats:
-        """The generation's timings and counts, once it has run to its end."""
+        """The generation's timings and counts, once it has run to its end or been closed."""
         if self._stats is None:
-            raise GPT2FnError("the stream has not run to its end yet: iterate it, or call .tokens() or .rows(), "
-                              "then read its stats")  # fmt: skip
+            raise GPT2FnError("the stream has not run to its end yet: iterate it, close it, or call .tokens() or "
+                              ".rows(), then read its stats")  # fmt: skip
         return self._stats
 
     def tokens(self) -> Tensor:
@@ -162,41 +174,43 @@ class Stream:
         synchronize(device)
         prefill_s = time.perf_counter() - start
         self._made.append(token)
-        yield token
-        done = None if stop is None else (token == stop) | (limits <= 1)
         pos, decode_s, compile_s = pos[:, -1:], 0.0, 0.0
         n_new, advance, decode_tokens = 1, 1, 0
-        top = T - 1  # the highest position in pos, on the host
-        running = not self._all_stopped(done)  # the stop check: one sync a token, and only with a stop token
-        while running and n_new < n_steps:
+        try:
+            yield token
+            done = None if stop is None else (token == stop) | (limits <= 1)
+            top = T - 1  # the highest position in pos, on the host
+            running = not self._all_stopped(done)  # the stop check: one sync a token, and only with a stop token
+            while running and n_new < n_steps:
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    pos = (pos + advance).clamp_(max=length - 1)  # rows past their own end write a slot nobody reads
+                    top = min(top + advance, length - 1)
+                    new = steps.decode(params, token[:, None], pos, state_for(top + steps.chained), self.noise(B, True))
+                compiling = steps.compiled and n_new == 1  # the first compiled step pays for compiling
+                if compiling:
+                    synchronize(device)
+                    compile_s = time.perf_counter() - start
+                else:
+                    decode_s += time.perf_counter() - start
+                new = new[:, None] if new.dim() == 1 else new  # [B, m]: m > 1 for a chain or a speculative round
+                advance = new.shape[1]
+                for token in new.unbind(1)[: n_steps - n_new]:  # what a chain computes past the end is dropped
+                    if done is not None:
+                        done = done | (token == stop) | (limits <= n_new + 1)
+                    n_new += 1
+                    decode_tokens += not compiling
+                    self._made.append(token)
+                    yield token
+                    if self._all_stopped(done):
+                        running = False
+                        break
+        finally:  # the end, or the caller closing the stream early: the stats of the tokens yielded
             start = time.perf_counter()
-            with torch.inference_mode():
-                pos = (pos + advance).clamp_(max=length - 1)  # rows past their own end write a slot nobody reads
-                top = min(top + advance, length - 1)
-                new = steps.decode(params, token[:, None], pos, state_for(top + steps.chained), self.noise(B, True))
-            compiling = steps.compiled and n_new == 1  # the first compiled step pays for compiling
-            if compiling:
-                synchronize(device)
-                compile_s = time.perf_counter() - start
-            else:
-                decode_s += time.perf_counter() - start
-            new = new[:, None] if new.dim() == 1 else new  # [B, m]: m > 1 for a chain or a speculative round
-            advance = new.shape[1]
-            for token in new.unbind(1)[: n_steps - n_new]:  # what a chain computes past the end is dropped
-                if done is not None:
-                    done = done | (token == stop) | (limits <= n_new + 1)
-                n_new += 1
-                decode_tokens += not compiling
-                self._made.append(token)
-                yield token
-                if self._all_stopped(done):
-                    running = False
-                    break
-        start = time.perf_counter()
-        synchronize(device)
-        decode_s += time.perf_counter() - start
-        extra = steps.report(state) if steps.report else {}
-        self._stats = GenerationStats(T, n_new, prefill_s, decode_s, decode_tokens, compile_s, B, **extra)
+            synchronize(device)
+            decode_s += time.perf_counter() - start
+            extra = steps.report(state) if steps.report else {}
+            self._stats = GenerationStats(T, n_new, prefill_s, decode_s, decode_tokens, compile_s, B, **extra)
 
     @staticmethod
     def _all_stopped(done: Optional[Tensor]) -> bool:

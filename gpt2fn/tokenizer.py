@@ -187,11 +187,43 @@ def decode_stream(tokenizer: tiktoken.Encoding, ids: Iterable[int]) -> Iterator[
     """Decode tokens one at a time as they arrive, yielding text as soon as it
     is complete UTF-8: a character split across tokens (emoji, CJK) is held
     back until its last byte arrives instead of printing as a replacement."""
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    text = TextStream(tokenizer)
     for token in ids:
-        text = utf8.decode(token_bytes(tokenizer, token))
-        if text:
-            yield text
-    tail = utf8.decode(b"", final=True)
-    if tail:
+        if piece := text.push(token):
+            yield piece
+    if tail := text.finish():
         yield tail
+
+
+class TextStream:
+    """The text of tokens that arrive one at a time, up to the first of
+    ``stops`` (which is left out). :meth:`push` takes a token and returns the
+    text that is ready: whole UTF-8 characters (one split across tokens waits
+    for its last byte) that cannot be the start of a stop string (those wait
+    until they cannot, or are one). Once a stop string appears, ``stopped``
+    is set and later tokens add nothing. :meth:`finish` returns what is held."""
+
+    def __init__(self, tokenizer: tiktoken.Encoding, stops: Iterable[str] = ()):
+        self.tokenizer, self.stops = tokenizer, list(stops)
+        if "" in self.stops:
+            raise GPT2FnError("a stop string is empty; give at least one character")
+        self.stopped = False
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._held = ""  # whole characters not yet returned: they may begin a stop string
+
+    def push(self, token: int) -> str:
+        return "" if self.stopped else self._ready(self._utf8.decode(token_bytes(self.tokenizer, token)), final=False)
+
+    def finish(self) -> str:
+        return "" if self.stopped else self._ready(self._utf8.decode(b"", final=True), final=True)
+
+    def _ready(self, text: str, final: bool) -> str:
+        text = self._held + text
+        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self.stopped, self._held = True, ""
+            return text[: min(found)]
+        # the longest end of the text that begins a stop string waits: an occurrence starting earlier would be found
+        wait = 0 if final else max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        self._held = text[len(text) - wait :]
+        return text[: len(text) - wait]

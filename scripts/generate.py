@@ -22,7 +22,7 @@ from gpt2fn.layers import ATTEND
 from gpt2fn.quantize import WEIGHT_DTYPES, cast_params
 from gpt2fn.sampling import check_sampling_args
 from gpt2fn.speculative import DRAFT_DTYPES, draft_vocab, frequent_tokens, self_draft
-from gpt2fn.tokenizer import check_vocabulary, decode, decode_stream, encode, get_tokenizer
+from gpt2fn.tokenizer import TextStream, check_vocabulary, encode, get_tokenizer
 from gpt2fn.weights import MODEL_HELP, load_pretrained, resolve_model
 
 
@@ -68,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus: the smallest set with mass >= p (1 = off)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, printed at the end)")
     p.add_argument("--ignore_eot", action="store_true", help="keep going past <|endoftext|>")
+    p.add_argument("--stop", action="append", default=[],
+                   help="end a prompt's text where this text appears (it is left out); repeat it for several")
     return p.parse_args(argv)
 
 
@@ -84,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
         raise GPT2FnError("no prompt given; pass --prompt TEXT (repeatable) or --prompt-file FILE")
     if any(not p for p in prompts):
         raise GPT2FnError("the prompt is empty; pass some text with --prompt")
+    if "" in args.stop:
+        raise GPT2FnError("--stop is empty; give the text to stop at (at least one character)")
     if args.draft is not None:
         args.draft_tokens = 4 if args.draft_tokens is None else args.draft_tokens
         if len(prompts) > 1:
@@ -135,17 +139,27 @@ def run(args: argparse.Namespace) -> int:
         draft=draft, draft_tokens=args.draft_tokens, adaptive_draft=args.adaptive_draft,
         tokens_per_call=args.tokens_per_call,
     )  # fmt: skip
-    if len(prompts) == 1:  # streamed as it is made
-        sys.stdout.write(prompts[0])
-        sys.stdout.flush()
-        for text in decode_stream(tokenizer, (int(token[0]) for token in stream)):
-            sys.stdout.write(text)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-    else:  # each result printed when the batch is done
-        for i, (prompt, tokens) in enumerate(zip(prompts, stream.rows())):
-            print(f"--- [{i + 1}/{len(prompts)}] ---\n{prompt}{decode(tokenizer, tokens)}")
+    streamed = len(prompts) == 1  # one prompt streams as it is made; a batch is printed when it is done
+    texts = [TextStream(tokenizer, args.stop) for _ in prompts]
+    pieces = [[prompt] for prompt in prompts]  # each row's text so far
+    ended = [False] * len(prompts)  # a row ends at a stop string, at <|endoftext|> (kept) or at its length
+    if streamed:
+        write(prompts[0])
+    for n, tokens in enumerate(stream, 1):
+        for i, token in enumerate(tokens.tolist()):
+            if not ended[i]:
+                pieces[i].append(texts[i].push(token))
+                ended[i] = texts[i].stopped or token == stream.stop_token or n == stream.limits[i]
+        if streamed:
+            write(pieces[0][-1])
+        if all(ended):  # at stop strings the generation ends here; else the stream was ending anyway
+            stream.close()
+    for row, text in zip(pieces, texts):
+        row.append(text.finish())
+    if streamed:
+        write(pieces[0][-1] + "\n")
+    for i, row in enumerate(pieces if not streamed else []):
+        print(f"--- [{i + 1}/{len(prompts)}] ---\n{''.join(row)}")
     print(report(args, device, seed, stream), file=sys.stderr)
     return 0
 
@@ -190,6 +204,11 @@ def read_prompt_file(path: str | None) -> list[str]:
     else:
         text = read_utf8(path, "prompt file")
     return [line for line in text.splitlines() if line.strip()]
+
+
+def write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def per_second(count: int, seconds: float) -> str:

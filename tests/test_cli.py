@@ -53,6 +53,29 @@ def test_a_training_checkpoint_generates_as_its_weights_do(generate_cli, capsys,
     assert out == "To be" + decode(t, ids[0].tolist()) + "\n"
 
 
+def test_stop_strings_end_the_text_and_the_generation(generate_cli, capsys, small_ref):
+    """--stop: one prompt streams up to the first stop string (left out) and
+    generation ends there; in a batch each row is cut at its own, and the
+    batch ends when every row has stopped."""
+    t = get_tokenizer()
+    params, config = load_pretrained(small_ref.directory)
+    base = ["--model", str(small_ref.directory), "--max_tokens", "40", "--temperature", "0", "--ignore_eot", "--device", "cpu"]
+    prompts = ["The meaning of life is", "Once upon a time"]
+    ids = [generate_all(params, config, torch.tensor([encode(t, p)]), 40, temperature=0)[0][0].tolist() for p in prompts]
+    texts = [decode(t, row) for row in ids]
+    stop = texts[0][10:13]  # text the first continuation holds, maybe across tokens
+    code, out, err = run_cli(generate_cli, capsys, "--prompt", prompts[0], *base, "--stop", stop, "--stop", "\x00")
+    assert code == 0 and out == prompts[0] + texts[0][: texts[0].index(stop)] + "\n"
+    made = next(k for k in range(1, 41) if stop in decode(t, ids[0][:k]))  # the token that completes the stop string
+    assert f"generated {made} in {made} steps" in err and made < 40
+    stops = [texts[0][10:13], texts[1][5:8]]
+    code, out, err = run_cli(generate_cli, capsys, *[a for p in prompts for a in ("--prompt", p)], *base,
+                             *[a for s in stops for a in ("--stop", s)])  # fmt: skip
+    rows = [p + x[: min(x.find(s) for s in stops if s in x)] for p, x in zip(prompts, texts)]
+    assert code == 0 and out == "".join(f"--- [{i + 1}/2] ---\n{row}\n" for i, row in enumerate(rows))
+    assert "generated 80 in 40 steps" not in err  # every row stopped before max_tokens: the batch ended early
+
+
 def test_cache_flags_and_attention_backends_agree(generate_cli, capsys, small_ref):
     base = ["--prompt", "Once upon a time", "--model", str(small_ref.directory), "--max_tokens", "15",
             "--temperature", "0", "--ignore_eot"]
@@ -109,6 +132,7 @@ BAD_INPUTS = {
     "tokens_per_call zero": (["--tokens_per_call", "0"], "--tokens_per_call must be an integer >= 1, got 0"),
     "tokens_per_call without cache": (["--tokens_per_call", "4", "--no-kvcaching"], "drop it, or --no-kvcaching"),
     "tokens_per_call with a draft": (["--tokens_per_call", "4", "--draft", "int8"], "drop it, or --draft (speculative"),
+    "empty stop string": (["--stop", "\n", "--stop", ""], "--stop is empty; give the text to stop at"),
 }
 
 

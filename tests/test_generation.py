@@ -55,7 +55,7 @@ def test_streams_one_token_at_a_time_and_reports_timings(small, monkeypatch):
     stream = generate(params, config, prompt(8), 10, temperature=0)
     seen = []
     for token in stream:
-        with pytest.raises(GPT2FnError, match=r"^the stream has not run to its end yet: iterate it, or call \.tokens\(\)"):
+        with pytest.raises(GPT2FnError, match=r"^the stream has not run to its end yet: iterate it, close it, or call \.tokens\(\)"):
             stream.stats  # set when the stream ends
         seen.append(token)
         paused += 3600.0  # the caller's time between tokens is not the model's
@@ -65,6 +65,26 @@ def test_streams_one_token_at_a_time_and_reports_timings(small, monkeypatch):
     assert (stats.n_prompt, stats.n_new, stats.decode_tokens) == (8, 10, 9)
     assert stats.prefill_s > 0 and stats.decode_s > 0
     assert stats.decode_tokens_per_s == pytest.approx(9 / stats.decode_s)
+
+
+def test_a_stream_closed_early_stops_and_counts_what_it_yielded(small):
+    """close() (or leaving a with block) ends the generation where the caller
+    stops, e.g. at a stop string: no more steps, stats over the tokens yielded."""
+    params, config = small
+    greedy, _ = generate_all(params, config, prompt(5), 10, temperature=0)
+    stream = generate(params, config, prompt(5), 10, temperature=0)
+    seen = [token for _, token in zip(range(4), stream)]
+    stream.close()
+    stats = stream.stats
+    assert (stats.n_new, stats.decode_tokens) == (4, 3) and stats.decode_s > 0
+    assert torch.equal(stream.tokens(), greedy[:, :4]) and torch.equal(torch.stack(seen, 1), greedy[:, :4])
+    assert list(stream) == []  # nothing more runs
+    with generate(params, config, prompt(5), 10, temperature=0) as stream:
+        next(iter(stream))
+    assert (stream.stats.n_new, stream.stats.decode_tokens) == (1, 0)
+    with generate(params, config, prompt(5), 10, temperature=0, draft=(params, config), draft_tokens=3) as stream:
+        seen = [token for _, token in zip(range(6), stream)]
+    assert stream.stats.n_new == 6 and stream.stats.target_passes >= 2 and torch.equal(torch.stack(seen, 1), greedy[:, :6])
 
 
 def test_zero_new_tokens(small):

@@ -9,7 +9,7 @@ import pytest
 
 from gpt2fn import GPT2FnError, decode, encode, get_tokenizer
 from gpt2fn import tokenizer as tok
-from gpt2fn.tokenizer import ENDOFTEXT_ID, decode_stream
+from gpt2fn.tokenizer import ENDOFTEXT_ID, TextStream, decode_stream
 
 SAMPLES = [
     "Hello, world!",
@@ -101,6 +101,27 @@ def test_streaming_decode_never_splits_a_character():
     assert all("\ufffd" not in p for p in pieces)
     # at least one emoji spans several tokens, so holding bytes back mattered
     assert len(pieces) < len(ids)
+
+
+def test_text_stream_stops_at_the_first_stop_string_and_holds_back_what_may_begin_one():
+    t = get_tokenizer()
+
+    def run(pieces, stops):
+        """Push each piece's tokens; return the text released per piece, finish()'s, and stopped."""
+        text = TextStream(t, stops)
+        out = ["".join(text.push(token) for token in encode(t, p)) for p in pieces]
+        return out, text.finish(), text.stopped
+
+    assert [len(encode(t, p)) for p in (" the", "\n", " end")] == [1, 1, 1]
+    assert run([" the", "\n", "\n", " end"], ["\n\n"]) == ([" the", "", "", ""], "", True)  # the first "\n" waits
+    assert run([" the", "\n", " end"], ["\n\n"]) == ([" the", "", "\n end"], "", False)  # released once it is not one
+    assert run([" the", " end"], ["nd"]) == ([" the", " e"], "", True)  # a stop inside a token, cut there
+    assert run([" the", " end"], ["he e", "end"]) == ([" t", ""], "", True)  # the earlier of two, across tokens
+    assert run([" the", " e"], [" end"]) == ([" the", ""], " e", False)  # held at the end, released by finish()
+    assert run(["😀", " x"], ["x"]) == (["😀", " "], "", True)  # a character over two tokens waits for its last byte
+    assert run(["😀"], [])[0] == ["😀"] and len(encode(t, "😀")) == 2
+    with pytest.raises(GPT2FnError, match="a stop string is empty"):
+        TextStream(t, ["\n", ""])
 
 
 def test_ids_past_the_tokenizer_decode_visibly():
