@@ -22,8 +22,10 @@ from gpt2fn.errors import GPT2FnError
 DEVICE_HELP = "cpu, cuda, cuda:N, or auto: cuda if present"
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """"auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N"."""
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """"auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N" (or
+    such a torch.device); anything else, or a GPU this machine lacks, is one
+    clear line."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -34,7 +36,7 @@ def resolve_device(name: str = "auto") -> torch.device:
         if not torch.cuda.is_available():
             raise GPT2FnError(
                 f"device {name!r} was asked for but CUDA is not available here "
-                "(no GPU, or a CPU-only torch build); use --device cpu"
+                "(no GPU, or a CPU-only torch build); use the CPU (--device cpu)"
             )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise GPT2FnError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")

@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from gpt2fn.config import PRESETS, GPTConfig
+from gpt2fn.device import resolve_device
 from gpt2fn.errors import GPT2FnError
 from gpt2fn.files import atomic_write
 from gpt2fn.params import Params, flatten_params, map_params, param_shapes, params_device, unflatten_params
@@ -366,9 +367,11 @@ def load_pretrained(
     device: torch.device | str = "cpu",
 ) -> tuple[Params, GPTConfig]:
     """Load a model from anything :func:`resolve_model` understands.
-    Returns ``(params, config)`` with params cast to ``dtype`` on ``device``:
-    a floating dtype (``torch.bfloat16`` or its name, "bfloat16"), or int8,
-    the weight-only quantization of :mod:`gpt2fn.quantize`."""
+    Returns ``(params, config)`` with params cast to ``dtype`` on ``device``
+    (:func:`~gpt2fn.device.resolve_device`: "cpu", "cuda", "cuda:N" or
+    "auto"): a floating dtype (``torch.bfloat16`` or its name, "bfloat16"),
+    or int8, the weight-only quantization of :mod:`gpt2fn.quantize`."""
+    device = resolve_device(device)
     path = resolve_model(name_or_path, revision)
     if path.is_dir():
         params, config = load_hf_checkpoint(path)

@@ -116,6 +116,19 @@ def test_dtype_and_device_on_load(small_ref):
         load_pretrained(small_ref.directory, dtype=torch.int32)
 
 
+def test_load_device_by_name_and_one_line_for_a_device_there_is_not(small_ref):
+    params, _ = load_pretrained(small_ref.directory, device="auto")  # auto: CUDA if present, else the CPU
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert {t.device.type for t in flatten_params(params).values()} == {want}
+    with pytest.raises(GPT2FnError, match=r"^unknown device 'gpu'; use cpu, cuda, cuda:N or auto$"):
+        load_pretrained(small_ref.directory, device="gpu")
+    with pytest.raises(GPT2FnError, match=r"^device type 'meta' is not supported; use cpu or cuda$"):
+        load_pretrained(small_ref.directory, device=torch.device("meta"))
+    if not torch.cuda.is_available():
+        with pytest.raises(GPT2FnError, match=r"CUDA is not available here .*; use the CPU \(--device cpu\)$"):
+            load_pretrained(small_ref.directory, device="cuda")
+
+
 def test_int8_params_are_not_saved_where_they_cannot_be_read_back(small_ref, tmp_path):
     params, config = load_pretrained(small_ref.directory, dtype="int8")
     with pytest.raises(GPT2FnError, match=r"^these params hold int8-quantized weights, which a saved model cannot "
