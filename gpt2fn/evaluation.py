@@ -41,7 +41,16 @@ def perplexity(
     params: Params, config: GPTConfig, tokens: torch.Tensor, context: Optional[int] = None,
     stride: Optional[int] = None, progress: bool = False,
 ) -> Perplexity:  # fmt: skip
-    """Mean NLL and perplexity of ``tokens`` ([N] int) under the model."""
+    """Mean NLL and perplexity of ``tokens`` (one sequence: [N] integer ids,
+    a tensor or a list) under the model."""
+    tokens = torch.as_tensor(tokens)
+    if tokens.dim() != 1:
+        raise GPT2FnError(f"tokens are one sequence [N], got shape {list(tokens.shape)}; score tokens.flatten(), "
+                          "or each row on its own")  # fmt: skip
+    if len(tokens) < 2:
+        raise GPT2FnError("need at least 2 tokens to measure perplexity")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise GPT2FnError(f"tokens are integer ids, got {tokens.dtype}")
     context = context or config.n_ctx
     stride = stride or context
     if not 1 < context <= config.n_ctx:
@@ -49,8 +58,6 @@ def perplexity(
     if not 0 < stride <= context:
         raise GPT2FnError(f"stride must be between 1 and the context ({context}), got {stride}")
     tokens = tokens.to(torch.int64).to(params_device(params))
-    if len(tokens) < 2:
-        raise GPT2FnError("need at least 2 tokens to measure perplexity")
     check_token_ids("the text", [int(tokens.min()), int(tokens.max())], config.vocab_size)
     total, count, scored_until = 0.0, 0, 1  # token 0 is never predicted
     starts = range(0, len(tokens) - 1, stride)

@@ -19,6 +19,7 @@ random numbers, not V). Top-p alone sorts the whole vocabulary (~4 ms for
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -29,13 +30,19 @@ Tensor = torch.Tensor
 
 
 def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
-    """Raise one clear line for impossible sampling parameters."""
-    if not temperature >= 0:  # also catches NaN
-        raise GPT2FnError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if not isinstance(top_k, int) or top_k < 0:
+    """Raise one clear line for impossible sampling parameters (a value that
+    is not a number, such as None, included)."""
+    if not (is_real(temperature) and 0 <= temperature < math.inf):  # NaN fails every comparison
+        raise GPT2FnError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
         raise GPT2FnError(f"top_k must be an integer >= 0 (0 = off), got {top_k}")
-    if not 0 < top_p <= 1:
+    if not (is_real(top_p) and 0 < top_p <= 1):
         raise GPT2FnError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+
+
+def is_real(value) -> bool:
+    """An int or a float (not a bool, not None, not a string)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def top_k_filter(logits: Tensor, k: int) -> Tensor:

@@ -126,7 +126,7 @@ BAD_INPUTS = {
     "missing file": (["--model", "/nonexistent/dir/model.safetensors"], "does not exist"),
     "top_p zero": (["--top_p", "0"], "top_p must be in (0, 1]"),
     "top_p above one": (["--top_p", "1.5"], "top_p must be in (0, 1]"),
-    "negative temperature": (["--temperature", "-1"], "temperature must be >= 0"),
+    "negative temperature": (["--temperature", "-1"], "temperature must be a finite number >= 0"),
     "negative top_k": (["--top_k", "-2"], "top_k must be an integer >= 0"),
     "bad device": (["--device", "tpu"], "unknown device 'tpu'"),
     "tokens_per_call zero": (["--tokens_per_call", "0"], "--tokens_per_call must be an integer >= 1, got 0"),

@@ -137,9 +137,14 @@ def test_inverse_cdf_draws_follow_the_weights():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(temperature=-0.5), "temperature must be >= 0"),
-        (dict(temperature=float("nan")), "temperature must be >= 0"),
+        (dict(temperature=-0.5), "temperature must be a finite number >= 0"),
+        (dict(temperature=float("nan")), "temperature must be a finite number >= 0"),
+        (dict(temperature=float("inf")), "temperature must be a finite number >= 0"),
+        (dict(temperature=None), "temperature must be a finite number >= 0 \\(0 = greedy\\), got None"),
         (dict(top_k=-1), "top_k must be an integer >= 0"),
+        (dict(top_k=True), "top_k must be an integer >= 0"),
+        (dict(top_p=None), r"top_p must be in \(0, 1\] \(1 = off\), got None"),
+        (dict(top_p="0.9"), r"top_p must be in \(0, 1\]"),
         (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
         (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
         (dict(top_p=-0.1), r"top_p must be in \(0, 1\]"),

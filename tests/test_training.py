@@ -190,6 +190,14 @@ def test_perplexity_bad_arguments(small_ref):
         perplexity(params, config, torch.arange(10), 64, 100)
     with pytest.raises(GPT2FnError, match="context"):
         perplexity(params, config, torch.arange(10), 1000)
+    with pytest.raises(GPT2FnError, match=r"^tokens are one sequence \[N\], got shape \[1, 10\]; score tokens.flatten\(\)"):
+        perplexity(params, config, torch.arange(10)[None])  # its len() is 1: it said "need at least 2 tokens"
+    with pytest.raises(GPT2FnError, match=r"^tokens are integer ids, got torch.float32$"):
+        perplexity(params, config, torch.arange(10.0))
+    with pytest.raises(GPT2FnError, match="need at least 2 tokens"):
+        perplexity(params, config, [])
+    as_list = perplexity(params, config, list(range(100, 150)), 16, 8)
+    assert as_list == perplexity(params, config, torch.arange(100, 150), 16, 8)
 
 
 def test_unigram_baseline():
