@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the whole sequence every step)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", default="float32", choices=WEIGHT_DTYPES,
-                   help="weights: float32, bfloat16, float16, or int8 (weight-only, fp32 compute)")
+                   help="weights: float32, bfloat16, float16, or int8 (weight-only, fp32 compute; fast only with --compile)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (one graph for every step; the first run compiles)")
     p.add_argument("--attention", default="auto", choices=("auto", *ATTEND),
