@@ -47,8 +47,8 @@ class GenerationStats:
     decode_tokens: int  # how many decode steps decode_s covers
     compile_s: float = 0.0  # compiled steps: the first decode step, which compiles (or loads) the graph
     batch: int = 1  # sequences decoded together
-    # speculative decoding only (0 otherwise): rounds run, tokens drafted, drafted tokens accepted, and
-    # drafted tokens past the generation's end (a last round's, verified and dropped: neither accepted nor not)
+    # speculative decoding only (0 otherwise): rounds run, and over all rows: tokens drafted, drafted tokens
+    # the target agreed with, and drafted tokens past the cache's end (verified and dropped: neither accepted nor not)
     target_passes: int = 0
     drafted: int = 0
     accepted: int = 0
@@ -68,8 +68,8 @@ class GenerationStats:
 
     @property
     def drafted_per_pass(self) -> float:
-        """Speculative decoding: tokens drafted per target pass (k, or its mean when adaptive)."""
-        return self.drafted / self.target_passes if self.target_passes else float("nan")
+        """Speculative decoding: tokens drafted per target pass and row (k, or its mean when adaptive)."""
+        return self.drafted / (self.target_passes * self.batch) if self.target_passes else float("nan")
 
     @property
     def tokens_per_pass(self) -> float:
@@ -263,7 +263,9 @@ def generate(
     "int8"), frequent_tokens(text_tokens, 2048, config.vocab_size)), config)``),
     proposing ``draft_tokens`` tokens per target pass (with ``adaptive_draft``,
     at most that many, adapted to the acceptance: see
-    :func:`gpt2fn.speculative.next_k`): one prompt, cached.
+    :func:`gpt2fn.speculative.next_k`), cached; the rows of a batch advance
+    together, by the fewest drafted tokens any row accepted, plus one
+    (:func:`gpt2fn.speculative.speculative_round`).
 
     ``tokens_per_call`` > 1 (cached, no draft) runs that many decode steps
     per call, each chosen token fed to the next (:func:`gpt2fn.steps.chain`),
@@ -293,14 +295,12 @@ def generate(
             raise GPT2FnError("adaptive_draft adapts speculative decoding; pass a draft too")
         steps = make_steps(config, device, len(prompts), use_cache, compile, attention, tokens_per_call, **sampling)
     else:
-        if len(prompts) > 1:
-            raise GPT2FnError(f"speculative decoding takes one prompt, got {len(prompts)}; run them one at a time "
-                              "or without a draft")  # fmt: skip
         if not use_cache:
             raise GPT2FnError("speculative decoding needs the KV cache; drop the draft or keep the cache on")
-        check_draft(config, draft[1], draft_tokens, len(prompts[0]), min(max_new_tokens, config.n_ctx - len(prompts[0])))
+        for p in prompts:
+            check_draft(config, draft[1], draft_tokens, len(p), min(max_new_tokens, config.n_ctx - len(p)))
         steps = speculative_steps(config, *draft, draft_tokens, adaptive=adaptive_draft, device=device,
-                                  compile=compile, attention=attention, **sampling)  # fmt: skip
+                                  compile=compile, attention=attention, batch=len(prompts), **sampling)  # fmt: skip
         width = (draft_tokens + 1, 2)  # one block per round, for the largest k (see accept_sampled)
 
     def noise(batch: int, decode: bool) -> Optional[Tensor]:

@@ -53,6 +53,11 @@ between the two best tokens the two could pick differently. The tests check
 identity over many prompts and 200+ tokens on three shapes, eager and
 compiled.
 
+A batch of prompts (ragged, as in plain batches) runs its rows together:
+every round drafts and verifies ``k`` tokens for each row and advances all
+of them by the fewest any row accepted, plus one (see
+:func:`speculative_round` for why each row stays exact).
+
 Sampling: the standard rule (Leviathan et al. 2023; Chen et al. 2023). A
 drafted token ``x`` is accepted with probability ``min(1, p(x) / q(x))``; at
 the first rejection the token is drawn from ``max(0, p - q)`` normalised.
@@ -221,13 +226,13 @@ def next_k(levels: tuple[int, ...], k: int, accepted: int) -> int:
 class Speculation:
     """The state of a speculative generation: both caches, the token before
     the next round's, the ``k`` of the next round, where the generation ends
-    and where it stands, and the counts its stats report."""
+    and where each row stands, and the counts its stats report."""
 
     target: KVCache
     draft: KVCache
     k: int
-    end: int  # the generation's end: its last token sits at end - 1
-    at: int  # the position of the token the next round is fed (on the host)
+    end: int  # the cache's end: the longest row's last token sits at end - 1
+    at: list[int]  # each row's position of the token the next round is fed (on the host)
     before: Tensor  # [B, 1]: the emitted token before the next round's first (the draft runs both, see speculative_round)
     counts: dict = field(default_factory=lambda: {"target_passes": 0, "drafted": 0, "accepted": 0, "drafted_past_end": 0})
 
@@ -239,12 +244,21 @@ def speculative_round(
 ) -> Tensor:  # fmt: skip
     """One round of ``state.k`` drafted tokens (a decode step of the
     :class:`~gpt2fn.steps.Steps` protocol that emits several tokens):
-    token [1, 1] at pos [1, 1] -> the emitted tokens [1, n + 1]. ``draft(k)``:
+    token [B, 1] at pos [B, 1] -> the emitted tokens [B, m]. ``draft(k)``:
     a :func:`~gpt2fn.steps.chain` of ``k`` :func:`draft_step` calls. With
     ``levels`` (:func:`k_levels`) ``k`` is adaptive and the round sets the
-    next one (:func:`next_k`); without, it stays. ``noise``:
-    [1, K + 1, 2] for any K >= k (see :func:`accept_sampled`), or None.
-    One host synchronisation: reading ``n``.
+    next one (:func:`next_k`, from the ``m - 1`` drafted tokens kept);
+    without, it stays. ``noise``: [B, K + 1, 2] for any K >= k (see
+    :func:`accept_sampled`), or None. One host synchronisation: reading
+    each row's ``n``.
+
+    A batch advances together: every row emits ``m = min(n) + 1`` tokens,
+    the fewest drafted tokens any row accepted plus one. A row that accepted
+    more emits its first ``m``: accepted drafted tokens, each distributed as
+    the target's (greedy: its argmax), so its output is still the target's;
+    its other accepted tokens are drafted again next round. A row whose
+    accepted run reaches the cache's end (drafted tokens past it are
+    verified at clamped positions, see below) does not hold the others back.
 
     The draft's first step runs the token before ``token`` too, at ``pos -
     1``: after a round that accepted all ``k`` drafted tokens the draft has
@@ -261,36 +275,37 @@ def speculative_round(
     verify_pos = (pos + torch.arange(k + 1, device=pos.device)).clamp(max=length - 1)
     out = verify(params, torch.cat([token, drafted], dim=1), verify_pos, state.target)
     n, tokens = accept(drafted, out) if noise is None else accept(drafted, q[0], out, noise)
-    n = int(n[0])
-    m = n + 1
-    # Drafted tokens past the generation's end (verified at clamped positions,
+    n = n.tolist()
+    # Drafted tokens past the cache's end (verified at clamped positions,
     # dropped by the loop) are counted apart: neither accepted nor rejected.
-    inside = min(k, max(0, state.end - 1 - state.at))
-    state.at += m
+    inside = [min(k, max(0, state.end - 1 - at)) for at in state.at]
+    m = min(n_row if n_row < within else k for n_row, within in zip(n, inside)) + 1
+    state.at = [at + m for at in state.at]
     state.before = token if m == 1 else tokens[:, m - 2 : m - 1]
     state.counts["target_passes"] += 1
-    state.counts["drafted"] += k
-    state.counts["accepted"] += min(n, inside)
-    state.counts["drafted_past_end"] += k - inside
+    state.counts["drafted"] += k * len(n)
+    state.counts["accepted"] += sum(min(n_row, within) for n_row, within in zip(n, inside))
+    state.counts["drafted_past_end"] += sum(k - within for within in inside)
     if levels is not None:
-        state.k = next_k(levels, k, n)
+        state.k = next_k(levels, k, m - 1)
     return tokens[:, :m]
 
 
 def speculative_steps(
     config: GPTConfig, draft_params: Params, draft_config: GPTConfig, k: int,
     *, adaptive: bool = False, device: torch.device, compile: bool = False, attention: str = "auto",
-    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, batch: int = 1,
 ) -> Steps:  # fmt: skip
     """:class:`~gpt2fn.steps.Steps` whose decode step is one
     :func:`speculative_round`; the state is a :class:`Speculation`. ``k``
     drafted tokens per round, or with ``adaptive`` at most ``k`` (starting
     there; see :func:`next_k`). With ``compile`` the draft (see
-    :func:`~gpt2fn.steps.chains`) and the verify step are compiled as the plain
-    decode step is (see the module docstring; CUDA graphs on CUDA)."""
+    :func:`~gpt2fn.steps.chains`; ``batch`` picks its products, see
+    :func:`~gpt2fn.steps.decode_kernels`) and the verify step are compiled as
+    the plain decode step is (see the module docstring; CUDA graphs on CUDA)."""
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     eager = eager_kernels(attention)
-    draft_kernels = decode_kernels(device, 1, attention) if compile else eager
+    draft_kernels = decode_kernels(device, batch, attention) if compile else eager
     verify_kernels = Kernels(few_rows, draft_kernels.attend)
     draft = chains(draft_step, draft_config, draft_kernels, device, compile, **sampling)
     if compile:
@@ -304,11 +319,11 @@ def speculative_steps(
     def make_state(params: Params, batch: int, length: int) -> Speculation:
         target, drafts = new_cache(config, params, batch, length), new_cache(draft_config, draft_params, batch, length)
         before = torch.zeros(batch, 1, dtype=torch.long, device=params_device(params))
-        return Speculation(target, drafts, k, length, 0, before=before)
+        return Speculation(target, drafts, k, length, [0] * batch, before=before)
 
     def prefill(params: Params, tokens: Tensor, pos: Tensor, state: Speculation, noise: Optional[Tensor]) -> Tensor:
         hidden(draft_params, draft_config, tokens, pos, state.draft, kernels=eager)  # fills the draft's cache
-        state.before, state.at = tokens[:, -1:].clone(), tokens.shape[1]  # the chosen token sits at the prompt's end
+        state.before, state.at = tokens[:, -1:].clone(), (pos[:, -1] + 1).tolist()  # each chosen token: its prompt's end
         out = logits(params, config, hidden(params, config, tokens, pos, state.target, kernels=eager)[:, -1])
         return out.argmax(-1) if noise is None else draw(filtered_probs(out, **sampling), noise[:, 0, 0])
 

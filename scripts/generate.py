@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: sdpa, but manual in the compiled CPU decode step, where it is faster)")
     p.add_argument("--draft", default=None,
                    help="speculative decoding: int8, bfloat16 or float16 (the model's own weights at that dtype "
-                        "draft for it) or another model with the same tokenizer (e.g. gpt2 for gpt2-xl); one prompt")
+                        "draft for it) or another model with the same tokenizer (e.g. gpt2 for gpt2-xl)")
     p.add_argument("--draft_tokens", type=int, default=None, help="tokens the draft proposes per target pass (default 4)")
     p.add_argument("--adaptive_draft", action="store_true",
                    help="adapt the drafted tokens per pass to the acceptance (1, 2, 4, ... up to --draft_tokens)")
@@ -90,8 +90,6 @@ def run(args: argparse.Namespace) -> int:
         raise GPT2FnError("--stop is empty; give the text to stop at (at least one character)")
     if args.draft is not None:
         args.draft_tokens = 4 if args.draft_tokens is None else args.draft_tokens
-        if len(prompts) > 1:
-            raise GPT2FnError(f"--draft takes one prompt, got {len(prompts)}; run them one at a time or drop --draft")
         if not args.kvcaching:
             raise GPT2FnError("--draft needs the KV cache; drop --no-kvcaching")
         if args.draft_tokens < 1:

@@ -82,6 +82,64 @@ def test_drafted_tokens_past_the_end_are_counted_apart(small):
     assert stats.acceptance_rate == 1.0 and stats.drafted_per_pass == 4
 
 
+RAGGED = [[5, 17, 900], list(range(300, 308)), [42], list(range(1000, 1013))]
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_a_ragged_batch_gives_each_rows_greedy_decoding(small, odd_heads, compile):
+    """Rows advance together by the fewest drafted tokens any row accepted:
+    every row is still the target's greedy output (the plain batch's, and
+    its prompt's alone), with int8, bf16 and another model drafting, k fixed
+    and adaptive."""
+    params, config = small
+    plain, _ = generate_all(params, config, RAGGED, 60, temperature=0, compile=compile)
+    for i, row in enumerate(RAGGED):
+        assert torch.equal(plain[i], generate_all(params, config, [row], 60, temperature=0)[0][0])
+    for draft, k, adaptive in [(self_draft(params, "int8"), 4, False), (self_draft(params, "bfloat16"), 3, True)]:
+        spec, stats = generate_all(params, config, RAGGED, 60, temperature=0, compile=compile, draft=(draft, config),
+                                   draft_tokens=k, adaptive_draft=adaptive)  # fmt: skip
+        assert torch.equal(spec, plain) and stats.batch == 4 and stats.tokens_per_pass > 1
+    target, target_config = odd_heads
+    mine, _ = generate_all(target, target_config, RAGGED, 40, temperature=0, compile=compile)
+    spec, stats = generate_all(target, target_config, RAGGED, 40, temperature=0, compile=compile, draft=small)
+    assert torch.equal(spec, mine) and stats.acceptance_rate < 0.5  # an unrelated draft: rows disagree, still exact
+
+
+def test_a_batch_counts_every_rows_drafted_tokens_by_hand(small):
+    """The model as its own draft, rows of 5 and 3 tokens, 8 new, k = 4:
+    the cache ends at 13. Round 1: each row accepts its 4 (positions 6-9 and
+    4-7), 5 tokens emitted. Round 2: row 0's drafted tokens sit at 11-14, two
+    of them past the cache's end (counted apart, not holding row 1 back);
+    row 1's at 9-12, all inside."""
+    params, config = small
+    rows = [[1, 2, 3, 4, 5], [6, 7, 8]]
+    tokens, stats = generate_all(params, config, rows, 8, temperature=0, draft=small, draft_tokens=4)
+    assert torch.equal(tokens, generate_all(params, config, rows, 8, temperature=0)[0])
+    assert (stats.target_passes, stats.drafted, stats.accepted, stats.drafted_past_end) == (2, 16, 14, 2)
+    assert stats.acceptance_rate == 1.0 and stats.drafted_per_pass == 4 and stats.tokens_per_pass == 3.5
+
+
+def test_a_sampled_batch_is_reproducible_and_follows_the_filters(small):
+    """A row that accepted more drafted tokens than the round emits keeps
+    only its first ones: the token at each place, given the ones before were
+    accepted, follows the target's distribution whether it was accepted or
+    drawn from the residual (test_speculative_sampling_keeps_the_targets_distribution
+    checks exactly that), so the rows still sample the target."""
+    params, config = small
+    draft = self_draft(params, "bfloat16"), config
+
+    def run(seed):
+        return generate_all(params, config, RAGGED, 30, temperature=0.9, top_k=5, draft=draft,
+                            generator=torch.Generator().manual_seed(seed))[0]  # fmt: skip
+
+    a = run(1)
+    assert torch.equal(a, run(1)) and not torch.equal(a, run(2))
+    for prompt, row in zip(RAGGED, a):  # every token is one of the target's top 5 after the tokens before it
+        sequence = torch.tensor([prompt + row.tolist()])
+        top5 = forward(params, config, sequence)[0, len(prompt) - 1 : -1].topk(5).indices
+        assert (top5 == row[:, None]).any(-1).all()
+
+
 def test_greedy_identity_124m(gpt2_ref):
     params, config = load_pretrained(gpt2_ref.directory)
     stats = assert_greedy_identity(params, config, prompts(1, (8,))[0], 200, (self_draft(params, "int8"), config), 4)
@@ -439,8 +497,8 @@ def test_a_draft_that_cannot_serve_is_refused(small, odd_heads):
     target, target_config = odd_heads  # 256-token context; the small draft holds 128
     with pytest.raises(GPT2FnError, match="exceeds the draft's 128-token context; use max_tokens <= 120"):
         generate(target, target_config, torch.zeros(1, 8, dtype=torch.long), 200, draft=(params, config))
-    with pytest.raises(GPT2FnError, match="takes one prompt, got 2"):
-        generate(params, config, [[1, 2], [3]], 5, draft=(params, config))
+    with pytest.raises(GPT2FnError, match=r"prompt \(120 tokens\) \+ max_tokens \(10\) exceeds the draft's 128"):
+        generate(target, target_config, [[1, 2], [3] * 120], 10, draft=(params, config))  # each row is checked
 
 
 def test_cli_draft_prints_the_same_text_and_reports_acceptance(generate_cli, capsys):
@@ -457,6 +515,12 @@ def test_cli_draft_prints_the_same_text_and_reports_acceptance(generate_cli, cap
     out = capsys.readouterr()
     assert out.out == plain
     assert "tokens per round (adaptive, at most 8): acceptance" in out.err
+    batch = ["--model", model, "--prompt", "ROMEO:", "--prompt", "JULIET: O", "--temperature", "0", "--max_tokens", "30"]
+    assert generate_cli.main(batch) == 0
+    plain = capsys.readouterr().out
+    assert generate_cli.main([*batch, "--draft", "int8"]) == 0
+    out = capsys.readouterr()
+    assert out.out == plain and "batch of 2" in out.err and "speculative: draft int8, 4 tokens per round" in out.err
 
 
 def test_cli_draft_over_part_of_the_vocabulary_prints_the_same_text(generate_cli, capsys, tmp_path):
@@ -476,7 +540,6 @@ def test_cli_draft_over_part_of_the_vocabulary_prints_the_same_text(generate_cli
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--prompt", "b"], "--draft takes one prompt, got 2"),
         (["--no-kvcaching"], "--draft needs the KV cache"),
         (["--draft_tokens", "0"], "--draft_tokens must be >= 1"),
         (["--draft_vocab", "0"], "--draft_vocab must be >= 1, got 0"),
