@@ -119,6 +119,34 @@ def test_a_batch_counts_every_rows_drafted_tokens_by_hand(small):
     assert stats.acceptance_rate == 1.0 and stats.drafted_per_pass == 4 and stats.tokens_per_pass == 3.5
 
 
+def test_a_round_advances_every_row_by_the_fewest_accepted_inside_the_cache_by_hand(small):
+    """speculative_round with a stub draft and target, k = 4, a 13-slot
+    cache: row 0 is fed at position 10 (two drafted tokens inside the
+    cache), row 1 at 4. Row 0 accepting its two inside tokens does not hold
+    row 1 back: the round emits 4 + 1. Row 0 rejecting one of them does: 1 + 1."""
+    from gpt2fn.speculative import Speculation, speculative_round
+
+    params, config = small
+    drafted = torch.tensor([[11, 12, 13, 14], [21, 22, 23, 24]])
+
+    def run(chosen):
+        state = Speculation(make_cache(config, 2, 13), make_cache(config, 2, 13), 4, 13, [10, 4],
+                            before=torch.zeros(2, 1, dtype=torch.long))  # fmt: skip
+        out = speculative_round(params, torch.tensor([[10], [20]]), torch.tensor([[10], [4]]), state, None,
+                                draft_params=params, draft=lambda k: lambda *args: (drafted,),
+                                verify=lambda *args: torch.tensor(chosen), accept=accept_greedy)  # fmt: skip
+        return out.tolist(), state.at, state.counts
+
+    # row 0 accepts 2 (then disagrees past the cache's end), row 1 all 4
+    out, at, counts = run([[11, 12, 99, 99, 99], [21, 22, 23, 24, 25]])
+    assert out == [[11, 12, 99, 99, 99], [21, 22, 23, 24, 25]] and at == [15, 9]
+    assert counts == {"target_passes": 1, "drafted": 8, "accepted": 6, "drafted_past_end": 2}
+    # row 0 rejects its second drafted token, inside the cache: both rows emit 2
+    out, at, counts = run([[11, 98, 99, 99, 99], [21, 22, 23, 24, 25]])
+    assert out == [[11, 98], [21, 22]] and at == [12, 6]
+    assert counts == {"target_passes": 1, "drafted": 8, "accepted": 5, "drafted_past_end": 2}
+
+
 def test_a_sampled_batch_is_reproducible_and_follows_the_filters(small):
     """A row that accepted more drafted tokens than the round emits keeps
     only its first ones: the token at each place, given the ones before were
