@@ -234,12 +234,31 @@ def _split_off_val(out: Path, shards: list[tuple[str, int]], n_val: int, shard_t
     return train, val.close()
 
 
+def input_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """The files to read, in the order given: a file as it is, a directory
+    as every file under it, recursively, in sorted path order (hidden files
+    and folders, such as ``.git``, skipped)."""
+    files = []
+    for p in paths:
+        path = Path(p).expanduser()
+        if not path.is_dir():
+            files.append(check_input(path, "input file"))
+            continue
+        found = sorted(f for f in path.rglob("*") if f.is_file()
+                       and not any(part.startswith(".") for part in f.relative_to(path).parts))  # fmt: skip
+        if not found:
+            raise GPT2FnError(f"input directory {path} holds no files (hidden ones are skipped)")
+        files += [check_input(f, "input file") for f in found]
+    return files
+
+
 def prepare(
     paths: Iterable[str | os.PathLike], out_dir: str | os.PathLike, val_fraction: float = 0.1, *,
     val_tokens: Optional[int] = None, shard_tokens: int = 100_000_000, workers: int = 1, progress: bool = False,
 ) -> dict[str, int]:  # fmt: skip
     """Tokenize ``paths`` (text files, ``.jsonl`` with a ``text`` field,
-    ``.parquet`` with a ``text`` column) into shards under ``out_dir``:
+    ``.parquet`` with a ``text`` column; a directory is every file under it,
+    :func:`input_files`) into shards under ``out_dir``:
     ``<|endoftext|>`` between documents; the last ``val_tokens`` tokens (or
     the last ``val_fraction`` of them) form the val split, held out as one
     contiguous piece so no window straddles the two. Returns the token counts."""
@@ -248,7 +267,7 @@ def prepare(
         check_int("val_tokens", val_tokens, low=2)
     check_int("shard_tokens", shard_tokens, low=2)
     check_int("workers", workers)
-    paths = [check_input(p, "input file") for p in paths]
+    paths = input_files(paths)
     for path in paths:
         if path.suffix == ".parquet":
             open_parquet(path)  # the schema, before any work

@@ -8,7 +8,8 @@
 
 Inputs: text files (one document each), .jsonl (one document per line, its
 "text" field) and .parquet (a "text" column, FineWeb's format; needs
-pyarrow: pip install -e ".[data]"). Streams: memory stays bounded whatever
+pyarrow: pip install -e ".[data]"), or directories of them: every file
+under one, recursively, in sorted path order (hidden ones skipped). Streams: memory stays bounded whatever
 the corpus size. Shards are --shard_tokens tokens each, written atomically,
 and manifest.json is written last, so an interrupted run leaves nothing that
 looks complete. The last --val_tokens tokens (or --val_fraction of them) are
@@ -25,7 +26,8 @@ from gpt2fn.errors import ArgumentParser, GPT2FnError, check_int, run_cli
 
 def main(argv=None) -> int:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("files", nargs="*", help="text, .jsonl or .parquet files")
+    p.add_argument("files", nargs="*",
+                   help="text, .jsonl or .parquet files, or directories of them (every file under one, in sorted order)")
     p.add_argument("--out", required=True, help="directory for the shards and manifest.json")
     p.add_argument("--val_fraction", type=float, default=None, help="the last fraction of the tokens (default 0.1)")
     p.add_argument("--val_tokens", type=int, default=None, help="the last N tokens instead (e.g. 100000000 at scale)")

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from gpt2fn import GPT2FnError
-from gpt2fn.data import TokenStream, encode_pieces, load_split, prepare, read_pieces
+from gpt2fn.data import TokenStream, encode_pieces, input_files, load_split, prepare, read_pieces
 from gpt2fn.tokenizer import ENDOFTEXT_ID, get_tokenizer
 
 from conftest import ROOT, load_script
@@ -82,6 +82,28 @@ def test_shards_hold_exactly_the_corpus(inputs, tmp_path, workers, shard_tokens)
     assert counts["train_shards"] == len(sizes) == -(-counts["train"] // shard_tokens)
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert files == sorted(["manifest.json"] + [n for n, _ in manifest["train"] + manifest["val"]])  # no temporaries
+
+
+def test_a_directory_is_every_file_under_it_in_sorted_order(inputs, tmp_path):
+    """The corpus's three files in a folder tree, with hidden ones beside
+    them: the same tokens as the files named one by one, in path order."""
+    d, paths, expected = inputs
+    tree = tmp_path / "tree"
+    (tree / "b" / "c").mkdir(parents=True)
+    shutil.copy(paths[0], tree / "a.txt")
+    shutil.copy(paths[1], tree / "b" / "b.jsonl")
+    shutil.copy(paths[2], tree / "b" / "c" / "c.parquet")
+    (tree / ".notes.txt").write_text("hidden")
+    (tree / ".git").mkdir()
+    (tree / ".git" / "HEAD").write_text("ref: refs/heads/main")
+    assert input_files([tree]) == [tree / "a.txt", tree / "b" / "b.jsonl", tree / "b" / "c" / "c.parquet"]
+    prepare([tree], tmp_path / "out")
+    assert all_tokens(tmp_path / "out") == expected
+    assert input_files([tree / "b", paths[0]]) == [tree / "b" / "b.jsonl", tree / "b" / "c" / "c.parquet", paths[0]]
+    (tmp_path / "empty" / ".cache").mkdir(parents=True)
+    with pytest.raises(GPT2FnError, match=r"^input directory .*empty holds no files \(hidden ones are skipped\)$"):
+        prepare([tmp_path / "empty"], tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
 
 
 def test_val_tokens_takes_the_tail(inputs, tmp_path):
