@@ -12,6 +12,7 @@ import sys
 
 import torch
 
+from gpt2fn.device import DEVICE_HELP, resolve_device
 from gpt2fn.errors import ArgumentParser, GPT2FnError, run_cli
 from gpt2fn.interp import ablate_head, logit_lens, patch, run_with_cache
 from gpt2fn.model import forward
@@ -26,10 +27,12 @@ def main(argv=None) -> int:
     p.add_argument("--source", default="ROMEO: O, he doth teach the candles to weep",
                    help="the prompt whose residual stream is patched in (same token count as --prompt)")
     p.add_argument("--layer", type=int, default=None, help="layer to ablate / patch (default: the middle one)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     return run_cli(run, p.parse_args(argv))
 
 
 def run(args) -> int:
+    device = resolve_device(args.device)
     path = resolve_model(args.model)
     tok = get_tokenizer(path)
     ids = torch.tensor([encode(tok, args.prompt)])
@@ -38,8 +41,9 @@ def run(args) -> int:
     src = torch.tensor([encode(tok, args.source)])
     if src.shape != ids.shape:
         raise GPT2FnError(f"--source has {src.shape[1]} tokens, --prompt {ids.shape[1]}: patching needs the same length")
-    params, config = load_pretrained(path)
+    params, config = load_pretrained(path, device=device)
     check_vocabulary(tok, config.vocab_size)
+    ids, src = ids.to(device), src.to(device)
     if ids.shape[1] > config.n_ctx:
         raise GPT2FnError(f"the prompt is {ids.shape[1]} tokens; the context holds {config.n_ctx}")
     layer = config.n_layer // 2 if args.layer is None else args.layer

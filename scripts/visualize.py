@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from gpt2fn.device import DEVICE_HELP, resolve_device
 from gpt2fn.errors import ArgumentParser, GPT2FnError, check_output_dir, parse_int_list, run_cli
 from gpt2fn.interp import run_with_cache
 from gpt2fn.params import flatten_params
@@ -32,6 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--layers", default=None, help="comma-separated layers to draw (default: all)")
     p.add_argument("--columns", default="0,1,2,3,4", help="position-embedding columns to plot")
     p.add_argument("--weight", default="blocks.0.attn.c_attn.w", help="dotted name of the matrix to draw")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     return run_cli(run, p.parse_args(argv))
 
 
@@ -42,8 +44,9 @@ def run(args) -> int:
     layers = None if args.layers is None else parse_int_list("--layers", args.layers, low=0, example="0,5")
     columns = parse_int_list("--columns", args.columns, low=0)
     out = check_output_dir(args.out, "--out directory")
+    device = resolve_device(args.device)
     path = resolve_model(args.model)
-    params, config = load_pretrained(path)
+    params, config = load_pretrained(path, device=device)
     tok = get_tokenizer(path)
     check_vocabulary(tok, config.vocab_size)
     ids = encode(tok, args.prompt)
@@ -60,9 +63,9 @@ def run(args) -> int:
         raise GPT2FnError(f"no matrix named {args.weight!r}; e.g. {', '.join(matrices[:4])}")
     labels = [tok.decode([i]) for i in ids]
 
-    _, cache = run_with_cache(params, config, torch.tensor([ids]))
+    _, cache = run_with_cache(params, config, torch.tensor([ids], device=device))
     for layer in layers:
-        probs = cache[("attn_probs", layer)][0]  # [H, T, T]
+        probs = cache[("attn_probs", layer)][0].float().cpu()  # [H, T, T]
         cols = math.ceil(math.sqrt(config.n_head))
         rows = math.ceil(config.n_head / cols)
         size = max(3.0, 0.25 * len(ids))
@@ -81,7 +84,7 @@ def run(args) -> int:
         save_figure(fig, out / f"attention_layer{layer}.png", dpi=100)
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    wpe = params["wpe"].float()
+    wpe = params["wpe"].float().cpu()
     for c in columns:
         ax.plot(wpe[:, c].numpy(), label=f"column {c}")
     ax.set_xlabel("position")
@@ -90,7 +93,7 @@ def run(args) -> int:
     ax.legend()
     save_figure(fig, out / "position_embedding.png", dpi=100)
 
-    w = flat[args.weight].float()
+    w = flat[args.weight].float().cpu()
     fig, ax = plt.subplots(figsize=(8, 8 * min(2.0, w.shape[0] / w.shape[1])))
     image = ax.imshow(w.numpy(), cmap="RdBu", aspect="auto", vmin=-w.abs().max(), vmax=w.abs().max())
     fig.colorbar(image, ax=ax)

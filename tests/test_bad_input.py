@@ -247,7 +247,8 @@ def test_prepare_data_refuses_bad_input(scripts, capsys, data, tmp_path):
     assert "--val_tokens and --val_fraction both size the val split; give one" in refused(
         capsys, cli, text, "--out", out, "--val_fraction", "0.2", "--val_tokens", "100")
     assert f"input file {tmp_path / 'none.txt'} does not exist" in refused(capsys, cli, tmp_path / "none.txt", "--out", out)
-    assert "is not a file" in refused(capsys, cli, tmp_path, "--out", out)
+    (tmp_path / "empty" / ".git").mkdir(parents=True)
+    assert "input directory" in refused(capsys, cli, tmp_path / "empty", "--out", out)  # a directory is its files
     assert "output directory" in refused(capsys, cli, text, "--out", a_file(tmp_path))
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     assert "as UTF-8 text" in failed_midway(capsys, cli, tmp_path / "latin1.txt", "--out", out)  # found while streaming
@@ -300,6 +301,7 @@ def test_visualize_refuses_bad_input(scripts, capsys, small_ref, tmp_path):
     assert "the prompt is empty" in refused(capsys, cli, *base, "--prompt", "")
     assert "--out directory" in refused(capsys, cli, "--model", small_ref.directory, "--out", a_file(tmp_path))
     assert "does not exist" in refused(capsys, cli, "--model", tmp_path / "none.safetensors", "--out", out)
+    assert "unknown device 'tpu'" in refused(capsys, cli, *base, "--device", "tpu")
     assert not out.exists()
 
 
@@ -308,6 +310,7 @@ def test_interventions_refuse_bad_input(scripts, capsys, small_ref):
     assert "--layer must be between 0 and 1, got 7" in refused(capsys, cli, *model, "--layer", "7")
     assert "unknown model 'gpt5'" in refused(capsys, cli, "--model", "gpt5")
     assert "the prompt needs at least two tokens" in refused(capsys, cli, *model, "--prompt", "a")
+    assert "unknown device 'tpu'" in refused(capsys, cli, *model, "--device", "tpu")
     assert "patching needs the same length" in refused(capsys, cli, *model, "--source", "a much longer source prompt "
                                                                                      "than the default one, by far")
 
