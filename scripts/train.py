@@ -65,7 +65,7 @@ HELP = {  # the shape's options and TrainConfig's fields, as --help shows them
     "max_steps": "optimizer steps of the run",
     "lr": "peak learning rate, after the warmup",
     "min_lr": "learning rate at max_steps, the end of the cosine",
-    "warmup_steps": "steps of linear warmup from 0 to lr",
+    "warmup_steps": "steps of linear warmup up to lr (step i at lr x (i + 1) / warmup_steps)",
     "weight_decay": "AdamW's decoupled weight decay on the 2-D weights (matrices and embeddings; not biases or LayerNorms)",
     "beta1": "AdamW's beta1",
     "beta2": "AdamW's beta2",
