@@ -23,7 +23,8 @@ order (machines are noisy: only ratios measured side by side mean anything):
    its vocabulary, e.g. ``gpt2`` for ``gpt2-xl``), for each ``k`` of ``--draft-tokens``
    and adaptive up to ``--adaptive-draft``, with the acceptance rate beside it
    (and with ``--draft-vocab N``, each again with the draft proposing only N
-   tokens: :func:`gpt2fn.speculative.draft_vocab`);
+   tokens: :func:`gpt2fn.speculative.draft_vocab`), and for each whole draft
+   at its largest ``k`` the batch of ``--batch`` prompts too;
 4. decode speed against sequence length up to the full context: eager and
    compiled, with and without the KV cache;
 5. prefill time per prompt length, eager and compiled;
@@ -83,7 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=8, help="prompt tokens of each generation")
     p.add_argument("--new-tokens", type=int, default=256, help="new tokens of each generation")
     p.add_argument("--batch", type=int, default=8,
-                   help="also decode this many prompts in one batch: compiled for every dtype, eager for the first (1 = skip)")
+                   help="also decode this many prompts in one batch: compiled for every dtype, eager for the first, "
+                        "and speculative with each draft at its largest k (1 = skip)")
     p.add_argument("--tokens-per-call", type=int, default=0,
                    help="also compiled rows for every dtype with this many decode steps chained per call "
                         "(generate's tokens_per_call: one graph for models narrower than GPT-2 on the CPU, else "
@@ -244,9 +246,24 @@ def make_contenders(args, params: dict, params32, config, prompt, device, drafts
         mode = ("compiled" if compiled else "eager") + (f", {per_call} a call" if per_call > 1 else "")
         return Contender("gpt2fn", mode, d, prompts.shape[0], run)
 
+    def speculative(d: str, draft: tuple, prompts, k: int, adaptive: bool) -> Contender:
+        notes = {}
+
+        def run() -> float:
+            stats = generate_all(params32, config, prompts, args.new_tokens, temperature=0, attention=args.attention,
+                                 compile=True, draft=draft, draft_tokens=k, adaptive_draft=adaptive)[1]  # fmt: skip
+            notes.setdefault("acceptance_rate", []).append(stats.acceptance_rate)
+            notes.setdefault("tokens_per_pass", []).append(stats.tokens_per_pass)
+            notes.setdefault("drafted_per_pass", []).append(stats.drafted_per_pass)
+            return stats.decode_tokens * stats.batch / stats.decode_s
+
+        name = f"speculative {d} k<={k} adaptive" if adaptive else f"speculative {d} k={k}"
+        return Contender("gpt2fn", name, "float32", prompts.shape[0], run, notes)
+
     contenders = [ours(d, compiled, prompt) for d in params for compiled in (False, True)]
     if args.tokens_per_call > 1:
         contenders += [ours(d, True, prompt, args.tokens_per_call) for d in params]
+    prompts = None
     if args.batch > 1:  # the same prompt length per row, so every row runs all steps
         prompts = torch.randint(0, config.vocab_size, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(1))
         contenders += [ours(next(iter(params)), False, prompts)] + [ours(d, True, prompts) for d in params]
@@ -256,19 +273,9 @@ def make_contenders(args, params: dict, params32, config, prompt, device, drafts
     for (d, (draft, draft_config)), vocab in itertools.product(drafts.items(), vocabs):
         draft = (draft if vocab is None else draft_vocab(draft, vocab), draft_config)  # one copy serves every k
         d = d if vocab is None else f"{d} v{len(vocab)}"
-        for k, adaptive in ks:
-            notes = {}
-
-            def run(draft=draft, notes=notes, k=k, adaptive=adaptive) -> float:
-                stats = generate_all(params32, config, prompt, args.new_tokens, temperature=0, attention=args.attention,
-                                     compile=True, draft=draft, draft_tokens=k, adaptive_draft=adaptive)[1]  # fmt: skip
-                notes.setdefault("acceptance_rate", []).append(stats.acceptance_rate)
-                notes.setdefault("tokens_per_pass", []).append(stats.tokens_per_pass)
-                notes.setdefault("drafted_per_pass", []).append(stats.drafted_per_pass)
-                return stats.decode_tokens / stats.decode_s
-
-            name = f"speculative {d} k<={k} adaptive" if adaptive else f"speculative {d} k={k}"
-            contenders.append(Contender("gpt2fn", name, "float32", 1, run, notes))
+        contenders += [speculative(d, draft, prompt, k, adaptive) for k, adaptive in ks]
+        if prompts is not None and vocab is None:  # the batch too, with each whole draft at its largest fixed k
+            contenders.append(speculative(d, draft, prompts, max(draft_tokens(args)), False))
     model = None if args.no_transformers else transformers_model(params32, config)  # None: transformers is not installed
     if model is not None:
         modes = ("default", "static cache") if device.type == "cuda" else ("default",)
@@ -426,9 +433,11 @@ def print_report(results) -> None:
                   f"{fmt_ratio(g['tokens_per_s'] / tps(g['mode'], g['dtype']))}")  # fmt: skip
     for g in gen.values():
         if g["mode"].startswith("speculative"):
-            print(f"\n  {g['mode']}: {fmt_ratio(g['tokens_per_s'] / tps('compiled', 'float32'))} plain compiled float32, "
-                  f"{fmt_ratio(g['tokens_per_s'] / limit['float32']['tokens_per_s']) if 'float32' in limit else '-'} "
-                  f"the float32 streaming limit; acceptance {g['acceptance_rate']:.1%}, "
+            batch = f" batch {g['batch']}" if g["batch"] > 1 else ""
+            limit32 = g["batch"] * limit["float32"]["tokens_per_s"] if "float32" in limit else float("nan")
+            print(f"\n  {g['mode']}{batch}: {fmt_ratio(g['tokens_per_s'] / tps('compiled', 'float32', g['batch']))} "
+                  f"plain compiled float32{batch}, {fmt_ratio(g['tokens_per_s'] / limit32)} the float32 streaming limit"
+                  f"{' (x batch)' if batch else ''}; acceptance {g['acceptance_rate']:.1%}, "
                   f"{g['drafted_per_pass']:.2f} drafted and {g['tokens_per_pass']:.2f} emitted per target pass")  # fmt: skip
     print("\n  compiled / eager:  " + ", ".join(f"{d} {fmt_ratio(tps('compiled', d) / tps('eager', d))}" for d in limit))
     chained = [g for g in gen.values() if g["mode"].startswith("compiled, ")]

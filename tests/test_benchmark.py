@@ -40,6 +40,10 @@ def test_benchmark_writes_json_and_plot(small_ref, tmp_path):
     spec = results["generation"]["gpt2fn speculative int8 k=4 float32"]
     assert 0 <= spec["acceptance_rate"] <= 1 and 1 <= spec["tokens_per_pass"] <= 5
     assert "speculative int8 k=4: " in run.stdout and "the float32 streaming limit; acceptance" in run.stdout
+    spec_batch = results["generation"]["gpt2fn speculative int8 k=4 float32 batch 3"]  # the whole draft, its largest k
+    assert spec_batch["batch"] == 3 and 0 <= spec_batch["acceptance_rate"] <= 1 and spec_batch["drafted_per_pass"] == 4
+    assert "speculative int8 k=4 batch 3: " in run.stdout and "plain compiled float32 batch 3" in run.stdout
+    assert "gpt2fn speculative int8 v300 k=4 float32 batch 3" not in names
     adaptive = results["generation"]["gpt2fn speculative int8 k<=4 adaptive float32"]
     assert 1 <= adaptive["drafted_per_pass"] <= 4 and spec["drafted_per_pass"] == 4
     cut = results["generation"]["gpt2fn speculative int8 v300 k=4 float32"]  # the draft over ids 0..299
