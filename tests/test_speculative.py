@@ -211,6 +211,12 @@ def test_speculative_steps_built_for_cuda_run_their_python_on_cpu_tensors(small)
     assert graphs == counters["stats"]["unique_graphs"] == counters["inductor"]["cudagraph_skips"] == 2
     state = steps.make_state(params, 1, 72)
     assert cache_len(state.target) == cache_len(state.draft) == min(128, config.n_ctx)  # rounded for CUDA graphs
+    # a ragged batch of two, its draft on the GPU's batch products (int8_sums for the int8 draft)
+    steps = speculative_steps(config, self_draft(params, "int8"), config, 4, device=torch.device("cuda"), compile=True,
+                              temperature=0, batch=2)  # fmt: skip
+    rows = [prompt[0].tolist() for prompt in prompts(2, (5, 12), seed=6)]
+    stream = Stream(params, steps, rows, [40, 40], None, lambda batch, decode: None)
+    assert torch.equal(stream.tokens(), generate_all(params, config, rows, 40, temperature=0)[0])
     torch._dynamo.reset()
 
 
