@@ -70,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ignore_eot", action="store_true", help="keep going past <|endoftext|>")
     p.add_argument("--stop", action="append", default=[],
                    help="end a prompt's text where this text appears (it is left out); repeat it for several")
+    p.add_argument("--interactive", action="store_true",
+                   help="read prompts from standard input, one a line, and continue each as it comes: the model "
+                        "loads (and --compile compiles) once; end with Ctrl-D")
     return p.parse_args(argv)
 
 
@@ -82,8 +85,11 @@ def run(args: argparse.Namespace) -> int:
     # Check everything that is cheap to check before loading any weights.
     check_sampling_args(args.temperature, args.top_k, args.top_p)
     prompts = list(args.prompt) + read_prompt_file(args.prompt_file)
-    if not prompts:
-        raise GPT2FnError("no prompt given; pass --prompt TEXT (repeatable) or --prompt-file FILE")
+    if args.interactive and prompts:
+        raise GPT2FnError("--interactive reads its prompts from standard input, one a line; drop --prompt and "
+                          "--prompt-file")  # fmt: skip
+    if not prompts and not args.interactive:
+        raise GPT2FnError("no prompt given; pass --prompt TEXT (repeatable), --prompt-file FILE or --interactive")
     if any(not p for p in prompts):
         raise GPT2FnError("the prompt is empty; pass some text with --prompt")
     if "" in args.stop:
@@ -127,6 +133,19 @@ def run(args: argparse.Namespace) -> int:
                                 config.vocab_size)  # fmt: skip
         draft = draft_vocab(draft[0], vocab), draft[1]
     params = cast_params(params, args.dtype)
+    if not args.interactive:
+        complete(args, prompts, params, config, tokenizer, draft, device, seed)
+        return 0
+    for line in input_lines():  # a bad prompt (say, too long) is one error line, and the session goes on
+        try:
+            complete(args, [line], params, config, tokenizer, draft, device, seed)
+        except GPT2FnError as e:
+            print(f"error: {e}", file=sys.stderr)
+    return 0
+
+
+def complete(args: argparse.Namespace, prompts: list[str], params, config, tokenizer, draft, device, seed: int) -> None:
+    """Generate from ``prompts``: one streams as it is made, a batch prints when it is done; then the report."""
     ids = [encode(tokenizer, p) for p in prompts]
     stream = generate(  # one prompt (a tensor) must fit with its continuation; in a batch each row stops at the context
         params, config, torch.tensor(ids) if len(ids) == 1 else ids, args.max_tokens,
@@ -159,7 +178,6 @@ def run(args: argparse.Namespace) -> int:
     for i, row in enumerate(pieces if not streamed else []):
         print(f"--- [{i + 1}/{len(prompts)}] ---\n{''.join(row)}")
     print(report(args, device, seed, stream), file=sys.stderr)
-    return 0
 
 
 def report(args: argparse.Namespace, device: torch.device, seed: int, stream) -> str:
@@ -202,6 +220,22 @@ def read_prompt_file(path: str | None) -> list[str]:
     else:
         text = read_utf8(path, "prompt file")
     return [line for line in text.splitlines() if line.strip()]
+
+
+def input_lines():
+    """Standard input's non-blank lines, each as it is typed (a "> " on
+    stderr asks for it at a terminal), until end of input."""
+    while True:
+        if sys.stdin.isatty():
+            print("> ", end="", file=sys.stderr, flush=True)
+        try:
+            line = sys.stdin.readline()
+        except UnicodeDecodeError:
+            raise GPT2FnError("standard input (--interactive) is not UTF-8 text") from None
+        if not line:
+            return
+        if line.strip():
+            yield line.rstrip("\n")
 
 
 def write(text: str) -> None:

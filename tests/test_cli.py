@@ -76,6 +76,22 @@ def test_stop_strings_end_the_text_and_the_generation(generate_cli, capsys, smal
     assert "generated 80 in 40 steps" not in err  # every row stopped before max_tokens: the batch ended early
 
 
+def test_interactive_continues_each_line_and_goes_on_past_a_bad_one(generate_cli, capsys, small_ref, monkeypatch):
+    """--interactive: each non-blank line of standard input is a prompt, continued as the same flags would
+    continue it alone; one too long for the context is one error line, and the next line still runs."""
+    base = ["--model", str(small_ref.directory), "--max_tokens", "12", "--temperature", "0", "--ignore_eot", "--device", "cpu"]
+    alone = []
+    for prompt in ("The meaning of life is", "Once upon a time"):
+        alone.append(run_cli(generate_cli, capsys, "--prompt", prompt, *base)[1])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("The meaning of life is\n\n" + "word " * 200 + "\nOnce upon a time\n"))
+    code, out, err = run_cli(generate_cli, capsys, "--interactive", *base)
+    assert code == 0 and out == "".join(alone)
+    assert err.count("error: ") == 1 and "error: the prompt is 201 tokens but the context holds 128; shorten the prompt\n" in err
+    assert err.count("generated 12 in 12 steps") == 2
+    code, out, err = run_cli(generate_cli, capsys, "--interactive", "--prompt", "Hi", *base)
+    assert code == 2 and err == "error: --interactive reads its prompts from standard input, one a line; drop --prompt and --prompt-file\n"
+
+
 def test_cache_flags_and_attention_backends_agree(generate_cli, capsys, small_ref):
     base = ["--prompt", "Once upon a time", "--model", str(small_ref.directory), "--max_tokens", "15",
             "--temperature", "0", "--ignore_eot"]
