@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="end a prompt's text where this text appears (it is left out); repeat it for several")
     p.add_argument("--interactive", action="store_true",
                    help="read prompts from standard input, one a line, and continue each as it comes: the model "
-                        "loads (and --compile compiles) once; end with Ctrl-D")
+                        "loads (and --compile compiles) once; Ctrl-C stops a generation, Ctrl-D ends")
     return p.parse_args(argv)
 
 
@@ -141,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
             complete(args, [line], params, config, tokenizer, draft, device, seed)
         except GPT2FnError as e:
             print(f"error: {e}", file=sys.stderr)
+        except KeyboardInterrupt:  # Ctrl-C ends this generation; at the "> " it ends the session
+            print(file=sys.stderr)
     return 0
 
 

@@ -88,6 +88,18 @@ def test_interactive_continues_each_line_and_goes_on_past_a_bad_one(generate_cli
     assert code == 0 and out == "".join(alone)
     assert err.count("error: ") == 1 and "error: the prompt is 201 tokens but the context holds 128; shorten the prompt\n" in err
     assert err.count("generated 12 in 12 steps") == 2
+    generate, calls = generate_cli.generate, []
+
+    def interrupted_once(*args, **kwargs):  # Ctrl-C during the first generation: the next line still runs
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(generate_cli, "generate", interrupted_once)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("The meaning of life is\nOnce upon a time\n"))
+    code, out, err = run_cli(generate_cli, capsys, "--interactive", *base)
+    assert code == 0 and out == alone[1] and err.count("generated 12") == 1
     code, out, err = run_cli(generate_cli, capsys, "--interactive", "--prompt", "Hi", *base)
     assert code == 2 and err == "error: --interactive reads its prompts from standard input, one a line; drop --prompt and --prompt-file\n"
 
