@@ -35,7 +35,7 @@ from gpt2fn.speculative import check_draft, speculative_steps
 from gpt2fn.steps import State, Steps, make_steps, window_len
 
 Tensor = torch.Tensor
-Prompts = Union[Tensor, list[list[int]]]
+Prompts = Union[Tensor, list[Union[list[int], Tensor]]]  # [B, T], or B prompts of any lengths (lists or 1-D tensors)
 
 
 @dataclass(frozen=True)
@@ -321,8 +321,8 @@ def generate(
 def prompt_lists(config: GPTConfig, prompts: Prompts, max_new_tokens: int) -> list[list[int]]:
     """The prompts as token lists, after one clear line for any that cannot
     run: a [B, T] tensor (each prompt with its new tokens must fit the
-    context) or a list of token lists (each row stops at the context), of
-    token ids of the model."""
+    context) or a list of prompts, each a list of ids or a 1-D tensor (each
+    row stops at the context), of token ids of the model."""
     check_int("max_tokens", max_new_tokens, low=0)
     if isinstance(prompts, Tensor):
         if prompts.dim() != 2 or len(prompts) == 0:
@@ -333,10 +333,14 @@ def prompt_lists(config: GPTConfig, prompts: Prompts, max_new_tokens: int) -> li
     elif not isinstance(prompts, (list, tuple)):
         raise GPT2FnError(f"prompts are a [B, T] tensor or a list of token lists, got {type(prompts).__name__}")
     else:
+        prompts = [p.tolist() if isinstance(p, Tensor) and p.dim() == 1 else p for p in prompts]
         odd = next((i for i, p in enumerate(prompts) if not isinstance(p, (list, tuple))), None)
         if odd is not None:
-            what = (f"{type(prompts[odd]).__name__} as prompt {odd + 1}" if not all(isinstance(t, int) for t in prompts)
-                    else "a list of token ids; for one prompt pass [ids]")  # fmt: skip
+            p = prompts[odd]
+            what = (f"a tensor of shape {list(p.shape)} as prompt {odd + 1} (a prompt in a list is 1-D)"
+                    if isinstance(p, Tensor) else f"{type(p).__name__} as prompt {odd + 1}")  # fmt: skip
+            if all(isinstance(t, int) for t in prompts):
+                what = "a list of token ids; for one prompt pass [ids]"
             raise GPT2FnError(f"prompts are a [B, T] tensor or a list of token lists, got {what}")
         check_prompts(config, prompts)
     for i, p in enumerate(prompts):

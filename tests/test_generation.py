@@ -144,6 +144,8 @@ def test_prompts_that_are_not_token_ids_of_the_model_are_refused(small, prompts,
         ([1, 2, 3], r"^prompts are a \[B, T\] tensor or a list of token lists, got a list of token ids; for one prompt "
                     r"pass \[ids\]$"),
         ([[1, 2], 3], r"^prompts are a \[B, T\] tensor or a list of token lists, got int as prompt 2$"),
+        ([[1, 2], torch.tensor([[3, 4]])], r"got a tensor of shape \[1, 2\] as prompt 2 \(a prompt in a list is 1-D\)$"),
+        ([torch.tensor([1.0, 2.0])], r"^prompt 1 holds 1.0, which is not a token id; token ids are integers$"),
         ("ROMEO:", r"^prompts are a \[B, T\] tensor or a list of token lists, got str$"),
         ([[1, 2]], None),  # a float count: max_new_tokens below
     ],
@@ -152,6 +154,15 @@ def test_prompts_of_another_shape_are_refused(small, prompts, message):
     params, config = small
     with pytest.raises(GPT2FnError, match=message or r"^max_tokens must be an integer >= 0, got 2.5$"):
         generate(params, config, prompts, 5 if message else 2.5)
+
+
+def test_a_list_of_1d_tensors_is_a_ragged_batch(small):
+    params, config = small
+    rows = [[5, 17, 900], [42], list(range(300, 308))]
+    as_lists, _ = generate_all(params, config, rows, 6, temperature=0)
+    as_tensors, _ = generate_all(params, config, [torch.tensor(r) for r in rows], 6, temperature=0)
+    mixed, _ = generate_all(params, config, [rows[0], torch.tensor(rows[1]), tuple(rows[2])], 6, temperature=0)
+    assert torch.equal(as_tensors, as_lists) and torch.equal(mixed, as_lists)
 
 
 def test_perplexity_refuses_tokens_outside_the_vocabulary(small):
