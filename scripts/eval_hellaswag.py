@@ -16,6 +16,7 @@ import sys
 from gpt2fn.device import DEVICE_HELP, resolve_device
 from gpt2fn.errors import ArgumentParser, check_int, run_cli
 from gpt2fn.hellaswag import evaluate_hellaswag, hub_validation_file, load_examples
+from gpt2fn.quantize import WEIGHT_DTYPES
 from gpt2fn.tokenizer import get_tokenizer
 from gpt2fn.weights import MODEL_HELP, load_pretrained, resolve_model
 
@@ -27,6 +28,9 @@ def main(argv=None) -> int:
                    "hellaswag_val.jsonl; default: the validation split from the Hub (Rowan/hellaswag, needs pyarrow)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N examples")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--dtype", default="float32", choices=WEIGHT_DTYPES,
+                   help="the weights' dtype: float32, bfloat16, float16, or int8 (weight-only, fp32 compute), "
+                        "to see what it costs")
     return run_cli(run, p.parse_args(argv))
 
 
@@ -36,9 +40,9 @@ def run(args) -> int:
     examples = load_examples(args.data or hub_validation_file(), args.limit)
     device = resolve_device(args.device)
     path = resolve_model(args.model)
-    params, config = load_pretrained(path, device=device)
+    params, config = load_pretrained(path, dtype=args.dtype, device=device)
     result = evaluate_hellaswag(params, config, get_tokenizer(path), examples, progress=True)
-    print(f"{args.model} on {result.n} HellaSwag examples: acc {result.acc:.4f}  acc_norm {result.acc_norm:.4f}")
+    print(f"{args.model} ({args.dtype}) on {result.n} HellaSwag examples: acc {result.acc:.4f}  acc_norm {result.acc_norm:.4f}")
     return 0
 
 

@@ -13,6 +13,7 @@ import torch
 from gpt2fn.device import DEVICE_HELP, resolve_device
 from gpt2fn.errors import ArgumentParser, GPT2FnError, check_input, check_int, read_utf8, run_cli
 from gpt2fn.evaluation import perplexity
+from gpt2fn.quantize import WEIGHT_DTYPES
 from gpt2fn.tokenizer import check_vocabulary, get_tokenizer
 from gpt2fn.weights import MODEL_HELP, load_pretrained, resolve_model
 
@@ -24,6 +25,9 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=int, default=None, help="window length (default: the model's context)")
     p.add_argument("--stride", type=int, default=None, help="window step (default: the context)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--dtype", default="float32", choices=WEIGHT_DTYPES,
+                   help="the weights' dtype: float32, bfloat16, float16, or int8 (weight-only, fp32 compute), "
+                        "to see what it costs")
     return run_cli(run, p.parse_args(argv))
 
 
@@ -40,10 +44,10 @@ def run(args) -> int:
     tokens = torch.tensor(tokenizer.encode_ordinary(text), dtype=torch.int64)
     if len(tokens) < 2:
         raise GPT2FnError(f"{path} holds {len(tokens)} token(s); perplexity needs at least 2")
-    params, config = load_pretrained(model_path, device=device)
+    params, config = load_pretrained(model_path, dtype=args.dtype, device=device)
     check_vocabulary(tokenizer, config.vocab_size)
     result = perplexity(params, config, tokens, args.context, args.stride, progress=True)
-    print(f"{args.model} on {path.name}: {result.n_tokens} tokens, NLL {result.nll:.4f} nats/token, "
+    print(f"{args.model} ({args.dtype}) on {path.name}: {result.n_tokens} tokens, NLL {result.nll:.4f} nats/token, "
           f"perplexity {result.perplexity:.2f}")  # fmt: skip
     return 0
 

@@ -74,6 +74,12 @@ def test_the_script_prints_acc_and_acc_norm(small_ref, jsonl, capsys):
     params, config = load_pretrained(small_ref.directory)
     expected = evaluate_hellaswag(params, config, get_tokenizer(), load_examples(jsonl, limit=3))
     assert code == 0 and f"on 3 HellaSwag examples: acc {expected.acc:.4f}  acc_norm {expected.acc_norm:.4f}" in out
+    code = load_script("eval_hellaswag").main(["--model", str(small_ref.directory), "--data", str(jsonl), "--limit", "3",
+                                               "--device", "cpu", "--dtype", "bfloat16"])  # fmt: skip
+    bf16 = evaluate_hellaswag(load_pretrained(small_ref.directory, dtype="bfloat16")[0], config, get_tokenizer(),
+                              load_examples(jsonl, limit=3))  # fmt: skip
+    assert code == 0 and f"(bfloat16) on 3 HellaSwag examples: acc {bf16.acc:.4f}  acc_norm {bf16.acc_norm:.4f}" in \
+        capsys.readouterr().out
 
 
 @pytest.mark.parametrize("lines, message", [

@@ -252,6 +252,15 @@ def test_eval_ppl_script_prints_the_library_figure(small_ref, tmp_path):
     params, config = load_pretrained(small_ref.directory)
     expected = perplexity(params, config, torch.tensor(get_tokenizer().encode_ordinary(TEXT)), stride=64)
     assert f"perplexity {expected.perplexity:.2f}" in run.stdout
+    # --dtype int8: the perplexity of the weight-only quantized model, what the quantization costs
+    from gpt2fn.quantize import quantize_int8
+
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "eval_ppl.py"), "--model", str(small_ref.directory),
+                          "--file", str(tmp_path / "t.txt"), "--stride", "64", "--dtype", "int8"],
+                         capture_output=True, text=True)  # fmt: skip
+    quantized = perplexity(quantize_int8(params), config, torch.tensor(get_tokenizer().encode_ordinary(TEXT)), stride=64)
+    assert run.returncode == 0 and "(int8) on t.txt: " in run.stdout and f"NLL {quantized.nll:.4f} " in run.stdout
+    assert quantized.nll != expected.nll
 
 
 def test_compiled_loss_and_gradients_equal_eager():
