@@ -219,7 +219,8 @@ def train_and_export(args, device: torch.device) -> int:
                      "fine-tune a model with GPT-2's vocabulary")
     resolved = resolve_for_device(tc, device)
     peak = args.peak_flops or peak_flops(device)
-    flops_per_step = training_flops_per_token(config, tc.block_size) * tc.batch_size * tc.block_size * tc.grad_accum
+    tokens_per_step = tc.batch_size * tc.block_size * tc.grad_accum
+    flops_per_step = training_flops_per_token(config, tc.block_size) * tokens_per_step
     if rank == 0:
         print(f"{device}{f' x {world} processes' if world > 1 else ''}, deterministic "
               f"{'on (bit-identical runs)' if resolved.deterministic else 'off'}, bf16 autocast "
@@ -228,9 +229,12 @@ def train_and_export(args, device: torch.device) -> int:
     bar = tqdm(total=tc.max_steps, initial=resume["step"] if resume else 0, desc="training", unit="step",
                disable=rank != 0)
 
+    step_times = []  # this run's steps, for the closing line
+
     def on_step(record):  # tokens/s and MFU over the step itself, not its evaluation
         step_s = record.pop("step_s")
-        record["tokens_per_s"] = tc.batch_size * tc.block_size * tc.grad_accum / step_s
+        step_times.append(step_s)
+        record["tokens_per_s"] = tokens_per_step / step_s
         shown = {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"}
         if peak:
             record["mfu"] = flops_per_step / step_s / (peak * world)
@@ -264,7 +268,10 @@ def train_and_export(args, device: torch.device) -> int:
         bar.close()
     evaluated = [record for record in history if "val_loss" in record]
     last_val = f", val loss {evaluated[-1]['val_loss']:.4f} at step {evaluated[-1]['step']}" if evaluated else ""
-    print(f"done: step {history[-1]['step']} in {time.perf_counter() - start:.0f} s{last_val}")
+    timed = step_times[1:] or step_times  # the first step warms up (and compiles): left out when there are others
+    rate = f", {tokens_per_step * len(timed) / sum(timed):,.0f} tokens/s" if timed else ""
+    rate += f" (MFU {flops_per_step * len(timed) / sum(timed) / (peak * world):.1%})" if timed and peak else ""
+    print(f"done: step {history[-1]['step']} in {time.perf_counter() - start:.0f} s{rate}{last_val}")
     if rank != 0:
         return 0
     if args.export:

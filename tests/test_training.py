@@ -365,7 +365,7 @@ def test_a_steps_time_leaves_out_its_evaluation_and_checkpoint(data, tmp_path, m
     assert "val_loss" in seen[1] and "step_s" not in load_checkpoint(tmp_path / "c.pt")["history"][-1]
 
 
-def test_train_scripts_tokens_per_s_and_mfu_are_the_steps_own(data, tmp_path, monkeypatch):
+def test_train_scripts_tokens_per_s_and_mfu_are_the_steps_own(data, tmp_path, monkeypatch, capsys):
     """--log's tokens/s and MFU at an evaluation step are the step's, not the evaluation's (they read 10x low)."""
     import json
 
@@ -386,6 +386,8 @@ def test_train_scripts_tokens_per_s_and_mfu_are_the_steps_own(data, tmp_path, mo
         "--warmup_steps", "1", "--eval_interval", "2", "--eval_batches", "1", "--log", str(log), "--device", "cpu",
         "--peak_flops", "1e9"])  # fmt: skip
     assert code == 0
+    mfu = training_flops_per_token(GPTConfig(vocab_size=50257, n_ctx=32, n_embd=16, n_layer=1, n_head=2), 16) * 96 / 0.25 / 1e9
+    assert f", 384 tokens/s (MFU {mfu:.1%}), val loss " in capsys.readouterr().out  # the closing line: steps 2-4
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [("val_loss" in r, r["tokens_per_s"]) for r in records] == [(False, 384), (True, 384), (False, 384), (True, 384)]
     config = GPTConfig(vocab_size=50257, n_ctx=32, n_embd=16, n_layer=1, n_head=2)
