@@ -1,4 +1,5 @@
-"""Perplexity of a model over a long token sequence.
+"""How likely a model finds a text: each token's log-probability
+(:func:`token_logprobs`), and the perplexity of a long token sequence.
 
 Texts longer than the context are scored with a sliding window: windows of
 ``context`` tokens start every ``stride`` tokens, and each window scores only
@@ -36,6 +37,18 @@ class Perplexity:
         return math.exp(self.nll)
 
 
+def token_logprobs(params: Params, config: GPTConfig, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(token t | the tokens before it) for every token but the first:
+    tokens [B, T] int ids, 2 <= T <= n_ctx + 1 -> [B, T - 1] fp32. One
+    forward over ``tokens[:, :-1]`` (eager kernels; wrap it in
+    ``torch.inference_mode()`` when no gradient is wanted)."""
+    if tokens.dim() != 2 or not 2 <= tokens.shape[1] <= config.n_ctx + 1:
+        raise GPT2FnError(f"tokens are [B, T] ids with 2 <= T <= {config.n_ctx + 1} (the context + the last target), "
+                          f"got shape {list(tokens.shape)}")  # fmt: skip
+    logits = forward(params, config, tokens[:, :-1], kernels=eager_kernels()).float()
+    return -F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
+
+
 @torch.inference_mode()
 def perplexity(
     params: Params, config: GPTConfig, tokens: torch.Tensor, context: Optional[int] = None,
@@ -63,11 +76,9 @@ def perplexity(
     starts = range(0, len(tokens) - 1, stride)
     for begin in tqdm(starts, desc="perplexity", unit="window", disable=not progress):
         end = min(begin + context, len(tokens))
-        window = tokens[begin:end]
-        logits = forward(params, config, window[None, :-1], kernels=eager_kernels())[0].float()  # predicts window[1:]
-        new = min(end - scored_until, len(window) - 1)  # targets no earlier window scored
-        nll = F.cross_entropy(logits[-new:], window[-new:], reduction="sum")
-        total, count, scored_until = total + nll.item(), count + new, end
+        logprobs = token_logprobs(params, config, tokens[None, begin:end])[0]  # of tokens[begin + 1 : end]
+        new = min(end - scored_until, end - begin - 1)  # targets no earlier window scored
+        total, count, scored_until = total - logprobs[-new:].sum().item(), count + new, end
         if end == len(tokens):
             break
     return Perplexity(total / count, count)

@@ -20,14 +20,12 @@ from typing import Optional, Sequence
 
 import tiktoken
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from gpt2fn.config import GPTConfig
 from gpt2fn.errors import GPT2FnError, check_input
-from gpt2fn.model import forward
+from gpt2fn.evaluation import token_logprobs
 from gpt2fn.params import Params, params_device
-from gpt2fn.steps import eager_kernels
 from gpt2fn.tokenizer import check_vocabulary
 
 REFERENCE_ACC_NORM = {"gpt2": 0.2955, "gpt2-xl": 0.4893}  # validation set, this scoring (build-nanogpt)
@@ -117,9 +115,7 @@ def ending_logprobs(
         tokens[i, : len(row)] = torch.tensor(row)
         scored[i, len(row) - 1 - len(ending) : len(row) - 1] = True
     tokens, scored = tokens.to(params_device(params)), scored.to(params_device(params))
-    logits = forward(params, config, tokens[:, :-1], kernels=eager_kernels()).float()
-    logprobs = -F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")  # [4, width - 1]
-    total = (logprobs * scored).sum(1)
+    total = (token_logprobs(params, config, tokens) * scored).sum(1)  # [4, width - 1] masked to the endings
     return total, total / scored.sum(1)
 
 

@@ -184,6 +184,28 @@ def test_perplexity_matches_reference(small_ref, context, stride):
     assert abs(ours.nll - nll) <= 1e-5 and ours.perplexity == pytest.approx(math.exp(nll), rel=1e-5)
 
 
+def test_token_logprobs_are_the_references(small_ref):
+    """Each token's log-probability after the ones before it, against the
+    reference model's log-softmax, for a batch and for a full context plus
+    its last target; other shapes are one line."""
+    from gpt2fn.evaluation import token_logprobs
+
+    params, config = load_pretrained(small_ref.directory)
+    tokens = torch.randint(0, 50257, (3, config.n_ctx + 1), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = small_ref.model(tokens[:, :-1]).logits.log_softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0]
+        ours = token_logprobs(params, config, tokens)
+        assert ours.shape == (3, config.n_ctx) and ours.dtype == torch.float32
+        assert (ours - ref).abs().max() <= 1e-4
+        prefix = token_logprobs(params, config, tokens[:1, :10])  # causal: a prefix's scores are its own
+        assert (prefix - ours[:1, :9]).abs().max() <= 1e-5
+    for bad in (tokens[0], tokens[:, :1], torch.zeros(1, config.n_ctx + 2, dtype=torch.long)):
+        with pytest.raises(GPT2FnError) as refused:
+            token_logprobs(params, config, bad)
+        assert str(refused.value) == ("tokens are [B, T] ids with 2 <= T <= 129 (the context + the last target), "
+                                      f"got shape {list(bad.shape)}")
+
+
 def test_perplexity_bad_arguments(small_ref):
     params, config = load_pretrained(small_ref.directory)
     with pytest.raises(GPT2FnError, match="stride"):
