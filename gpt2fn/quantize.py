@@ -23,6 +23,8 @@ from gpt2fn.errors import GPT2FnError
 from gpt2fn.params import Params, map_params
 
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16", "int8")
+# What --dtype takes, in the scripts' --help.
+DTYPE_HELP = "the weights' dtype: float32, bfloat16, float16, or int8 (weight-only, fp32 compute)"
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

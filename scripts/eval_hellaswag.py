@@ -16,7 +16,7 @@ import sys
 from gpt2fn.device import DEVICE_HELP, resolve_device
 from gpt2fn.errors import ArgumentParser, check_int, run_cli
 from gpt2fn.hellaswag import evaluate_hellaswag, hub_validation_file, load_examples
-from gpt2fn.quantize import WEIGHT_DTYPES
+from gpt2fn.quantize import DTYPE_HELP, WEIGHT_DTYPES
 from gpt2fn.tokenizer import get_tokenizer
 from gpt2fn.weights import MODEL_HELP, load_pretrained, resolve_model
 
@@ -24,13 +24,11 @@ from gpt2fn.weights import MODEL_HELP, load_pretrained, resolve_model
 def main(argv=None) -> int:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="gpt2", help=MODEL_HELP)
+    p.add_argument("--dtype", default="float32", choices=WEIGHT_DTYPES, help=f"{DTYPE_HELP}: what it costs")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--data", default=None, help="HellaSwag jsonl (ctx, endings, label per line), e.g. "
                    "hellaswag_val.jsonl; default: the validation split from the Hub (Rowan/hellaswag, needs pyarrow)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N examples")
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--dtype", default="float32", choices=WEIGHT_DTYPES,
-                   help="the weights' dtype: float32, bfloat16, float16, or int8 (weight-only, fp32 compute), "
-                        "to see what it costs")
     return run_cli(run, p.parse_args(argv))
 
 

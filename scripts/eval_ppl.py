@@ -13,7 +13,7 @@ import torch
 from gpt2fn.device import DEVICE_HELP, resolve_device
 from gpt2fn.errors import ArgumentParser, GPT2FnError, check_input, check_int, read_utf8, run_cli
 from gpt2fn.evaluation import perplexity
-from gpt2fn.quantize import WEIGHT_DTYPES
+from gpt2fn.quantize import DTYPE_HELP, WEIGHT_DTYPES
 from gpt2fn.tokenizer import check_vocabulary, get_tokenizer
 from gpt2fn.weights import MODEL_HELP, load_pretrained, resolve_model
 
@@ -25,9 +25,7 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=int, default=None, help="window length (default: the model's context)")
     p.add_argument("--stride", type=int, default=None, help="window step (default: the context)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--dtype", default="float32", choices=WEIGHT_DTYPES,
-                   help="the weights' dtype: float32, bfloat16, float16, or int8 (weight-only, fp32 compute), "
-                        "to see what it costs")
+    p.add_argument("--dtype", default="float32", choices=WEIGHT_DTYPES, help=f"{DTYPE_HELP}: what it costs")
     return run_cli(run, p.parse_args(argv))
 
 

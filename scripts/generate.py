@@ -19,7 +19,7 @@ from gpt2fn.device import DEVICE_HELP, resolve_device
 from gpt2fn.errors import ArgumentParser, GPT2FnError, check_int, read_utf8, run_cli
 from gpt2fn.generation import generate
 from gpt2fn.layers import ATTEND
-from gpt2fn.quantize import WEIGHT_DTYPES, cast_params
+from gpt2fn.quantize import DTYPE_HELP, WEIGHT_DTYPES, cast_params
 from gpt2fn.sampling import check_sampling_args
 from gpt2fn.speculative import DRAFT_DTYPES, draft_vocab, frequent_tokens, self_draft
 from gpt2fn.tokenizer import TextStream, check_vocabulary, encode, get_tokenizer
@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the whole sequence every step)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", default="float32", choices=WEIGHT_DTYPES,
-                   help="weights: float32, bfloat16, float16, or int8 (weight-only, fp32 compute; fast only with --compile)")
+                   help=f"{DTYPE_HELP}; int8 is fast only with --compile")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (one graph for every step; the first run compiles)")
     p.add_argument("--attention", default="auto", choices=("auto", *ATTEND),

@@ -491,8 +491,8 @@ def test_every_option_of_every_script_says_what_it_does_and_its_default(name, mo
     text = one_line_help(script)
     text = text[text.index(" options: "):]
     starts, formatter = [0], parsers[0]._get_formatter()
-    for a in options:  # where each option's entry begins, in order: "--top_k TOP_K ...", "--kvcaching, --no-kvcaching ..."
-        starts.append(text.index(f" {formatter._format_action_invocation(a)} ", starts[-1]))
+    for a in options:  # where each entry begins, in order: "--top_k TOP_K keep ...", "--kvcaching, --no-kvcaching decode ..."
+        starts.append(text.index(f" {formatter._format_action_invocation(a)} {a.help.split()[0]}", starts[-1]))
     starts = starts[1:] + [len(text)]
     for a, start, end in zip(options, starts, starts[1:]):  # each option's own help
         if a.default is not None and a.default is not False and a.default != []:
