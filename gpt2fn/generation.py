@@ -48,7 +48,7 @@ class GenerationStats:
     compile_s: float = 0.0  # compiled steps: the first decode step, which compiles (or loads) the graph
     batch: int = 1  # sequences decoded together
     # speculative decoding only (0 otherwise): rounds run, and over all rows: tokens drafted, drafted tokens
-    # the target agreed with, and drafted tokens past the cache's end (verified and dropped: neither accepted nor not)
+    # the target agreed with, and drafted tokens past the generation's end (verified and dropped: neither accepted nor not)
     target_passes: int = 0
     drafted: int = 0
     accepted: int = 0

@@ -231,7 +231,7 @@ class Speculation:
     target: KVCache
     draft: KVCache
     k: int
-    end: int  # the cache's end: the longest row's last token sits at end - 1
+    end: int  # the generation's end: the longest row's last token sits at end - 1
     at: list[int]  # each row's position of the token the next round is fed (on the host)
     before: Tensor  # [B, 1]: the emitted token before the next round's first (the draft runs both, see speculative_round)
     counts: dict = field(default_factory=lambda: {"target_passes": 0, "drafted": 0, "accepted": 0, "drafted_past_end": 0})
@@ -257,8 +257,8 @@ def speculative_round(
     more emits its first ``m``: accepted drafted tokens, each distributed as
     the target's (greedy: its argmax), so its output is still the target's;
     its other accepted tokens are drafted again next round. A row whose
-    accepted run reaches the cache's end (drafted tokens past it are
-    verified at clamped positions, see below) does not hold the others back.
+    accepted run reaches the generation's end (drafted tokens past it are
+    verified and dropped) does not hold the others back.
 
     The draft's first step runs the token before ``token`` too, at ``pos -
     1``: after a round that accepted all ``k`` drafted tokens the draft has
@@ -276,8 +276,8 @@ def speculative_round(
     out = verify(params, torch.cat([token, drafted], dim=1), verify_pos, state.target)
     n, tokens = accept(drafted, out) if noise is None else accept(drafted, q[0], out, noise)
     n = n.tolist()
-    # Drafted tokens past the cache's end (verified at clamped positions,
-    # dropped by the loop) are counted apart: neither accepted nor rejected.
+    # Drafted tokens past the generation's end (verified, then dropped by the
+    # loop) are counted apart: neither accepted nor rejected.
     inside = [min(k, max(0, state.end - 1 - at)) for at in state.at]
     m = min(n_row if n_row < within else k for n_row, within in zip(n, inside)) + 1
     state.at = [at + m for at in state.at]

@@ -109,7 +109,7 @@ def test_a_batch_counts_every_rows_drafted_tokens_by_hand(small):
     """The model as its own draft, rows of 5 and 3 tokens, 8 new, k = 4:
     the cache ends at 13. Round 1: each row accepts its 4 (positions 6-9 and
     4-7), 5 tokens emitted. Round 2: row 0's drafted tokens sit at 11-14, two
-    of them past the cache's end (counted apart, not holding row 1 back);
+    of them past the generation's end (counted apart, not holding row 1 back);
     row 1's at 9-12, all inside."""
     params, config = small
     rows = [[1, 2, 3, 4, 5], [6, 7, 8]]
@@ -137,11 +137,11 @@ def test_a_round_advances_every_row_by_the_fewest_accepted_inside_the_cache_by_h
                                 verify=lambda *args: torch.tensor(chosen), accept=accept_greedy)  # fmt: skip
         return out.tolist(), state.at, state.counts
 
-    # row 0 accepts 2 (then disagrees past the cache's end), row 1 all 4
+    # row 0 accepts 2 (then disagrees past the generation's end), row 1 all 4
     out, at, counts = run([[11, 12, 99, 99, 99], [21, 22, 23, 24, 25]])
     assert out == [[11, 12, 99, 99, 99], [21, 22, 23, 24, 25]] and at == [15, 9]
     assert counts == {"target_passes": 1, "drafted": 8, "accepted": 6, "drafted_past_end": 2}
-    # row 0 rejects its second drafted token, inside the cache: both rows emit 2
+    # row 0 rejects its second drafted token, inside the generation: both rows emit 2
     out, at, counts = run([[11, 98, 99, 99, 99], [21, 22, 23, 24, 25]])
     assert out == [[11, 98], [21, 22]] and at == [12, 6]
     assert counts == {"target_passes": 1, "drafted": 8, "accepted": 5, "drafted_past_end": 2}
