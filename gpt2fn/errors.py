@@ -123,11 +123,16 @@ def check_token_ids(what: str, ids: list, vocab_size: int) -> None:
                               f"{vocab_size - 1}); encode text with the tokenizer the model was trained with")  # fmt: skip
 
 
+def is_real(value) -> bool:
+    """An int or a float (not a bool, not None, not a string)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_number(name: str, value, low: float = -math.inf, high: float = math.inf, *,
                  low_open: bool = False, high_open: bool = False) -> float:  # fmt: skip
     """A finite number in the interval from ``low`` to ``high`` (closed unless
     ``low_open`` / ``high_open``)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = is_real(value) and math.isfinite(value)
     ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not ok:
         if high == math.inf:

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from gpt2fn.errors import GPT2FnError
+from gpt2fn.errors import GPT2FnError, is_real
 
 Tensor = torch.Tensor
 
@@ -38,11 +38,6 @@ def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
         raise GPT2FnError(f"top_k must be an integer >= 0 (0 = off), got {top_k}")
     if not (is_real(top_p) and 0 < top_p <= 1):
         raise GPT2FnError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
-
-
-def is_real(value) -> bool:
-    """An int or a float (not a bool, not None, not a string)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def top_k_filter(logits: Tensor, k: int) -> Tensor:
