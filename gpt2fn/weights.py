@@ -48,6 +48,7 @@ SAFE_TORCH_LOAD = torch.torch_version.TorchVersion(torch.__version__) >= "2.10"
 # What --model takes, in every script's --help (resolve_model).
 MODEL_HELP = (f"{', '.join(HUB_REPOS)} (from the Hub), a model in weights/ by name (gpt2-shakespeare), "
               "a Hub id owner/repo, a checkpoint directory, a .safetensors file, or a training checkpoint (.pt)")
+REVISION_HELP = "the Hub revision (branch, tag or commit) of a Hub model (default: main)"
 
 
 # ----------------------------------------------------------------------------- finding files

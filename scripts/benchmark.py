@@ -71,12 +71,13 @@ from gpt2fn.quantize import WEIGHT_DTYPES, cast_params
 from gpt2fn.speculative import DRAFT_DTYPES, check_draft, draft_vocab, frequent_tokens, self_draft
 from gpt2fn.steps import cached_steps, compiled_steps, uncached_steps
 from gpt2fn.tokenizer import encode, get_tokenizer
-from gpt2fn.weights import MODEL_HELP, load_pretrained, transformers_model
+from gpt2fn.weights import MODEL_HELP, REVISION_HELP, load_pretrained, transformers_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help=f"weights to load: {MODEL_HELP} (default: random weights of --shape)")
+    p.add_argument("--revision", default=None, help=REVISION_HELP)
     p.add_argument("--shape", default=None, choices=sorted(PRESETS), help="preset shape for random weights (default gpt2)")
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.add_argument("--dtypes", default="float32,bfloat16,int8", help=f"comma-separated, from {', '.join(WEIGHT_DTYPES)}")
@@ -119,6 +120,8 @@ def check_args(args) -> tuple[list[str], list[int]]:
     """Refuse bad flags before any work; returns (dtypes, lengths)."""
     if args.model is not None and args.shape is not None:
         raise GPT2FnError("--shape sets the shape of random weights; --model brings its own: drop --shape")
+    if args.revision is not None and args.model is None:
+        raise GPT2FnError("--revision picks the Hub snapshot of --model; give --model too, or drop it")
     check_int("--prompt-len", args.prompt_len)
     check_int("--new-tokens", args.new_tokens, low=3)  # the compiled run spends its first step compiling
     check_int("--batch", args.batch)
@@ -175,7 +178,7 @@ def main(argv=None) -> int:
     if not args.warm_cache:  # a fresh inductor cache (read at every compilation) makes the first one truly cold
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="gpt2fn-bench-inductor-")
     if args.model:
-        params32, config = load_pretrained(args.model, device=device)
+        params32, config = load_pretrained(args.model, revision=args.revision, device=device)
         model_name = args.model
     else:
         shape = args.shape or "gpt2"

@@ -18,12 +18,13 @@ from gpt2fn.errors import ArgumentParser, check_int, run_cli
 from gpt2fn.hellaswag import evaluate_hellaswag, hub_validation_file, load_examples
 from gpt2fn.quantize import DTYPE_HELP, WEIGHT_DTYPES
 from gpt2fn.tokenizer import get_tokenizer
-from gpt2fn.weights import MODEL_HELP, load_pretrained, resolve_model
+from gpt2fn.weights import MODEL_HELP, REVISION_HELP, load_pretrained, resolve_model
 
 
 def main(argv=None) -> int:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="gpt2", help=MODEL_HELP)
+    p.add_argument("--revision", default=None, help=REVISION_HELP)
     p.add_argument("--dtype", default="float32", choices=WEIGHT_DTYPES, help=f"{DTYPE_HELP}: what it costs")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--data", default=None, help="HellaSwag jsonl (ctx, endings, label per line), e.g. "
@@ -37,7 +38,7 @@ def run(args) -> int:
         check_int("--limit", args.limit)
     examples = load_examples(args.data or hub_validation_file(), args.limit)
     device = resolve_device(args.device)
-    path = resolve_model(args.model)
+    path = resolve_model(args.model, args.revision)
     params, config = load_pretrained(path, dtype=args.dtype, device=device)
     result = evaluate_hellaswag(params, config, get_tokenizer(path), examples, progress=True)
     print(f"{args.model} ({args.dtype}) on {result.n} HellaSwag examples: acc {result.acc:.4f}  acc_norm {result.acc_norm:.4f}")

@@ -15,12 +15,13 @@ from gpt2fn.errors import ArgumentParser, GPT2FnError, check_input, check_int, r
 from gpt2fn.evaluation import perplexity
 from gpt2fn.quantize import DTYPE_HELP, WEIGHT_DTYPES
 from gpt2fn.tokenizer import check_vocabulary, get_tokenizer
-from gpt2fn.weights import MODEL_HELP, load_pretrained, resolve_model
+from gpt2fn.weights import MODEL_HELP, REVISION_HELP, load_pretrained, resolve_model
 
 
 def main(argv=None) -> int:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="gpt2", help=MODEL_HELP)
+    p.add_argument("--revision", default=None, help=REVISION_HELP)
     p.add_argument("--file", required=True, help="UTF-8 text file")
     p.add_argument("--context", type=int, default=None, help="window length (default: the model's context)")
     p.add_argument("--stride", type=int, default=None, help="window step (default: the context)")
@@ -37,7 +38,7 @@ def run(args) -> int:
     path = check_input(args.file, "text file")
     text = read_utf8(path, "text file")
     device = resolve_device(args.device)
-    model_path = resolve_model(args.model)
+    model_path = resolve_model(args.model, args.revision)
     tokenizer = get_tokenizer(model_path)
     tokens = torch.tensor(tokenizer.encode_ordinary(text), dtype=torch.int64)
     if len(tokens) < 2:

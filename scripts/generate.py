@@ -23,7 +23,7 @@ from gpt2fn.quantize import DTYPE_HELP, WEIGHT_DTYPES, cast_params
 from gpt2fn.sampling import check_sampling_args
 from gpt2fn.speculative import DRAFT_DTYPES, draft_vocab, frequent_tokens, self_draft
 from gpt2fn.tokenizer import TextStream, check_vocabulary, encode, get_tokenizer
-from gpt2fn.weights import MODEL_HELP, load_pretrained, resolve_model
+from gpt2fn.weights import MODEL_HELP, REVISION_HELP, load_pretrained, resolve_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-file", dest="prompt_file", default=None,
                    help="a file of prompts, one per line (blank lines skipped; - reads standard input), generated in one batch")
     p.add_argument("--model", default="gpt2", help=MODEL_HELP)
-    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) for Hub models")
+    p.add_argument("--revision", default=None, help=REVISION_HELP)
     p.add_argument("--kvcaching", action=argparse.BooleanOptionalAction, default=True,
                    help="decode against the preallocated KV cache (default: on; --no-kvcaching recomputes "
                         "the whole sequence every step)")

@@ -17,12 +17,13 @@ from gpt2fn.errors import ArgumentParser, GPT2FnError, run_cli
 from gpt2fn.interp import ablate_head, logit_lens, patch, run_with_cache
 from gpt2fn.model import forward
 from gpt2fn.tokenizer import check_vocabulary, decode, encode, get_tokenizer
-from gpt2fn.weights import MODEL_HELP, load_pretrained, resolve_model
+from gpt2fn.weights import MODEL_HELP, REVISION_HELP, load_pretrained, resolve_model
 
 
 def main(argv=None) -> int:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="gpt2-shakespeare", help=MODEL_HELP)
+    p.add_argument("--revision", default=None, help=REVISION_HELP)
     p.add_argument("--prompt", default="ROMEO: O, she doth teach the torches to burn", help="the text the model reads")
     p.add_argument("--source", default="ROMEO: O, he doth teach the candles to weep",
                    help="the prompt whose residual stream is patched in (same token count as --prompt)")
@@ -33,7 +34,7 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     device = resolve_device(args.device)
-    path = resolve_model(args.model)
+    path = resolve_model(args.model, args.revision)
     tok = get_tokenizer(path)
     ids = torch.tensor([encode(tok, args.prompt)])
     if ids.shape[1] < 2:

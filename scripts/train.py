@@ -50,7 +50,7 @@ from gpt2fn.training import (
     TrainConfig, check_fits, check_resume_data, distributed_world, load_checkpoint, resolve_for_device, train,
 )  # fmt: skip
 from gpt2fn.tokenizer import check_vocabulary, get_tokenizer
-from gpt2fn.weights import load_pretrained, resolve_model, save_params
+from gpt2fn.weights import MODEL_HELP, REVISION_HELP, load_pretrained, resolve_model, save_params
 
 
 SHAPE = ("n_layer", "n_head", "n_embd", "n_ctx")  # the options that shape a model trained from scratch
@@ -91,7 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(a setting given otherwise is refused)")
     p.add_argument("--stop_at", type=int, default=None,
                    help="stop after this step (a checkpoint is written), to --resume later")
-    p.add_argument("--from_model", default=None, help="fine-tune this model instead of training from scratch")
+    p.add_argument("--from_model", default=None, help=f"fine-tune this model instead of training from scratch: {MODEL_HELP}")
+    p.add_argument("--revision", default=None, help=REVISION_HELP.replace("a Hub model", "a Hub --from_model"))
     for name, default in zip(SHAPE, (4, 4, 128, 256)):
         p.add_argument(f"--{name}", type=int, default=default, help=HELP[name])
     for field in dataclasses.fields(TrainConfig):
@@ -157,6 +158,10 @@ def check_args(args) -> Checked:
     train_tokens, val_tokens = load_split(args.data, "train"), load_split(args.data, "val")
     if args.export:
         check_output_file(args.export, "--export file", suffix=".safetensors")
+    elif "export_dtype" in args.given:
+        raise GPT2FnError("--export_dtype sets the dtype of the --export file; give --export FILE too")
+    if args.revision is not None and not args.from_model:
+        raise GPT2FnError("--revision picks the Hub snapshot of --from_model; give --from_model too, or drop it")
     if args.plot:
         check_output_file(args.plot, "--plot file", suffix=".png")
         require_pyplot("--plot")
@@ -212,7 +217,7 @@ def train_and_export(args, device: torch.device) -> int:
     if resume is not None:
         print(f"resuming from {args.out} at step {resume['step']}")
     elif config is None:
-        params, config = load_pretrained(args.from_model)
+        params, config = load_pretrained(args.from_model, revision=args.revision)
     else:
         params = init_params(config, seed=tc.seed)
     check_vocabulary(get_tokenizer(), config.vocab_size, "the data's tokenizer (GPT-2's)",
@@ -252,7 +257,7 @@ def train_and_export(args, device: torch.device) -> int:
 
     evaluations = None
     if hellaswag:
-        tokenizer = get_tokenizer(resolve_model(args.from_model) if args.from_model else None)
+        tokenizer = get_tokenizer(resolve_model(args.from_model, args.revision) if args.from_model else None)
 
         def evaluate(params):
             result = evaluate_hellaswag(params, config, tokenizer, hellaswag)

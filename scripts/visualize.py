@@ -21,12 +21,13 @@ from gpt2fn.interp import run_with_cache
 from gpt2fn.params import flatten_params
 from gpt2fn.plotting import require_pyplot, save_figure
 from gpt2fn.tokenizer import check_vocabulary, encode, get_tokenizer
-from gpt2fn.weights import MODEL_HELP, load_pretrained, resolve_model
+from gpt2fn.weights import MODEL_HELP, REVISION_HELP, load_pretrained, resolve_model
 
 
 def main(argv=None) -> int:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="gpt2-shakespeare", help=MODEL_HELP)
+    p.add_argument("--revision", default=None, help=REVISION_HELP)
     p.add_argument("--prompt", default="ROMEO: But soft, what light through yonder window breaks?",
                    help="the text whose attention patterns are drawn")
     p.add_argument("--out", required=True, help="directory for the PNG files")
@@ -45,7 +46,7 @@ def run(args) -> int:
     columns = parse_int_list("--columns", args.columns, low=0)
     out = check_output_dir(args.out, "--out directory")
     device = resolve_device(args.device)
-    path = resolve_model(args.model)
+    path = resolve_model(args.model, args.revision)
     params, config = load_pretrained(path, device=device)
     tok = get_tokenizer(path)
     check_vocabulary(tok, config.vocab_size)

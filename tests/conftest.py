@@ -5,6 +5,7 @@ zero and no LayerNorm gain is one (those would hide layout mistakes)."""
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,3 +113,14 @@ def run_cached(params, config, tokens, cache, start: int, attention: str = "sdpa
 
     pos = positions(*tokens.shape) + start
     return logits(params, config, hidden(params, config, tokens, pos, cache, kernels=kernels(attention)))
+
+
+def fake_hub_cache(hf_home, checkpoint_dir, repo="openai-community/gpt2", refs=("main",)):
+    """The on-disk layout huggingface_hub keeps in HF_HOME/hub."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    root = hf_home / "hub" / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(checkpoint_dir, root / "snapshots" / commit)
+    (root / "refs").mkdir()
+    for ref in refs:
+        (root / "refs" / ref).write_text(commit)
+    return commit

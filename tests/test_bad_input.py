@@ -20,7 +20,7 @@ from gpt2fn.data import load_split, prepare
 from gpt2fn.params import flatten_params
 from gpt2fn.training import TrainConfig, load_checkpoint, train
 
-from conftest import ROOT, load_script
+from conftest import ROOT, fake_hub_cache, load_script
 
 TEXT = "Now is the winter of our discontent made glorious summer by this sun of York;\n" * 40
 TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--n_ctx", "32", "--block_size", "16",
@@ -88,6 +88,10 @@ TRAIN_CASES = {  # extra args -> what the line says
     "heads do not divide": (["--n_head", "3"], "n_embd=16 is not divisible by n_head=3"),
     "export suffix": (["--export", "w.bin"], "must end in .safetensors"),
     "plot suffix": (["--plot", "loss.jpg"], "must end in .png"),
+    "export_dtype alone": (["--export_dtype", "float32"], "--export_dtype sets the dtype of the --export file; give "
+                                                          "--export FILE too"),
+    "revision alone": (["--revision", "v1"], "--revision picks the Hub snapshot of --from_model; give --from_model "
+                                             "too, or drop it"),
 }
 
 
@@ -351,11 +355,38 @@ def test_a_model_narrower_than_its_tokenizer_is_refused_by_every_script(scripts,
     assert not out.exists()
 
 
+def test_every_script_that_loads_a_model_takes_its_hub_revision(scripts, capsys, data, tmp_path, small_ref, offline_hub):
+    """--revision reaches the Hub lookup in every script with a --model (train:
+    --from_model; benchmark.py: below): v2 is not cached, so each says so; v1
+    is, and loads."""
+    fake_hub_cache(offline_hub.parent, small_ref.directory, refs=("main", "v1"))
+    out = tmp_path / "out"
+    (tmp_path / "hellaswag.jsonl").write_text('{"ctx": "A man", "endings": ["runs.", "sits.", "is.", "was."], "label": 0}\n')
+    runs = {
+        "generate": ["--prompt", "Hello", "--max_tokens", "3"],
+        "eval_ppl": ["--file", data / "t.txt"],
+        "eval_hellaswag": ["--data", tmp_path / "hellaswag.jsonl"],
+        "interventions": [],
+        "visualize": ["--out", out],
+    }
+    missing = "error: openai-community/gpt2 at revision v2 is not in the local Hugging Face cache"
+    for name, args in runs.items():
+        cli = scripts.get(name) or load_script(name)
+        assert refused(capsys, cli, "--model", "gpt2", "--revision", "v2", *args).startswith(missing), name
+    train = ["--data", data / "data", "--out", out / "ck.pt", "--from_model", "gpt2", *TINY[8:]]
+    assert refused(capsys, scripts["train"], *train, "--revision", "v2").startswith(missing)
+    assert not out.exists()
+    assert scripts["eval_ppl"].main(["--model", "gpt2", "--revision", "v1", "--file", str(data / "t.txt")]) == 0
+    assert capsys.readouterr().out.startswith("gpt2 (float32) on t.txt: ")
+
+
 def test_benchmark_refuses_bad_input_before_any_work(small_ref, tmp_path):
     """As a command (importing it would point inductor at a fresh cache for this whole process)."""
     cases = {
         "--new-tokens 0": "--new-tokens must be an integer >= 3, got 0",
         "--model gpt2-shakespeare --shape gpt2": "--shape sets the shape of random weights; --model brings its own: drop --shape",
+        "--shape gpt2 --revision v1": "--revision picks the Hub snapshot of --model; give --model too, or drop it",
+        "--revision v1": "revision 'v1' picks a Hub snapshot, but",  # reaches the model's lookup
         "--lengths abc": "--lengths must be a comma-separated list of integers >= 2 (e.g. 64,256), got 'abc'",
         "--rounds 0": "--rounds must be an integer >= 1, got 0",
         "--draft-tokens 4,0": "--draft-tokens must be a comma-separated list of integers >= 1 (e.g. 4,8), got '4,0'",
@@ -375,7 +406,8 @@ def test_benchmark_refuses_bad_input_before_any_work(small_ref, tmp_path):
     cases[f"--draft-vocab 9 --draft-vocab-from {tmp_path / 'binary.txt'} --lengths 16 --new-tokens 8"] = (
         f"--draft-vocab-from file {tmp_path / 'binary.txt'} is not UTF-8 text (invalid start byte at byte 3)")
     cases[f"--model {tmp_path / 'none'}"] = f"{tmp_path / 'none'} does not exist"
-    argvs = [([] if args.startswith("--model") else ["--model", str(small_ref.directory)]) + args.split() for args in cases]
+    argvs = [([] if "--model" in args or "--shape" in args else ["--model", str(small_ref.directory)]) + args.split()
+             for args in cases]  # fmt: skip
     script = str(ROOT / "scripts" / "benchmark.py")
     run = subprocess.run([sys.executable, script, *argvs[0]], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stderr == f"error: {next(iter(cases.values()))}\n", run.stderr[-2000:]

@@ -14,6 +14,8 @@ from gpt2fn import GPT2FnError, forward, init_params, load_params, load_pretrain
 from gpt2fn.config import PRESETS, GPTConfig
 from gpt2fn.params import flatten_params
 
+from conftest import fake_hub_cache
+
 SMALL_CFG = GPTConfig(vocab_size=50257, n_ctx=128, n_embd=64, n_layer=2, n_head=4)
 
 
@@ -283,17 +285,6 @@ def test_a_revision_with_a_local_model_is_refused(small_ref):
                                               "drop the revision"):  # fmt: skip
             load_pretrained(name, revision="v1")
         load_pretrained(name)  # and without one it loads
-
-
-def fake_hub_cache(hf_home, checkpoint_dir, repo="openai-community/gpt2", refs=("main",)):
-    """The on-disk layout huggingface_hub keeps in HF_HOME/hub."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    root = hf_home / "hub" / f"models--{repo.replace('/', '--')}"
-    shutil.copytree(checkpoint_dir, root / "snapshots" / commit)
-    (root / "refs").mkdir()
-    for ref in refs:
-        (root / "refs" / ref).write_text(commit)
-    return commit
 
 
 def test_hub_name_loads_from_the_hf_cache_offline(small_ref, tmp_path, offline_hub):
