@@ -125,28 +125,32 @@ def _not_cached(repo_id: str, revision: Optional[str], repo_type: str) -> GPT2Fn
     )
 
 
-def hub_dataset_files(repo_id: str, subset: Optional[str] = None, revision: Optional[str] = None) -> list[Path]:
-    """The parquet files of a Hub dataset, downloaded once into huggingface_hub's
-    cache (``HF_HUB_OFFLINE=1``: from the cache). ``subset`` is a config name
-    of the dataset card (``sample-10BT`` of ``HuggingFaceFW/fineweb-edu``,
-    whose files are ``sample/10BT/*``) or a folder; without it, the default
-    config's files, else every parquet file."""
+def hub_dataset_files(repo_id: str, subset: Optional[str] = None, revision: Optional[str] = None,
+                      split: str = "train") -> list[Path]:  # fmt: skip
+    """The parquet files of a split of a Hub dataset, downloaded once into
+    huggingface_hub's cache (``HF_HUB_OFFLINE=1``: from the cache).
+    ``subset`` is a config name of the dataset card (``sample-10BT`` of
+    ``HuggingFaceFW/fineweb-edu``, whose files are ``sample/10BT/*``;
+    ``wikitext-2-raw-v1`` of ``Salesforce/wikitext``) or a folder; without it,
+    the default config. A folder the card does not name is all train split;
+    another split there is its ``SPLIT-*.parquet`` or ``SPLIT/*.parquet``."""
     import fnmatch
 
     card = Path(_snapshot(repo_id, revision, ["README.md"], "dataset")) / "README.md"
-    patterns = _subset_patterns(card, subset)
+    patterns = _subset_patterns(card, subset, split)
     snapshot = Path(_snapshot(repo_id, revision, patterns, "dataset"))
     files = sorted(p for p in snapshot.rglob("*.parquet")
                    if any(fnmatch.fnmatch(p.relative_to(snapshot).as_posix(), pat) for pat in patterns))  # fmt: skip
     if not files:
-        raise GPT2FnError(f"the Hub dataset {repo_id}{f' subset {subset}' if subset else ''} has no parquet files "
-                          f"matching {patterns}")  # fmt: skip
+        raise GPT2FnError(f"the Hub dataset {repo_id}{f' subset {subset}' if subset else ''} has no {split} parquet "
+                          f"files matching {patterns}")  # fmt: skip
     return files
 
 
-def _subset_patterns(card: Path, subset: Optional[str]) -> list[str]:
-    """File patterns of ``subset`` (or the default config) from the dataset
-    card's YAML ``configs``; a subset the card does not name is a folder."""
+def _subset_patterns(card: Path, subset: Optional[str], split: str = "train") -> list[str]:
+    """File patterns of ``split`` of ``subset`` (or the default config) from
+    the dataset card's YAML ``configs``; a subset the card does not name is a
+    folder."""
     import yaml
 
     configs = []
@@ -160,11 +164,16 @@ def _subset_patterns(card: Path, subset: Optional[str]) -> list[str]:
         if isinstance(config, dict) and config.get("config_name") == wanted:
             files = config.get("data_files") or []
             files = [files] if isinstance(files, (str, dict)) else files
-            train = [f for f in files if not isinstance(f, dict) or f.get("split", "train") == "train"]
-            paths = [f["path"] if isinstance(f, dict) else f for f in train]
+            splits = [f.get("split", "train") if isinstance(f, dict) else "train" for f in files]
+            chosen = [f for f, name in zip(files, splits) if name == split]
+            if not chosen:
+                raise GPT2FnError(f"the dataset's config {wanted} has no {split} split; it has "
+                                  f"{', '.join(sorted(set(splits))) or 'no files'}")  # fmt: skip
+            paths = [f["path"] if isinstance(f, dict) else f for f in chosen]
             patterns = [p for path in paths for p in ([path] if isinstance(path, str) else path)]
             return [p if p.endswith(".parquet") else p.rstrip("*") + "*.parquet" for p in patterns]
-    return [f"{subset}/*.parquet"] if subset else ["*.parquet"]
+    folder = f"{subset}/" if subset else ""
+    return [f"{folder}*.parquet"] if split == "train" else [f"{folder}{split}-*.parquet", f"{folder}{split}/*.parquet"]
 
 
 def _is_commit(revision: Optional[str]) -> bool:

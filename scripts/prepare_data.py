@@ -35,7 +35,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=1, help="tokenizing processes")
     p.add_argument("--hf_dataset", default=None, help="a Hub dataset of parquet files, e.g. HuggingFaceFW/fineweb-edu")
     p.add_argument("--hf_subset", default=None, help="its subset (a folder of parquet files), e.g. sample-10BT")
-    p.add_argument("--revision", default=None, help="Hub revision of --hf_dataset")
+    p.add_argument("--hf_revision", "--revision", dest="revision", default=None,
+                   help="Hub revision of --hf_dataset (default: main)")
     return run_cli(run, p.parse_args(argv))
 
 
@@ -51,7 +52,7 @@ def run(args) -> int:
     if args.hf_subset and not args.hf_dataset:
         raise GPT2FnError("--hf_subset needs --hf_dataset")
     if args.revision and not args.hf_dataset:
-        raise GPT2FnError("--revision picks a Hub snapshot of --hf_dataset; drop it for local files")
+        raise GPT2FnError("--hf_revision picks a Hub snapshot of --hf_dataset; drop it for local files")
     files = args.files
     if args.hf_dataset:
         from gpt2fn.weights import hub_dataset_files

@@ -158,8 +158,6 @@ def check_args(args) -> Checked:
     train_tokens, val_tokens = load_split(args.data, "train"), load_split(args.data, "val")
     if args.export:
         check_output_file(args.export, "--export file", suffix=".safetensors")
-    elif "export_dtype" in args.given:
-        raise GPT2FnError("--export_dtype sets the dtype of the --export file; give --export FILE too")
     if args.revision is not None and not args.from_model:
         raise GPT2FnError("--revision picks the Hub snapshot of --from_model; give --from_model too, or drop it")
     if args.plot:

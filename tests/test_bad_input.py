@@ -88,8 +88,6 @@ TRAIN_CASES = {  # extra args -> what the line says
     "heads do not divide": (["--n_head", "3"], "n_embd=16 is not divisible by n_head=3"),
     "export suffix": (["--export", "w.bin"], "must end in .safetensors"),
     "plot suffix": (["--plot", "loss.jpg"], "must end in .png"),
-    "export_dtype alone": (["--export_dtype", "float32"], "--export_dtype sets the dtype of the --export file; give "
-                                                          "--export FILE too"),
     "revision alone": (["--revision", "v1"], "--revision picks the Hub snapshot of --from_model; give --from_model "
                                              "too, or drop it"),
 }
@@ -261,8 +259,9 @@ def test_prepare_data_refuses_bad_input(scripts, capsys, data, tmp_path):
     assert "--workers must be an integer >= 1, got 0" in refused(capsys, cli, text, "--out", out, "--workers", "0")
     assert "--shard_tokens must be an integer >= 2" in refused(capsys, cli, text, "--out", out, "--shard_tokens", "1")
     assert "give input files or --hf_dataset" in refused(capsys, cli, "--out", out)
-    assert "--revision picks a Hub snapshot of --hf_dataset; drop it for local files" in refused(
-        capsys, cli, text, "--out", out, "--revision", "v1")
+    for option in ("--hf_revision", "--revision"):  # --revision: its first name, kept
+        assert "--hf_revision picks a Hub snapshot of --hf_dataset; drop it for local files" in refused(
+            capsys, cli, text, "--out", out, option, "v1")
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
     assert f"{tmp_path / 'bad.jsonl'} line 2 is not JSON" in failed_midway(capsys, cli, tmp_path / "bad.jsonl", "--out", out)
     (tmp_path / "notext.jsonl").write_text('{"body": "x"}\n')
@@ -291,6 +290,11 @@ def test_eval_ppl_refuses_bad_input(scripts, capsys, small_ref, data, tmp_path):
     (tmp_path / "one.txt").write_text("a")
     assert "perplexity needs at least 2" in refused(capsys, cli, *model, "--file", tmp_path / "one.txt")
     assert "unknown device 'tpu'" in refused(capsys, cli, *model, "--file", text, "--device", "tpu")
+    assert refused(capsys, cli, *model) == "error: give the text to score: --file FILE or --hf_dataset REPO (one of the two)\n"
+    assert refused(capsys, cli, *model, "--file", text, "--hf_dataset", "a/b").startswith("error: give the text to score")
+    for given in (["--hf_subset", "x"], ["--hf_split", "train"], ["--hf_revision", "v1"]):
+        assert refused(capsys, cli, *model, "--file", text, *given) == (
+            f"error: {given[0]} picks what of --hf_dataset to score; drop it with --file\n")
 
 
 def test_visualize_refuses_bad_input(scripts, capsys, small_ref, tmp_path):

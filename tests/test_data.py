@@ -166,6 +166,32 @@ def test_training_reads_a_directory_of_shards(inputs, tmp_path):
     assert histories[0] == histories[1]
 
 
+def test_a_split_of_a_hub_folder_the_card_does_not_name(offline_hub):
+    """A folder without a card config (the Hub's parquet conversion lays one
+    out as CONFIG/SPLIT/NNNN.parquet; others name files SPLIT-*.parquet): the
+    train split is every file in it, another split its own files."""
+    from gpt2fn.weights import hub_dataset_files
+
+    commit = "76543210fedcba9876543210fedcba9876543210"
+    snapshot = offline_hub / "datasets--someone--converted" / "snapshots" / commit
+    for name in ("plain/test/0000.parquet", "plain/validation/0000.parquet", "flat/test-00000-of-00001.parquet",
+                 "flat/testing-00000.parquet", "flat/train-00000-of-00001.parquet"):  # fmt: skip
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        pyarrow.parquet.write_table(pyarrow.table({"text": [name]}), snapshot / name)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text(commit)
+
+    def found(subset, split):
+        return [p.relative_to(snapshot).as_posix() for p in hub_dataset_files("someone/converted", subset, split=split)]
+
+    assert found("plain", "test") == ["plain/test/0000.parquet"]
+    assert found("flat", "test") == ["flat/test-00000-of-00001.parquet"]
+    assert found("flat", "train") == ["flat/test-00000-of-00001.parquet", "flat/testing-00000.parquet",
+                                      "flat/train-00000-of-00001.parquet"]  # fmt: skip
+    with pytest.raises(GPT2FnError, match="someone/converted subset plain has no train2 parquet files matching"):
+        found("plain", "train2")
+
+
 def test_a_hub_dataset_from_the_local_cache(inputs, tmp_path, offline_hub, capsys):
     """--hf_dataset REPO --hf_subset NAME: the subset's parquet files, found
     through the dataset card's configs, read from huggingface_hub's cache."""

@@ -285,6 +285,61 @@ def test_eval_ppl_script_prints_the_library_figure(small_ref, tmp_path):
     assert quantized.nll != expected.nll
 
 
+WIKITEXT_CARD = """---
+configs:
+- config_name: wikitext-2-raw-v1
+  data_files:
+  - split: test
+    path: wikitext-2-raw-v1/test-*
+  - split: train
+    path: wikitext-2-raw-v1/train-*
+  - split: validation
+    path: wikitext-2-raw-v1/validation-*
+---
+# wikitext
+"""
+
+
+def test_eval_ppl_scores_a_hub_datasets_split_as_the_perplexity_guide_does(small_ref, offline_hub, capsys):
+    """--hf_dataset Salesforce/wikitext --hf_subset wikitext-2-raw-v1: the test
+    split's rows (only its files) joined by a blank line, from huggingface_hub's
+    cache laid out as it lays one out, scored by the guide's loop with the
+    reference model."""
+    import pyarrow
+    import pyarrow.parquet
+
+    from conftest import load_script
+
+    commit = "fedcba9876543210fedcba9876543210fedcba98"
+    snapshot = offline_hub / "datasets--Salesforce--wikitext" / "snapshots" / commit
+    (snapshot / "wikitext-2-raw-v1").mkdir(parents=True)
+    (snapshot / "README.md").write_text(WIKITEXT_CARD)
+    rows = {"test": ["", " = Valkyria Chronicles III = \n", "", " Senjo no Valkyria 3 : Unrecorded Chronicles " * 12 + "\n"],
+            "train": [" = Robert Boulter = \n", " Robert Boulter is an English film actor . \n" * 20],
+            "validation": [" = Homarus gammarus = \n"]}  # fmt: skip
+    for split, texts in rows.items():
+        pyarrow.parquet.write_table(pyarrow.table({"text": texts}), snapshot / "wikitext-2-raw-v1" / f"{split}-00000-of-00001.parquet")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text(commit)
+    cli = load_script("eval_ppl")
+    assert cli.main(["--model", str(small_ref.directory), "--hf_dataset", "Salesforce/wikitext", "--hf_subset",
+                     "wikitext-2-raw-v1", "--context", "64", "--stride", "32"]) == 0  # fmt: skip
+    tokens = torch.tensor(get_tokenizer().encode_ordinary("\n\n".join(rows["test"])))
+    nll, n = reference_sliding_nll(small_ref.model, tokens, 64, 32)
+    out = capsys.readouterr().out
+    assert out.startswith(f"{small_ref.directory} (float32) on Salesforce/wikitext wikitext-2-raw-v1 test: {n} tokens, "
+                          f"NLL {nll:.4f} nats/token"), out  # fmt: skip
+    assert cli.main(["--model", str(small_ref.directory), "--hf_dataset", "Salesforce/wikitext", "--hf_subset",
+                     "wikitext-2-raw-v1", "--hf_split", "train"]) == 0  # fmt: skip
+    tokens = torch.tensor(get_tokenizer().encode_ordinary("\n\n".join(rows["train"])))
+    nll, n = reference_sliding_nll(small_ref.model, tokens, 128, 128)  # the model's context, disjoint windows
+    assert f" train: {n} tokens, NLL {nll:.4f} " in capsys.readouterr().out
+    assert cli.main(["--model", str(small_ref.directory), "--hf_dataset", "Salesforce/wikitext", "--hf_subset",
+                     "wikitext-2-raw-v1", "--hf_split", "dev"]) == 2  # fmt: skip
+    assert capsys.readouterr().err == ("error: the dataset's config wikitext-2-raw-v1 has no dev split; it has test, "
+                                       "train, validation\n")  # fmt: skip
+
+
 def test_compiled_loss_and_gradients_equal_eager():
     """torch.compile's fused kernels reorder fp32 sums (LayerNorm, softmax,
     the cross-entropy's log-sum-exp over 50257 logits), so equality is to
