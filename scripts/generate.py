@@ -136,9 +136,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.interactive:
         complete(args, prompts, params, config, tokenizer, draft, device, seed)
         return 0
+    warm = False  # whether an earlier prompt compiled the step
     for line in input_lines():  # a bad prompt (say, too long) is one error line, and the session goes on
         try:
-            complete(args, [line], params, config, tokenizer, draft, device, seed)
+            complete(args, [line], params, config, tokenizer, draft, device, seed, warm)
+            warm = args.compile
         except GPT2FnError as e:
             print(f"error: {e}", file=sys.stderr)
         except KeyboardInterrupt:  # Ctrl-C ends this generation; at the "> " it ends the session
@@ -146,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def complete(args: argparse.Namespace, prompts: list[str], params, config, tokenizer, draft, device, seed: int) -> None:
+def complete(args: argparse.Namespace, prompts: list[str], params, config, tokenizer, draft, device, seed: int,
+             warm: bool = False) -> None:  # fmt: skip
     """Generate from ``prompts``: one streams as it is made, a batch prints when it is done; then the report."""
     ids = [encode(tokenizer, p) for p in prompts]
     stream = generate(  # one prompt (a tensor) must fit with its continuation; in a batch each row stops at the context
@@ -179,16 +182,19 @@ def complete(args: argparse.Namespace, prompts: list[str], params, config, token
         write(pieces[0][-1] + "\n")
     for i, row in enumerate(pieces if not streamed else []):
         print(f"--- [{i + 1}/{len(prompts)}] ---\n{''.join(row)}")
-    print(report(args, device, seed, stream), file=sys.stderr)
+    print(report(args, device, seed, stream, warm), file=sys.stderr)
 
 
-def report(args: argparse.Namespace, device: torch.device, seed: int, stream) -> str:
+def report(args: argparse.Namespace, device: torch.device, seed: int, stream, warm: bool = False) -> str:
+    """The closing lines on stderr; ``warm``: an earlier prompt compiled the step (--interactive)."""
     stats = stream.stats
     mode = ("kv-cache" if args.kvcaching else "no cache") + (", compiled" if args.compile else "")
     mode += f", {stream.steps.chained} tokens a call" if stream.steps.chained > 1 else ""  # what ran (see --tokens_per_call)
     batch = f", batch of {stats.batch}" if stats.batch > 1 else ""
     made = sum(len(row) for row in stream.rows())
-    compiled = f"compile: {stats.compile_s:.1f} s (first decode step)\n" if args.compile and stats.compile_s else ""
+    compiled = ("" if not args.compile or not stats.compile_s else
+                f"first decode step: {stats.compile_s * 1000:.1f} ms (compiled for an earlier prompt)\n" if warm else
+                f"compile: {stats.compile_s:.1f} s (first decode step)\n")  # fmt: skip
     steps, speculative = ("" if args.draft else f" in {stats.n_new} steps"), ""
     if args.draft is not None:
         per_round = f"{args.draft_tokens} tokens per round"

@@ -102,6 +102,12 @@ def test_interactive_continues_each_line_and_goes_on_past_a_bad_one(generate_cli
     assert code == 0 and out == alone[1] and err.count("generated 12") == 1
     code, out, err = run_cli(generate_cli, capsys, "--interactive", "--prompt", "Hi", *base)
     assert code == 2 and err == "error: --interactive reads its prompts from standard input, one a line; drop --prompt and --prompt-file\n"
+    monkeypatch.setattr(generate_cli, "generate", generate)  # --compile: the first prompt compiles, the next reuse it
+    monkeypatch.setattr(sys, "stdin", io.StringIO("The meaning of life is\nOnce upon a time\nHello\n"))
+    code, out, err = run_cli(generate_cli, capsys, "--interactive", "--compile", *base)
+    assert code == 0 and out.startswith("".join(alone))
+    assert err.count("compile: ") == 1 and err.count("(compiled for an earlier prompt)") == 2, err
+    assert err.index("compile: ") < err.index("(compiled for an earlier prompt)")
 
 
 def test_cache_flags_and_attention_backends_agree(generate_cli, capsys, small_ref):
