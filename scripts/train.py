@@ -42,6 +42,7 @@ from gpt2fn.data import load_split
 from gpt2fn.device import DEVICE_HELP, resolve_device
 from gpt2fn.errors import ArgumentParser, GPT2FnError, check_int, check_number, check_output_file, run_cli
 from gpt2fn.files import atomic_write
+from gpt2fn.generation import generate
 from gpt2fn.hellaswag import evaluate_hellaswag, load_examples
 from gpt2fn.measure import peak_flops, training_flops_per_token
 from gpt2fn.params import init_params, map_params
@@ -49,7 +50,7 @@ from gpt2fn.plotting import require_pyplot, save_figure
 from gpt2fn.training import (
     TrainConfig, check_fits, check_resume_data, distributed_world, load_checkpoint, resolve_for_device, train,
 )  # fmt: skip
-from gpt2fn.tokenizer import check_vocabulary, get_tokenizer
+from gpt2fn.tokenizer import check_vocabulary, decode, encode, get_tokenizer
 from gpt2fn.weights import MODEL_HELP, REVISION_HELP, load_pretrained, resolve_model, save_params
 
 
@@ -109,6 +110,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hellaswag", default=None,
                    help="HellaSwag jsonl (e.g. hellaswag_val.jsonl): its acc_norm at every evaluation")
     p.add_argument("--hellaswag_limit", type=int, default=None, help="score only the first N HellaSwag examples")
+    p.add_argument("--sample", default=None,
+                   help="at every evaluation, print (and --log) the model's continuation of this text: top-k 40 "
+                        "sampling from the same seed each time, so that the samples show what training changed")
+    p.add_argument("--sample_tokens", type=int, default=48, help="new tokens of each --sample (up to the context)")
     p.add_argument("--log", default=None, help="append one JSON line per step here (loss, lr, tokens/s, MFU, val loss)")
     p.add_argument("--device", default="auto", help=f"{DEVICE_HELP}; "
                    "under torchrun on CUDA each process takes cuda:LOCAL_RANK")
@@ -172,6 +177,11 @@ def check_args(args) -> Checked:
         if not args.hellaswag:
             raise GPT2FnError("--hellaswag_limit cuts the --hellaswag evaluation; give a --hellaswag file too")
     hellaswag = load_examples(args.hellaswag, args.hellaswag_limit) if args.hellaswag else None
+    if args.sample == "":
+        raise GPT2FnError("--sample is empty; give the text whose continuation to print at every evaluation")
+    check_int("--sample_tokens", args.sample_tokens)
+    if "sample_tokens" in args.given and args.sample is None:
+        raise GPT2FnError("--sample_tokens sets the length of the --sample continuations; give --sample TEXT too")
     resume, config = None, None
     if args.resume:
         if not Path(args.out).exists():
@@ -220,6 +230,7 @@ def train_and_export(args, device: torch.device) -> int:
         params = init_params(config, seed=tc.seed)
     check_vocabulary(get_tokenizer(), config.vocab_size, "the data's tokenizer (GPT-2's)",
                      "fine-tune a model with GPT-2's vocabulary")
+    sample = None if args.sample is None else sampler(args.sample, args.sample_tokens, config, tc.seed, device)
     resolved = resolve_for_device(tc, device)
     peak = args.peak_flops or peak_flops(device)
     tokens_per_step = tc.batch_size * tc.block_size * tc.grad_accum
@@ -248,12 +259,14 @@ def train_and_export(args, device: torch.device) -> int:
                 hellaswag = f"  hellaswag acc_norm {record['hellaswag_acc_norm']:.4f}" if "hellaswag_acc_norm" in record else ""
                 tqdm.write(f"step {record['step']}: train {record['loss']:.4f}  val {record['val_loss']:.4f}  "
                            f"lr {record['lr']:.2e}{hellaswag}")  # fmt: skip
+                if "sample" in record:  # quoted line by line, as a mail quotes
+                    tqdm.write("\n".join(f"| {line}" for line in (args.sample + record["sample"]).split("\n")))
         if log is not None:
             log.write(record)
         bar.set_postfix(shown)
         bar.update()
 
-    evaluations = None
+    evaluations = []  # what every evaluation adds to the val loss
     if hellaswag:
         tokenizer = get_tokenizer(resolve_model(args.from_model, args.revision) if args.from_model else None)
 
@@ -261,12 +274,15 @@ def train_and_export(args, device: torch.device) -> int:
             result = evaluate_hellaswag(params, config, tokenizer, hellaswag)
             return {"hellaswag_acc": result.acc, "hellaswag_acc_norm": result.acc_norm}
 
-        evaluations = evaluate
+        evaluations.append(evaluate)
+    if sample is not None:
+        evaluations.append(sample)
 
     start = time.perf_counter()
     try:
         params, history = train(params, config, tc, train_tokens, val_tokens, args.out, resume=resume,
-                                stop_at=args.stop_at, on_step=on_step, device=device, evaluations=evaluations)
+                                stop_at=args.stop_at, on_step=on_step, device=device,
+                                evaluations=lambda params: {k: v for f in evaluations for k, v in f(params).items()})
     finally:
         bar.close()
     evaluated = [record for record in history if "val_loss" in record]
@@ -283,6 +299,25 @@ def train_and_export(args, device: torch.device) -> int:
     if args.plot:
         plot_losses(history, args.plot)
     return 0
+
+
+def sampler(text: str, n_tokens: int, config: GPTConfig, seed: int, device: torch.device):
+    """An evaluation: ``{"sample": the model's continuation of text}``, n_tokens
+    (up to the context) drawn with top-k 40 from a generator seeded with the
+    run's seed, so that every evaluation draws the same random numbers; it
+    stops at <|endoftext|>, which it keeps."""
+    tokenizer = get_tokenizer()  # the data's: GPT-2's
+    prompt = encode(tokenizer, text)
+    if len(prompt) >= config.n_ctx:
+        raise GPT2FnError(f"--sample is {len(prompt)} tokens but the model's context holds {config.n_ctx}, leaving no "
+                          "room to continue it; shorten it")  # fmt: skip
+
+    def sample(params) -> dict:
+        stream = generate(params, config, [prompt], n_tokens, temperature=1.0, top_k=40,
+                          generator=torch.Generator(device).manual_seed(seed), stop_token=tokenizer.eot_token)  # fmt: skip
+        return {"sample": decode(tokenizer, stream.rows()[0])}
+
+    return sample
 
 
 class StepLog:

@@ -88,6 +88,12 @@ TRAIN_CASES = {  # extra args -> what the line says
     "heads do not divide": (["--n_head", "3"], "n_embd=16 is not divisible by n_head=3"),
     "export suffix": (["--export", "w.bin"], "must end in .safetensors"),
     "plot suffix": (["--plot", "loss.jpg"], "must end in .png"),
+    "empty sample": (["--sample", ""], "--sample is empty; give the text whose continuation to print at every evaluation"),
+    "zero sample_tokens": (["--sample", "Hi", "--sample_tokens", "0"], "--sample_tokens must be an integer >= 1, got 0"),
+    "sample_tokens alone": (["--sample_tokens", "8"], "--sample_tokens sets the length of the --sample continuations; "
+                                                      "give --sample TEXT too"),
+    "sample past the context": (["--sample", " word" * 32], "--sample is 32 tokens but the model's context holds 32, "
+                                                            "leaving no room to continue it; shorten it"),
     "revision alone": (["--revision", "v1"], "--revision picks the Hub snapshot of --from_model; give --from_model "
                                              "too, or drop it"),
 }

@@ -261,6 +261,41 @@ def test_train_script_fine_tunes_resumes_and_plots(small_ref, data, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+def test_train_prints_and_logs_a_sample_at_every_evaluation(data, tmp_path, capsys):
+    """--sample TEXT: each evaluation continues TEXT from the same seed, quoted
+    under the step's line and in the --log record; the last is the library's
+    continuation from the final checkpoint's weights, and sampling leaves the
+    training itself as it was."""
+    import json
+
+    from conftest import load_script
+
+    from gpt2fn.generation import generate_all
+
+    cli, d = load_script("train"), data[0]
+    args = ["--data", str(d / "out"), "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--n_ctx", "64",
+            "--block_size", "32", "--batch_size", "4", "--max_steps", "4", "--warmup_steps", "1", "--eval_interval", "2",
+            "--eval_batches", "1"]  # fmt: skip
+    assert cli.main([*args, "--out", str(tmp_path / "a.pt"), "--log", str(tmp_path / "a.jsonl"), "--sample", "ROMEO:",
+                     "--sample_tokens", "12"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    records = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    sampled = {r["step"]: r["sample"] for r in records if "sample" in r}
+    assert list(sampled) == [2, 4] and sampled[2] != sampled[4]
+    for step, text in sampled.items():
+        quoted = "\n".join(f"| {line}" for line in ("ROMEO:" + text).split("\n")) + "\n"
+        assert f"step {step}: train " in out and quoted in out.split(f"step {step}: train ")[1]
+    params, config = load_pretrained(tmp_path / "a.pt")
+    tok = get_tokenizer()
+    new = generate_all(params, config, [tok.encode_ordinary("ROMEO:")], 12, temperature=1.0, top_k=40,
+                       generator=torch.Generator().manual_seed(0), stop_token=ENDOFTEXT_ID)[0][0].tolist()  # fmt: skip
+    assert tok.decode(new[: new.index(ENDOFTEXT_ID) + 1] if ENDOFTEXT_ID in new else new) == sampled[4]
+    assert cli.main([*args, "--out", str(tmp_path / "b.pt")]) == 0
+    unsampled = load_checkpoint(tmp_path / "b.pt")["history"]
+    assert unsampled == [{k: v for k, v in r.items() if k != "sample"} for r in load_checkpoint(tmp_path / "a.pt")["history"]]
+    assert "| ROMEO:" not in capsys.readouterr().out
+
+
 def test_eval_ppl_script_prints_the_library_figure(small_ref, tmp_path):
     import subprocess
     import sys
