@@ -29,6 +29,7 @@ import torch
 from gpt2fn.config import GPTConfig
 from gpt2fn.device import synchronize
 from gpt2fn.errors import GPT2FnError, check_int, check_token_ids
+from gpt2fn.model import Tap
 from gpt2fn.params import Params, params_device
 from gpt2fn.sampling import check_sampling_args, noise_width, uniform_noise
 from gpt2fn.speculative import check_draft, speculative_steps
@@ -244,6 +245,7 @@ def generate(
     draft_tokens: int = 4,
     adaptive_draft: bool = False,
     tokens_per_call: int = 1,
+    tap: Optional[Tap] = None,
 ) -> Stream:
     """Generate up to ``max_new_tokens`` per prompt; returns the :class:`Stream`.
 
@@ -278,6 +280,16 @@ def generate(
     time. Compiled GPT-2 sizes on the CPU run one token a call whatever it
     says (:func:`gpt2fn.steps.compiled_steps`). A generation may compute up to
     ``tokens_per_call - 1`` steps past its end, which it discards.
+
+    ``tap(name, layer, tensor)`` observes and intervenes while generating,
+    as in :func:`~gpt2fn.model.forward` (:mod:`gpt2fn.interp`: steering by
+    adding to ``resid``, a head zeroed by ``zero_head_tap``, recording):
+    it sees the prompt's call ([B, T, ...]; in a ragged batch a shorter
+    prompt is padded with its last token at its last position), then each
+    new token's ([B, 1, ...]; ``attn_probs``, with ``attention="manual"``,
+    over the cache's first positions, a multiple of 16 or all of them,
+    those not yet written at probability 0). Taps run in the eager cached steps only: with
+    ``compile``, ``use_cache=False`` or a draft it raises.
     Raises :class:`~gpt2fn.errors.GPT2FnError` on bad input, before any work.
     """
     check_sampling_args(temperature, top_k, top_p)
@@ -293,10 +305,13 @@ def generate(
     if draft is None:
         if adaptive_draft:
             raise GPT2FnError("adaptive_draft adapts speculative decoding; pass a draft too")
-        steps = make_steps(config, device, len(prompts), use_cache, compile, attention, tokens_per_call, **sampling)
+        steps = make_steps(config, device, len(prompts), use_cache, compile, attention, tokens_per_call, tap, **sampling)
     else:
         if not use_cache:
             raise GPT2FnError("speculative decoding needs the KV cache; drop the draft or keep the cache on")
+        if tap is not None:
+            raise GPT2FnError("a tap runs in the eager cached steps, not in speculative rounds; drop the draft to "
+                              "generate with it")  # fmt: skip
         for p in prompts:
             check_draft(config, draft[1], draft_tokens, len(p), min(max_new_tokens, config.n_ctx - len(p)))
         steps = speculative_steps(config, *draft, draft_tokens, adaptive=adaptive_draft, device=device,

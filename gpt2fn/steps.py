@@ -53,7 +53,7 @@ from gpt2fn.cache import cache_len, make_cache, window
 from gpt2fn.config import GPTConfig
 from gpt2fn.errors import GPT2FnError
 from gpt2fn.layers import ATTEND, MATVEC_MAX_ROWS, Kernels, block, few_rows, int8_sums, linear, matvec
-from gpt2fn.model import hidden, logits, positions
+from gpt2fn.model import Tap, hidden, logits, positions
 from gpt2fn.params import Params, flatten_params, params_device, params_dtype
 from gpt2fn.sampling import choose_token
 
@@ -146,10 +146,12 @@ def window_len(end: int, length: int) -> int:
 def cached_step(
     params: Params, tokens: Tensor, pos: Tensor, cache: State, noise: Optional[Tensor],
     *, config: GPTConfig, kernels: Kernels, temperature: float, top_k: int, top_p: float, run_block: Callable = block,
+    tap: Optional[Tap] = None,
 ) -> Tensor:  # fmt: skip
     """Writes the tokens' keys/values into the cache; each row's last column
-    chooses its next token. (``run_block``: see :func:`decode_block`.)"""
-    x = hidden(params, config, tokens, pos, cache, kernels=kernels, run_block=run_block)[:, -1]  # [B, D]
+    chooses its next token. (``run_block``: see :func:`decode_block`; ``tap``:
+    :func:`~gpt2fn.model.hidden`'s, for the eager steps.)"""
+    x = hidden(params, config, tokens, pos, cache, tap, kernels, run_block)[:, -1]  # [B, D]
     return choose_token(logits(params, config, x, kernels.linear), noise, temperature, top_k, top_p)
 
 
@@ -223,10 +225,15 @@ def eager_kernels(attention: str = "auto") -> Kernels:
     return Kernels(few_rows, ATTEND[resolve_attention(attention)])
 
 
-def cached_steps(config: GPTConfig, attention: str = "auto", tokens_per_call: int = 1, **sampling) -> Steps:
+def cached_steps(
+    config: GPTConfig, attention: str = "auto", tokens_per_call: int = 1, tap: Optional[Tap] = None, **sampling
+) -> Steps:  # fmt: skip
     """``sampling``: temperature, top_k, top_p. With ``tokens_per_call`` > 1
-    a decode step is a :func:`chain` of that many steps, emitting [B, n]."""
-    kernels = eager_kernels(attention)
+    a decode step is a :func:`chain` of that many steps, emitting [B, n].
+    ``tap`` (see :mod:`gpt2fn.interp`) sees every call: the prompt's, then
+    each new token's ([B, 1, ...]; attention over the cache's first positions,
+    :attr:`Steps.window`)."""
+    kernels, sampling = eager_kernels(attention), dict(sampling, tap=tap)
     step = functools.partial(cached_step, config=config, kernels=kernels, **sampling)
     decode = step if tokens_per_call == 1 else _tokens(chains(chain_step, config, kernels, None, False, **sampling)(tokens_per_call))
     return Steps(functools.partial(_cache, config, spare=True), step, decode, chained=tokens_per_call, window=window)
@@ -557,12 +564,16 @@ def _mark_cache(cache: State) -> None:
 
 def make_steps(
     config: GPTConfig, device: torch.device, batch: int, use_cache: bool = True, compile: bool = False,
-    attention: str = "auto", tokens_per_call: int = 1, **sampling,
+    attention: str = "auto", tokens_per_call: int = 1, tap: Optional[Tap] = None, **sampling,
 ) -> Steps:  # fmt: skip
     """The steps ``generate`` runs: cached or uncached, eager or compiled,
-    cached ones ``tokens_per_call`` tokens a decode call (a :func:`chain`)."""
+    cached ones ``tokens_per_call`` tokens a decode call (a :func:`chain`);
+    a ``tap`` runs in the eager cached steps only."""
+    if tap is not None and (compile or not use_cache):
+        raise GPT2FnError("a tap runs in the eager cached steps: drop " + ("compile" if compile else "use_cache=False")
+                          + " to generate with it")  # fmt: skip
     if not use_cache:
         return uncached_steps(config, attention, compile, **sampling)
     if compile:
         return compiled_steps(config, device, batch, attention, tokens_per_call=tokens_per_call, **sampling)
-    return cached_steps(config, attention, tokens_per_call, **sampling)
+    return cached_steps(config, attention, tokens_per_call, tap, **sampling)

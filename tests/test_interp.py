@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpt2fn import forward, load_pretrained
+from gpt2fn import GPT2FnError, forward, load_pretrained
 from gpt2fn.interp import MANUAL, ablate_head, logit_lens, patch, run_with_cache, zero_head_tap
 
 TOL = 1e-5
@@ -141,3 +141,65 @@ def test_interventions_that_would_fire_nowhere_are_refused(model):
             ablate_head(params, layer, head, config.n_head)
     with pytest.raises(GPT2FnError, match=r"^head must be an integer >= 0, got -1$"):
         zero_head_tap(0, -1)
+
+
+def test_a_tap_steers_generation_as_it_steers_the_recomputed_sequence(model):
+    """generate(..., tap=...): a vector added to one layer's residual stream
+    at every position gives, greedy, the tokens of recomputing the whole
+    sequence with that tap at every step; a chain of steps (tokens_per_call)
+    runs the tap too, and steering changed the text."""
+    from gpt2fn.generation import generate_all
+
+    params, config = model
+    prompt, n = tokens(6, seed=3), 10
+    v = torch.randn(config.n_embd, generator=torch.Generator().manual_seed(1))
+
+    def steer(name, layer, t):
+        return t + v if (name, layer) == ("resid", 0) else t
+
+    seq = prompt
+    for _ in range(n):
+        seq = torch.cat([seq, forward(params, config, seq, tap=steer)[:, -1].argmax(-1, keepdim=True)], 1)
+    steered = generate_all(params, config, prompt, n, temperature=0, tap=steer)[0]
+    assert torch.equal(steered, seq[:, 6:])
+    assert torch.equal(generate_all(params, config, prompt, n, temperature=0, tap=steer, tokens_per_call=3)[0], steered)
+    assert not torch.equal(generate_all(params, config, prompt, n, temperature=0)[0], steered)
+
+
+def test_a_head_zeroed_by_a_tap_while_generating_is_the_head_ablated_in_the_params(model):
+    from gpt2fn.generation import generate_all
+
+    params, config = model
+    prompt = tokens(5, seed=4)
+    by_params = generate_all(ablate_head(params, 1, 2, config.n_head), config, prompt, 12, temperature=0)[0]
+    assert torch.equal(generate_all(params, config, prompt, 12, temperature=0, tap=zero_head_tap(1, 2))[0], by_params)
+
+
+def test_a_tap_sees_the_prompt_then_each_new_token(model):
+    """Recording while generating: each layer's point once a call, the
+    prompt's [B, T, ...] first, then [B, 1, ...] per new token; attention
+    over the cache's first positions (a multiple of 16, or all of them),
+    nothing on the positions not yet written. Taps run in the eager cached steps only."""
+    from gpt2fn.generation import generate, generate_all
+
+    params, config = model
+    prompt, n = tokens(5, seed=5), 20
+    seen = []
+
+    def record(name, layer, t):
+        seen.append((name, layer, t.clone()))
+        return t
+
+    generate_all(params, config, prompt, n, temperature=0, attention="manual", tap=record)
+    resid = [t for name, layer, t in seen if (name, layer) == ("resid", 1)]
+    assert [tuple(t.shape) for t in resid] == [(2, 5, config.n_embd)] + [(2, 1, config.n_embd)] * (n - 1)
+    probs = [t for name, layer, t in seen if (name, layer) == ("attn_probs", 0)]
+    for i, p in enumerate(probs[1:]):  # the token at position 5 + i attends over positions 0 .. 5 + i
+        assert p.shape == (2, config.n_head, 1, min(5 + n, -(-(6 + i) // 16) * 16))  # the cache: 5 + n positions
+        assert torch.allclose(p.sum(-1), torch.ones(2, config.n_head, 1))
+        assert (p[..., 6 + i :] == 0).all() and (p[..., : 6 + i] > 0).all()
+    for kwargs, what in [(dict(compile=True), "compile"), (dict(use_cache=False), "use_cache=False")]:
+        with pytest.raises(GPT2FnError, match=f"a tap runs in the eager cached steps: drop {what} to generate with it"):
+            generate(params, config, prompt, 3, tap=record, **kwargs)
+    with pytest.raises(GPT2FnError, match="a tap runs in the eager cached steps, not in speculative rounds"):
+        generate(params, config, prompt, 3, tap=record, draft=(params, config))
