@@ -342,20 +342,25 @@ def other_vocab(tmp_path):
     return save_params(init_params(config), config, tmp_path / "other_vocab.safetensors")
 
 
-def test_a_model_narrower_than_its_tokenizer_is_refused_by_every_script(scripts, capsys, data, tmp_path):
-    """A 1000-token model with GPT-2's tokenizer (50257 ids) would be handed
-    ids it lacks: every script that feeds it text says so before any output."""
-    model, out = other_vocab(tmp_path), tmp_path / "out"
+def model_runs(data, tmp_path, out) -> dict:
+    """Each script that reads a --model (train.py aside: --from_model), with
+    the arguments it needs besides: reaching its model, it runs."""
     (tmp_path / "hellaswag.jsonl").write_text('{"ctx": "A man", "endings": ["runs.", "sits.", "is.", "was."], "label": 0}\n')
-    narrow = "error: the model's vocabulary holds 1000 tokens but its tokenizer has 50257, so the model would be handed ids it lacks"
-    runs = {
+    return {
         "generate": ["--prompt", "Hello", "--max_tokens", "3"],
         "eval_ppl": ["--file", data / "t.txt"],
         "eval_hellaswag": ["--data", tmp_path / "hellaswag.jsonl"],
         "interventions": [],
         "visualize": ["--out", out],
     }
-    for name, args in runs.items():
+
+
+def test_a_model_narrower_than_its_tokenizer_is_refused_by_every_script(scripts, capsys, data, tmp_path):
+    """A 1000-token model with GPT-2's tokenizer (50257 ids) would be handed
+    ids it lacks: every script that feeds it text says so before any output."""
+    model, out = other_vocab(tmp_path), tmp_path / "out"
+    narrow = "error: the model's vocabulary holds 1000 tokens but its tokenizer has 50257, so the model would be handed ids it lacks"
+    for name, args in model_runs(data, tmp_path, out).items():
         cli = scripts.get(name) or load_script(name)
         assert refused(capsys, cli, "--model", model, *args).startswith(narrow), name
     assert refused(capsys, scripts["train"], "--data", data / "data", "--out", out / "ck.pt", "--from_model", model,
@@ -371,16 +376,8 @@ def test_every_script_that_loads_a_model_takes_its_hub_revision(scripts, capsys,
     is, and loads."""
     fake_hub_cache(offline_hub.parent, small_ref.directory, refs=("main", "v1"))
     out = tmp_path / "out"
-    (tmp_path / "hellaswag.jsonl").write_text('{"ctx": "A man", "endings": ["runs.", "sits.", "is.", "was."], "label": 0}\n')
-    runs = {
-        "generate": ["--prompt", "Hello", "--max_tokens", "3"],
-        "eval_ppl": ["--file", data / "t.txt"],
-        "eval_hellaswag": ["--data", tmp_path / "hellaswag.jsonl"],
-        "interventions": [],
-        "visualize": ["--out", out],
-    }
     missing = "error: openai-community/gpt2 at revision v2 is not in the local Hugging Face cache"
-    for name, args in runs.items():
+    for name, args in model_runs(data, tmp_path, out).items():
         cli = scripts.get(name) or load_script(name)
         assert refused(capsys, cli, "--model", "gpt2", "--revision", "v2", *args).startswith(missing), name
     train = ["--data", data / "data", "--out", out / "ck.pt", "--from_model", "gpt2", *TINY[8:]]
