@@ -131,14 +131,20 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    device = resolve_device(args.device)
+    try:
+        device = resolve_device(args.device)
+        checked = check_args(args)
+    except GPT2FnError:  # under torchrun every process of a machine checks the same flags against the same files:
+        if int(os.environ.get("LOCAL_RANK", 0)) > 0:  # its first one says what is wrong, once
+            return 2
+        raise
     if "RANK" in os.environ:  # launched by torchrun: join the process group, one GPU per process
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return train_and_export(args, device)
+        return train_and_export(args, device, checked)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -218,9 +224,9 @@ def check_resume_settings(args, tc: TrainConfig, config: GPTConfig) -> None:
                           f"differs from its {saved[name]}; drop --{name}, or start a new run with another --out")
 
 
-def train_and_export(args, device: torch.device) -> int:
+def train_and_export(args, device: torch.device, checked: Checked) -> int:
     world, rank = distributed_world()
-    tc, resume, config, train_tokens, val_tokens, hellaswag = check_args(args)
+    tc, resume, config, train_tokens, val_tokens, hellaswag = checked
     params = None
     if resume is not None:
         print(f"resuming from {args.out} at step {resume['step']}")

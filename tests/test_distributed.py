@@ -91,3 +91,18 @@ def test_gradients_are_all_reduced_once_per_step_not_per_micro_batch(tmp_path):
         assert reductions == [0, 0, 0]
     finally:
         dist.destroy_process_group()
+
+
+def test_a_bad_flag_under_torchrun_is_one_line_not_one_per_process(tmp_path):
+    """Every process of a machine checks the same flags against the same
+    files, so only its first (LOCAL_RANK 0) prints the error line (before, each
+    process printed it)."""
+    (tmp_path / "t.txt").write_text("Now is the winter of our discontent made glorious summer by this sun of York;\n" * 60)
+    prepare([tmp_path / "t.txt"], tmp_path / "data")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port())]  # fmt: skip
+    run = subprocess.run([*launcher, str(ROOT / "scripts" / "train.py"), "--data", str(tmp_path / "data"), *ARGS,
+                          "--out", str(tmp_path / "x.pt"), "--lr", "-1"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode != 0
+    assert run.stderr.count("error: lr must be a finite number > 0, got -1.0\n") == 1, run.stderr[-3000:]
+    assert not (tmp_path / "x.pt").exists()
