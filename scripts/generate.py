@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
     p.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus: the smallest set with mass >= p (1 = off)")
+    p.add_argument("--num_samples", type=int, default=1,
+                   help="continue each prompt this many times, each row drawing its own tokens, in one batch")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, printed at the end)")
     p.add_argument("--ignore_eot", action="store_true", help="keep going past <|endoftext|>")
     p.add_argument("--stop", action="append", default=[],
@@ -92,6 +94,10 @@ def run(args: argparse.Namespace) -> int:
         raise GPT2FnError("no prompt given; pass --prompt TEXT (repeatable), --prompt-file FILE or --interactive")
     if any(not p for p in prompts):
         raise GPT2FnError("the prompt is empty; pass some text with --prompt")
+    check_int("--num_samples", args.num_samples)
+    if args.num_samples > 1 and args.temperature == 0:
+        raise GPT2FnError("--num_samples draws several continuations, but --temperature 0 (greedy) makes them all the "
+                          "same; sample (--temperature > 0) or drop --num_samples")  # fmt: skip
     if "" in args.stop:
         raise GPT2FnError("--stop is empty; give the text to stop at (at least one character)")
     if args.draft is not None:
@@ -150,10 +156,12 @@ def run(args: argparse.Namespace) -> int:
 
 def complete(args: argparse.Namespace, prompts: list[str], params, config, tokenizer, draft, device, seed: int,
              warm: bool = False) -> None:  # fmt: skip
-    """Generate from ``prompts``: one streams as it is made, a batch prints when it is done; then the report."""
+    """Generate from ``prompts`` (each ``--num_samples`` times): one row streams
+    as it is made, a batch prints when it is done; then the report."""
+    prompts = [p for p in prompts for _ in range(args.num_samples)]  # each prompt's samples together
     ids = [encode(tokenizer, p) for p in prompts]
     stream = generate(  # one prompt (a tensor) must fit with its continuation; in a batch each row stops at the context
-        params, config, torch.tensor(ids) if len(ids) == 1 else ids, args.max_tokens,
+        params, config, torch.tensor(ids) if len(set(prompts)) == 1 else ids, args.max_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         generator=torch.Generator(device).manual_seed(seed),
         use_cache=args.kvcaching, attention=args.attention,
@@ -180,8 +188,10 @@ def complete(args: argparse.Namespace, prompts: list[str], params, config, token
         row.append(text.finish())
     if streamed:
         write(pieces[0][-1] + "\n")
+    n = args.num_samples
     for i, row in enumerate(pieces if not streamed else []):
-        print(f"--- [{i + 1}/{len(prompts)}] ---\n{''.join(row)}")
+        label = f"{i + 1}/{len(prompts)}" if n == 1 else f"prompt {i // n + 1}/{len(prompts) // n}, sample {i % n + 1}/{n}"
+        print(f"--- [{label}] ---\n{''.join(row)}")
     print(report(args, device, seed, stream, warm), file=sys.stderr)
 
 

@@ -36,6 +36,30 @@ def test_greedy_output_is_the_library_greedy_continuation(generate_cli, capsys, 
     assert "prefill:" in err and "decode:" in err and "tokens/s" in err and "generated 20" in err
 
 
+def test_num_samples_continues_each_prompt_that_many_times(generate_cli, capsys, small_ref):
+    """--num_samples N: each prompt N times in one batch (its rows together),
+    each row drawing its own tokens: the library's batch with that seed."""
+    base = ["--model", str(small_ref.directory), "--max_tokens", "6", "--ignore_eot", "--device", "cpu", "--seed", "7",
+            "--top_k", "50"]  # fmt: skip
+    prompts = ["The meaning of life is", "Once"]
+    code, out, err = run_cli(generate_cli, capsys, "--prompt", prompts[0], "--prompt", prompts[1], "--num_samples", "3", *base)
+    assert code == 0, err
+    params, config = load_pretrained(small_ref.directory)
+    t = get_tokenizer()
+    rows = [encode(t, p) for p in prompts for _ in range(3)]
+    new, _ = generate_all(params, config, rows, 6, top_k=50, generator=torch.Generator().manual_seed(7))
+    texts = [p + decode(t, row.tolist()) for p, row in zip([p for p in prompts for _ in range(3)], new)]
+    assert out == "".join(f"--- [prompt {i // 3 + 1}/2, sample {i % 3 + 1}/3] ---\n{text}\n" for i, text in enumerate(texts))
+    assert len(set(texts[:3])) == 3 and "batch of 6" in err
+    code, out, err = run_cli(generate_cli, capsys, "--prompt", prompts[0], "--num_samples", "2", *base)
+    assert code == 0 and out.count("--- [prompt 1/1, sample ") == 2
+    for args, message in [(["--num_samples", "0"], "--num_samples must be an integer >= 1, got 0"),
+                          (["--num_samples", "2", "--temperature", "0"], "--num_samples draws several continuations, "
+                           "but --temperature 0 (greedy) makes them all the same")]:  # fmt: skip
+        code, out, err = run_cli(generate_cli, capsys, "--prompt", "Hi", *base, *args)
+        assert code == 2 and out == "" and err.startswith(f"error: {message}"), err
+
+
 def test_a_training_checkpoint_generates_as_its_weights_do(generate_cli, capsys, tmp_path):
     """--model runs/ckpt.pt: the run's weights at its last step (nanoGPT's sample.py habit)."""
     from gpt2fn.training import TrainConfig, train
