@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Three interventions on the pure forward, on the bundled model by default:
-a logit lens, zero-ablating attention heads, and patching the residual
-stream from another prompt.
+"""Interventions through the one tap mechanism, on the bundled model by
+default: a logit lens, zero-ablating attention heads, patching the residual
+stream from another prompt, and steering a generation.
 
     python scripts/interventions.py --prompt "ROMEO: O, she doth teach the torches to burn"
 """
@@ -13,7 +13,8 @@ import sys
 import torch
 
 from gpt2fn.device import DEVICE_HELP, resolve_device
-from gpt2fn.errors import ArgumentParser, GPT2FnError, run_cli
+from gpt2fn.errors import ArgumentParser, GPT2FnError, check_int, run_cli
+from gpt2fn.generation import generate_all
 from gpt2fn.interp import ablate_head, logit_lens, patch, run_with_cache
 from gpt2fn.model import forward
 from gpt2fn.tokenizer import check_vocabulary, decode, encode, get_tokenizer
@@ -28,11 +29,13 @@ def main(argv=None) -> int:
     p.add_argument("--source", default="ROMEO: O, he doth teach the candles to weep",
                    help="the prompt whose residual stream is patched in (same token count as --prompt)")
     p.add_argument("--layer", type=int, default=None, help="layer to ablate / patch (default: the middle one)")
+    p.add_argument("--steer_tokens", type=int, default=24, help="tokens of each continuation in the steering example")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     return run_cli(run, p.parse_args(argv))
 
 
 def run(args) -> int:
+    check_int("--steer_tokens", args.steer_tokens)
     device = resolve_device(args.device)
     path = resolve_model(args.model, args.revision)
     tok = get_tokenizer(path)
@@ -73,6 +76,15 @@ def run(args) -> int:
     print(f"   next token {show(logits[0, -1].argmax())} -> {show(patched[0, -1].argmax())} "
           f"(the source run says {show(src_logits[0, -1].argmax())}; max |logit difference| to the source run "
           f"{(patched - src_logits).abs().max():.1e})")  # fmt: skip
+
+    direction = (src_cache[("resid", layer)] - cache[("resid", layer)]).mean(1)[0]  # [D]
+    steer = lambda name, i, t: t + direction if (name, i) == ("resid", layer) else t  # noqa: E731
+    n = min(args.steer_tokens, config.n_ctx - ids.shape[1])
+    print(f"\n4. Steering: greedy continuations, and with the mean difference of the two prompts' layer-{layer} "
+          f"residual streams added at every position while generating:")  # fmt: skip
+    for name, tap in (("plain", None), ("steered", steer)):
+        new = generate_all(params, config, ids, n, temperature=0, tap=tap)[0][0]
+        print(f"   {name + ':':9}{decode(tok, new.tolist())!r}")
     return 0
 
 

@@ -321,6 +321,7 @@ def test_visualize_refuses_bad_input(scripts, capsys, small_ref, tmp_path):
 
 def test_interventions_refuse_bad_input(scripts, capsys, small_ref):
     cli, model = scripts["interventions"], ["--model", small_ref.directory]
+    assert "--steer_tokens must be an integer >= 1, got 0" in refused(capsys, cli, *model, "--steer_tokens", "0")
     assert "--layer must be between 0 and 1, got 7" in refused(capsys, cli, *model, "--layer", "7")
     assert "unknown model 'gpt5'" in refused(capsys, cli, "--model", "gpt5")
     assert "the prompt needs at least two tokens" in refused(capsys, cli, *model, "--prompt", "a")

@@ -122,6 +122,18 @@ def test_interventions_example_runs_and_patching_reproduces_the_source(small_ref
     assert run.returncode == 0, run.stderr[-2000:]
     assert "1. Logit lens" in run.stdout and "head 3:" in run.stdout
     assert "max |logit difference| to the source run 0.0e+00" in run.stdout
+    # 4. steering: the greedy continuation with the two prompts' mean layer-1 residual difference added
+    from gpt2fn import encode, get_tokenizer
+    from gpt2fn.generation import generate_all
+
+    params, config = load_pretrained(small_ref.directory)
+    tok = get_tokenizer()
+    ids, src = (torch.tensor([encode(tok, text)]) for text in ("ROMEO: O, she doth teach the torches to burn",
+                                                                "ROMEO: O, he doth teach the candles to weep"))  # fmt: skip
+    direction = (run_with_cache(params, config, src)[1][("resid", 1)] - run_with_cache(params, config, ids)[1][("resid", 1)]).mean(1)[0]
+    steered = generate_all(params, config, ids, 24, temperature=0,
+                           tap=lambda name, i, t: t + direction if (name, i) == ("resid", 1) else t)[0][0]  # fmt: skip
+    assert f"   steered: {tok.decode(steered.tolist())!r}\n" in run.stdout
 
 
 def test_interventions_that_would_fire_nowhere_are_refused(model):
