@@ -23,6 +23,14 @@ class GPT2FnError(ValueError):
     """Bad input: the message is one line, says what is wrong and what to do."""
 
 
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is running out of memory: Python's ``MemoryError``, or
+    torch's on the CPU ("can't allocate memory") or a GPU
+    (``torch.OutOfMemoryError``: "CUDA out of memory")."""
+    return isinstance(e, MemoryError) or (
+        isinstance(e, RuntimeError) and any(s in str(e) for s in ("out of memory", "can't allocate memory")))
+
+
 def run_cli(run, *args) -> int:
     """Call a script's ``run(*args)``: bad input prints one ``error: ...``
     line on stderr and returns exit status 2; so does a file-system error on a

@@ -33,7 +33,7 @@ import torch.utils.checkpoint
 from gpt2fn.config import GPTConfig
 from gpt2fn.data import data_fingerprint, random_windows
 from gpt2fn.device import synchronize
-from gpt2fn.errors import GPT2FnError, check_int, check_number
+from gpt2fn.errors import GPT2FnError, check_int, check_number, is_out_of_memory
 from gpt2fn.files import atomic_write, remove_stale_temporaries
 from gpt2fn.layers import block
 from gpt2fn.model import hidden, logits, positions
@@ -352,12 +352,6 @@ def deterministic_mode(enabled: bool):
         cudnn.deterministic, cudnn.benchmark = saved[2], saved[3]
 
 
-def _is_out_of_memory(e: BaseException) -> bool:
-    if isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)):
-        return True
-    return isinstance(e, RuntimeError) and any(s in str(e) for s in ("out of memory", "can't allocate memory"))
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -453,7 +447,7 @@ def train(
                 raise GPT2FnError(f"{e} at step {step + 1}, so training stopped there without updating the weights; "
                                   f"{last_good()}; lower the lr (or check the data) and {again}") from None  # fmt: skip
             except (RuntimeError, MemoryError) as e:
-                if not _is_out_of_memory(e):
+                if not is_out_of_memory(e):
                     raise
                 raise GPT2FnError(f"out of memory at step {step + 1}; {last_good()}: use a smaller batch_size "
                                   "(a larger grad_accum keeps the batch) or checkpoint_activations") from None  # fmt: skip

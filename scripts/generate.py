@@ -16,7 +16,7 @@ import sys
 import torch
 
 from gpt2fn.device import DEVICE_HELP, resolve_device
-from gpt2fn.errors import ArgumentParser, GPT2FnError, check_int, read_utf8, run_cli
+from gpt2fn.errors import ArgumentParser, GPT2FnError, check_int, is_out_of_memory, read_utf8, run_cli
 from gpt2fn.generation import generate
 from gpt2fn.layers import ATTEND
 from gpt2fn.quantize import DTYPE_HELP, WEIGHT_DTYPES, cast_params
@@ -68,6 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus: the smallest set with mass >= p (1 = off)")
     p.add_argument("--num_samples", type=int, default=1,
                    help="continue each prompt this many times, each row drawing its own tokens, in one batch")
+    p.add_argument("--batch_size", type=int, default=16,
+                   help="rows generated at once (prompts x --num_samples): more run in batches of this many, one "
+                        "after another, each printed when it is done")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, printed at the end)")
     p.add_argument("--ignore_eot", action="store_true", help="keep going past <|endoftext|>")
     p.add_argument("--stop", action="append", default=[],
@@ -95,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
     if any(not p for p in prompts):
         raise GPT2FnError("the prompt is empty; pass some text with --prompt")
     check_int("--num_samples", args.num_samples)
+    check_int("--batch_size", args.batch_size)
     if args.num_samples > 1 and args.temperature == 0:
         raise GPT2FnError("--num_samples draws several continuations, but --temperature 0 (greedy) makes them all the "
                           "same; sample (--temperature > 0) or drop --num_samples")  # fmt: skip
@@ -139,14 +143,13 @@ def run(args: argparse.Namespace) -> int:
                                 config.vocab_size)  # fmt: skip
         draft = draft_vocab(draft[0], vocab), draft[1]
     params = cast_params(params, args.dtype)
+    compiled = set()  # the batch sizes whose step has compiled
     if not args.interactive:
-        complete(args, prompts, params, config, tokenizer, draft, device, seed)
+        complete(args, prompts, params, config, tokenizer, draft, device, seed, compiled)
         return 0
-    warm = False  # whether an earlier prompt compiled the step
     for line in input_lines():  # a bad prompt (say, too long) is one error line, and the session goes on
         try:
-            complete(args, [line], params, config, tokenizer, draft, device, seed, warm)
-            warm = args.compile
+            complete(args, [line], params, config, tokenizer, draft, device, seed, compiled)
         except GPT2FnError as e:
             print(f"error: {e}", file=sys.stderr)
         except KeyboardInterrupt:  # Ctrl-C ends this generation; at the "> " it ends the session
@@ -155,21 +158,45 @@ def run(args: argparse.Namespace) -> int:
 
 
 def complete(args: argparse.Namespace, prompts: list[str], params, config, tokenizer, draft, device, seed: int,
-             warm: bool = False) -> None:  # fmt: skip
-    """Generate from ``prompts`` (each ``--num_samples`` times): one row streams
-    as it is made, a batch prints when it is done; then the report."""
-    prompts = [p for p in prompts for _ in range(args.num_samples)]  # each prompt's samples together
+             compiled: set[int]) -> None:  # fmt: skip
+    """Generate from ``prompts``, each ``--num_samples`` times, ``--batch_size``
+    rows at a time, all drawing from one generator: one row streams as it is
+    made, a batch prints when it is done; a report after each. ``compiled``:
+    the batch sizes whose step an earlier batch compiled (this adds to it)."""
+    rows = [p for p in prompts for _ in range(args.num_samples)]  # each prompt's samples together
+    n = args.num_samples
+    labels = [f"{i + 1}/{len(rows)}" if n == 1 else f"prompt {i // n + 1}/{len(prompts)}, sample {i % n + 1}/{n}"
+              for i in range(len(rows))]  # fmt: skip
+    generator = torch.Generator(device).manual_seed(seed)
+    for start in range(0, len(rows), args.batch_size):
+        batch = rows[start : start + args.batch_size]
+        try:
+            stream, texts = run_batch(args, batch, len(rows) == 1, params, config, tokenizer, draft, generator)
+        except (RuntimeError, MemoryError) as e:
+            if not is_out_of_memory(e):
+                raise
+            raise GPT2FnError(f"out of memory generating {len(batch)} rows at once; use a smaller --batch_size, a "
+                              "smaller --max_tokens or --dtype bfloat16") from None  # fmt: skip
+        for label, text in zip(labels[start:], texts if len(rows) > 1 else []):
+            print(f"--- [{label}] ---\n{text}")
+        print(report(args, device, seed, stream, warm=len(batch) in compiled), file=sys.stderr)
+        if args.compile:
+            compiled.add(len(batch))
+
+
+def run_batch(args: argparse.Namespace, prompts: list[str], streamed: bool, params, config, tokenizer, draft,
+              generator: torch.Generator):  # fmt: skip
+    """One generation: (its stream, each row's text); ``streamed`` writes the
+    one row's text as it is made."""
     ids = [encode(tokenizer, p) for p in prompts]
     stream = generate(  # one prompt (a tensor) must fit with its continuation; in a batch each row stops at the context
         params, config, torch.tensor(ids) if len(set(prompts)) == 1 else ids, args.max_tokens,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        generator=torch.Generator(device).manual_seed(seed),
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator,
         use_cache=args.kvcaching, attention=args.attention,
         stop_token=None if args.ignore_eot else tokenizer.eot_token, compile=args.compile,
         draft=draft, draft_tokens=args.draft_tokens, adaptive_draft=args.adaptive_draft,
         tokens_per_call=args.tokens_per_call,
     )  # fmt: skip
-    streamed = len(prompts) == 1  # one prompt streams as it is made; a batch is printed when it is done
     texts = [TextStream(tokenizer, args.stop) for _ in prompts]
     pieces = [[prompt] for prompt in prompts]  # each row's text so far
     ended = [False] * len(prompts)  # a row ends at a stop string, at <|endoftext|> (kept) or at its length
@@ -188,15 +215,11 @@ def complete(args: argparse.Namespace, prompts: list[str], params, config, token
         row.append(text.finish())
     if streamed:
         write(pieces[0][-1] + "\n")
-    n = args.num_samples
-    for i, row in enumerate(pieces if not streamed else []):
-        label = f"{i + 1}/{len(prompts)}" if n == 1 else f"prompt {i // n + 1}/{len(prompts) // n}, sample {i % n + 1}/{n}"
-        print(f"--- [{label}] ---\n{''.join(row)}")
-    print(report(args, device, seed, stream, warm), file=sys.stderr)
+    return stream, ["".join(row) for row in pieces]
 
 
 def report(args: argparse.Namespace, device: torch.device, seed: int, stream, warm: bool = False) -> str:
-    """The closing lines on stderr; ``warm``: an earlier prompt compiled the step (--interactive)."""
+    """The closing lines on stderr; ``warm``: an earlier batch compiled the step."""
     stats = stream.stats
     mode = ("kv-cache" if args.kvcaching else "no cache") + (", compiled" if args.compile else "")
     mode += f", {stream.steps.chained} tokens a call" if stream.steps.chained > 1 else ""  # what ran (see --tokens_per_call)

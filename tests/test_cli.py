@@ -60,6 +60,40 @@ def test_num_samples_continues_each_prompt_that_many_times(generate_cli, capsys,
         assert code == 2 and out == "" and err.startswith(f"error: {message}"), err
 
 
+def test_batch_size_runs_the_rows_in_batches_from_one_generator(generate_cli, capsys, small_ref, monkeypatch):
+    """--batch_size B: B rows at a time, one after another, each batch printed
+    and reported when done, all drawing from one seeded generator (so a later
+    batch does not repeat an earlier one's draws); running out of memory is
+    one line that says what to lower."""
+    base = ["--model", str(small_ref.directory), "--max_tokens", "5", "--ignore_eot", "--device", "cpu", "--seed", "3"]
+    prompts = ["The meaning of life is", "Once upon a time", "Hello"]
+    code, out, err = run_cli(generate_cli, capsys, *[a for p in prompts for a in ("--prompt", p)], "--batch_size", "2", *base)
+    assert code == 0, err
+    params, config = load_pretrained(small_ref.directory)
+    t = get_tokenizer()
+    generator = torch.Generator().manual_seed(3)
+    texts = []
+    for batch in (prompts[:2], prompts[2:]):
+        new, _ = generate_all(params, config, [encode(t, p) for p in batch], 5, generator=generator)
+        texts += [p + decode(t, row.tolist()) for p, row in zip(batch, new)]
+    assert out == "".join(f"--- [{i + 1}/3] ---\n{text}\n" for i, text in enumerate(texts))
+    assert err.count("prefill:") == 2 and "batch of 2" in err
+    code, out, err = run_cli(generate_cli, capsys, "--prompt", "Hi", "--num_samples", "4", "--batch_size", "2", *base)
+    samples = out.split("---\n")[1:]
+    assert code == 0 and len(samples) == 4 and samples[2] != samples[0] and samples[3] != samples[1]
+    code, out, err = run_cli(generate_cli, capsys, "--prompt", "Hi", "--batch_size", "0", *base)
+    assert code == 2 and err == "error: --batch_size must be an integer >= 1, got 0\n"
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried "
+                           "to allocate 99999999999 bytes")  # fmt: skip
+
+    monkeypatch.setattr(generate_cli, "generate", out_of_memory)
+    code, out, err = run_cli(generate_cli, capsys, *[a for p in prompts for a in ("--prompt", p)], *base)
+    assert code == 2 and out == "" and err == ("error: out of memory generating 3 rows at once; use a smaller "
+                                               "--batch_size, a smaller --max_tokens or --dtype bfloat16\n")  # fmt: skip
+
+
 def test_a_training_checkpoint_generates_as_its_weights_do(generate_cli, capsys, tmp_path):
     """--model runs/ckpt.pt: the run's weights at its last step (nanoGPT's sample.py habit)."""
     from gpt2fn.training import TrainConfig, train
