@@ -77,6 +77,23 @@ def test_cuda_greedy_decoding_equals_the_cpus(which, request):
     assert torch.equal(on_gpu.cpu(), generate_all(cpu_params, config, prompt, 40, temperature=0)[0])
 
 
+def test_a_steering_tap_on_cuda_generates_the_cpus_tokens(small, small_ref):
+    """generate(..., tap=...) on the GPU: a vector added to a layer's residual
+    stream (on the GPU, in the tap) steers as it does on the CPU."""
+    params, config = small
+    cpu_params = load_pretrained(small_ref.directory)[0]
+    v = torch.randn(config.n_embd, generator=torch.Generator().manual_seed(1))
+
+    def steering(vector):
+        return lambda name, layer, t: t + vector if (name, layer) == ("resid", 0) else t
+
+    prompt = ragged([4, 9])
+    on_gpu = generate_all(params, config, prompt, 24, temperature=0, tap=steering(v.to(GPU)))[0]
+    on_cpu = generate_all(cpu_params, config, prompt, 24, temperature=0, tap=steering(v))[0]
+    assert on_gpu.device.type == "cuda" and torch.equal(on_gpu.cpu(), on_cpu)
+    assert not torch.equal(on_cpu, generate_all(cpu_params, config, prompt, 24, temperature=0)[0])
+
+
 @pytest.mark.parametrize("which", ["small", "gpt2"])
 def test_cuda_graphs_give_eagers_greedy_tokens_in_a_ragged_batch(which, request):
     """The compiled decode step (CUDA graphs) against eager, both on the GPU,
