@@ -135,13 +135,15 @@ class Stream:
         return torch.stack(self._made, dim=1)
 
     def rows(self) -> list[list[int]]:
-        """Run to the end: each row's own new tokens, cut at its length limit
-        and after its stop token (which is kept)."""
-        rows = []
-        for row, limit in zip(self.tokens().tolist(), self.limits):
-            row = row[:limit]
-            rows.append(row[: row.index(self.stop_token) + 1] if self.stop_token in row else row)
-        return rows
+        """Run to the end: each row's own new tokens, up to its last (:meth:`is_last`)."""
+        return [row[: next((n for n, t in enumerate(row, 1) if self.is_last(i, n, t)), len(row))]
+                for i, row in enumerate(self.tokens().tolist())]  # fmt: skip
+
+    def is_last(self, row: int, n: int, token: int) -> bool:
+        """Whether ``token``, the ``n``-th new token of ``row`` (from 1), ends
+        that row: its stop token (which is kept) or its length limit. Later
+        tokens of the row are computed while others run, and mean nothing."""
+        return token == self.stop_token or n == self.limits[row]
 
     def _run(self) -> Iterator[Tensor]:
         """The one decode loop."""

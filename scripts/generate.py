@@ -206,7 +206,7 @@ def run_batch(args: argparse.Namespace, prompts: list[str], streamed: bool, para
         for i, token in enumerate(tokens.tolist()):
             if not ended[i]:
                 pieces[i].append(texts[i].push(token))
-                ended[i] = texts[i].stopped or token == stream.stop_token or n == stream.limits[i]
+                ended[i] = texts[i].stopped or stream.is_last(i, n, token)
         if streamed:
             write(pieces[0][-1])
         if all(ended):  # at stop strings the generation ends here; else the stream was ending anyway

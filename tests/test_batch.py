@@ -47,6 +47,8 @@ def test_rows_stop_on_their_own(small):
         assert tokens == expected
     assert len(rows[0]) <= 6 < 20
     assert stream.stats.n_new == max(len(t) for t in rows)
+    for i, row in enumerate(rows):  # the rule the CLI reads as tokens come: each row's last token is its one last
+        assert [stream.is_last(i, n, t) for n, t in enumerate(row, 1)] == [False] * (len(row) - 1) + [True]
 
 
 def test_each_row_has_its_own_context_limit(small):
