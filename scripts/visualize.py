@@ -3,7 +3,9 @@
 
 * attention_layer{i}.png: every head's attention pattern for a prompt, tokens on both axes;
 * position_embedding.png: a few columns of the learned position embedding against position;
-* weight_{name}.png: one weight matrix as an image.
+* weight_{name}.png: one weight matrix as an image;
+* surprise.png: how surprised the model is by each token of the prompt after
+  the ones before it (-log2 p, bits), with what it expected instead.
 
     python scripts/visualize.py --prompt "ROMEO: But soft, what light" --out viz/
 """
@@ -17,7 +19,9 @@ import torch
 
 from gpt2fn.device import DEVICE_HELP, resolve_device
 from gpt2fn.errors import ArgumentParser, GPT2FnError, check_output_dir, parse_int_list, run_cli
+from gpt2fn.evaluation import token_logprobs
 from gpt2fn.interp import run_with_cache
+from gpt2fn.model import forward
 from gpt2fn.params import flatten_params
 from gpt2fn.plotting import require_pyplot, save_figure
 from gpt2fn.tokenizer import check_vocabulary, encode, get_tokenizer
@@ -100,6 +104,23 @@ def run(args) -> int:
     fig.colorbar(image, ax=ax)
     ax.set_title(f"{args.weight} {tuple(w.shape)} [out, in]")
     save_figure(fig, out / f"weight_{args.weight.replace('.', '_')}.png", dpi=100)
+
+    if len(ids) >= 2:  # the first token has nothing before it to be predicted from
+        with torch.inference_mode():
+            tokens = torch.tensor([ids], device=device)
+            bits = (-token_logprobs(params, config, tokens)[0] / math.log(2)).cpu()  # [T - 1]
+            expected = forward(params, config, tokens[:, :-1])[0].argmax(-1).tolist()
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.4 * len(ids)), 4.5), constrained_layout=True)
+        ax.bar(range(len(bits)), bits.numpy(), color=plt.cm.magma_r(bits.numpy() / max(1.0, float(bits.max()))))
+        for x, (b, guess, got) in enumerate(zip(bits.tolist(), expected, ids[1:])):
+            if guess != got:  # what the model expected there instead
+                ax.text(x, b, f" {tok.decode([guess])!r}", rotation=90, ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(bits)), labels[1:], rotation=90, fontsize=8)
+        ax.set_ylim(0, 1.3 * max(1.0, float(bits.max())))  # room for the first choices above the bars
+        ax.set_ylabel("surprisal, -log2 p (bits)")
+        ax.set_title(f"each token after the ones before it ({bits.mean():.2f} bits on average)\n"
+                     "above a bar, in quotes: the model's own first choice there", fontsize=10)  # fmt: skip
+        save_figure(fig, out / "surprise.png", dpi=100)
     return 0
 
 

@@ -89,7 +89,7 @@ def png_size(path):
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
-def test_visualize_writes_the_three_kinds_of_picture(small_ref, tmp_path):
+def test_visualize_writes_the_four_kinds_of_picture(small_ref, tmp_path):
     import subprocess
     import sys
 
@@ -109,6 +109,11 @@ def test_visualize_writes_the_three_kinds_of_picture(small_ref, tmp_path):
     assert png_size(tmp_path / "position_embedding.png") == (800, 450)
     assert png_size(tmp_path / "weight_blocks_0_attn_c_attn_w.png") == (800, 1600)  # [192, 64]: height capped at 2x
     assert (tmp_path / "weight_blocks_0_attn_c_attn_w.png").stat().st_size > 20_000
+    assert png_size(tmp_path / "surprise.png") == (round(100 * max(6.0, 0.4 * n)), 450)  # a bar per token but the first
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "visualize.py"), "--model", str(small_ref.directory),
+                          "--prompt", "Hi", "--out", str(tmp_path / "one")], capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 0 and len(encode(get_tokenizer(), "Hi")) == 1  # one token: nothing predicted, no bars
+    assert (tmp_path / "one" / "position_embedding.png").exists() and not (tmp_path / "one" / "surprise.png").exists()
 
 
 def test_interventions_example_runs_and_patching_reproduces_the_source(small_ref):
