@@ -366,14 +366,14 @@ def train(
     stop_at: Optional[int] = None,
     on_step: Optional[Callable[[dict], None]] = None,
     device: torch.device | str | None = None,
-    evaluations: Optional[Callable[[Params], dict]] = None,
+    evaluations: Optional[Callable[[Params, int], dict]] = None,
 ) -> tuple[Params, list[dict]]:
     """Train from ``params`` (or from ``resume``, a loaded checkpoint) until
     ``tc.max_steps`` (or ``stop_at``, for a deliberate interruption), on
     ``device`` (default: where ``params`` are; the CPU when resuming).
     Evaluates every ``eval_interval`` steps and at the end (the val loss,
-    and whatever ``evaluations(params)`` returns, e.g. HellaSwag accuracy,
-    merged into that step's record), writes the checkpoint at each
+    and whatever ``evaluations(params, step)`` returns, e.g. HellaSwag
+    accuracy, merged into that step's record), writes the checkpoint at each
     evaluation, and returns (params, history). After each step it calls
     ``on_step`` with that step's record plus ``step_s``, the step's own time
     (drawing the batch, forward, backward, update; not the evaluation or the
@@ -459,7 +459,7 @@ def train(
                 if val_tokens is not None:
                     record["val_loss"] = evaluate(params, config, val_tokens, tc)
                 if evaluations is not None:
-                    record.update(evaluations(params))
+                    record.update(evaluations(params, step))
             history.append(record)
             if checkpoint_path is not None and rank == 0 and (step % tc.eval_interval == 0 or step == end):
                 try:

@@ -40,7 +40,9 @@ from tqdm import tqdm
 from gpt2fn.config import GPTConfig
 from gpt2fn.data import load_split
 from gpt2fn.device import DEVICE_HELP, resolve_device
-from gpt2fn.errors import ArgumentParser, GPT2FnError, check_int, check_number, check_output_file, run_cli
+from gpt2fn.errors import (
+    ArgumentParser, GPT2FnError, check_int, check_number, check_output_dir, check_output_file, run_cli,
+)  # fmt: skip
 from gpt2fn.files import atomic_write
 from gpt2fn.generation import generate
 from gpt2fn.hellaswag import evaluate_hellaswag, load_examples
@@ -106,6 +108,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--export", default=None, help="write the final weights here (.safetensors)")
     p.add_argument("--export_dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="dtype of the exported weights")
+    p.add_argument("--snapshots", default=None,
+                   help="also write the weights at every evaluation to DIR/stepN.safetensors (in --export_dtype), "
+                        "each a model for any --model: the run's models over its training")
     p.add_argument("--plot", default=None, help="write the loss curve PNG here (needs matplotlib)")
     p.add_argument("--hellaswag", default=None,
                    help="HellaSwag jsonl (e.g. hellaswag_val.jsonl): its acc_norm at every evaluation")
@@ -169,6 +174,8 @@ def check_args(args) -> Checked:
     train_tokens, val_tokens = load_split(args.data, "train"), load_split(args.data, "val")
     if args.export:
         check_output_file(args.export, "--export file", suffix=".safetensors")
+    if args.snapshots:
+        check_output_dir(args.snapshots, "--snapshots directory")
     if args.revision is not None and not args.from_model:
         raise GPT2FnError("--revision picks the Hub snapshot of --from_model; give --from_model too, or drop it")
     if args.plot:
@@ -276,19 +283,27 @@ def train_and_export(args, device: torch.device, checked: Checked) -> int:
     if hellaswag:
         tokenizer = get_tokenizer(resolve_model(args.from_model, args.revision) if args.from_model else None)
 
-        def evaluate(params):
+        def evaluate(params, step):
             result = evaluate_hellaswag(params, config, tokenizer, hellaswag)
             return {"hellaswag_acc": result.acc, "hellaswag_acc_norm": result.acc_norm}
 
         evaluations.append(evaluate)
     if sample is not None:
         evaluations.append(sample)
+    if args.snapshots and rank == 0:
+
+        def snapshot(params, step):  # the weights as --export writes them, a model for every --model
+            save_params(exported(params, args.export_dtype), config, Path(args.snapshots) / f"step{step}.safetensors")
+            return {}
+
+        Path(args.snapshots).mkdir(parents=True, exist_ok=True)
+        evaluations.append(snapshot)
 
     start = time.perf_counter()
     try:
         params, history = train(params, config, tc, train_tokens, val_tokens, args.out, resume=resume,
                                 stop_at=args.stop_at, on_step=on_step, device=device,
-                                evaluations=lambda params: {k: v for f in evaluations for k, v in f(params).items()})
+                                evaluations=lambda params, step: {k: v for f in evaluations for k, v in f(params, step).items()})
     finally:
         bar.close()
     evaluated = [record for record in history if "val_loss" in record]
@@ -300,11 +315,15 @@ def train_and_export(args, device: torch.device, checked: Checked) -> int:
     if rank != 0:
         return 0
     if args.export:
-        final = map_params(lambda t: t.detach().to(device="cpu", dtype=getattr(torch, args.export_dtype)), params)
-        print(f"wrote {save_params(final, config, args.export)}")
+        print(f"wrote {save_params(exported(params, args.export_dtype), config, args.export)}")
     if args.plot:
         plot_losses(history, args.plot)
     return 0
+
+
+def exported(params, dtype: str):
+    """The weights as --export writes them: on the CPU, in ``dtype``."""
+    return map_params(lambda t: t.detach().to(device="cpu", dtype=getattr(torch, dtype)), params)
 
 
 def sampler(text: str, n_tokens: int, config: GPTConfig, seed: int, device: torch.device):
@@ -318,7 +337,7 @@ def sampler(text: str, n_tokens: int, config: GPTConfig, seed: int, device: torc
         raise GPT2FnError(f"--sample is {len(prompt)} tokens but the model's context holds {config.n_ctx}, leaving no "
                           "room to continue it; shorten it")  # fmt: skip
 
-    def sample(params) -> dict:
+    def sample(params, step) -> dict:
         stream = generate(params, config, [prompt], n_tokens, temperature=1.0, top_k=40,
                           generator=torch.Generator(device).manual_seed(seed), stop_token=tokenizer.eot_token)  # fmt: skip
         return {"sample": decode(tokenizer, stream.rows()[0])}

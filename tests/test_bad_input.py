@@ -123,6 +123,12 @@ def test_train_refuses_bad_paths(scripts, capsys, data, tmp_path):
     err = refused(capsys, train_cli, "--data", data / "data", "--out", tmp_path / "c.pt", "--export",
                   a_file(tmp_path) / "w.safetensors", *base)  # fmt: skip
     assert "cannot create --export file" in err
+    err = refused(capsys, train_cli, "--data", data / "data", "--out", tmp_path / "c.pt", "--snapshots",
+                  tmp_path / "plain", *base)  # fmt: skip
+    assert err == f"error: --snapshots directory {tmp_path / 'plain'} is a file, not a directory\n"
+    err = refused(capsys, train_cli, "--data", data / "data", "--out", tmp_path / "c.pt", "--snapshots",
+                  a_file(tmp_path) / "snaps", *base)  # fmt: skip
+    assert "cannot create --snapshots directory" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["half", "plain"]
 
 

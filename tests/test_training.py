@@ -261,6 +261,35 @@ def test_train_script_fine_tunes_resumes_and_plots(small_ref, data, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+def tiny_run(data) -> list[str]:
+    """train.py's arguments for a 4-step run of a tiny model, evaluating at steps 2 and 4."""
+    return ["--data", str(data[0] / "out"), "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--n_ctx", "64",
+            "--block_size", "32", "--batch_size", "4", "--max_steps", "4", "--warmup_steps", "1", "--eval_interval", "2",
+            "--eval_batches", "1"]  # fmt: skip
+
+
+def test_snapshots_are_the_weights_at_every_evaluation(data, tmp_path, capsys):
+    """--snapshots DIR: DIR/stepN.safetensors at every evaluation, in
+    --export_dtype: the last is the exported model, an earlier one the weights
+    a run stopped there checkpointed; each loads as a model."""
+    from conftest import load_script
+
+    from gpt2fn.params import flatten_params
+    from gpt2fn.weights import load_params
+
+    cli, args, snaps = load_script("train"), [*tiny_run(data), "--export_dtype", "float32"], tmp_path / "snaps"
+    assert cli.main([*args, "--out", str(tmp_path / "a.pt"), "--snapshots", str(snaps), "--export",
+                     str(tmp_path / "final.safetensors")]) == 0  # fmt: skip
+    assert sorted(p.name for p in snaps.iterdir()) == ["step2.safetensors", "step4.safetensors"]
+    assert cli.main([*args, "--out", str(tmp_path / "b.pt"), "--stop_at", "2"]) == 0
+    capsys.readouterr()
+    for snapshot, expected in [("step4", load_params(tmp_path / "final.safetensors")[0]),
+                               ("step2", load_pretrained(tmp_path / "b.pt")[0])]:  # fmt: skip
+        got, want = flatten_params(load_pretrained(snaps / f"{snapshot}.safetensors")[0]), flatten_params(expected)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got), snapshot
+    assert not torch.equal(load_params(snaps / "step2.safetensors")[0]["wte"], load_params(snaps / "step4.safetensors")[0]["wte"])
+
+
 def test_train_prints_and_logs_a_sample_at_every_evaluation(data, tmp_path, capsys):
     """--sample TEXT: each evaluation continues TEXT from the same seed, quoted
     under the step's line and in the --log record; the last is the library's
@@ -272,10 +301,7 @@ def test_train_prints_and_logs_a_sample_at_every_evaluation(data, tmp_path, caps
 
     from gpt2fn.generation import generate_all
 
-    cli, d = load_script("train"), data[0]
-    args = ["--data", str(d / "out"), "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--n_ctx", "64",
-            "--block_size", "32", "--batch_size", "4", "--max_steps", "4", "--warmup_steps", "1", "--eval_interval", "2",
-            "--eval_batches", "1"]  # fmt: skip
+    cli, args = load_script("train"), tiny_run(data)
     assert cli.main([*args, "--out", str(tmp_path / "a.pt"), "--log", str(tmp_path / "a.jsonl"), "--sample", "ROMEO:",
                      "--sample_tokens", "12"]) == 0  # fmt: skip
     out = capsys.readouterr().out
@@ -471,7 +497,7 @@ def test_a_steps_time_leaves_out_its_evaluation_and_checkpoint(data, tmp_path, m
     tc = TrainConfig(batch_size=2, block_size=16, max_steps=4, warmup_steps=1, eval_interval=2, eval_batches=1)
     seen = []
     _, history = train(init_params(TINY), TINY, tc, load_split(d / "out", "train"), load_split(d / "out", "val"),
-                       tmp_path / "c.pt", on_step=seen.append, evaluations=lambda params: clock.spend(100) or {})  # fmt: skip
+                       tmp_path / "c.pt", on_step=seen.append, evaluations=lambda params, step: clock.spend(100) or {})  # fmt: skip
     assert [r["step_s"] for r in seen] == [0.25] * 4
     assert history == [{k: v for k, v in r.items() if k != "step_s"} for r in seen]
     assert "val_loss" in seen[1] and "step_s" not in load_checkpoint(tmp_path / "c.pt")["history"][-1]
