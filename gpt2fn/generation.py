@@ -238,6 +238,7 @@ def generate(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    min_p: float = 0.0,
     generator: Optional[torch.Generator] = None,
     use_cache: bool = True,
     attention: str = "auto",
@@ -255,7 +256,8 @@ def generate(
     context, or this raises), or a list of token lists of any lengths (each
     row then also stops when it reaches the context). A row stops at
     ``stop_token`` (which it yields); the stream ends when every row has.
-    ``temperature=0`` is greedy; the draws come from ``generator``.
+    ``temperature=0`` is greedy; ``top_k``, ``top_p`` and ``min_p`` filter
+    (:mod:`gpt2fn.sampling`); the draws come from ``generator``.
     ``use_cache`` and ``compile`` pick the steps (see :mod:`gpt2fn.steps`);
     ``attention`` is "manual", "sdpa" or "auto"
     (:func:`gpt2fn.steps.resolve_attention`). The first compiled decode step
@@ -294,7 +296,7 @@ def generate(
     ``compile``, ``use_cache=False`` or a draft it raises.
     Raises :class:`~gpt2fn.errors.GPT2FnError` on bad input, before any work.
     """
-    check_sampling_args(temperature, top_k, top_p)
+    check_sampling_args(temperature, top_k, top_p, min_p)
     check_int("tokens_per_call", tokens_per_call)
     if tokens_per_call > 1 and (draft is not None or not use_cache):
         raise GPT2FnError("tokens_per_call chains cached plain decode steps; drop it, "
@@ -302,7 +304,7 @@ def generate(
                              else "or keep the KV cache on"))  # fmt: skip
     prompts = prompt_lists(config, prompts, max_new_tokens)
     device = params_device(params)
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     width = (noise_width(config.vocab_size, top_k),)  # the random numbers a step needs per row
     if draft is None:
         if adaptive_draft:

@@ -1,8 +1,8 @@
-"""Choosing the next token from logits: greedy, temperature, top-k, top-p.
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p, min-p.
 
 All functions are pure and work on a batch: logits [B, V] -> [B, V] or [B].
 They are applied in the usual order (as in Hugging Face's ``generate``):
-temperature, then top-k, then top-p, then a draw.
+temperature, then top-k, then top-p, then min-p, then a draw.
 
 The draw uses the "exponential race": ``argmax(p / E)`` with ``E = -log U``,
 ``U ~ Uniform[0, 1)`` picks index ``i`` with probability ``p_i``, exactly like
@@ -29,7 +29,7 @@ from gpt2fn.errors import GPT2FnError, is_real
 Tensor = torch.Tensor
 
 
-def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
+def check_sampling_args(temperature: float, top_k: int, top_p: float, min_p: float = 0.0) -> None:
     """Raise one clear line for impossible sampling parameters (a value that
     is not a number, such as None, included)."""
     if not (is_real(temperature) and 0 <= temperature < math.inf):  # NaN fails every comparison
@@ -38,6 +38,8 @@ def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:
         raise GPT2FnError(f"top_k must be an integer >= 0 (0 = off), got {top_k}")
     if not (is_real(top_p) and 0 < top_p <= 1):
         raise GPT2FnError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+    if not (is_real(min_p) and 0 <= min_p <= 1):
+        raise GPT2FnError(f"min_p must be in [0, 1] (0 = off), got {min_p}")
 
 
 def top_k_filter(logits: Tensor, k: int) -> Tensor:
@@ -69,12 +71,25 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
     return torch.empty_like(logits).scatter(-1, indices, _nucleus(sorted_logits, p))
 
 
-def filtered_probs(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+def min_p_filter(logits: Tensor, p: float) -> Tensor:
+    """Min-p: set to -inf every logit whose probability is below ``p`` times
+    its row's largest (so the most likely token always stays), as Hugging
+    Face's ``MinPLogitsWarper`` does. ``p = 0`` leaves the logits unchanged."""
+    if p <= 0:
+        return logits
+    probs = torch.softmax(logits.float(), dim=-1)
+    return logits.masked_fill(probs < p * probs.amax(dim=-1, keepdim=True), float("-inf"))
+
+
+def filtered_probs(
+    logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0
+) -> Tensor:  # fmt: skip
     """The distribution the sampler draws from: [B, V] fp32, rows sum to 1.
     ``temperature`` must be > 0 here (0 means greedy, handled by :func:`sample`)."""
     logits = logits.float() / temperature
     logits = top_k_filter(logits, top_k)
     logits = top_p_filter(logits, top_p)
+    logits = min_p_filter(logits, min_p)
     return torch.softmax(logits, dim=-1)
 
 
@@ -116,6 +131,7 @@ def choose_token(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    min_p: float = 0.0,
 ) -> Tensor:
     """Pick one token per row, deterministically given ``noise``.
     logits: [B, V]; noise: [B, noise_width(V, top_k)] Uniform[0, 1) (unused
@@ -134,9 +150,10 @@ def choose_token(
         values, indices = torch.topk(logits.float() / temperature, top_k, dim=-1)  # sorted, descending
         if top_p < 1.0:
             values = _nucleus(values, top_p)
+        values = min_p_filter(values, min_p)
         choice = torch.argmax(torch.softmax(values, dim=-1) / race, dim=-1, keepdim=True)
         return indices.gather(-1, choice)[:, 0]
-    probs = filtered_probs(logits, temperature, 0, top_p)
+    probs = filtered_probs(logits, temperature, 0, top_p, min_p)
     return torch.argmax(probs / race, dim=-1)
 
 
@@ -146,6 +163,7 @@ def sample(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: Optional[torch.Generator] = None,
+    min_p: float = 0.0,
 ) -> Tensor:
     """Pick one token per row. logits: [B, V] -> [B] int64.
 
@@ -153,7 +171,7 @@ def sample(
     :func:`filtered_probs` with randomness from ``generator``. Impossible
     settings raise one clear line (:func:`check_sampling_args`).
     """
-    check_sampling_args(temperature, top_k, top_p)
+    check_sampling_args(temperature, top_k, top_p, min_p)
     B, V = logits.shape
     noise = None if temperature == 0 else uniform_noise((B, noise_width(V, top_k)), generator, logits.device)
-    return choose_token(logits, noise, temperature, top_k, top_p)
+    return choose_token(logits, noise, temperature, top_k, top_p, min_p)

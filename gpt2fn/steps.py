@@ -145,14 +145,14 @@ def window_len(end: int, length: int) -> int:
 
 def cached_step(
     params: Params, tokens: Tensor, pos: Tensor, cache: State, noise: Optional[Tensor],
-    *, config: GPTConfig, kernels: Kernels, temperature: float, top_k: int, top_p: float, run_block: Callable = block,
-    tap: Optional[Tap] = None,
+    *, config: GPTConfig, kernels: Kernels, temperature: float, top_k: int, top_p: float, min_p: float = 0.0,
+    run_block: Callable = block, tap: Optional[Tap] = None,
 ) -> Tensor:  # fmt: skip
     """Writes the tokens' keys/values into the cache; each row's last column
     chooses its next token. (``run_block``: see :func:`decode_block`; ``tap``:
     :func:`~gpt2fn.model.hidden`'s, for the eager steps.)"""
     x = hidden(params, config, tokens, pos, cache, tap, kernels, run_block)[:, -1]  # [B, D]
-    return choose_token(logits(params, config, x, kernels.linear), noise, temperature, top_k, top_p)
+    return choose_token(logits(params, config, x, kernels.linear), noise, temperature, top_k, top_p, min_p)
 
 
 def chain(
@@ -183,13 +183,13 @@ def chain_step(params: Params, tokens: Tensor, pos: Tensor, cache: State, noise:
 
 def recompute(
     params: Params, sequence: Tensor, last: Tensor, noise: Optional[Tensor],
-    *, config: GPTConfig, kernels: Kernels, temperature: float, top_k: int, top_p: float,
+    *, config: GPTConfig, kernels: Kernels, temperature: float, top_k: int, top_p: float, min_p: float = 0.0,
 ) -> Tensor:  # fmt: skip
     """The whole sequence [B, S] without a cache; row b's next token comes
     from its position ``last[b]``."""
     x = hidden(params, config, sequence, positions(*sequence.shape, device=sequence.device), kernels=kernels)
     x = x[torch.arange(x.shape[0], device=x.device), last]  # [B, D]
-    return choose_token(logits(params, config, x, kernels.linear), noise, temperature, top_k, top_p)
+    return choose_token(logits(params, config, x, kernels.linear), noise, temperature, top_k, top_p, min_p)
 
 
 def uncached_step(
@@ -228,7 +228,7 @@ def eager_kernels(attention: str = "auto") -> Kernels:
 def cached_steps(
     config: GPTConfig, attention: str = "auto", tokens_per_call: int = 1, tap: Optional[Tap] = None, **sampling
 ) -> Steps:  # fmt: skip
-    """``sampling``: temperature, top_k, top_p. With ``tokens_per_call`` > 1
+    """``sampling``: temperature, top_k, top_p, min_p. With ``tokens_per_call`` > 1
     a decode step is a :func:`chain` of that many steps, emitting [B, n].
     ``tap`` (see :mod:`gpt2fn.interp`) sees every call: the prompt's, then
     each new token's ([B, 1, ...]; attention over the cache's first positions,

@@ -36,6 +36,20 @@ def test_greedy_output_is_the_library_greedy_continuation(generate_cli, capsys, 
     assert "prefill:" in err and "decode:" in err and "tokens/s" in err and "generated 20" in err
 
 
+def test_min_p_samples_as_the_library_does(generate_cli, capsys, small_ref):
+    base = ["--prompt", "Once upon a time", "--model", str(small_ref.directory), "--max_tokens", "12", "--ignore_eot",
+            "--device", "cpu", "--seed", "2"]  # fmt: skip
+    code, out, err = run_cli(generate_cli, capsys, *base, "--min_p", "0.5", "--temperature", "0.8")
+    assert code == 0, err
+    params, config = load_pretrained(small_ref.directory)
+    t = get_tokenizer()
+    new, _ = generate_all(params, config, torch.tensor([encode(t, "Once upon a time")]), 12, temperature=0.8, min_p=0.5,
+                          generator=torch.Generator().manual_seed(2))  # fmt: skip
+    assert out == "Once upon a time" + decode(t, new[0].tolist()) + "\n"
+    code, out, err = run_cli(generate_cli, capsys, *base, "--min_p", "1.5")
+    assert code == 2 and err == "error: min_p must be in [0, 1] (0 = off), got 1.5\n"
+
+
 def test_num_samples_continues_each_prompt_that_many_times(generate_cli, capsys, small_ref):
     """--num_samples N: each prompt N times in one batch (its rows together),
     each row drawing its own tokens: the library's batch with that seed."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gpt2fn import GPT2FnError, sample
-from gpt2fn.sampling import check_sampling_args, draw, filtered_probs, top_k_filter, top_p_filter
+from gpt2fn.sampling import check_sampling_args, choose_token, draw, filtered_probs, min_p_filter, top_k_filter, top_p_filter
 
 
 def random_logits(batch=4, vocab=1000, seed=0, scale=3.0):
@@ -77,6 +77,42 @@ def test_filters_apply_in_order_temperature_top_k_top_p():
     assert set(probs[0].nonzero().flatten().tolist()) == nucleus
 
 
+@pytest.mark.parametrize("p", [0.0, 1e-4, 0.05, 0.3, 0.9, 1.0])
+def test_min_p_is_hugging_faces_min_p(p):
+    """min_p_filter against transformers' MinPLogitsWarper: the same logits
+    dropped, the most likely always kept; 0 is a no-op."""
+    from transformers.generation.logits_process import MinPLogitsWarper
+
+    logits = random_logits(batch=6, vocab=2000, seed=5)
+    ours = min_p_filter(logits, p)
+    if p == 0:
+        assert torch.equal(ours, logits)
+        return
+    assert torch.equal(ours, MinPLogitsWarper(p)(None, logits.clone()))
+    assert torch.isfinite(ours.gather(-1, logits.argmax(-1, keepdim=True))).all()
+
+
+@pytest.mark.parametrize("top_k, top_p, min_p", [(0, 1.0, 0.1), (50, 1.0, 0.2), (50, 0.9, 0.05), (0, 0.8, 0.3)])
+def test_filters_chain_as_hugging_faces_warpers(top_k, top_p, min_p):
+    """filtered_probs = transformers' temperature, top-k, top-p and min-p
+    warpers in that order, then softmax; the compiled step's sampler
+    (choose_token, top-k among the candidates only) draws only from its support."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList, MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+    )  # fmt: skip
+
+    logits = random_logits(batch=4, vocab=3000, seed=6)
+    warpers = [TemperatureLogitsWarper(0.8)] + ([TopKLogitsWarper(top_k)] if top_k else [])
+    warpers += ([TopPLogitsWarper(top_p)] if top_p < 1 else []) + [MinPLogitsWarper(min_p)]
+    reference = torch.softmax(LogitsProcessorList(warpers)(None, logits.clone()), -1)
+    ours = filtered_probs(logits, 0.8, top_k, top_p, min_p)
+    assert torch.equal(ours > 0, reference > 0) and torch.allclose(ours, reference, atol=1e-7)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        chosen = choose_token(logits, torch.rand(4, top_k or 3000, generator=g), 0.8, top_k, top_p, min_p)
+        assert (reference.gather(-1, chosen[:, None]) > 0).all()
+
+
 def test_greedy_and_temperature_to_zero():
     logits = random_logits(batch=8, vocab=500, seed=3)
     greedy = sample(logits, temperature=0)
@@ -103,9 +139,9 @@ def test_draws_follow_the_filtered_distribution():
     logits = torch.log(torch.tensor([[0.4, 0.25, 0.15, 0.1, 0.06, 0.04]]))
     n = 40_000
     g = torch.Generator().manual_seed(7)
-    for top_k, top_p in [(0, 1.0), (3, 1.0), (0, 0.7)]:
-        probs = filtered_probs(logits, 1.0, top_k, top_p)[0]
-        draws = sample(logits.expand(n, -1), 1.0, top_k, top_p, g)
+    for top_k, top_p, min_p in [(0, 1.0, 0.0), (3, 1.0, 0.0), (0, 0.7, 0.0), (0, 1.0, 0.3), (4, 1.0, 0.3)]:
+        probs = filtered_probs(logits, 1.0, top_k, top_p, min_p)[0]
+        draws = sample(logits.expand(n, -1), 1.0, top_k, top_p, g, min_p=min_p)
         freq = torch.bincount(draws, minlength=6).double() / n
         # 4.5 standard deviations of a binomial proportion: a real bias fails, noise does not
         sigma = (probs.double() * (1 - probs.double()) / n).sqrt()
@@ -148,6 +184,9 @@ def test_inverse_cdf_draws_follow_the_weights():
         (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
         (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
         (dict(top_p=-0.1), r"top_p must be in \(0, 1\]"),
+        (dict(min_p=-0.1), r"min_p must be in \[0, 1\] \(0 = off\), got -0.1"),
+        (dict(min_p=1.5), r"min_p must be in \[0, 1\]"),
+        (dict(min_p=None), r"min_p must be in \[0, 1\]"),
     ],
 )
 def test_impossible_parameters_are_refused(kwargs, message):

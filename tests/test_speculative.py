@@ -510,6 +510,20 @@ def test_sampled_runs_are_reproducible_and_follow_the_filters(small):
     assert (top5 == a[0, :, None]).any(-1).all()
 
 
+def test_speculative_sampling_keeps_to_min_p(small):
+    """min_p in speculative rounds: every emitted token's probability under
+    the target (at that temperature) is at least min_p times the largest."""
+    from gpt2fn import forward
+
+    params, config = small
+    prompt = prompts(1, (6,))[0]
+    new, _ = generate_all(params, config, prompt, 40, temperature=0.9, min_p=0.5, draft=(self_draft(params, "bfloat16"), config),
+                          generator=torch.Generator().manual_seed(3))  # fmt: skip
+    probs = torch.softmax(forward(params, config, torch.cat([prompt, new], dim=1))[0, prompt.shape[1] - 1 : -1] / 0.9, -1)
+    assert (probs.gather(-1, new[0, :, None])[:, 0] >= 0.5 * probs.max(-1).values * (1 - 1e-4)).all()
+    assert (probs >= 0.5 * probs.max(-1, keepdim=True).values).sum(-1).float().mean() > 1  # a choice was left to draw
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
