@@ -72,7 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="continue each prompt this many times, each row drawing its own tokens, in one batch")
     p.add_argument("--batch_size", type=int, default=16,
                    help="rows generated at once (prompts x --num_samples): more run in batches of this many, one "
-                        "after another, each printed when it is done")
+                        "after another, each printed when it is done (with --compile, a last smaller batch compiles "
+                        "a step of its own)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, printed at the end)")
     p.add_argument("--ignore_eot", action="store_true", help="keep going past <|endoftext|>")
     p.add_argument("--stop", action="append", default=[],
