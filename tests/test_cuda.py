@@ -200,9 +200,10 @@ def test_compiled_speculative_decoding_on_cuda_keeps_the_targets_greedy_tokens(s
         assert torch.equal(out, plain) and stats.target_passes < 40
 
 
-def test_sampling_on_cuda_is_reproducible_and_compiled_draws_what_eager_draws(small):
+@pytest.mark.parametrize("min_p", [0.0, 0.2])
+def test_sampling_on_cuda_is_reproducible_and_compiled_draws_what_eager_draws(small, min_p):
     params, config = small
-    runs = [generate_all(params, config, ids(5), 30, temperature=0.9, top_k=50, top_p=0.95, compile=compile,
+    runs = [generate_all(params, config, ids(5), 30, temperature=0.9, top_k=50, top_p=0.95, min_p=min_p, compile=compile,
                          generator=torch.Generator(GPU).manual_seed(3))[0] for compile in (False, False, True)]  # fmt: skip
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
 
