@@ -91,20 +91,22 @@ def mergeable_ranks(encoder_json: bytes, merges: bytes) -> dict[bytes, int]:
     return ranks
 
 
-@functools.lru_cache(maxsize=4)
-def _encoding(vocab: Optional[str], merges: Optional[str]) -> tiktoken.Encoding:
-    """From the paths of a ``vocab.json`` and a ``merges.txt``; of a
-    ``tokenizer.json`` (``merges`` None); or neither: the packaged files."""
+def _files(vocab: Optional[str], merges: Optional[str]) -> tuple[bytes, bytes]:
+    """The vocabulary and merges, as ``vocab.json`` and ``merges.txt`` spell
+    them, from the paths of those two files; of a ``tokenizer.json``
+    (``merges`` None); or neither: the packaged files."""
     if vocab is None:
         vocab_path, merges_path = _packaged_files()
-        ranks = mergeable_ranks(
-            _read_verified(vocab_path, GPT2_ENCODER_JSON_SHA256),
-            _read_verified(merges_path, GPT2_VOCAB_BPE_SHA256),
-        )
-    elif merges is None:  # a tokenizer.json
-        ranks = mergeable_ranks(*tokenizer_json_files(Path(vocab)))
-    else:
-        ranks = mergeable_ranks(_read_verified(Path(vocab), None), _read_verified(Path(merges), None))
+        return _read_verified(vocab_path, GPT2_ENCODER_JSON_SHA256), _read_verified(merges_path, GPT2_VOCAB_BPE_SHA256)
+    if merges is None:  # a tokenizer.json
+        return tokenizer_json_files(Path(vocab))
+    return _read_verified(Path(vocab), None), _read_verified(Path(merges), None)
+
+
+@functools.lru_cache(maxsize=4)
+def _encoding(vocab: Optional[str], merges: Optional[str]) -> tiktoken.Encoding:
+    """The tokenizer of :func:`_files`' arguments."""
+    ranks = mergeable_ranks(*_files(vocab, merges))
     return tiktoken.Encoding(
         name="gpt2",
         pat_str=r50k_pat_str,
@@ -140,14 +142,26 @@ def get_tokenizer(model_dir: Optional[str | Path] = None) -> tiktoken.Encoding:
     ``merges.txt``, or else a ``tokenizer.json``) when it has one, else the
     packaged GPT-2 files. ``<|endoftext|>`` is ``ENDOFTEXT_ID`` (50256) in
     GPT-2's vocabulary; in another, the tokenizer's ``eot_token``."""
+    return _encoding(*_source(model_dir))
+
+
+def vocab_and_merges(model_dir: Optional[str | Path] = None) -> tuple[bytes, bytes]:
+    """The ``vocab.json`` and ``merges.txt`` of the tokenizer that
+    :func:`get_tokenizer` reads for ``model_dir`` (from a ``tokenizer.json``:
+    as those two files spell it), to write beside a model."""
+    return _files(*_source(model_dir))
+
+
+def _source(model_dir: Optional[str | Path]) -> tuple[Optional[str], Optional[str]]:
+    """Where ``model_dir``'s tokenizer is: (vocab.json, merges.txt), (tokenizer.json, None), or (None, None): the packaged files."""
     if model_dir is not None:
         d = Path(model_dir)
         d = d if d.is_dir() else d.parent
         if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
-            return _encoding(str(d / "vocab.json"), str(d / "merges.txt"))
+            return str(d / "vocab.json"), str(d / "merges.txt")
         if (d / "tokenizer.json").is_file():
-            return _encoding(str(d / "tokenizer.json"), None)
-    return _encoding(None, None)
+            return str(d / "tokenizer.json"), None
+    return None, None
 
 
 def encode(tokenizer: tiktoken.Encoding, text: str) -> list[int]:

@@ -338,6 +338,37 @@ def load_hf_checkpoint(directory: Path, weights: Optional[Iterable[Path]] = None
 # ----------------------------------------------------------------------------- the project's own format
 
 
+def save_hf_checkpoint(
+    params: Params, config: GPTConfig, directory: str | os.PathLike, tokenizer_from: Optional[str | os.PathLike] = None
+) -> Path:  # fmt: skip
+    """Write the model as a Hugging Face checkpoint directory, what
+    ``GPT2LMHeadModel.save_pretrained`` and a GPT-2 tokenizer's
+    ``save_pretrained`` write: ``config.json``, ``model.safetensors`` (Conv1D
+    ``[in, out]`` weights, the head tied to ``wte`` and so not stored) and the
+    tokenizer as ``vocab.json`` + ``merges.txt``, from ``tokenizer_from`` (a
+    model directory, as :func:`~gpt2fn.tokenizer.get_tokenizer` reads one)
+    or GPT-2's. transformers' ``from_pretrained``, the Hub and every
+    ``--model`` load it. Each file is written atomically, ``config.json``
+    last, so an interrupted export is no checkpoint. Float weights only (as
+    :func:`save_params`)."""
+    from gpt2fn.tokenizer import vocab_and_merges
+
+    if not all(t.is_floating_point() for t in flatten_params(params).values()):
+        raise GPT2FnError("these params hold int8-quantized weights, which a checkpoint cannot hold; export the float "
+                          "weights, and load them with dtype='int8' (--dtype int8) to quantize")  # fmt: skip
+    state = {name: t.detach().contiguous().cpu() for name, t in hf_state_dict(params).items() if name != "lm_head.weight"}
+    directory = Path(directory)
+    vocab, merges = vocab_and_merges(tokenizer_from)
+    for name, data in (("vocab.json", vocab), ("merges.txt", merges)):
+        atomic_write(directory / name, lambda tmp, data=data: Path(tmp).write_bytes(data))
+    atomic_write(directory / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    words = json.loads(vocab)
+    eot = words.get("<|endoftext|>", len(words))  # GPT-2's vocab.json holds it (50256); else it follows the words
+    hf = {**config.to_hf(), "architectures": ["GPT2LMHeadModel"], "bos_token_id": eot, "eos_token_id": eot}
+    atomic_write(directory / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(hf, indent=2) + "\n"))
+    return directory
+
+
 def save_params(params: Params, config: GPTConfig, path: str | os.PathLike) -> Path:
     """Write params + config to one safetensors file, atomically: a temporary
     file in the same directory renamed over the target, so a crash never

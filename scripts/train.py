@@ -53,7 +53,7 @@ from gpt2fn.training import (
     TrainConfig, check_fits, check_resume_data, distributed_world, load_checkpoint, resolve_for_device, train,
 )  # fmt: skip
 from gpt2fn.tokenizer import check_vocabulary, decode, encode, get_tokenizer
-from gpt2fn.weights import MODEL_HELP, REVISION_HELP, load_pretrained, resolve_model, save_params
+from gpt2fn.weights import MODEL_HELP, REVISION_HELP, load_pretrained, resolve_model, save_hf_checkpoint, save_params
 
 
 SHAPE = ("n_layer", "n_head", "n_embd", "n_ctx")  # the options that shape a model trained from scratch
@@ -108,6 +108,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--export", default=None, help="write the final weights here (.safetensors)")
     p.add_argument("--export_dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="dtype of the exported weights")
+    p.add_argument("--export_hf", default=None,
+                   help="write the final weights (in --export_dtype) as a Hugging Face checkpoint directory: "
+                        "config.json, model.safetensors and GPT-2's tokenizer, for transformers and the Hub")
     p.add_argument("--snapshots", default=None,
                    help="also write the weights at every evaluation to DIR/stepN.safetensors (in --export_dtype), "
                         "each a model for any --model: the run's models over its training")
@@ -176,6 +179,8 @@ def check_args(args) -> Checked:
         check_output_file(args.export, "--export file", suffix=".safetensors")
     if args.snapshots:
         check_output_dir(args.snapshots, "--snapshots directory")
+    if args.export_hf:
+        check_output_dir(args.export_hf, "--export_hf directory")
     if args.revision is not None and not args.from_model:
         raise GPT2FnError("--revision picks the Hub snapshot of --from_model; give --from_model too, or drop it")
     if args.plot:
@@ -316,6 +321,8 @@ def train_and_export(args, device: torch.device, checked: Checked) -> int:
         return 0
     if args.export:
         print(f"wrote {save_params(exported(params, args.export_dtype), config, args.export)}")
+    if args.export_hf:  # the data's tokenizer, GPT-2's, beside the weights
+        print(f"wrote {save_hf_checkpoint(exported(params, args.export_dtype), config, args.export_hf)}")
     if args.plot:
         plot_losses(history, args.plot)
     return 0

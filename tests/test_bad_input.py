@@ -129,6 +129,9 @@ def test_train_refuses_bad_paths(scripts, capsys, data, tmp_path):
     err = refused(capsys, train_cli, "--data", data / "data", "--out", tmp_path / "c.pt", "--snapshots",
                   a_file(tmp_path) / "snaps", *base)  # fmt: skip
     assert "cannot create --snapshots directory" in err
+    err = refused(capsys, train_cli, "--data", data / "data", "--out", tmp_path / "c.pt", "--export_hf",
+                  a_file(tmp_path) / "hf", *base)  # fmt: skip
+    assert "cannot create --export_hf directory" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["half", "plain"]
 
 

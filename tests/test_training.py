@@ -270,8 +270,9 @@ def tiny_run(data) -> list[str]:
 
 def test_snapshots_are_the_weights_at_every_evaluation(data, tmp_path, capsys):
     """--snapshots DIR: DIR/stepN.safetensors at every evaluation, in
-    --export_dtype: the last is the exported model, an earlier one the weights
-    a run stopped there checkpointed; each loads as a model."""
+    --export_dtype: the last is the exported model (--export, and --export_hf
+    as a Hugging Face checkpoint), an earlier one the weights a run stopped
+    there checkpointed; each loads as a model."""
     from conftest import load_script
 
     from gpt2fn.params import flatten_params
@@ -279,10 +280,13 @@ def test_snapshots_are_the_weights_at_every_evaluation(data, tmp_path, capsys):
 
     cli, args, snaps = load_script("train"), [*tiny_run(data), "--export_dtype", "float32"], tmp_path / "snaps"
     assert cli.main([*args, "--out", str(tmp_path / "a.pt"), "--snapshots", str(snaps), "--export",
-                     str(tmp_path / "final.safetensors")]) == 0  # fmt: skip
+                     str(tmp_path / "final.safetensors"), "--export_hf", str(tmp_path / "hf")]) == 0  # fmt: skip
     assert sorted(p.name for p in snaps.iterdir()) == ["step2.safetensors", "step4.safetensors"]
     assert cli.main([*args, "--out", str(tmp_path / "b.pt"), "--stop_at", "2"]) == 0
     capsys.readouterr()
+    final = flatten_params(load_params(tmp_path / "final.safetensors")[0])
+    hf = flatten_params(load_pretrained(tmp_path / "hf")[0])  # --export_hf: the same weights as a Hugging Face checkpoint
+    assert hf.keys() == final.keys() and all(torch.equal(hf[k], final[k]) for k in hf)
     for snapshot, expected in [("step4", load_params(tmp_path / "final.safetensors")[0]),
                                ("step2", load_pretrained(tmp_path / "b.pt")[0])]:  # fmt: skip
         got, want = flatten_params(load_pretrained(snaps / f"{snapshot}.safetensors")[0]), flatten_params(expected)

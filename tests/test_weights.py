@@ -183,6 +183,33 @@ def test_a_training_checkpoint_loads_as_a_model(tmp_path, monkeypatch):
         load_pretrained(tmp_path / "c.pt")
 
 
+def test_a_hugging_face_checkpoint_written_here_is_transformers_own(small_ref, tmp_path):
+    """save_hf_checkpoint: transformers' from_pretrained loads the model (head
+    tied) and its tokenizer from the directory, and they compute and encode
+    what gpt2fn does; load_pretrained reads it back bit for bit; int8 is refused."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gpt2fn import get_tokenizer
+    from gpt2fn.quantize import quantize_int8
+    from gpt2fn.weights import save_hf_checkpoint
+
+    params, config = load_pretrained(small_ref.directory)
+    directory = save_hf_checkpoint(params, config, tmp_path / "hf")
+    assert sorted(p.name for p in directory.iterdir()) == ["config.json", "merges.txt", "model.safetensors", "vocab.json"]
+    model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    text = "ROMEO: O, she doth teach the torches to burn<|endoftext|> héllo 🙂\n\n  x"
+    ids = AutoTokenizer.from_pretrained(directory)(text).input_ids
+    assert ids == get_tokenizer().encode(text, allowed_special="all") and 50256 in ids
+    with torch.no_grad():
+        assert (model(torch.tensor([ids])).logits - forward(params, config, torch.tensor([ids]))).abs().max() <= 1e-5
+    assert json.loads((directory / "config.json").read_text())["eos_token_id"] == 50256
+    assert_same_params(load_pretrained(directory)[0], params)
+    with pytest.raises(GPT2FnError, match="int8-quantized weights, which a checkpoint cannot hold"):
+        save_hf_checkpoint(quantize_int8(params), config, tmp_path / "int8")
+    assert not (tmp_path / "int8").exists()
+
+
 def test_save_is_atomic(tmp_path, monkeypatch):
     import gpt2fn.weights as weights
 
