@@ -184,6 +184,25 @@ def test_perplexity_matches_reference(small_ref, context, stride):
     assert abs(ours.nll - nll) <= 1e-5 and ours.perplexity == pytest.approx(math.exp(nll), rel=1e-5)
 
 
+def test_token_logprobs_are_float64s_log_softmax_on_a_trained_model():
+    """On the bundled (trained, peaked) model the log-probabilities are within
+    3e-4 of float64's log-softmax of the same logits: computed as
+    cross_entropy over [B, V, T] (classes as dim 1), torch's CPU kernel was
+    off by up to 1.4e-3 here."""
+    from gpt2fn.evaluation import token_logprobs
+    from gpt2fn.model import forward
+    from gpt2fn.steps import eager_kernels
+
+    params, config = load_pretrained("gpt2-shakespeare")
+    text = "ROMEO:\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n\n" * 30
+    tokens = torch.tensor(get_tokenizer().encode_ordinary(text)[: 3 * 201]).view(3, 201)
+    with torch.inference_mode():
+        logits = forward(params, config, tokens[:, :-1], kernels=eager_kernels()).double()
+        reference = logits.log_softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0]
+        ours = token_logprobs(params, config, tokens)
+    assert (ours.double() - reference).abs().max() <= 3e-4
+
+
 def test_token_logprobs_are_the_references(small_ref):
     """Each token's log-probability after the ones before it, against the
     reference model's log-softmax, for a batch and for a full context plus
