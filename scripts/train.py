@@ -45,7 +45,7 @@ from gpt2fn.errors import (
 )  # fmt: skip
 from gpt2fn.files import atomic_write
 from gpt2fn.generation import generate
-from gpt2fn.hellaswag import evaluate_hellaswag, load_examples
+from gpt2fn.hellaswag import evaluate_hellaswag, hub_validation_file, load_examples
 from gpt2fn.measure import peak_flops, training_flops_per_token
 from gpt2fn.params import init_params, map_params
 from gpt2fn.plotting import require_pyplot, save_figure
@@ -115,8 +115,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also write the weights at every evaluation to DIR/stepN.safetensors (in --export_dtype), "
                         "each a model for any --model: the run's models over its training")
     p.add_argument("--plot", default=None, help="write the loss curve PNG here (needs matplotlib)")
-    p.add_argument("--hellaswag", default=None,
-                   help="HellaSwag jsonl (e.g. hellaswag_val.jsonl): its acc_norm at every evaluation")
+    p.add_argument("--hellaswag", nargs="?", const="", default=None, metavar="FILE",
+                   help="HellaSwag's acc_norm at every evaluation, on a jsonl FILE (e.g. hellaswag_val.jsonl) or, "
+                        "given alone, the validation split from the Hub (Rowan/hellaswag, needs pyarrow)")
     p.add_argument("--hellaswag_limit", type=int, default=None, help="score only the first N HellaSwag examples")
     p.add_argument("--sample", default=None,
                    help="at every evaluation, print (and --log) the model's continuation of this text: top-k 40 "
@@ -192,9 +193,9 @@ def check_args(args) -> Checked:
         check_number("--peak_flops", args.peak_flops, 0, low_open=True)
     if args.hellaswag_limit is not None:
         check_int("--hellaswag_limit", args.hellaswag_limit)
-        if not args.hellaswag:
-            raise GPT2FnError("--hellaswag_limit cuts the --hellaswag evaluation; give a --hellaswag file too")
-    hellaswag = load_examples(args.hellaswag, args.hellaswag_limit) if args.hellaswag else None
+        if args.hellaswag is None:
+            raise GPT2FnError("--hellaswag_limit cuts the --hellaswag evaluation; give --hellaswag too")
+    hellaswag = None if args.hellaswag is None else load_examples(args.hellaswag or hub_validation_file(), args.hellaswag_limit)
     if args.sample == "":
         raise GPT2FnError("--sample is empty; give the text whose continuation to print at every evaluation")
     check_int("--sample_tokens", args.sample_tokens)

@@ -76,8 +76,8 @@ TRAIN_CASES = {  # extra args -> what the line says
     "zero interval": (["--eval_interval", "0"], "eval_interval must be an integer >= 1"),
     "zero stop_at": (["--stop_at", "0"], "stop_at must be an integer >= 1"),
     "stop_at past the end": (["--stop_at", "5"], "--stop_at must be past the run's step 0 and at most its max_steps 4, got 5"),
-    "hellaswag_limit alone": (["--hellaswag_limit", "5"], "--hellaswag_limit cuts the --hellaswag evaluation; give a "
-                                                          "--hellaswag file too"),
+    "hellaswag_limit alone": (["--hellaswag_limit", "5"], "--hellaswag_limit cuts the --hellaswag evaluation; give "
+                                                          "--hellaswag too"),
     "negative lr": (["--lr", "-1"], "lr must be a finite number > 0, got -1.0"),
     "nan lr": (["--lr", "nan"], "lr must be a finite number > 0, got nan"),
     "min_lr above lr": (["--min_lr", "1"], "min_lr must be a finite number in [0, 0.001], got 1.0"),

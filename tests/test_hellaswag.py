@@ -107,9 +107,8 @@ def test_the_script_refuses_bad_input_in_one_line(small_ref, tmp_path, capsys):
         assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err
 
 
-def test_the_validation_split_from_the_hub_cache(small_ref, jsonl, offline_hub, capsys):
-    """Without --data: Rowan/hellaswag's parquet conversion (revision
-    refs/convert/parquet), read from a cache laid out as huggingface_hub lays it out."""
+def hub_validation_split(offline_hub) -> None:
+    """Rowan/hellaswag's parquet conversion of EXAMPLES, laid out in the cache as huggingface_hub lays it out."""
     import pyarrow
     import pyarrow.parquet
 
@@ -121,8 +120,32 @@ def test_the_validation_split_from_the_hub_cache(small_ref, jsonl, offline_hub, 
     pyarrow.parquet.write_table(table, repo / "snapshots" / commit / "default" / "validation" / "0000.parquet")
     (repo / "refs" / "refs" / "convert").mkdir(parents=True)
     (repo / "refs" / "refs" / "convert" / "parquet").write_text(commit)
+
+
+def test_the_validation_split_from_the_hub_cache(small_ref, jsonl, offline_hub, capsys):
+    """Without --data: Rowan/hellaswag's parquet conversion (revision
+    refs/convert/parquet), read from a cache laid out as huggingface_hub lays it out."""
+    hub_validation_split(offline_hub)
     code = load_script("eval_hellaswag").main(["--model", str(small_ref.directory), "--device", "cpu"])
     out = capsys.readouterr().out
     params, config = load_pretrained(small_ref.directory)
     expected = evaluate_hellaswag(params, config, get_tokenizer(), load_examples(jsonl))
     assert code == 0 and f"on 4 HellaSwag examples: acc {expected.acc:.4f}  acc_norm {expected.acc_norm:.4f}" in out
+
+
+def test_train_scores_the_hubs_validation_split_with_hellaswag_given_alone(small_ref, jsonl, offline_hub, tmp_path, capsys):
+    """train.py --hellaswag (no file): the Hub's validation split at every
+    evaluation, the scores the library gives the final weights."""
+    from gpt2fn.data import prepare
+
+    hub_validation_split(offline_hub)
+    (tmp_path / "t.txt").write_text("Now is the winter of our discontent made glorious summer by this sun of York;\n" * 40)
+    prepare([tmp_path / "t.txt"], tmp_path / "data")
+    args = ["--data", str(tmp_path / "data"), "--out", str(tmp_path / "ck.pt"), "--from_model", str(small_ref.directory),
+            "--block_size", "16", "--batch_size", "2", "--max_steps", "2", "--warmup_steps", "1", "--eval_interval", "2",
+            "--eval_batches", "1", "--hellaswag", "--hellaswag_limit", "3", "--device", "cpu"]  # fmt: skip
+    assert load_script("train").main(args) == 0
+    out = capsys.readouterr().out
+    params, config = load_pretrained(tmp_path / "ck.pt")
+    expected = evaluate_hellaswag(params, config, get_tokenizer(), load_examples(jsonl, 3))
+    assert f"hellaswag acc_norm {expected.acc_norm:.4f}" in out
