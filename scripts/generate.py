@@ -10,13 +10,16 @@ and decode tokens/s on stderr. Bad input gets one line on stderr and exit 2.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
+from typing import NamedTuple, Optional
 
 import torch
 
 from gpt2fn.device import DEVICE_HELP, resolve_device
-from gpt2fn.errors import ArgumentParser, GPT2FnError, check_int, is_out_of_memory, read_utf8, run_cli
+from gpt2fn.errors import ArgumentParser, GPT2FnError, check_int, check_output_file, is_out_of_memory, read_utf8, run_cli
+from gpt2fn.files import atomic_write
 from gpt2fn.generation import generate
 from gpt2fn.layers import ATTEND
 from gpt2fn.quantize import DTYPE_HELP, WEIGHT_DTYPES, cast_params
@@ -78,6 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ignore_eot", action="store_true", help="keep going past <|endoftext|>")
     p.add_argument("--stop", action="append", default=[],
                    help="end a prompt's text where this text appears (it is left out); repeat it for several")
+    p.add_argument("--jsonl", default=None,
+                   help="also write every row as a JSON line here: prompt, completion, finish_reason (stop: a --stop "
+                        "string, eot: <|endoftext|>, length: --max_tokens or the context) and tokens (new tokens); "
+                        "the file appears when the run ends")
     p.add_argument("--interactive", action="store_true",
                    help="read prompts from standard input, one a line, and continue each as it comes: the model "
                         "loads (and --compile compiles) once; Ctrl-C stops a generation, Ctrl-D ends")
@@ -107,6 +114,10 @@ def run(args: argparse.Namespace) -> int:
                           "same; sample (--temperature > 0) or drop --num_samples")  # fmt: skip
     if "" in args.stop:
         raise GPT2FnError("--stop is empty; give the text to stop at (at least one character)")
+    if args.jsonl is not None:
+        if args.interactive:
+            raise GPT2FnError("--jsonl writes the rows of one run of prompts; drop it with --interactive")
+        check_output_file(args.jsonl, "--jsonl file")
     if args.draft is not None:
         args.draft_tokens = 4 if args.draft_tokens is None else args.draft_tokens
         if not args.kvcaching:
@@ -148,7 +159,11 @@ def run(args: argparse.Namespace) -> int:
     params = cast_params(params, args.dtype)
     compiled = set()  # the batch sizes whose step has compiled
     if not args.interactive:
-        complete(args, prompts, params, config, tokenizer, draft, device, seed, compiled)
+        if args.jsonl is None:
+            complete(args, prompts, params, config, tokenizer, draft, device, seed, compiled)
+        else:  # written beside its name as the batches end, renamed onto it at the end
+            with_file = lambda tmp: complete(args, prompts, params, config, tokenizer, draft, device, seed, compiled, tmp)  # noqa: E731
+            atomic_write(args.jsonl, with_file)
         return 0
     for line in input_lines():  # a bad prompt (say, too long) is one error line, and the session goes on
         try:
@@ -161,11 +176,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def complete(args: argparse.Namespace, prompts: list[str], params, config, tokenizer, draft, device, seed: int,
-             compiled: set[int]) -> None:  # fmt: skip
+             compiled: set[int], jsonl: Optional[str] = None) -> None:  # fmt: skip
     """Generate from ``prompts``, each ``--num_samples`` times, ``--batch_size``
     rows at a time, all drawing from one generator: one row streams as it is
     made, a batch prints when it is done; a report after each. ``compiled``:
-    the batch sizes whose step an earlier batch compiled (this adds to it)."""
+    the batch sizes whose step an earlier batch compiled (this adds to it);
+    ``jsonl``: a file to write each row to as a JSON line."""
+    out = None if jsonl is None else open(jsonl, "w", encoding="utf-8")
     rows = [p for p in prompts for _ in range(args.num_samples)]  # each prompt's samples together
     n = args.num_samples
     labels = [f"{i + 1}/{len(rows)}" if n == 1 else f"prompt {i // n + 1}/{len(prompts)}, sample {i % n + 1}/{n}"
@@ -174,23 +191,33 @@ def complete(args: argparse.Namespace, prompts: list[str], params, config, token
     for start in range(0, len(rows), args.batch_size):
         batch = rows[start : start + args.batch_size]
         try:
-            stream, texts = run_batch(args, batch, len(rows) == 1, params, config, tokenizer, draft, generator)
+            stream, made = run_batch(args, batch, len(rows) == 1, params, config, tokenizer, draft, generator)
         except (RuntimeError, MemoryError) as e:
             if not is_out_of_memory(e):
                 raise
             raise GPT2FnError(f"out of memory generating {len(batch)} rows at once; use a smaller --batch_size, a "
                               "smaller --max_tokens or --dtype bfloat16") from None  # fmt: skip
-        for label, text in zip(labels[start:], texts if len(rows) > 1 else []):
-            print(f"--- [{label}] ---\n{text}")
+        for label, prompt, row in zip(labels[start:], batch, made if len(rows) > 1 else []):
+            print(f"--- [{label}] ---\n{prompt}{row.completion}")
+        for prompt, row in zip(batch, made if out is not None else []):
+            out.write(json.dumps({"prompt": prompt, **row._asdict()}, ensure_ascii=False) + "\n")
         print(report(args, device, seed, stream, warm=len(batch) in compiled), file=sys.stderr)
         if args.compile:
             compiled.add(len(batch))
+    if out is not None:
+        out.close()
+
+
+class Row(NamedTuple):
+    completion: str  # the new text, up to a stop string (left out)
+    finish_reason: str  # stop (a --stop string), eot (<|endoftext|>, kept) or length (--max_tokens or the context)
+    tokens: int  # new tokens, up to the one that ended the row
 
 
 def run_batch(args: argparse.Namespace, prompts: list[str], streamed: bool, params, config, tokenizer, draft,
               generator: torch.Generator):  # fmt: skip
-    """One generation: (its stream, each row's text); ``streamed`` writes the
-    one row's text as it is made."""
+    """One generation: (its stream, each row's :class:`Row`); ``streamed``
+    writes the one row's text as it is made."""
     ids = [encode(tokenizer, p) for p in prompts]
     stream = generate(  # one prompt (a tensor) must fit with its continuation; in a batch each row stops at the context
         params, config, torch.tensor(ids) if len(set(prompts)) == 1 else ids, args.max_tokens,
@@ -201,15 +228,16 @@ def run_batch(args: argparse.Namespace, prompts: list[str], streamed: bool, para
         tokens_per_call=args.tokens_per_call,
     )  # fmt: skip
     texts = [TextStream(tokenizer, args.stop) for _ in prompts]
-    pieces = [[prompt] for prompt in prompts]  # each row's text so far
-    ended = [False] * len(prompts)  # a row ends at a stop string, at <|endoftext|> (kept) or at its length
+    pieces = [[] for _ in prompts]  # each row's new text so far
+    ended = [None] * len(prompts)  # (finish_reason, tokens) once a row has ended
     if streamed:
         write(prompts[0])
     for n, tokens in enumerate(stream, 1):
         for i, token in enumerate(tokens.tolist()):
-            if not ended[i]:
+            if ended[i] is None:
                 pieces[i].append(texts[i].push(token))
-                ended[i] = texts[i].stopped or stream.is_last(i, n, token)
+                if texts[i].stopped or stream.is_last(i, n, token):
+                    ended[i] = "stop" if texts[i].stopped else "eot" if token == stream.stop_token else "length", n
         if streamed:
             write(pieces[0][-1])
         if all(ended):  # at stop strings the generation ends here; else the stream was ending anyway
@@ -218,7 +246,7 @@ def run_batch(args: argparse.Namespace, prompts: list[str], streamed: bool, para
         row.append(text.finish())
     if streamed:
         write(pieces[0][-1] + "\n")
-    return stream, ["".join(row) for row in pieces]
+    return stream, [Row("".join(row), *(end or ("length", 0))) for row, end in zip(pieces, ended)]  # 0 new tokens asked
 
 
 def report(args: argparse.Namespace, device: torch.device, seed: int, stream, warm: bool = False) -> str:

@@ -50,6 +50,44 @@ def test_min_p_samples_as_the_library_does(generate_cli, capsys, small_ref):
     assert code == 2 and err == "error: min_p must be in [0, 1] (0 = off), got 1.5\n"
 
 
+def test_jsonl_holds_each_rows_completion_and_why_it_ended(generate_cli, capsys, small_ref, tmp_path):
+    """--jsonl FILE: a JSON line a row (prompt, completion, finish_reason,
+    tokens): a --stop string ("stop", cut before it), --max_tokens
+    ("length"), <|endoftext|> ("eot", kept), on a model made to say it."""
+    import json
+
+    params, config = load_pretrained(small_ref.directory)
+    t = get_tokenizer()
+    prompts = ["The meaning of life is", "Once upon a time"]
+    greedy = [decode(t, generate_all(params, config, torch.tensor([encode(t, p)]), 12, temperature=0)[0][0].tolist())
+              for p in prompts]  # fmt: skip
+    stop = greedy[0][8:11]
+    assert stop not in greedy[1]
+    base = ["--model", str(small_ref.directory), "--max_tokens", "12", "--temperature", "0", "--device", "cpu"]
+    code, out, err = run_cli(generate_cli, capsys, "--prompt", prompts[0], "--prompt", prompts[1], "--stop", stop,
+                             "--jsonl", str(tmp_path / "rows.jsonl"), "--ignore_eot", *base)  # fmt: skip
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    made = next(k for k in range(1, 13) if stop in decode(t, t.encode_ordinary(greedy[0])[:k]))
+    assert rows == [
+        {"prompt": prompts[0], "completion": greedy[0][: greedy[0].index(stop)], "finish_reason": "stop", "tokens": made},
+        {"prompt": prompts[1], "completion": greedy[1], "finish_reason": "length", "tokens": 12},
+    ]  # fmt: skip
+    eot = {**params, "ln_f": {"g": torch.zeros_like(params["ln_f"]["g"]), "b": torch.full_like(params["ln_f"]["b"], 3.0)}}
+    eot["wte"] = params["wte"].clone()
+    eot["wte"][50256] = 3.0  # the final LayerNorm's output is b: <|endoftext|>'s logit is 9 x width, the rest near 0
+    save_params(eot, config, tmp_path / "eot.safetensors")
+    code, out, err = run_cli(generate_cli, capsys, "--prompt", "Hi", "--jsonl", str(tmp_path / "eot.jsonl"),
+                             *base[2:], "--model", str(tmp_path / "eot.safetensors"))  # fmt: skip
+    assert code == 0 and json.loads((tmp_path / "eot.jsonl").read_text()) == {
+        "prompt": "Hi", "completion": "<|endoftext|>", "finish_reason": "eot", "tokens": 1}
+    code, out, err = run_cli(generate_cli, capsys, "--interactive", "--jsonl", str(tmp_path / "x.jsonl"), *base)
+    assert code == 2 and err == "error: --jsonl writes the rows of one run of prompts; drop it with --interactive\n"
+    (tmp_path / "file").write_text("x")
+    code, out, err = run_cli(generate_cli, capsys, "--prompt", "Hi", "--jsonl", str(tmp_path / "file" / "x.jsonl"), *base)
+    assert code == 2 and "cannot create --jsonl file" in err and out == ""
+
+
 def test_num_samples_continues_each_prompt_that_many_times(generate_cli, capsys, small_ref):
     """--num_samples N: each prompt N times in one batch (its rows together),
     each row drawing its own tokens: the library's batch with that seed."""
