@@ -49,3 +49,10 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
+
+
+def write_json(path: str | os.PathLike, record) -> Path:
+    """``record`` as indented JSON, written atomically (:func:`atomic_write`)."""
+    import json
+
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
-import json
 import os
 import platform
 import statistics
@@ -61,7 +60,7 @@ from tqdm import tqdm
 from gpt2fn.config import PRESETS
 from gpt2fn.device import DEVICE_HELP, ONEDNN, ONEDNN_MIN_WEIGHT, ONEDNN_ROWS, resolve_device
 from gpt2fn.errors import ArgumentParser, GPT2FnError, check_int, check_output_file, parse_int_list, read_utf8, run_cli
-from gpt2fn.files import atomic_write
+from gpt2fn.files import write_json
 from gpt2fn.generation import generate_all
 from gpt2fn.measure import (decode_step_time, memory_mb, peak_memory_mb, product_times, reset_peak_memory, streaming_limit_s,
                             weight_bytes)  # fmt: skip
@@ -211,7 +210,7 @@ def main(argv=None) -> int:
         results["products"] = {n: product_times(params32, n) for n in tqdm(PRODUCT_ROWS, desc="few-row products", leave=False)}
     print_report(results)
     if args.json:
-        print(f"wrote {atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))}")
+        print(f"wrote {write_json(args.json, results)}")
     if args.plot:
         plot(results, args.plot)
     return 0

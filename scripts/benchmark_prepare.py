@@ -15,7 +15,6 @@ worker processes: their proportional set sizes, summed) every 20 ms.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import subprocess
@@ -25,7 +24,7 @@ import time
 from pathlib import Path
 
 from gpt2fn.errors import ArgumentParser, check_int, check_output_file, parse_int_list, run_cli
-from gpt2fn.files import atomic_write
+from gpt2fn.files import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("the of and to in is that it was for on are with as his they be at one have this from or had by not but what "
@@ -88,7 +87,7 @@ def run(args) -> int:
             print(f"  {args.memory_mb} MB with {workers[-1]} worker(s): {seconds:.0f} s, peak memory of the process tree "
                   f"{peak:.0f} MB (PSS: pages the forked workers share with the script counted once)")  # fmt: skip
     if args.json:
-        print(f"wrote {atomic_write(args.json, lambda t: Path(t).write_text(json.dumps(results, indent=2)))}")
+        print(f"wrote {write_json(args.json, results)}")
     return 0
 
 

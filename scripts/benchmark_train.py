@@ -26,11 +26,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +37,7 @@ from tqdm import tqdm
 from gpt2fn.config import PRESETS, GPTConfig
 from gpt2fn.device import DEVICE_HELP, resolve_device, synchronize
 from gpt2fn.errors import ArgumentParser, GPT2FnError, check_int, check_number, check_output_file, run_cli
-from gpt2fn.files import atomic_write
+from gpt2fn.files import write_json
 from gpt2fn.measure import peak_flops, training_flops_per_token
 from gpt2fn.params import init_params
 from gpt2fn.training import (
@@ -144,7 +142,7 @@ def run(args) -> int:
           f"{flops_per_token / 1e6:.0f} MFLOP/token over {'a peak of %.0f TFLOP/s' % (peak / 1e12) if peak else 'no known peak: pass --peak_flops'};"
           " 1st step: untimed, includes compilation)")  # fmt: skip
     if args.json:
-        print(f"wrote {atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))}")
+        print(f"wrote {write_json(args.json, results)}")
     return 0
 
 

@@ -13,7 +13,8 @@ import sys
 import torch
 
 from gpt2fn.device import DEVICE_HELP, resolve_device
-from gpt2fn.errors import ArgumentParser, GPT2FnError, check_input, check_int, read_utf8, run_cli
+from gpt2fn.errors import ArgumentParser, GPT2FnError, check_input, check_int, check_output_file, read_utf8, run_cli
+from gpt2fn.files import write_json
 from gpt2fn.evaluation import hub_dataset_text, perplexity
 from gpt2fn.quantize import DTYPE_HELP, WEIGHT_DTYPES
 from gpt2fn.tokenizer import check_vocabulary, get_tokenizer
@@ -35,6 +36,7 @@ def main(argv=None) -> int:
     p.add_argument("--stride", type=int, default=None, help="window step (default: the context)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", default="float32", choices=WEIGHT_DTYPES, help=f"{DTYPE_HELP}: what it costs")
+    p.add_argument("--json", default=None, help="also write the result here (model, text, windows, tokens, nll, perplexity)")
     return run_cli(run, p.parse_args(argv))
 
 
@@ -43,6 +45,8 @@ def run(args) -> int:
         check_int("--context", args.context, low=2)
     if args.stride is not None:
         check_int("--stride", args.stride)
+    if args.json:
+        check_output_file(args.json, "--json file")
     if (args.file is None) == (args.hf_dataset is None):
         raise GPT2FnError("give the text to score: --file FILE or --hf_dataset REPO (one of the two)")
     given = [f"--{name}" for name in ("hf_subset", "hf_revision") if getattr(args, name) is not None]
@@ -65,6 +69,11 @@ def run(args) -> int:
     result = perplexity(params, config, tokens, args.context, args.stride, progress=True)
     print(f"{args.model} ({args.dtype}) on {source}: {result.n_tokens} tokens, NLL {result.nll:.4f} nats/token, "
           f"perplexity {result.perplexity:.2f}")  # fmt: skip
+    if args.json:
+        context = args.context or config.n_ctx
+        write_json(args.json, {"model": args.model, "revision": args.revision, "dtype": args.dtype, "text": source,
+                               "context": context, "stride": args.stride or context, "tokens": result.n_tokens,
+                               "nll": result.nll, "perplexity": result.perplexity})  # fmt: skip
     return 0
 
 

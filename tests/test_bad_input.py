@@ -305,6 +305,7 @@ def test_eval_ppl_refuses_bad_input(scripts, capsys, small_ref, data, tmp_path):
     (tmp_path / "one.txt").write_text("a")
     assert "perplexity needs at least 2" in refused(capsys, cli, *model, "--file", tmp_path / "one.txt")
     assert "unknown device 'tpu'" in refused(capsys, cli, *model, "--file", text, "--device", "tpu")
+    assert "cannot create --json file" in refused(capsys, cli, *model, "--file", text, "--json", a_file(tmp_path) / "r.json")
     assert refused(capsys, cli, *model) == "error: give the text to score: --file FILE or --hf_dataset REPO (one of the two)\n"
     assert refused(capsys, cli, *model, "--file", text, "--hf_dataset", "a/b").startswith("error: give the text to score")
     for given in (["--hf_subset", "x"], ["--hf_split", "train"], ["--hf_revision", "v1"]):

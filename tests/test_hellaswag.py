@@ -67,13 +67,16 @@ def test_scores_equal_the_reference(small_ref, jsonl):
     assert (result.acc, result.acc_norm, result.n) == (right / 4, right_norm / 4, 4)
 
 
-def test_the_script_prints_acc_and_acc_norm(small_ref, jsonl, capsys):
+def test_the_script_prints_acc_and_acc_norm(small_ref, jsonl, capsys, tmp_path):
     code = load_script("eval_hellaswag").main(["--model", str(small_ref.directory), "--data", str(jsonl), "--limit", "3",
-                                               "--device", "cpu"])  # fmt: skip
+                                               "--device", "cpu", "--json", str(tmp_path / "r.json")])  # fmt: skip
     out = capsys.readouterr().out
     params, config = load_pretrained(small_ref.directory)
     expected = evaluate_hellaswag(params, config, get_tokenizer(), load_examples(jsonl, limit=3))
     assert code == 0 and f"on 3 HellaSwag examples: acc {expected.acc:.4f}  acc_norm {expected.acc_norm:.4f}" in out
+    assert json.loads((tmp_path / "r.json").read_text()) == {
+        "model": str(small_ref.directory), "revision": None, "dtype": "float32", "examples": 3, "acc": expected.acc,
+        "acc_norm": expected.acc_norm}  # fmt: skip
     code = load_script("eval_hellaswag").main(["--model", str(small_ref.directory), "--data", str(jsonl), "--limit", "3",
                                                "--device", "cpu", "--dtype", "bfloat16"])  # fmt: skip
     bf16 = evaluate_hellaswag(load_pretrained(small_ref.directory, dtype="bfloat16")[0], config, get_tokenizer(),

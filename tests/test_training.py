@@ -353,11 +353,19 @@ def test_eval_ppl_script_prints_the_library_figure(small_ref, tmp_path):
 
     (tmp_path / "t.txt").write_text(TEXT)
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "eval_ppl.py"), "--model", str(small_ref.directory),
-                          "--file", str(tmp_path / "t.txt"), "--stride", "64"], capture_output=True, text=True)  # fmt: skip
+                          "--file", str(tmp_path / "t.txt"), "--stride", "64", "--json", str(tmp_path / "r.json")],
+                         capture_output=True, text=True)  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     params, config = load_pretrained(small_ref.directory)
     expected = perplexity(params, config, torch.tensor(get_tokenizer().encode_ordinary(TEXT)), stride=64)
     assert f"perplexity {expected.perplexity:.2f}" in run.stdout
+    import json
+
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record == {"model": str(small_ref.directory), "revision": None, "dtype": "float32", "text": "t.txt",
+                      "context": 128, "stride": 64, "tokens": expected.n_tokens, "nll": record["nll"],
+                      "perplexity": record["perplexity"]}  # fmt: skip
+    assert abs(record["nll"] - expected.nll) <= 1e-9 and abs(record["perplexity"] - expected.perplexity) <= 1e-6
     # --dtype int8: the perplexity of the weight-only quantized model, what the quantization costs
     from gpt2fn.quantize import quantize_int8
 
