@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from gpt2fn.config import PRESETS, GPTConfig
 from gpt2fn.device import resolve_device
 from gpt2fn.errors import GPT2FnError
-from gpt2fn.files import atomic_write
+from gpt2fn.files import atomic_write, write_json
 from gpt2fn.params import Params, flatten_params, map_params, param_shapes, params_device, unflatten_params
 from gpt2fn.quantize import quantize_int8
 from gpt2fn.training import load_checkpoint
@@ -338,6 +338,14 @@ def load_hf_checkpoint(directory: Path, weights: Optional[Iterable[Path]] = None
 # ----------------------------------------------------------------------------- the project's own format
 
 
+def check_float_weights(params: Params, holder: str, verb: str) -> None:
+    """One line if ``params`` hold int8-quantized weights, which ``holder``
+    (a file format) cannot hold: ``verb`` the float weights, quantize at load."""
+    if not all(t.is_floating_point() for t in flatten_params(params).values()):
+        raise GPT2FnError(f"these params hold int8-quantized weights, which {holder} cannot hold; {verb} the float "
+                          "weights, and load them with dtype='int8' (--dtype int8) to quantize")  # fmt: skip
+
+
 def save_hf_checkpoint(
     params: Params, config: GPTConfig, directory: str | os.PathLike, tokenizer_from: Optional[str | os.PathLike] = None
 ) -> Path:  # fmt: skip
@@ -353,9 +361,7 @@ def save_hf_checkpoint(
     :func:`save_params`)."""
     from gpt2fn.tokenizer import vocab_and_merges
 
-    if not all(t.is_floating_point() for t in flatten_params(params).values()):
-        raise GPT2FnError("these params hold int8-quantized weights, which a checkpoint cannot hold; export the float "
-                          "weights, and load them with dtype='int8' (--dtype int8) to quantize")  # fmt: skip
+    check_float_weights(params, "a checkpoint", "export")
     state = {name: t.detach().contiguous().cpu() for name, t in hf_state_dict(params).items() if name != "lm_head.weight"}
     directory = Path(directory)
     vocab, merges = vocab_and_merges(tokenizer_from)
@@ -364,8 +370,8 @@ def save_hf_checkpoint(
     atomic_write(directory / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     words = json.loads(vocab)
     eot = words.get("<|endoftext|>", len(words))  # GPT-2's vocab.json holds it (50256); else it follows the words
-    hf = {**config.to_hf(), "architectures": ["GPT2LMHeadModel"], "bos_token_id": eot, "eos_token_id": eot}
-    atomic_write(directory / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(hf, indent=2) + "\n"))
+    write_json(directory / "config.json",
+               {**config.to_hf(), "architectures": ["GPT2LMHeadModel"], "bos_token_id": eot, "eos_token_id": eot})
     return directory
 
 
@@ -375,10 +381,8 @@ def save_params(params: Params, config: GPTConfig, path: str | os.PathLike) -> P
     leaves a half-written file under the real name. Float weights only: an
     int8-quantized model is saved as its float weights and quantized at load
     (``load_pretrained(..., dtype="int8")``)."""
+    check_float_weights(params, "a saved model", "save")
     flat = {name: t.detach().contiguous().cpu() for name, t in flatten_params(params).items()}
-    if not all(t.is_floating_point() for t in flat.values()):
-        raise GPT2FnError("these params hold int8-quantized weights, which a saved model cannot hold; save the float "
-                          "weights, and load them with dtype='int8' (--dtype int8) to quantize")  # fmt: skip
     metadata = {"format": "pt", CONFIG_METADATA_KEY: config.to_json()}
     return atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
 
