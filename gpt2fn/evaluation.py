@@ -95,13 +95,10 @@ def hub_dataset_text(repo_id: str, subset: Optional[str] = None, split: str = "t
     through huggingface_hub's cache) as one text: its rows joined by a blank
     line, as Hugging Face's perplexity guide joins WikiText-2's test split
     (``hub_dataset_text("Salesforce/wikitext", "wikitext-2-raw-v1")``)."""
-    from gpt2fn.data import open_parquet
+    from gpt2fn.data import read_pieces
     from gpt2fn.weights import hub_dataset_files
 
-    rows = []
-    for path in hub_dataset_files(repo_id, subset, revision, split):
-        rows += [text or "" for text in open_parquet(path).read(columns=["text"]).column("text").to_pylist()]
-    return "\n\n".join(rows)
+    return "\n\n".join(text for _, text, _ in read_pieces(hub_dataset_files(repo_id, subset, revision, split)))
 
 
 def unigram_perplexity(train_tokens: torch.Tensor, eval_tokens: torch.Tensor, vocab_size: int) -> Perplexity:
