@@ -13,7 +13,7 @@ import argparse
 import json
 import random
 import sys
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, TextIO
 
 import torch
 
@@ -161,9 +161,13 @@ def run(args: argparse.Namespace) -> int:
     if not args.interactive:
         if args.jsonl is None:
             complete(args, prompts, params, config, tokenizer, draft, device, seed, compiled)
-        else:  # written beside its name as the batches end, renamed onto it at the end
-            with_file = lambda tmp: complete(args, prompts, params, config, tokenizer, draft, device, seed, compiled, tmp)  # noqa: E731
-            atomic_write(args.jsonl, with_file)
+            return 0
+
+        def to_file(tmp: str) -> None:  # written beside its name as the batches end, renamed onto it at the end
+            with open(tmp, "w", encoding="utf-8") as out:
+                complete(args, prompts, params, config, tokenizer, draft, device, seed, compiled, out)
+
+        atomic_write(args.jsonl, to_file)
         return 0
     for line in input_lines():  # a bad prompt (say, too long) is one error line, and the session goes on
         try:
@@ -176,13 +180,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def complete(args: argparse.Namespace, prompts: list[str], params, config, tokenizer, draft, device, seed: int,
-             compiled: set[int], jsonl: Optional[str] = None) -> None:  # fmt: skip
+             compiled: set[int], out: Optional[TextIO] = None) -> None:  # fmt: skip
     """Generate from ``prompts``, each ``--num_samples`` times, ``--batch_size``
     rows at a time, all drawing from one generator: one row streams as it is
     made, a batch prints when it is done; a report after each. ``compiled``:
     the batch sizes whose step an earlier batch compiled (this adds to it);
-    ``jsonl``: a file to write each row to as a JSON line."""
-    out = None if jsonl is None else open(jsonl, "w", encoding="utf-8")
+    ``out``: a file to write each row to as a JSON line."""
     rows = [p for p in prompts for _ in range(args.num_samples)]  # each prompt's samples together
     n = args.num_samples
     labels = [f"{i + 1}/{len(rows)}" if n == 1 else f"prompt {i // n + 1}/{len(prompts)}, sample {i % n + 1}/{n}"
@@ -204,8 +207,6 @@ def complete(args: argparse.Namespace, prompts: list[str], params, config, token
         print(report(args, device, seed, stream, warm=len(batch) in compiled), file=sys.stderr)
         if args.compile:
             compiled.add(len(batch))
-    if out is not None:
-        out.close()
 
 
 class Row(NamedTuple):
