@@ -302,7 +302,6 @@ def train_and_export(args, device: torch.device, checked: Checked) -> int:
             save_params(exported(params, args.export_dtype), config, Path(args.snapshots) / f"step{step}.safetensors")
             return {}
 
-        Path(args.snapshots).mkdir(parents=True, exist_ok=True)
         evaluations.append(snapshot)
 
     start = time.perf_counter()
@@ -320,10 +319,11 @@ def train_and_export(args, device: torch.device, checked: Checked) -> int:
     print(f"done: step {history[-1]['step']} in {time.perf_counter() - start:.0f} s{rate}{last_val}")
     if rank != 0:
         return 0
+    final = exported(params, args.export_dtype) if args.export or args.export_hf else None
     if args.export:
-        print(f"wrote {save_params(exported(params, args.export_dtype), config, args.export)}")
+        print(f"wrote {save_params(final, config, args.export)}")
     if args.export_hf:  # the data's tokenizer, GPT-2's, beside the weights
-        print(f"wrote {save_hf_checkpoint(exported(params, args.export_dtype), config, args.export_hf)}")
+        print(f"wrote {save_hf_checkpoint(final, config, args.export_hf)}")
     if args.plot:
         plot_losses(history, args.plot)
     return 0
