@@ -21,7 +21,6 @@ from gpt2fn.device import DEVICE_HELP, resolve_device
 from gpt2fn.errors import ArgumentParser, GPT2FnError, check_output_dir, parse_int_list, run_cli
 from gpt2fn.evaluation import token_logprobs
 from gpt2fn.interp import run_with_cache
-from gpt2fn.model import forward
 from gpt2fn.params import flatten_params
 from gpt2fn.plotting import require_pyplot, save_figure
 from gpt2fn.tokenizer import check_vocabulary, encode, get_tokenizer
@@ -68,7 +67,7 @@ def run(args) -> int:
         raise GPT2FnError(f"no matrix named {args.weight!r}; e.g. {', '.join(matrices[:4])}")
     labels = [tok.decode([i]) for i in ids]
 
-    _, cache = run_with_cache(params, config, torch.tensor([ids], device=device))
+    logits, cache = run_with_cache(params, config, torch.tensor([ids], device=device))
     for layer in layers:
         probs = cache[("attn_probs", layer)][0].float().cpu()  # [H, T, T]
         cols = math.ceil(math.sqrt(config.n_head))
@@ -109,7 +108,7 @@ def run(args) -> int:
         with torch.inference_mode():
             tokens = torch.tensor([ids], device=device)
             bits = (-token_logprobs(params, config, tokens)[0] / math.log(2)).cpu()  # [T - 1]
-            expected = forward(params, config, tokens[:, :-1])[0].argmax(-1).tolist()
+        expected = logits[0, :-1].argmax(-1).tolist()  # the recorded run's first choice after each prefix
         fig, ax = plt.subplots(figsize=(max(6.0, 0.4 * len(ids)), 4.5), constrained_layout=True)
         ax.bar(range(len(bits)), bits.numpy(), color=plt.cm.magma_r(bits.numpy() / max(1.0, float(bits.max()))))
         for x, (b, guess, got) in enumerate(zip(bits.tolist(), expected, ids[1:])):
