@@ -1,8 +1,10 @@
-"""Choosing the next token from logits: greedy, temperature, top-k, top-p, min-p.
+"""Choosing the next token from logits: a repetition penalty, greedy,
+temperature, top-k, top-p, min-p.
 
 All functions are pure and work on a batch: logits [B, V] -> [B, V] or [B].
-They are applied in the usual order (as in Hugging Face's ``generate``):
-temperature, then top-k, then top-p, then min-p, then a draw.
+They are applied in the usual order (as in Hugging Face's ``generate``): the
+repetition penalty (which greedy decoding takes too), then temperature,
+top-k, top-p and min-p, then a draw.
 
 The draw uses the "exponential race": ``argmax(p / E)`` with ``E = -log U``,
 ``U ~ Uniform[0, 1)`` picks index ``i`` with probability ``p_i``, exactly like
@@ -29,7 +31,9 @@ from gpt2fn.errors import GPT2FnError, is_real
 Tensor = torch.Tensor
 
 
-def check_sampling_args(temperature: float, top_k: int, top_p: float, min_p: float = 0.0) -> None:
+def check_sampling_args(
+    temperature: float, top_k: int, top_p: float, min_p: float = 0.0, repetition_penalty: float = 1.0
+) -> None:  # fmt: skip
     """Raise one clear line for impossible sampling parameters (a value that
     is not a number, such as None, included)."""
     if not (is_real(temperature) and 0 <= temperature < math.inf):  # NaN fails every comparison
@@ -40,6 +44,27 @@ def check_sampling_args(temperature: float, top_k: int, top_p: float, min_p: flo
         raise GPT2FnError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
     if not (is_real(min_p) and 0 <= min_p <= 1):
         raise GPT2FnError(f"min_p must be in [0, 1] (0 = off), got {min_p}")
+    if not (is_real(repetition_penalty) and 0 < repetition_penalty < math.inf):
+        raise GPT2FnError(f"repetition_penalty must be a finite number > 0 (1 = off; above 1 discourages repeats), "
+                          f"got {repetition_penalty}")  # fmt: skip
+
+
+def penalize_repeats(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """The repetition penalty of CTRL (Keskar et al., 2019), as Hugging
+    Face's ``RepetitionPenaltyLogitsProcessor`` applies it: the logit of each
+    token a row has had (``seen``) is divided by ``penalty`` where it is
+    positive and multiplied by it where it is negative, so above 1 every
+    repeat becomes less likely, however often it occurred. logits [B, V],
+    seen [B, V] bool -> [B, V] fp32. ``penalty = 1`` leaves the logits unchanged."""
+    if penalty == 1:
+        return logits
+    logits = logits.float()
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def mark_seen(seen: Tensor, tokens: Tensor) -> Tensor:
+    """Mark ``tokens`` [B, T] as had by their rows in ``seen`` [B, V] bool, in place; returns ``seen``."""
+    return seen.scatter_(1, tokens, True)
 
 
 def top_k_filter(logits: Tensor, k: int) -> Tensor:

@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus: the smallest set with mass >= p (1 = off)")
     p.add_argument("--min_p", type=float, default=0.0,
                    help="drop the tokens less likely than min_p times the most likely one (0 = off)")
+    p.add_argument("--repetition_penalty", type=float, default=1.0,
+                   help="make every token the text already has (prompt included) less likely, greedy too, as "
+                        "Hugging Face's repetition_penalty does: 1 = off, 1.2 a usual setting (not with --draft)")
     p.add_argument("--num_samples", type=int, default=1,
                    help="continue each prompt this many times, each row drawing its own tokens, in one batch")
     p.add_argument("--batch_size", type=int, default=16,
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     # Check everything that is cheap to check before loading any weights.
-    check_sampling_args(args.temperature, args.top_k, args.top_p, args.min_p)
+    check_sampling_args(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
     prompts = list(args.prompt) + read_prompt_file(args.prompt_file)
     if args.interactive and prompts:
         raise GPT2FnError("--interactive reads its prompts from standard input, one a line; drop --prompt and "
@@ -124,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
             raise GPT2FnError("--draft needs the KV cache; drop --no-kvcaching")
         if args.draft_tokens < 1:
             raise GPT2FnError(f"--draft_tokens must be >= 1, got {args.draft_tokens}")
+        if args.repetition_penalty != 1:
+            raise GPT2FnError("--repetition_penalty is not applied in speculative rounds; drop --draft or the penalty")
     elif args.adaptive_draft:
         raise GPT2FnError("--adaptive_draft adapts speculative decoding; give a --draft too")
     elif args.draft_vocab is not None:
@@ -222,7 +227,8 @@ def run_batch(args: argparse.Namespace, prompts: list[str], streamed: bool, para
     ids = [encode(tokenizer, p) for p in prompts]
     stream = generate(  # one prompt (a tensor) must fit with its continuation; in a batch each row stops at the context
         params, config, torch.tensor(ids) if len(set(prompts)) == 1 else ids, args.max_tokens,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, generator=generator,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty, generator=generator,
         use_cache=args.kvcaching, attention=args.attention,
         stop_token=None if args.ignore_eot else tokenizer.eot_token, compile=args.compile,
         draft=draft, draft_tokens=args.draft_tokens, adaptive_draft=args.adaptive_draft,

@@ -50,6 +50,24 @@ def test_min_p_samples_as_the_library_does(generate_cli, capsys, small_ref):
     assert code == 2 and err == "error: min_p must be in [0, 1] (0 = off), got 1.5\n"
 
 
+def test_repetition_penalty_generates_as_the_library_does(generate_cli, capsys, small_ref):
+    text = "the the the the the"
+    base = ["--prompt", text, "--model", str(small_ref.directory), "--max_tokens", "16", "--ignore_eot", "--device", "cpu",
+            "--temperature", "0"]  # fmt: skip
+    code, out, err = run_cli(generate_cli, capsys, *base, "--repetition_penalty", "1.5")
+    assert code == 0, err
+    params, config = load_pretrained(small_ref.directory)
+    t = get_tokenizer()
+    new, _ = generate_all(params, config, torch.tensor([encode(t, text)]), 16, temperature=0, repetition_penalty=1.5)
+    assert out == text + decode(t, new[0].tolist()) + "\n"
+    assert out != run_cli(generate_cli, capsys, *base)[1]
+    code, out, err = run_cli(generate_cli, capsys, *base, "--repetition_penalty", "0")
+    assert code == 2 and err == ("error: repetition_penalty must be a finite number > 0 (1 = off; above 1 discourages "
+                                 "repeats), got 0.0\n")  # fmt: skip
+    code, out, err = run_cli(generate_cli, capsys, *base, "--repetition_penalty", "1.2", "--draft", "int8")
+    assert code == 2 and err == "error: --repetition_penalty is not applied in speculative rounds; drop --draft or the penalty\n"
+
+
 def test_jsonl_holds_each_rows_completion_and_why_it_ended(generate_cli, capsys, small_ref, tmp_path):
     """--jsonl FILE: a JSON line a row (prompt, completion, finish_reason,
     tokens): a --stop string ("stop", cut before it), --max_tokens

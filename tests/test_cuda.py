@@ -200,12 +200,26 @@ def test_compiled_speculative_decoding_on_cuda_keeps_the_targets_greedy_tokens(s
         assert torch.equal(out, plain) and stats.target_passes < 40
 
 
-@pytest.mark.parametrize("min_p", [0.0, 0.2])
-def test_sampling_on_cuda_is_reproducible_and_compiled_draws_what_eager_draws(small, min_p):
+@pytest.mark.parametrize("min_p, penalty", [(0.0, 1.0), (0.2, 1.0), (0.0, 1.3)])
+def test_sampling_on_cuda_is_reproducible_and_compiled_draws_what_eager_draws(small, min_p, penalty):
     params, config = small
     runs = [generate_all(params, config, ids(5), 30, temperature=0.9, top_k=50, top_p=0.95, min_p=min_p, compile=compile,
-                         generator=torch.Generator(GPU).manual_seed(3))[0] for compile in (False, False, True)]  # fmt: skip
+                         repetition_penalty=penalty, generator=torch.Generator(GPU).manual_seed(3))[0]
+            for compile in (False, False, True)]  # fmt: skip
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+
+
+@pytest.mark.parametrize("per_call", [1, 4])
+def test_a_repetition_penalty_on_cuda_gives_the_cpus_greedy_tokens_eager_and_compiled(small, small_ref, per_call):
+    """Its seen tokens on the GPU (a static address of the CUDA graphs, written in place)."""
+    params, config = small
+    cpu_params = load_pretrained(small_ref.directory)[0]
+    cpu = generate_all(cpu_params, config, ids(6), 40, temperature=0, repetition_penalty=1.3)[0]
+    assert not torch.equal(cpu, generate_all(cpu_params, config, ids(6), 40, temperature=0)[0])
+    for compile in (False, True):
+        out = generate_all(params, config, ids(6), 40, temperature=0, repetition_penalty=1.3, compile=compile,
+                           tokens_per_call=per_call)[0]  # fmt: skip
+        assert torch.equal(out.cpu(), cpu), compile
 
 
 def test_loss_and_gradients_on_cuda_match_the_cpus():

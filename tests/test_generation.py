@@ -177,6 +177,11 @@ def test_bad_sampling_parameters_are_refused_before_any_work(small):
     params, config = small
     with pytest.raises(GPT2FnError, match="top_p"):
         generate(params, config, prompt(3), 5, top_p=0)
+    with pytest.raises(GPT2FnError, match="repetition_penalty must be a finite number > 0"):
+        generate(params, config, prompt(3), 5, repetition_penalty=-1)
+    with pytest.raises(GPT2FnError, match=r"^a repetition penalty is not applied in speculative rounds; drop the draft or "
+                                          r"the penalty$"):  # fmt: skip
+        generate(params, config, prompt(3), 5, repetition_penalty=1.2, draft=small)
 
 
 @pytest.mark.parametrize(

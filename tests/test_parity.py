@@ -68,6 +68,36 @@ def test_greedy_generation_is_token_identical_to_reference(which, request):
     assert len(set(expected.tolist())) > 8
 
 
+@pytest.mark.parametrize("penalty", [1.3, 0.8])
+def test_greedy_generation_with_a_repetition_penalty_is_the_references(small, small_ref, penalty):
+    """generate(repetition_penalty=) against transformers' generate(repetition_penalty=),
+    greedy: the same tokens, with the KV cache, without it, and three steps a
+    call; in a ragged batch each row is its prompt alone; and the penalty
+    changes the text (above 1: fewer repeats)."""
+    params, config = small
+    start = prompt_ids(config, 1, 7, seed=5)
+    looping = start[0].tolist() + generate_all(params, config, start, 12, temperature=0)[0][0].tolist()
+    prompts = [looping, prompt_ids(config, 1, 3, seed=6)[0].tolist()]  # the first: what the model would repeat
+    n_new = 40
+    for p in prompts:
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            expected = small_ref.model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                pad_token_id=0, repetition_penalty=penalty,
+            )[0, len(p):].tolist()  # fmt: skip
+        for kw in (dict(), dict(use_cache=False), dict(tokens_per_call=3)):
+            got = generate_all(params, config, ids, n_new, temperature=0, repetition_penalty=penalty, **kw)[0]
+            assert got[0].tolist() == expected, kw
+        plain = generate_all(params, config, ids, n_new, temperature=0)[0][0].tolist()
+        assert plain != expected
+        if penalty > 1:
+            assert len(set(expected)) > len(set(plain))
+    rows = generate_all(params, config, prompts, n_new, temperature=0, repetition_penalty=penalty)[0]
+    for p, row in zip(prompts, rows):
+        assert torch.equal(row, generate_all(params, config, [p], n_new, temperature=0, repetition_penalty=penalty)[0][0])
+
+
 @pytest.mark.parametrize("attention", ["manual", "sdpa"])
 def test_cached_decode_equals_full_recompute_at_every_step(small, attention):
     params, config = small

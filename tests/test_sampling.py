@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from gpt2fn import GPT2FnError, sample
-from gpt2fn.sampling import check_sampling_args, choose_token, draw, filtered_probs, min_p_filter, top_k_filter, top_p_filter
+from gpt2fn.sampling import (
+    check_sampling_args, choose_token, draw, filtered_probs, mark_seen, min_p_filter, penalize_repeats, top_k_filter,
+    top_p_filter,
+)  # fmt: skip
 
 
 def random_logits(batch=4, vocab=1000, seed=0, scale=3.0):
@@ -90,6 +93,25 @@ def test_min_p_is_hugging_faces_min_p(p):
         return
     assert torch.equal(ours, MinPLogitsWarper(p)(None, logits.clone()))
     assert torch.isfinite(ours.gather(-1, logits.argmax(-1, keepdim=True))).all()
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.7, 2.0])
+def test_the_repetition_penalty_is_hugging_faces(penalty):
+    """penalize_repeats against transformers' RepetitionPenaltyLogitsProcessor
+    on token histories with repeats: every seen logit divided (positive) or
+    multiplied (negative) once, however often it was seen; the rest unchanged."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    logits = random_logits(batch=3, vocab=500, seed=8)
+    logits[0, 7] = 0.0  # a zero logit stays zero
+    history = torch.tensor([[7, 7, 3, 499, 3, 12], [0, 1, 2, 3, 4, 5], [9, 9, 9, 9, 9, 9]])
+    seen = mark_seen(torch.zeros(3, 500, dtype=torch.bool), history)
+    assert seen.sum(1).tolist() == [4, 6, 1]
+    ours = penalize_repeats(logits, seen, penalty)
+    assert torch.equal(ours, RepetitionPenaltyLogitsProcessor(penalty)(history, logits.clone()))
+    assert torch.equal(ours[~seen], logits[~seen]) and ours[0, 7] == 0
+    assert (ours[seen] != logits[seen]).sum() == 10  # every other seen logit moved
+    assert penalize_repeats(logits, seen, 1.0) is logits
 
 
 @pytest.mark.parametrize("top_k, top_p, min_p", [(0, 1.0, 0.1), (50, 1.0, 0.2), (50, 0.9, 0.05), (0, 0.8, 0.3)])
@@ -187,11 +209,19 @@ def test_inverse_cdf_draws_follow_the_weights():
         (dict(min_p=-0.1), r"min_p must be in \[0, 1\] \(0 = off\), got -0.1"),
         (dict(min_p=1.5), r"min_p must be in \[0, 1\]"),
         (dict(min_p=None), r"min_p must be in \[0, 1\]"),
+        (dict(repetition_penalty=0.0), r"repetition_penalty must be a finite number > 0 \(1 = off; above 1 discourages "
+                                       r"repeats\), got 0.0$"),  # fmt: skip
+        (dict(repetition_penalty=-1.2), r"repetition_penalty must be a finite number > 0 .*, got -1.2$"),
+        (dict(repetition_penalty=float("inf")), r"repetition_penalty must be a finite number > 0 .*, got inf$"),
+        (dict(repetition_penalty=float("nan")), r"repetition_penalty must be a finite number > 0 .*, got nan$"),
+        (dict(repetition_penalty=None), r"repetition_penalty must be a finite number > 0 .*, got None$"),
     ],
 )
 def test_impossible_parameters_are_refused(kwargs, message):
     args = dict(temperature=1.0, top_k=0, top_p=1.0) | kwargs
     with pytest.raises(GPT2FnError, match=message):
         check_sampling_args(**args)
+    if "repetition_penalty" in kwargs:  # the one-shot sampler has no history to penalize
+        return
     with pytest.raises(GPT2FnError, match=message):  # the library's one-shot sampler checks them too
         sample(torch.randn(2, 10), **args)

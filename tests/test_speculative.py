@@ -174,10 +174,10 @@ def test_greedy_identity_124m(gpt2_ref):
     assert stats.acceptance_rate > 0.5
 
 
+@pytest.mark.usefixtures("fresh_dynamo")  # graphs an earlier test compiled (the CLI's plain step) would not count
 def test_compiled_greedy_identity_and_a_fixed_number_of_graphs(small):
     params, config = small
     draft = self_draft(params, "int8"), config
-    counters.clear()
     spec, stats = generate_all(params, config, prompts(1, (5,))[0], 120, temperature=0, compile=True, draft=draft)
     graphs = counters["stats"]["unique_graphs"]
     # the draft's chain of k steps (this draft is narrow: its whole chain is one graph; with torch < 2.12 its
