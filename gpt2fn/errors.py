@@ -131,6 +131,13 @@ def check_token_ids(what: str, ids: list, vocab_size: int) -> None:
                               f"{vocab_size - 1}); encode text with the tokenizer the model was trained with")  # fmt: skip
 
 
+def check_context(length: int, n_ctx: int) -> None:
+    """One clear line for a sequence longer than the model's context (the rows of its position embedding)."""
+    if length > n_ctx:
+        raise GPT2FnError(f"the sequence is {length} tokens but the model's context holds {n_ctx}; run it in windows "
+                          f"of at most {n_ctx} tokens (gpt2fn.evaluation.perplexity does)")  # fmt: skip
+
+
 def is_real(value) -> bool:
     """An int or a float (not a bool, not None, not a string)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)

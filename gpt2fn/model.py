@@ -17,6 +17,7 @@ import torch
 
 from gpt2fn.cache import KVCache, cache_len
 from gpt2fn.config import GPTConfig
+from gpt2fn.errors import check_context
 from gpt2fn.layers import Kernels, LayerTap, block, causal_mask, embedding, layer_norm, linear
 from gpt2fn.params import Params
 
@@ -46,6 +47,7 @@ def hidden(
     ``tap`` is called at every named point of every layer and may replace
     what it sees (see :mod:`gpt2fn.interp`). ``run_block`` calls each block
     (training wraps :func:`~gpt2fn.layers.block` in activation checkpointing)."""
+    check_context(tokens.shape[1], config.n_ctx)
     x = embed(params, tokens, pos)
     mask = causal_mask(pos, tokens.shape[1] if cache is None else cache_len(cache))
     for i, block_params in enumerate(params["blocks"]):

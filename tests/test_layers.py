@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
+from gpt2fn import GPT2FnError, forward, init_params
 from gpt2fn.cache import cache_len, make_cache, window
 from gpt2fn.config import GPTConfig
 from gpt2fn.device import (
@@ -15,6 +17,7 @@ from gpt2fn.layers import (
     Kernels, attend_manual, attend_sdpa, attention, causal_mask, ffn, few_rows, gelu, layer_norm, linear, matvec,
 )  # fmt: skip
 from gpt2fn.model import at_layer, positions
+from gpt2fn.training import loss_fn
 
 
 def test_causal_mask_per_row_positions():
@@ -173,3 +176,17 @@ def test_the_model_binds_the_layer_index_of_a_tap():
     tap = at_layer(lambda name, layer, t: seen.append((name, layer)) or t, 3)
     tap("resid", torch.zeros(1))
     assert seen == [("resid", 3)] and at_layer(None, 3) is None
+
+
+def test_a_sequence_longer_than_the_context_is_one_clear_line():
+    """forward over n_ctx tokens runs; one more is refused by name (not the
+    position embedding's IndexError), in training's loss too."""
+    config = GPTConfig(vocab_size=50, n_ctx=8, n_embd=16, n_layer=1, n_head=2)
+    params = init_params(config, seed=0)
+    assert forward(params, config, torch.zeros(2, 8, dtype=torch.long)).shape == (2, 8, 50)
+    message = (r"^the sequence is 9 tokens but the model's context holds 8; run it in windows of at most 8 tokens "
+               r"\(gpt2fn.evaluation.perplexity does\)$")  # fmt: skip
+    with pytest.raises(GPT2FnError, match=message):
+        forward(params, config, torch.zeros(2, 9, dtype=torch.long))
+    with pytest.raises(GPT2FnError, match=message):
+        loss_fn(params, config, torch.zeros(2, 10, dtype=torch.long))
