@@ -31,7 +31,7 @@ from gpt2fn.device import synchronize
 from gpt2fn.errors import GPT2FnError, check_int, check_token_ids
 from gpt2fn.model import Tap
 from gpt2fn.params import Params, params_device
-from gpt2fn.sampling import check_sampling_args, noise_width, uniform_noise
+from gpt2fn.sampling import check_sampling_args, noise_width, reads_history, uniform_noise
 from gpt2fn.speculative import check_draft, speculative_steps
 from gpt2fn.steps import State, Steps, make_steps, window_len
 
@@ -240,6 +240,7 @@ def generate(
     top_p: float = 1.0,
     min_p: float = 0.0,
     repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
     generator: Optional[torch.Generator] = None,
     use_cache: bool = True,
     attention: str = "auto",
@@ -258,11 +259,13 @@ def generate(
     row then also stops when it reaches the context). A row stops at
     ``stop_token`` (which it yields); the stream ends when every row has.
     ``temperature=0`` is greedy; ``top_k``, ``top_p`` and ``min_p`` filter
-    (:mod:`gpt2fn.sampling`); the draws come from ``generator``. A
-    ``repetition_penalty`` above 1 makes every token a row has had (its
-    prompt's included) less likely, greedy too, as Hugging Face's does
-    (:func:`~gpt2fn.sampling.penalize_repeats`; the steps then carry which
-    tokens each row has had, :class:`~gpt2fn.steps.Penalized`); not with a draft.
+    (:mod:`gpt2fn.sampling`); the draws come from ``generator``. Two rules
+    read each row's text so far, its prompt included, greedy too, as
+    Hugging Face's do: a ``repetition_penalty`` above 1 makes every token the
+    row has had less likely (:func:`~gpt2fn.sampling.penalize_repeats`), and
+    ``no_repeat_ngram_size`` = n never lets a row repeat an n-gram
+    (:func:`~gpt2fn.sampling.repeated_ngrams`); the cached steps then carry
+    the row's tokens (:class:`~gpt2fn.steps.History`). Not with a draft.
     ``use_cache`` and ``compile`` pick the steps (see :mod:`gpt2fn.steps`);
     ``attention`` is "manual", "sdpa" or "auto"
     (:func:`gpt2fn.steps.resolve_attention`). The first compiled decode step
@@ -301,10 +304,11 @@ def generate(
     ``compile``, ``use_cache=False`` or a draft it raises.
     Raises :class:`~gpt2fn.errors.GPT2FnError` on bad input, before any work.
     """
-    check_sampling_args(temperature, top_k, top_p, min_p, repetition_penalty)
+    check_sampling_args(temperature, top_k, top_p, min_p, repetition_penalty, no_repeat_ngram_size)
     check_int("tokens_per_call", tokens_per_call)
-    if repetition_penalty != 1 and draft is not None:
-        raise GPT2FnError("a repetition penalty is not applied in speculative rounds; drop the draft or the penalty")
+    if reads_history(repetition_penalty, no_repeat_ngram_size) and draft is not None:
+        raise GPT2FnError("speculative rounds apply no repetition_penalty and no no_repeat_ngram_size; drop the draft "
+                          "or those")  # fmt: skip
     if tokens_per_call > 1 and (draft is not None or not use_cache):
         raise GPT2FnError("tokens_per_call chains cached plain decode steps; drop it, "
                           + ("or the draft (speculative rounds emit several tokens a call already)" if draft is not None
@@ -312,8 +316,8 @@ def generate(
     prompts = prompt_lists(config, prompts, max_new_tokens)
     device = params_device(params)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-    if repetition_penalty != 1:  # (speculative steps, and steps without a penalty, take none)
-        sampling["repetition_penalty"] = repetition_penalty
+    if reads_history(repetition_penalty, no_repeat_ngram_size):  # (speculative steps take neither)
+        sampling.update(repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
     width = (noise_width(config.vocab_size, top_k),)  # the random numbers a step needs per row
     if draft is None:
         if adaptive_draft:

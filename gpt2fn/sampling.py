@@ -1,10 +1,10 @@
-"""Choosing the next token from logits: a repetition penalty, greedy,
-temperature, top-k, top-p, min-p.
+"""Choosing the next token from logits: rules that read the text so far (a
+repetition penalty, no repeated n-grams), greedy, temperature, top-k, top-p, min-p.
 
 All functions are pure and work on a batch: logits [B, V] -> [B, V] or [B].
 They are applied in the usual order (as in Hugging Face's ``generate``): the
-repetition penalty (which greedy decoding takes too), then temperature,
-top-k, top-p and min-p, then a draw.
+rules that read the text so far (:func:`apply_history`, which greedy decoding
+takes too), then temperature, top-k, top-p and min-p, then a draw.
 
 The draw uses the "exponential race": ``argmax(p / E)`` with ``E = -log U``,
 ``U ~ Uniform[0, 1)`` picks index ``i`` with probability ``p_i``, exactly like
@@ -32,7 +32,8 @@ Tensor = torch.Tensor
 
 
 def check_sampling_args(
-    temperature: float, top_k: int, top_p: float, min_p: float = 0.0, repetition_penalty: float = 1.0
+    temperature: float, top_k: int, top_p: float, min_p: float = 0.0, repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
 ) -> None:  # fmt: skip
     """Raise one clear line for impossible sampling parameters (a value that
     is not a number, such as None, included)."""
@@ -47,6 +48,8 @@ def check_sampling_args(
     if not (is_real(repetition_penalty) and 0 < repetition_penalty < math.inf):
         raise GPT2FnError(f"repetition_penalty must be a finite number > 0 (1 = off; above 1 discourages repeats), "
                           f"got {repetition_penalty}")  # fmt: skip
+    if not isinstance(no_repeat_ngram_size, int) or isinstance(no_repeat_ngram_size, bool) or no_repeat_ngram_size < 0:
+        raise GPT2FnError(f"no_repeat_ngram_size must be an integer >= 0 (0 = off), got {no_repeat_ngram_size}")
 
 
 def penalize_repeats(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
@@ -62,9 +65,50 @@ def penalize_repeats(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
     return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
 
 
-def mark_seen(seen: Tensor, tokens: Tensor) -> Tensor:
-    """Mark ``tokens`` [B, T] as had by their rows in ``seen`` [B, V] bool, in place; returns ``seen``."""
-    return seen.scatter_(1, tokens, True)
+def seen_tokens(sequence: Tensor, last: Tensor, vocab_size: int) -> Tensor:
+    """Which tokens each row has had: sequence [B, S] up to position last [B]
+    (later positions are ignored) -> [B, V] bool."""
+    pos = torch.arange(sequence.shape[1], device=sequence.device)
+    had = torch.where(pos <= last[:, None], sequence, sequence[:, :1])  # later positions: a token it had
+    return torch.zeros(len(sequence), vocab_size, dtype=torch.bool, device=sequence.device).scatter_(1, had, True)
+
+
+def repeated_ngrams(sequence: Tensor, last: Tensor, n: int, vocab_size: int) -> Tensor:
+    """The tokens that would repeat an ``n``-gram, as Hugging Face's
+    ``NoRepeatNGramLogitsProcessor`` bans them: each token that follows an
+    earlier occurrence of the row's last ``n - 1`` tokens (with ``n = 1``,
+    every token the row has had). sequence [B, S] up to position last [B]
+    (later positions are ignored) -> [B, V] bool."""
+    B, S = sequence.shape
+    if S < n:  # no n-gram fits
+        return torch.zeros(B, vocab_size, dtype=torch.bool, device=sequence.device)
+    grams = sequence.unfold(1, n, 1)  # [B, S - n + 1, n]: the n-gram that starts at each position
+    tail = (last[:, None] - n + 2 + torch.arange(n - 1, device=sequence.device)).clamp(min=0)  # the last n - 1
+    starts = torch.arange(S - n + 1, device=sequence.device)
+    match = (grams[..., :-1] == sequence.gather(1, tail)[:, None]).all(-1) & (starts <= last[:, None] - n + 1)
+    # a sum of 0s and 1s a token (one n-gram may end in the token of another): exact in any order
+    hits = torch.zeros(B, vocab_size, device=sequence.device).scatter_add_(1, grams[..., -1], match.float())
+    return hits > 0
+
+
+def apply_history(
+    logits: Tensor, sequence: Tensor, last: Tensor, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0
+) -> Tensor:  # fmt: skip
+    """The rules that read each row's text so far (sequence [B, S] up to
+    position last [B]): :func:`penalize_repeats` and, with a
+    ``no_repeat_ngram_size``, -inf for the tokens :func:`repeated_ngrams`
+    names. logits [B, V] -> [B, V]; unchanged with both off."""
+    V = logits.shape[-1]
+    if repetition_penalty != 1:
+        logits = penalize_repeats(logits, seen_tokens(sequence, last, V), repetition_penalty)
+    if no_repeat_ngram_size > 0:
+        logits = logits.masked_fill(repeated_ngrams(sequence, last, no_repeat_ngram_size, V), float("-inf"))
+    return logits
+
+
+def reads_history(repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> bool:
+    """Whether these settings make the choice read the text so far (:func:`apply_history`)."""
+    return repetition_penalty != 1 or no_repeat_ngram_size > 0
 
 
 def top_k_filter(logits: Tensor, k: int) -> Tensor:

@@ -22,8 +22,9 @@ the cache's first :func:`window_len` positions, so that attention reads the
 keys written so far, not the whole preallocated cache):
 
 * :func:`cached_steps`: the state is the preallocated KV cache (with a
-  repetition penalty, a :class:`Penalized`: the cache and which tokens each
-  row has had, [B, V], marked in place by each step as the cache is written).
+  repetition penalty or an n-gram ban, a :class:`History`: the cache and each
+  row's tokens at their positions, written in place by each step as the
+  cache is).
 * :func:`uncached_steps`: the state is a token buffer; every step recomputes
   the whole sequence (kept for comparison).
 * :func:`compiled_steps`: the cached steps under ``torch.compile``. The
@@ -41,8 +42,8 @@ keys written so far, not the whole preallocated cache):
   frame of its own for every batch size and params layout (:func:`compiled_step`).
 
 Sampling settings (temperature, top-k, top-p, min-p, the repetition
-penalty) are constants of a graph: changing them between generations
-compiles a new graph once.
+penalty, the n-gram ban) are constants of a graph: changing them between
+generations compiles a new graph once.
 """
 
 from __future__ import annotations
@@ -58,10 +59,10 @@ from gpt2fn.errors import GPT2FnError
 from gpt2fn.layers import ATTEND, MATVEC_MAX_ROWS, Kernels, block, few_rows, int8_sums, linear, matvec
 from gpt2fn.model import Tap, hidden, logits, positions
 from gpt2fn.params import Params, flatten_params, params_device, params_dtype
-from gpt2fn.sampling import choose_token, mark_seen, penalize_repeats
+from gpt2fn.sampling import apply_history, choose_token, reads_history
 
 Tensor = torch.Tensor
-State = Any  # a KVCache, a Penalized (a KVCache and the tokens seen), or the token buffer of the uncached steps
+State = Any  # a KVCache, a History (a KVCache and the tokens so far), or the token buffer of the uncached steps
 Step = Callable[[Params, Tensor, Tensor, State, Optional[Tensor]], Tensor]
 
 # Inductor options for the decode step. Batch-1 decoding is a chain of
@@ -146,29 +147,32 @@ def window_len(end: int, length: int) -> int:
     return min(length, -(-end // WINDOW) * WINDOW)
 
 
-class Penalized(NamedTuple):
-    """The state of cached steps with a repetition penalty (see :func:`cached_step`)."""
+class History(NamedTuple):
+    """The state of cached steps whose choice reads the text so far (see :func:`cached_step`)."""
 
     cache: State  # the KV cache (or a window of it)
-    seen: Tensor  # [B, V] bool: the tokens each row has had so far, prompt and new
+    tokens: Tensor  # [B, L] int64: each row's tokens at their positions, prompt and new (later slots: stale)
 
 
 def cached_step(
     params: Params, tokens: Tensor, pos: Tensor, state: State, noise: Optional[Tensor],
     *, config: GPTConfig, kernels: Kernels, temperature: float, top_k: int, top_p: float, min_p: float = 0.0,
-    repetition_penalty: float = 1.0, run_block: Callable = block, tap: Optional[Tap] = None,
+    repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, run_block: Callable = block,
+    tap: Optional[Tap] = None,
 ) -> Tensor:  # fmt: skip
     """Writes the tokens' keys/values into the cache; each row's last column
-    chooses its next token. With a ``repetition_penalty`` (not 1) the state is
-    a :class:`Penalized`: the step marks its tokens as seen, then penalizes
-    every seen token's logit (:func:`~gpt2fn.sampling.penalize_repeats`);
-    otherwise it is the cache. (``run_block``: see :func:`decode_block`;
-    ``tap``: :func:`~gpt2fn.model.hidden`'s, for the eager steps.)"""
-    cache = state.cache if repetition_penalty != 1 else state
-    x = hidden(params, config, tokens, pos, cache, tap, kernels, run_block)[:, -1]  # [B, D]
+    chooses its next token. With a ``repetition_penalty`` (not 1) or a
+    ``no_repeat_ngram_size`` the state is a :class:`History`: the step writes
+    its tokens there too, and the rules read them
+    (:func:`~gpt2fn.sampling.apply_history`); otherwise it is the cache.
+    (``run_block``: see :func:`decode_block`; ``tap``:
+    :func:`~gpt2fn.model.hidden`'s, for the eager steps.)"""
+    history = reads_history(repetition_penalty, no_repeat_ngram_size)
+    x = hidden(params, config, tokens, pos, state.cache if history else state, tap, kernels, run_block)[:, -1]  # [B, D]
     scores = logits(params, config, x, kernels.linear)
-    if repetition_penalty != 1:
-        scores = penalize_repeats(scores, mark_seen(state.seen, tokens), repetition_penalty)
+    if history:
+        sequence = state.tokens.scatter_(1, pos, tokens)
+        scores = apply_history(scores, sequence, pos[:, -1], repetition_penalty, no_repeat_ngram_size)
     return choose_token(scores, noise, temperature, top_k, top_p, min_p)
 
 
@@ -184,7 +188,7 @@ def chain(
     it at the next position, clamped onto the cache's last slot (only tokens
     past the generation's end land there, and no kept token reads it).
     noise: [B, n, ...], step ``i`` drawing from ``noise[:, i]``, or None."""
-    length = cache_len(cache.cache if isinstance(cache, Penalized) else cache)
+    length = cache_len(cache.cache if isinstance(cache, History) else cache)
     outs = []
     for i in range(n):
         out = step(params, tokens, pos, cache, None if noise is None else noise[:, i])
@@ -201,19 +205,14 @@ def chain_step(params: Params, tokens: Tensor, pos: Tensor, cache: State, noise:
 def recompute(
     params: Params, sequence: Tensor, last: Tensor, noise: Optional[Tensor],
     *, config: GPTConfig, kernels: Kernels, temperature: float, top_k: int, top_p: float, min_p: float = 0.0,
-    repetition_penalty: float = 1.0,
+    repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
 ) -> Tensor:  # fmt: skip
     """The whole sequence [B, S] without a cache; row b's next token comes
-    from its position ``last[b]`` (a ``repetition_penalty`` takes the tokens
-    it has seen from its positions up to ``last[b]``)."""
-    pos = positions(*sequence.shape, device=sequence.device)
-    x = hidden(params, config, sequence, pos, kernels=kernels)
+    from its position ``last[b]`` (the rules of
+    :func:`~gpt2fn.sampling.apply_history` read its positions up to ``last[b]``)."""
+    x = hidden(params, config, sequence, positions(*sequence.shape, device=sequence.device), kernels=kernels)
     x = x[torch.arange(x.shape[0], device=x.device), last]  # [B, D]
-    scores = logits(params, config, x, kernels.linear)
-    if repetition_penalty != 1:
-        had = torch.where(pos <= last[:, None], sequence, sequence[:, :1])  # later positions: a token it had
-        seen = mark_seen(torch.zeros(scores.shape, dtype=torch.bool, device=scores.device), had)
-        scores = penalize_repeats(scores, seen, repetition_penalty)
+    scores = apply_history(logits(params, config, x, kernels.linear), sequence, last, repetition_penalty, no_repeat_ngram_size)
     return choose_token(scores, noise, temperature, top_k, top_p, min_p)
 
 
@@ -262,7 +261,7 @@ def cached_steps(
     step = functools.partial(cached_step, config=config, kernels=kernels, **sampling)
     decode = step if tokens_per_call == 1 else _tokens(chains(chain_step, config, kernels, None, False, **sampling)(tokens_per_call))
     steps = Steps(functools.partial(_cache, config, spare=True), step, decode, chained=tokens_per_call, window=window)
-    return penalized(steps, sampling.get("repetition_penalty", 1.0))
+    return with_history(steps, **sampling)
 
 
 def uncached_steps(config: GPTConfig, attention: str = "auto", compile: bool = False, **sampling) -> Steps:
@@ -314,25 +313,30 @@ def compiled_steps(
     windowed = device.type == "cpu" and chained == 1
     make_state = functools.partial(_marked_cache, config, spare=windowed, graphs=device.type == "cuda")
     steps = Steps(make_state, prefill, decode, compiled=True, chained=chained, window=_marked_window if windowed else None)
-    return penalized(steps, sampling.get("repetition_penalty", 1.0))
+    return with_history(steps, **sampling)
 
 
-def penalized(steps: Steps, repetition_penalty: float) -> Steps:
-    """``steps`` as they run with a ``repetition_penalty``: unchanged at 1;
-    otherwise their state is a :class:`Penalized`, its cache the steps' own
-    (cut by their window) and its ``seen`` all False ([B, V], V the
-    params' vocabulary; on CUDA a static address, as the cache is)."""
-    if repetition_penalty == 1:
+def with_history(steps: Steps, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, **sampling) -> Steps:
+    """Cached ``steps`` as they run with rules that read the text so far
+    (:func:`~gpt2fn.sampling.reads_history`): their state is then a
+    :class:`History`, its cache the steps' own (cut by their window) and its
+    tokens as long as the cache (for compiled steps, the length marked
+    dynamic, one graph for every length, and on CUDA a static address, as
+    the cache is). Without such rules, ``steps`` unchanged."""
+    if not reads_history(repetition_penalty, no_repeat_ngram_size):
         return steps
 
-    def make_state(params: Params, batch: int, length: int) -> Penalized:
-        seen = torch.zeros(batch, params["wte"].shape[0], dtype=torch.bool, device=params_device(params))
-        if seen.is_cuda:
-            mark_static(seen)
-        return Penalized(steps.make_state(params, batch, length), seen)
+    def make_state(params: Params, batch: int, length: int) -> History:
+        cache = steps.make_state(params, batch, length)
+        tokens = torch.zeros(batch, cache_len(cache), dtype=torch.long, device=params_device(params))
+        if steps.compiled:
+            torch._dynamo.mark_dynamic(tokens, 1)
+            if tokens.is_cuda:
+                mark_static(tokens)
+        return History(cache, tokens)
 
     cut = steps.window
-    return steps._replace(make_state=make_state, window=None if cut is None else lambda s, n: Penalized(cut(s.cache, n), s.seen))
+    return steps._replace(make_state=make_state, window=None if cut is None else lambda s, n: History(cut(s.cache, n), s.tokens))
 
 
 def chain_graph(config: GPTConfig, device: torch.device) -> bool:

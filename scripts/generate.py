@@ -23,7 +23,7 @@ from gpt2fn.files import atomic_write
 from gpt2fn.generation import generate
 from gpt2fn.layers import ATTEND
 from gpt2fn.quantize import DTYPE_HELP, WEIGHT_DTYPES, cast_params
-from gpt2fn.sampling import check_sampling_args
+from gpt2fn.sampling import check_sampling_args, reads_history
 from gpt2fn.speculative import DRAFT_DTYPES, draft_vocab, frequent_tokens, self_draft
 from gpt2fn.tokenizer import TextStream, check_vocabulary, encode, get_tokenizer
 from gpt2fn.weights import MODEL_HELP, REVISION_HELP, load_pretrained, resolve_model
@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repetition_penalty", type=float, default=1.0,
                    help="make every token the text already has (prompt included) less likely, greedy too, as "
                         "Hugging Face's repetition_penalty does: 1 = off, 1.2 a usual setting (not with --draft)")
+    p.add_argument("--no_repeat_ngram_size", type=int, default=0,
+                   help="never repeat an n-gram of this many tokens that the text already has (prompt included), "
+                        "greedy too, as Hugging Face's no_repeat_ngram_size does: 0 = off (not with --draft)")
     p.add_argument("--num_samples", type=int, default=1,
                    help="continue each prompt this many times, each row drawing its own tokens, in one batch")
     p.add_argument("--batch_size", type=int, default=16,
@@ -101,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     # Check everything that is cheap to check before loading any weights.
-    check_sampling_args(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
+    check_sampling_args(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty,
+                        args.no_repeat_ngram_size)  # fmt: skip
     prompts = list(args.prompt) + read_prompt_file(args.prompt_file)
     if args.interactive and prompts:
         raise GPT2FnError("--interactive reads its prompts from standard input, one a line; drop --prompt and "
@@ -127,8 +131,9 @@ def run(args: argparse.Namespace) -> int:
             raise GPT2FnError("--draft needs the KV cache; drop --no-kvcaching")
         if args.draft_tokens < 1:
             raise GPT2FnError(f"--draft_tokens must be >= 1, got {args.draft_tokens}")
-        if args.repetition_penalty != 1:
-            raise GPT2FnError("--repetition_penalty is not applied in speculative rounds; drop --draft or the penalty")
+        if reads_history(args.repetition_penalty, args.no_repeat_ngram_size):
+            raise GPT2FnError("speculative rounds apply no --repetition_penalty and no --no_repeat_ngram_size; drop "
+                              "--draft or those")  # fmt: skip
     elif args.adaptive_draft:
         raise GPT2FnError("--adaptive_draft adapts speculative decoding; give a --draft too")
     elif args.draft_vocab is not None:
@@ -228,7 +233,7 @@ def run_batch(args: argparse.Namespace, prompts: list[str], streamed: bool, para
     stream = generate(  # one prompt (a tensor) must fit with its continuation; in a batch each row stops at the context
         params, config, torch.tensor(ids) if len(set(prompts)) == 1 else ids, args.max_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty, generator=generator,
+        repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size, generator=generator,
         use_cache=args.kvcaching, attention=args.attention,
         stop_token=None if args.ignore_eot else tokenizer.eot_token, compile=args.compile,
         draft=draft, draft_tokens=args.draft_tokens, adaptive_draft=args.adaptive_draft,

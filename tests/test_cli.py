@@ -50,7 +50,7 @@ def test_min_p_samples_as_the_library_does(generate_cli, capsys, small_ref):
     assert code == 2 and err == "error: min_p must be in [0, 1] (0 = off), got 1.5\n"
 
 
-def test_repetition_penalty_generates_as_the_library_does(generate_cli, capsys, small_ref):
+def test_repetition_penalty_and_no_repeat_ngram_size_generate_as_the_library_does(generate_cli, capsys, small_ref):
     text = "the the the the the"
     base = ["--prompt", text, "--model", str(small_ref.directory), "--max_tokens", "16", "--ignore_eot", "--device", "cpu",
             "--temperature", "0"]  # fmt: skip
@@ -64,8 +64,16 @@ def test_repetition_penalty_generates_as_the_library_does(generate_cli, capsys, 
     code, out, err = run_cli(generate_cli, capsys, *base, "--repetition_penalty", "0")
     assert code == 2 and err == ("error: repetition_penalty must be a finite number > 0 (1 = off; above 1 discourages "
                                  "repeats), got 0.0\n")  # fmt: skip
-    code, out, err = run_cli(generate_cli, capsys, *base, "--repetition_penalty", "1.2", "--draft", "int8")
-    assert code == 2 and err == "error: --repetition_penalty is not applied in speculative rounds; drop --draft or the penalty\n"
+    code, out, err = run_cli(generate_cli, capsys, *base, "--no_repeat_ngram_size", "2")
+    assert code == 0, err
+    new, _ = generate_all(params, config, torch.tensor([encode(t, text)]), 16, temperature=0, no_repeat_ngram_size=2)
+    assert out == text + decode(t, new[0].tolist()) + "\n"
+    code, out, err = run_cli(generate_cli, capsys, *base, "--no_repeat_ngram_size", "-2")
+    assert code == 2 and err == "error: no_repeat_ngram_size must be an integer >= 0 (0 = off), got -2\n"
+    for rule in (["--repetition_penalty", "1.2"], ["--no_repeat_ngram_size", "3"]):
+        code, out, err = run_cli(generate_cli, capsys, *base, *rule, "--draft", "int8")
+        assert code == 2 and err == ("error: speculative rounds apply no --repetition_penalty and no --no_repeat_ngram_size; "
+                                     "drop --draft or those\n")  # fmt: skip
 
 
 def test_jsonl_holds_each_rows_completion_and_why_it_ended(generate_cli, capsys, small_ref, tmp_path):

@@ -388,22 +388,24 @@ def test_compiled_generation_equals_eager_greedy_and_seeded(small_ref):
 
 
 @pytest.mark.parametrize("per_call", [1, 3])
-def test_a_repetition_penalty_compiles_into_one_graph_that_chooses_what_eager_chooses(small_ref, per_call):
-    """Greedy and seeded, one token a call (windows of the cache) and a chain
-    of three (one graph): the tokens of the eager steps, which are the
-    reference's (tests/test_parity.py); every step and prompt one graph."""
+def test_rules_on_the_text_so_far_compile_into_one_graph_that_chooses_what_eager_chooses(small_ref, per_call):
+    """A repetition penalty and an n-gram ban, greedy and seeded, one token a
+    call (windows of the cache) and a chain of three (one graph): the tokens
+    of the eager steps, which are the reference's (tests/test_parity.py);
+    one graph for every step, prompt and generation length."""
     params, config = load_pretrained(small_ref.directory)
     prompts = [prompt(9)[0].tolist(), prompt(4, seed=1)[0].tolist()]
+    rules = dict(repetition_penalty=1.3, no_repeat_ngram_size=2)
     for sampling in (dict(temperature=0), dict(temperature=0.9, top_k=20, min_p=0.05)):
-        runs = [generate_all(params, config, prompts, 40, repetition_penalty=1.3, tokens_per_call=per_call, compile=c,
+        runs = [generate_all(params, config, prompts, 40, **rules, tokens_per_call=per_call, compile=c,
                              generator=torch.Generator().manual_seed(4), **sampling)[0] for c in (False, True)]  # fmt: skip
         assert torch.equal(runs[0], runs[1]), sampling
     assert not torch.equal(runs[1], generate_all(params, config, prompts, 40, tokens_per_call=per_call, compile=True,
                                                  generator=torch.Generator().manual_seed(4), **sampling)[0])  # fmt: skip
     counters.clear()
-    generate_all(params, config, [prompts[1], prompts[0][:6]], 20, repetition_penalty=1.3, tokens_per_call=per_call,
-                 compile=True, generator=torch.Generator().manual_seed(5), **sampling)  # fmt: skip
-    assert counters["stats"]["unique_graphs"] == 0  # other prompts, another generation: the graph already built
+    generate_all(params, config, [prompts[1], prompts[0][:6]], 70, **rules, tokens_per_call=per_call, compile=True,
+                 generator=torch.Generator().manual_seed(5), **sampling)  # fmt: skip
+    assert counters["stats"]["unique_graphs"] == 0  # other prompts and lengths, another generation: the graph built
 
 
 @pytest.mark.parametrize("top_k, top_p, min_p", [(0, 1.0, 0.0), (3, 1.0, 0.0), (0, 0.7, 0.0), (4, 0.8, 0.0), (0, 1.0, 0.3),

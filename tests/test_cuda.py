@@ -200,26 +200,31 @@ def test_compiled_speculative_decoding_on_cuda_keeps_the_targets_greedy_tokens(s
         assert torch.equal(out, plain) and stats.target_passes < 40
 
 
-@pytest.mark.parametrize("min_p, penalty", [(0.0, 1.0), (0.2, 1.0), (0.0, 1.3)])
-def test_sampling_on_cuda_is_reproducible_and_compiled_draws_what_eager_draws(small, min_p, penalty):
+@pytest.mark.parametrize("min_p, rules", [(0.0, {}), (0.2, {}), (0.0, dict(repetition_penalty=1.3, no_repeat_ngram_size=2))])
+def test_sampling_on_cuda_is_reproducible_and_compiled_draws_what_eager_draws(small, min_p, rules):
     params, config = small
     runs = [generate_all(params, config, ids(5), 30, temperature=0.9, top_k=50, top_p=0.95, min_p=min_p, compile=compile,
-                         repetition_penalty=penalty, generator=torch.Generator(GPU).manual_seed(3))[0]
+                         generator=torch.Generator(GPU).manual_seed(3), **rules)[0]
             for compile in (False, False, True)]  # fmt: skip
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
 
 
 @pytest.mark.parametrize("per_call", [1, 4])
-def test_a_repetition_penalty_on_cuda_gives_the_cpus_greedy_tokens_eager_and_compiled(small, small_ref, per_call):
-    """Its seen tokens on the GPU (a static address of the CUDA graphs, written in place)."""
+def test_rules_on_the_text_so_far_on_cuda_give_the_cpus_greedy_tokens_eager_and_compiled(small, small_ref, per_call):
+    """A repetition penalty and an n-gram ban, the text so far on the GPU (a
+    static address of the CUDA graphs, written in place); a second
+    generation of another length records no new graph."""
     params, config = small
+    rules = dict(repetition_penalty=1.3, no_repeat_ngram_size=2)
     cpu_params = load_pretrained(small_ref.directory)[0]
-    cpu = generate_all(cpu_params, config, ids(6), 40, temperature=0, repetition_penalty=1.3)[0]
+    cpu = generate_all(cpu_params, config, ids(6), 40, temperature=0, **rules)[0]
     assert not torch.equal(cpu, generate_all(cpu_params, config, ids(6), 40, temperature=0)[0])
     for compile in (False, True):
-        out = generate_all(params, config, ids(6), 40, temperature=0, repetition_penalty=1.3, compile=compile,
-                           tokens_per_call=per_call)[0]  # fmt: skip
+        out = generate_all(params, config, ids(6), 40, temperature=0, compile=compile, tokens_per_call=per_call, **rules)[0]
         assert torch.equal(out.cpu(), cpu), compile
+    graphs = counters["stats"]["unique_graphs"]
+    generate_all(params, config, ids(9, seed=1), 60, temperature=0, compile=True, tokens_per_call=per_call, **rules)
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_loss_and_gradients_on_cuda_match_the_cpus():

@@ -179,9 +179,12 @@ def test_bad_sampling_parameters_are_refused_before_any_work(small):
         generate(params, config, prompt(3), 5, top_p=0)
     with pytest.raises(GPT2FnError, match="repetition_penalty must be a finite number > 0"):
         generate(params, config, prompt(3), 5, repetition_penalty=-1)
-    with pytest.raises(GPT2FnError, match=r"^a repetition penalty is not applied in speculative rounds; drop the draft or "
-                                          r"the penalty$"):  # fmt: skip
-        generate(params, config, prompt(3), 5, repetition_penalty=1.2, draft=small)
+    with pytest.raises(GPT2FnError, match="no_repeat_ngram_size must be an integer >= 0"):
+        generate(params, config, prompt(3), 5, no_repeat_ngram_size=1.5)
+    for rule in (dict(repetition_penalty=1.2), dict(no_repeat_ngram_size=2)):
+        with pytest.raises(GPT2FnError, match=r"^speculative rounds apply no repetition_penalty and no no_repeat_ngram_size; "
+                                              r"drop the draft or those$"):  # fmt: skip
+            generate(params, config, prompt(3), 5, draft=small, **rule)
 
 
 @pytest.mark.parametrize(

@@ -68,13 +68,15 @@ def test_greedy_generation_is_token_identical_to_reference(which, request):
     assert len(set(expected.tolist())) > 8
 
 
-@pytest.mark.parametrize("penalty", [1.3, 0.8])
-def test_greedy_generation_with_a_repetition_penalty_is_the_references(small, small_ref, penalty):
-    """generate(repetition_penalty=) against transformers' generate(repetition_penalty=),
-    greedy: the same tokens, with the KV cache, without it, and three steps a
-    call; in a ragged batch each row is its prompt alone; and the penalty
-    changes the text (above 1: fewer repeats)."""
+@pytest.mark.parametrize("penalty, ngram", [(1.3, 0), (0.8, 0), (1.0, 2), (1.0, 1), (1.2, 3)])
+def test_greedy_generation_with_rules_on_the_text_so_far_is_the_references(small, small_ref, penalty, ngram):
+    """generate(repetition_penalty=, no_repeat_ngram_size=) against
+    transformers' generate with the same, greedy: the same tokens, with the
+    KV cache, without it, and three steps a call; in a ragged batch each row
+    is its prompt alone; and the rules change the text (a penalty above 1:
+    more distinct tokens; an n-gram ban: no n-gram twice)."""
     params, config = small
+    rules = dict(repetition_penalty=penalty, no_repeat_ngram_size=ngram)
     start = prompt_ids(config, 1, 7, seed=5)
     looping = start[0].tolist() + generate_all(params, config, start, 12, temperature=0)[0][0].tolist()
     prompts = [looping, prompt_ids(config, 1, 3, seed=6)[0].tolist()]  # the first: what the model would repeat
@@ -84,18 +86,22 @@ def test_greedy_generation_with_a_repetition_penalty_is_the_references(small, sm
         with torch.no_grad():
             expected = small_ref.model.generate(
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
-                pad_token_id=0, repetition_penalty=penalty,
+                pad_token_id=0, **rules,
             )[0, len(p):].tolist()  # fmt: skip
         for kw in (dict(), dict(use_cache=False), dict(tokens_per_call=3)):
-            got = generate_all(params, config, ids, n_new, temperature=0, repetition_penalty=penalty, **kw)[0]
+            got = generate_all(params, config, ids, n_new, temperature=0, **rules, **kw)[0]
             assert got[0].tolist() == expected, kw
         plain = generate_all(params, config, ids, n_new, temperature=0)[0][0].tolist()
         assert plain != expected
         if penalty > 1:
             assert len(set(expected)) > len(set(plain))
-    rows = generate_all(params, config, prompts, n_new, temperature=0, repetition_penalty=penalty)[0]
+        if ngram:  # no new token completes an n-gram the text had before it
+            text = p + expected
+            grams = [tuple(text[i + 1 - ngram : i + 1]) for i in range(ngram - 1, len(text))]  # the n-gram ending at i
+            assert all(grams[i + 1 - ngram] not in grams[: i + 1 - ngram] for i in range(len(p), len(text)))
+    rows = generate_all(params, config, prompts, n_new, temperature=0, **rules)[0]
     for p, row in zip(prompts, rows):
-        assert torch.equal(row, generate_all(params, config, [p], n_new, temperature=0, repetition_penalty=penalty)[0][0])
+        assert torch.equal(row, generate_all(params, config, [p], n_new, temperature=0, **rules)[0][0])
 
 
 @pytest.mark.parametrize("attention", ["manual", "sdpa"])

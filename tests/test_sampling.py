@@ -8,8 +8,8 @@ import torch
 
 from gpt2fn import GPT2FnError, sample
 from gpt2fn.sampling import (
-    check_sampling_args, choose_token, draw, filtered_probs, mark_seen, min_p_filter, penalize_repeats, top_k_filter,
-    top_p_filter,
+    apply_history, check_sampling_args, choose_token, draw, filtered_probs, min_p_filter, penalize_repeats,
+    repeated_ngrams, seen_tokens, top_k_filter, top_p_filter,
 )  # fmt: skip
 
 
@@ -105,13 +105,38 @@ def test_the_repetition_penalty_is_hugging_faces(penalty):
     logits = random_logits(batch=3, vocab=500, seed=8)
     logits[0, 7] = 0.0  # a zero logit stays zero
     history = torch.tensor([[7, 7, 3, 499, 3, 12], [0, 1, 2, 3, 4, 5], [9, 9, 9, 9, 9, 9]])
-    seen = mark_seen(torch.zeros(3, 500, dtype=torch.bool), history)
+    stale = torch.tensor([[400, 401], [402, 403], [404, 405]])  # slots past each row's last position: not had
+    seen = seen_tokens(torch.cat([history, stale], 1), torch.full((3,), 5), 500)
     assert seen.sum(1).tolist() == [4, 6, 1]
     ours = penalize_repeats(logits, seen, penalty)
-    assert torch.equal(ours, RepetitionPenaltyLogitsProcessor(penalty)(history, logits.clone()))
+    expected = RepetitionPenaltyLogitsProcessor(penalty)(history, logits.clone())
+    assert torch.equal(ours, expected)
+    assert torch.equal(apply_history(logits, torch.cat([history, stale], 1), torch.full((3,), 5), penalty), expected)
     assert torch.equal(ours[~seen], logits[~seen]) and ours[0, 7] == 0
     assert (ours[seen] != logits[seen]).sum() == 10  # every other seen logit moved
     assert penalize_repeats(logits, seen, 1.0) is logits
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_the_repeated_ngrams_are_hugging_faces(n):
+    """repeated_ngrams against transformers' NoRepeatNGramLogitsProcessor on
+    200 random histories over 6 tokens (many repeats) of 1 to 29 tokens,
+    rows of one batch as long as the longest, past their own last position
+    filled with stale tokens, which it ignores."""
+    from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
+
+    g = torch.Generator().manual_seed(n)
+    banned = 0
+    for _ in range(50):
+        lengths = torch.randint(1, 30, (4,), generator=g)
+        rows = torch.randint(0, 6, (4, int(lengths.max()) + 3), generator=g)
+        ours = repeated_ngrams(rows, lengths - 1, n, 6)
+        for row, length, bans in zip(rows, lengths.tolist(), ours):
+            expected = NoRepeatNGramLogitsProcessor(n)(row[None, :length], torch.zeros(1, 6))[0] == float("-inf")
+            assert torch.equal(bans, expected), (n, row[:length].tolist())
+        banned += int(ours.sum())
+        assert torch.equal(apply_history(torch.zeros(4, 6), rows, lengths - 1, no_repeat_ngram_size=n) == float("-inf"), ours)
+    assert banned > 10  # the rule bit (n = 4: 13 tokens of 200 rows)
 
 
 @pytest.mark.parametrize("top_k, top_p, min_p", [(0, 1.0, 0.1), (50, 1.0, 0.2), (50, 0.9, 0.05), (0, 0.8, 0.3)])
@@ -215,13 +240,16 @@ def test_inverse_cdf_draws_follow_the_weights():
         (dict(repetition_penalty=float("inf")), r"repetition_penalty must be a finite number > 0 .*, got inf$"),
         (dict(repetition_penalty=float("nan")), r"repetition_penalty must be a finite number > 0 .*, got nan$"),
         (dict(repetition_penalty=None), r"repetition_penalty must be a finite number > 0 .*, got None$"),
+        (dict(no_repeat_ngram_size=-1), r"no_repeat_ngram_size must be an integer >= 0 \(0 = off\), got -1$"),
+        (dict(no_repeat_ngram_size=2.0), r"no_repeat_ngram_size must be an integer >= 0 \(0 = off\), got 2.0$"),
+        (dict(no_repeat_ngram_size=True), r"no_repeat_ngram_size must be an integer >= 0 \(0 = off\), got True$"),
     ],
 )
 def test_impossible_parameters_are_refused(kwargs, message):
     args = dict(temperature=1.0, top_k=0, top_p=1.0) | kwargs
     with pytest.raises(GPT2FnError, match=message):
         check_sampling_args(**args)
-    if "repetition_penalty" in kwargs:  # the one-shot sampler has no history to penalize
+    if "repetition_penalty" in kwargs or "no_repeat_ngram_size" in kwargs:  # the one-shot sampler reads no history
         return
     with pytest.raises(GPT2FnError, match=message):  # the library's one-shot sampler checks them too
         sample(torch.randn(2, 10), **args)
