@@ -13,10 +13,12 @@ import argparse
 import json
 import random
 import sys
+import time
 from typing import NamedTuple, Optional, TextIO
 
 import torch
 
+from gpt2fn.beam import beam_search
 from gpt2fn.device import DEVICE_HELP, resolve_device
 from gpt2fn.errors import ArgumentParser, GPT2FnError, check_int, check_output_file, is_out_of_memory, read_utf8, run_cli
 from gpt2fn.files import atomic_write
@@ -66,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "where they can: on CUDA, and on the CPU for a model narrower than GPT-2 (the bundled model: "
                         "1.1-1.4x faster at 8); compiled GPT-2 sizes on the CPU run one a call anyway")
     p.add_argument("--max_tokens", type=int, default=50, help="new tokens to generate")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (0 = greedy) (default: 1.0)")
     p.add_argument("--top_k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus: the smallest set with mass >= p (1 = off)")
     p.add_argument("--min_p", type=float, default=0.0,
@@ -77,12 +79,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no_repeat_ngram_size", type=int, default=0,
                    help="never repeat an n-gram of this many tokens that the text already has (prompt included), "
                         "greedy too, as Hugging Face's no_repeat_ngram_size does: 0 = off (not with --draft)")
+    p.add_argument("--num_beams", type=int, default=1,
+                   help="beam search over this many beams (Hugging Face's num_beams): the most likely continuation "
+                        "it finds, printed when done; no sampling (1 = off)")
+    p.add_argument("--length_penalty", type=float, default=None,
+                   help="beam search: a finished beam scores its log-probability / length ** this (default 1.0; above "
+                        "0 favours longer ones)")
+    p.add_argument("--early_stopping", default=None, choices=("false", "true", "never"),
+                   help="beam search: end when no running beam can beat the finished ones (false, the default), as "
+                        "soon as there are --num_beams finished (true), or only where none could at any length (never)")
     p.add_argument("--num_samples", type=int, default=1,
                    help="continue each prompt this many times, each row drawing its own tokens, in one batch")
     p.add_argument("--batch_size", type=int, default=16,
                    help="rows generated at once (prompts x --num_samples): more run in batches of this many, one "
                         "after another, each printed when it is done (with --compile, a last smaller batch compiles "
-                        "a step of its own)")
+                        "a step of its own; with --num_beams, prompts at once, each --num_beams rows)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, printed at the end)")
     p.add_argument("--ignore_eot", action="store_true", help="keep going past <|endoftext|>")
     p.add_argument("--stop", action="append", default=[],
@@ -104,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     # Check everything that is cheap to check before loading any weights.
+    check_beam_args(args)
+    args.temperature = 1.0 if args.temperature is None else args.temperature
     check_sampling_args(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty,
                         args.no_repeat_ngram_size)  # fmt: skip
     prompts = list(args.prompt) + read_prompt_file(args.prompt_file)
@@ -189,6 +202,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_beam_args(args: argparse.Namespace) -> None:
+    """One clear line for beam search flags without it, and for what it does not take."""
+    check_int("--num_beams", args.num_beams)
+    if args.num_beams == 1:
+        for flag in ("length_penalty", "early_stopping"):
+            if getattr(args, flag) is not None:
+                raise GPT2FnError(f"--{flag} sets beam search; give --num_beams K (K > 1) too, or drop it")
+        return
+    given = [flag for flag, given in [
+        ("--temperature", args.temperature is not None), ("--top_k", args.top_k != 0), ("--top_p", args.top_p != 1),
+        ("--min_p", args.min_p != 0), ("--num_samples", args.num_samples != 1), ("--compile", args.compile),
+        ("--draft", args.draft is not None), ("--no-kvcaching", not args.kvcaching),
+        ("--tokens_per_call", args.tokens_per_call != 1), ("--interactive", args.interactive),
+    ] if given]  # fmt: skip
+    if given:
+        raise GPT2FnError(f"--num_beams runs beam search, which does not take {given[0]}; drop one of them")
+
+
 def complete(args: argparse.Namespace, prompts: list[str], params, config, tokenizer, draft, device, seed: int,
              compiled: set[int], out: Optional[TextIO] = None) -> None:  # fmt: skip
     """Generate from ``prompts``, each ``--num_samples`` times, ``--batch_size``
@@ -204,17 +235,21 @@ def complete(args: argparse.Namespace, prompts: list[str], params, config, token
     for start in range(0, len(rows), args.batch_size):
         batch = rows[start : start + args.batch_size]
         try:
-            stream, made = run_batch(args, batch, len(rows) == 1, params, config, tokenizer, draft, generator)
+            if args.num_beams > 1:
+                closing, made = run_beams(args, batch, len(rows) == 1, params, config, tokenizer, device)
+            else:
+                stream, made = run_batch(args, batch, len(rows) == 1, params, config, tokenizer, draft, generator)
+                closing = report(args, device, seed, stream, warm=len(batch) in compiled)
         except (RuntimeError, MemoryError) as e:
             if not is_out_of_memory(e):
                 raise
-            raise GPT2FnError(f"out of memory generating {len(batch)} rows at once; use a smaller --batch_size, a "
-                              "smaller --max_tokens or --dtype bfloat16") from None  # fmt: skip
+            raise GPT2FnError(f"out of memory generating {len(batch) * args.num_beams} rows at once; use a smaller "
+                              "--batch_size, a smaller --max_tokens or --dtype bfloat16") from None  # fmt: skip
         for label, prompt, row in zip(labels[start:], batch, made if len(rows) > 1 else []):
             print(f"--- [{label}] ---\n{prompt}{row.completion}")
         for prompt, row in zip(batch, made if out is not None else []):
             out.write(json.dumps({"prompt": prompt, **row._asdict()}, ensure_ascii=False) + "\n")
-        print(report(args, device, seed, stream, warm=len(batch) in compiled), file=sys.stderr)
+        print(closing, file=sys.stderr)
         if args.compile:
             compiled.add(len(batch))
 
@@ -259,6 +294,33 @@ def run_batch(args: argparse.Namespace, prompts: list[str], streamed: bool, para
     if streamed:
         write(pieces[0][-1] + "\n")
     return stream, [Row("".join(row), *(end or ("length", 0))) for row, end in zip(pieces, ended)]  # 0 new tokens asked
+
+
+def run_beams(args: argparse.Namespace, prompts: list[str], printed: bool, params, config, tokenizer,
+              device) -> tuple[str, list[Row]]:  # fmt: skip
+    """Beam search over ``prompts`` (each prompt's ``--num_beams`` rows in one
+    batch): (the closing report, each prompt's best beam as a :class:`Row`);
+    ``printed``: print the one prompt's text here, when its search is done."""
+    early = {None: False, "false": False, "true": True, "never": "never"}[args.early_stopping]
+    stop_token = None if args.ignore_eot else tokenizer.eot_token
+    start = time.perf_counter()
+    best = beam_search(params, config, [encode(tokenizer, p) for p in prompts], args.max_tokens, args.num_beams,
+                       length_penalty=1.0 if args.length_penalty is None else args.length_penalty, early_stopping=early,
+                       stop_token=stop_token, repetition_penalty=args.repetition_penalty,
+                       no_repeat_ngram_size=args.no_repeat_ngram_size, attention=args.attention)  # fmt: skip
+    seconds = time.perf_counter() - start
+    made = []
+    for (beam,) in best:
+        text = TextStream(tokenizer, args.stop)
+        completion = "".join(text.push(t) for t in beam.tokens) + text.finish()
+        ended = "stop" if text.stopped else "eot" if beam.tokens[-1:] == [stop_token] else "length"
+        made.append(Row(completion, ended, len(beam.tokens)))
+    if printed:
+        write(prompts[0] + made[0].completion + "\n")
+    generated = sum(len(beam.tokens) for (beam,) in best)
+    return (f"[{args.model} {args.dtype} on {device}, beam search of {args.num_beams} beams, {args.attention} attention"
+            f"{f', {len(prompts)} prompts' if len(prompts) > 1 else ''}] generated {generated} tokens "
+            f"(best beams, scores {', '.join(f'{b.score:.3f}' for (b,) in best)}) in {seconds:.2f} s"), made  # fmt: skip
 
 
 def report(args: argparse.Namespace, device: torch.device, seed: int, stream, warm: bool = False) -> str:
