@@ -15,7 +15,8 @@ see :func:`beam_search`), or at ``max_new_tokens``.
 Ragged prompts run as :mod:`gpt2fn.generation` runs them (per-row positions,
 a short prompt padded with its last token at its last position), so each
 prompt's beams are those of the prompt alone; the length penalty counts new
-tokens. The loop is eager and synchronises once a step (the stop test).
+tokens. The steps are :func:`~gpt2fn.steps.scoring_steps` (eager, or the
+one-token step compiled); the loop synchronises once a step (the stop test).
 """
 
 from __future__ import annotations
@@ -23,16 +24,14 @@ from __future__ import annotations
 from typing import NamedTuple, Optional, Union
 
 import torch
-import torch.nn.functional as F
 
-from gpt2fn.cache import make_cache
+from gpt2fn.cache import cache_len
 from gpt2fn.config import GPTConfig
 from gpt2fn.errors import GPT2FnError, check_int, is_real
 from gpt2fn.generation import Prompts, check_sequence_fits, prompt_lists
-from gpt2fn.model import hidden, logits
-from gpt2fn.params import Params, params_device, params_dtype
+from gpt2fn.params import Params, params_device
 from gpt2fn.sampling import apply_history, check_sampling_args, reads_history
-from gpt2fn.steps import eager_kernels
+from gpt2fn.steps import scoring_steps, window_len
 
 Tensor = torch.Tensor
 NEVER = -1.0e9  # Hugging Face's score for what may not be chosen (added, not assigned, as it does)
@@ -57,6 +56,7 @@ def beam_search(
     repetition_penalty: float = 1.0,
     no_repeat_ngram_size: int = 0,
     attention: str = "auto",
+    compile: bool = False,
 ) -> list[list[Beam]]:
     """The ``num_return_sequences`` best of each prompt's ``num_beams``
     finished hypotheses, best first: ``[prompt][i]`` a :class:`Beam`.
@@ -73,6 +73,8 @@ def beam_search(
     runs until every prompt has ended. ``repetition_penalty`` and
     ``no_repeat_ngram_size``: as in :func:`~gpt2fn.generation.generate`,
     applied to the log-probabilities, as Hugging Face's processors are.
+    With ``compile`` the one-token steps run compiled
+    (:func:`~gpt2fn.steps.scoring_steps`: one graph for every step and length).
     Raises :class:`~gpt2fn.errors.GPT2FnError` on bad input, before any work.
     """
     check_int("num_beams", num_beams)
@@ -90,12 +92,13 @@ def beam_search(
         check_sequence_fits(config, len(p), max_new_tokens)
 
     device, K, N = params_device(params), num_beams, max_new_tokens
-    B, T, kernels = len(prompts), max(len(p) for p in prompts), eager_kernels(attention)
+    B, T = len(prompts), max(len(p) for p in prompts)
+    steps = scoring_steps(config, device, B * K, attention, compile)
     rows = torch.arange(B, device=device).repeat_interleave(K)  # each row's prompt
     tokens = torch.tensor([p + p[-1:] * (T - len(p)) for p in prompts], device=device)[rows]  # [B K, T]
     pos = torch.tensor([[min(t, len(p) - 1) for t in range(T)] for p in prompts], device=device)[rows]
     start = torch.tensor([len(p) for p in prompts], device=device)[rows]  # the position of each row's first new token
-    cache = make_cache(config, B * K, T + N, params_dtype(params), device)
+    cache = steps.make_state(params, B * K, T + N)
     history = torch.zeros(B * K, T + N, dtype=torch.long, device=device).scatter_(1, pos, tokens)  # tokens so far
     rules = dict(repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
 
@@ -111,8 +114,9 @@ def beam_search(
     offsets = torch.arange(B, device=device)[:, None] * K
     with torch.inference_mode():
         for i in range(N):
-            x = hidden(params, config, tokens, pos, cache, kernels=kernels)[:, -1]  # [B K, D]
-            log_probs = F.log_softmax(logits(params, config, x, kernels.linear).float(), dim=-1)  # [B K, V]
+            step = steps.prefill if i == 0 else steps.decode
+            part = cache if steps.window is None else steps.window(cache, window_len(T + i, cache_len(cache)))
+            log_probs = step(params, tokens, pos, part, None)  # [B K, V]
             if reads_history(**rules):
                 log_probs = apply_history(log_probs, history, pos[:, -1], **rules)
             V = log_probs.shape[-1]

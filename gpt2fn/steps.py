@@ -52,6 +52,7 @@ import functools
 from typing import Any, Callable, NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 
 from gpt2fn.cache import cache_len, make_cache, window
 from gpt2fn.config import GPTConfig
@@ -337,6 +338,32 @@ def with_history(steps: Steps, repetition_penalty: float = 1.0, no_repeat_ngram_
 
     cut = steps.window
     return steps._replace(make_state=make_state, window=None if cut is None else lambda s, n: History(cut(s.cache, n), s.tokens))
+
+
+def log_probs_step(
+    params: Params, tokens: Tensor, pos: Tensor, cache: State, noise: Optional[Tensor],
+    *, config: GPTConfig, kernels: Kernels, run_block: Callable = block,
+) -> Tensor:  # fmt: skip
+    """A step that scores instead of choosing (beam search, :mod:`gpt2fn.beam`):
+    writes the tokens' keys/values into the cache and returns each row's
+    log-probabilities of its next token, [B, V] fp32 (``noise`` unused)."""
+    x = hidden(params, config, tokens, pos, cache, None, kernels, run_block)[:, -1]  # [B, D]
+    return F.log_softmax(logits(params, config, x, kernels.linear).float(), dim=-1)
+
+
+def scoring_steps(config: GPTConfig, device: torch.device, batch: int, attention: str = "auto", compile: bool = False) -> Steps:
+    """Steps of :func:`log_probs_step` over a ``batch`` of rows: eager, or with
+    ``compile`` the one-token step compiled as :func:`compiled_steps`
+    compiles its own (one graph for every step and length; windows of the
+    cache on the CPU, CUDA graphs on a GPU), the prompt's pass eager."""
+    prefill = functools.partial(log_probs_step, config=config, kernels=eager_kernels(attention))
+    if not compile:
+        return Steps(functools.partial(_cache, config, spare=True), prefill, prefill, window=window)
+    kernels = decode_kernels(device, batch, attention)
+    decode = compiled_step(log_probs_step, device, config=config, kernels=kernels, run_block=decode_block(device, kernels, config))
+    windowed = device.type == "cpu"
+    make_state = functools.partial(_marked_cache, config, spare=windowed, graphs=device.type == "cuda")
+    return Steps(make_state, prefill, decode, compiled=True, window=_marked_window if windowed else None)
 
 
 def chain_graph(config: GPTConfig, device: torch.device) -> bool:

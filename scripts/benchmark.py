@@ -28,7 +28,11 @@ order (machines are noisy: only ratios measured side by side mean anything):
 4. decode speed against sequence length up to the full context: eager and
    compiled, with and without the KV cache;
 5. prefill time per prompt length, eager and compiled;
-6. peak memory of each generation, above what the process held before it
+6. with ``--beams K``, beam search over K beams (prompt + N new tokens,
+   whole searches, interleaved rounds): gpt2fn eager for the first dtype and
+   compiled for every dtype, against transformers' ``generate(num_beams=K)``
+   on the float32 weights, and whether each found transformers' best beam;
+7. peak memory of each generation, above what the process held before it
    (weights already loaded: the cache, activations and workspace).
 
 Prints tables of tokens/s and ratios (compiled/eager, cache/no-cache,
@@ -57,6 +61,7 @@ import torch
 from torch._dynamo.utils import counters
 from tqdm import tqdm
 
+from gpt2fn.beam import beam_search
 from gpt2fn.config import PRESETS
 from gpt2fn.device import DEVICE_HELP, ONEDNN, ONEDNN_MIN_WEIGHT, ONEDNN_ROWS, resolve_device
 from gpt2fn.errors import ArgumentParser, GPT2FnError, check_int, check_output_file, parse_int_list, read_utf8, run_cli
@@ -101,6 +106,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also every speculative row with the draft proposing only this many tokens: the most "
                         "frequent in --draft-vocab-from, else the lowest ids (0 = skip, default)")
     p.add_argument("--draft-vocab-from", default=None, help="a text file whose most frequent tokens --draft-vocab keeps")
+    p.add_argument("--beams", type=int, default=0,
+                   help="also beam search over this many beams, against transformers' (0 = skip, default)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the generation runs (median)")
     p.add_argument("--lengths", default="64,256,512,1024", help="sequence lengths for the per-step sweep")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
@@ -129,6 +136,7 @@ def check_args(args) -> tuple[list[str], list[int]]:
     check_int("--adaptive-draft", args.adaptive_draft, low=0)
     check_int("--tokens-per-call", args.tokens_per_call, low=0)
     check_int("--draft-vocab", args.draft_vocab, low=0)
+    check_int("--beams", args.beams, low=0)
     if args.draft_vocab_from is not None and not args.draft_vocab:
         raise GPT2FnError("--draft-vocab-from needs --draft-vocab N: how many of its most frequent tokens to keep")
     if args.draft_vocab and not args.drafts:
@@ -205,6 +213,8 @@ def main(argv=None) -> int:
     results["compile_startup_s"], results["compile"] = measure_compile(params, config, prompt, args.attention, device)
     contenders = make_contenders(args, params, params32, config, prompt, device, drafts, vocab)
     results.update(measure_generation(contenders, params, device, args.rounds))
+    if args.beams:
+        results["beams"] = measure_beams(args, params, params32, config, prompt)
     results["sweep"] = measure_sweep(params[dtypes[0]], config, device, dtypes[0], lengths, args.attention)
     if device.type == "cpu" and ONEDNN:  # what few_rows chooses between, for the float32 weights
         results["products"] = {n: product_times(params32, n) for n in tqdm(PRODUCT_ROWS, desc="few-row products", leave=False)}
@@ -357,6 +367,47 @@ def measure_generation(contenders: list[Contender], params: dict, device, rounds
     return {"generation": generation, "limit": limit, "graphs_compiled_during_timed_runs": counters["stats"]["unique_graphs"]}
 
 
+def measure_beams(args, params: dict, params32, config, prompt) -> dict:
+    """Beam search of ``--beams`` beams over the prompt, ``--new-tokens`` new
+    tokens: seconds per whole search (prompt included, the median of
+    ``--rounds`` interleaved rounds, after one untimed run that compiles),
+    gpt2fn eager (the first dtype) and compiled (each dtype), transformers on
+    the float32 weights, and whether each variant's best beam is transformers'."""
+    K, n = args.beams, args.new_tokens
+
+    def ours(d: str, compiled: bool) -> Callable[[], list[int]]:
+        return lambda: beam_search(params[d], config, prompt, n, K, compile=compiled)[0][0].tokens
+
+    variants = {f"gpt2fn eager {next(iter(params))}": ours(next(iter(params)), False)}
+    variants.update({f"gpt2fn compiled {d}": ours(d, True) for d in params})
+    model = None if args.no_transformers else transformers_model(params32, config)
+    if model is not None:
+
+        def theirs() -> list[int]:
+            with torch.inference_mode():
+                out = model.generate(prompt.to(model.device), attention_mask=torch.ones_like(prompt).to(model.device),
+                                     max_new_tokens=n, min_new_tokens=n, num_beams=K, do_sample=False, pad_token_id=0)
+            return out[0, prompt.shape[1] :].tolist()  # fmt: skip
+
+        variants["transformers float32"] = theirs
+    best = {name: run() for name, run in tqdm(variants.items(), desc="beam search (untimed, compiles)", leave=False)}
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    with tqdm(total=args.rounds * len(variants), desc="beam search", leave=False) as bar:
+        for r in range(args.rounds):
+            for name in variants if r % 2 == 0 else list(variants)[::-1]:
+                start = time.perf_counter()
+                variants[name]()
+                seconds[name].append(time.perf_counter() - start)
+                bar.update()
+    reference = best.get("transformers float32")
+    return {
+        "beams": K,
+        "runs": {name: {"seconds": statistics.median(t), "all": t,
+                        "same_best_beam": None if reference is None else best[name] == reference}
+                 for name, t in seconds.items()},
+    }  # fmt: skip
+
+
 def measure_sweep(params, config, device, dtype: str, lengths: list[int], attention: str) -> dict:
     """Per-step decode speed against sequence length, with and without the
     cache, eager and compiled; the no-cache step at length n is also the
@@ -450,6 +501,16 @@ def print_report(results) -> None:
     print("  decode-step compile time: " + ", ".join(
         f"{d} cold {c['cold_s']:.1f} s / warm {c['warm_s']:.1f} s" for d, c in comp.items())
         + f" (after inductor's one-off start-up in this process, {results['compile_startup_s']:.1f} s)")
+    if "beams" in results:
+        runs = results["beams"]["runs"]
+        hf = runs.get("transformers float32", {}).get("seconds", float("nan"))
+        print(f"\nBeam search, {results['beams']['beams']} beams: {results['prompt_len']}-token prompt + "
+              f"{results['new_tokens']} new tokens, seconds per search (median of {len(next(iter(runs.values()))['all'])} "
+              f"interleaved rounds)")  # fmt: skip
+        width = max(len(name) for name in runs)
+        for name, r in runs.items():
+            same = {None: "", True: "  same best beam as transformers", False: "  another best beam"}[r["same_best_beam"]]
+            print(f"  {name:{width}s} {r['seconds']:8.2f} s  {fmt_ratio(hf / r['seconds']):>7s} vs transformers{same}")
     sweep = results["sweep"]["tokens_per_s"]
     lengths = list(next(iter(sweep.values())))
     print(f"\nDecode tokens/s against sequence length ({results['sweep']['dtype']}, one step at that length):")

@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "greedy too, as Hugging Face's no_repeat_ngram_size does: 0 = off (not with --draft)")
     p.add_argument("--num_beams", type=int, default=1,
                    help="beam search over this many beams (Hugging Face's num_beams): the most likely continuation "
-                        "it finds, printed when done; no sampling (1 = off)")
+                        "it finds, printed when done; no sampling (1 = off); --compile compiles its step")
     p.add_argument("--length_penalty", type=float, default=None,
                    help="beam search: a finished beam scores its log-probability / length ** this (default 1.0; above "
                         "0 favours longer ones)")
@@ -212,9 +212,8 @@ def check_beam_args(args: argparse.Namespace) -> None:
         return
     given = [flag for flag, given in [
         ("--temperature", args.temperature is not None), ("--top_k", args.top_k != 0), ("--top_p", args.top_p != 1),
-        ("--min_p", args.min_p != 0), ("--num_samples", args.num_samples != 1), ("--compile", args.compile),
-        ("--draft", args.draft is not None), ("--no-kvcaching", not args.kvcaching),
-        ("--tokens_per_call", args.tokens_per_call != 1), ("--interactive", args.interactive),
+        ("--min_p", args.min_p != 0), ("--num_samples", args.num_samples != 1), ("--draft", args.draft is not None),
+        ("--no-kvcaching", not args.kvcaching), ("--tokens_per_call", args.tokens_per_call != 1),
     ] if given]  # fmt: skip
     if given:
         raise GPT2FnError(f"--num_beams runs beam search, which does not take {given[0]}; drop one of them")
@@ -307,7 +306,8 @@ def run_beams(args: argparse.Namespace, prompts: list[str], printed: bool, param
     best = beam_search(params, config, [encode(tokenizer, p) for p in prompts], args.max_tokens, args.num_beams,
                        length_penalty=1.0 if args.length_penalty is None else args.length_penalty, early_stopping=early,
                        stop_token=stop_token, repetition_penalty=args.repetition_penalty,
-                       no_repeat_ngram_size=args.no_repeat_ngram_size, attention=args.attention)  # fmt: skip
+                       no_repeat_ngram_size=args.no_repeat_ngram_size, attention=args.attention,
+                       compile=args.compile)  # fmt: skip
     seconds = time.perf_counter() - start
     made = []
     for (beam,) in best:
@@ -318,7 +318,8 @@ def run_beams(args: argparse.Namespace, prompts: list[str], printed: bool, param
     if printed:
         write(prompts[0] + made[0].completion + "\n")
     generated = sum(len(beam.tokens) for (beam,) in best)
-    return (f"[{args.model} {args.dtype} on {device}, beam search of {args.num_beams} beams, {args.attention} attention"
+    mode = f"beam search of {args.num_beams} beams{', compiled' if args.compile else ''}"
+    return (f"[{args.model} {args.dtype} on {device}, {mode}, {args.attention} attention"
             f"{f', {len(prompts)} prompts' if len(prompts) > 1 else ''}] generated {generated} tokens "
             f"(best beams, scores {', '.join(f'{b.score:.3f}' for (b,) in best)}) in {seconds:.2f} s"), made  # fmt: skip
 

@@ -4,11 +4,13 @@ prompt is itself alone, a score is its tokens' log-probability over its length).
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 
 from gpt2fn import GPT2FnError, generate_all, load_pretrained
-from gpt2fn import beam as beam_module
+from gpt2fn import steps
 from gpt2fn.beam import beam_search
 from gpt2fn.evaluation import token_logprobs
 
@@ -109,8 +111,8 @@ def test_early_stopping_ends_the_search_once_every_beam_has_finished(small, smal
     prompt = ids(1, 6)
     stop = liked_token(small_ref, prompt[0], 2)
     calls = []
-    hidden = beam_module.hidden
-    monkeypatch.setattr(beam_module, "hidden", lambda *a, **k: calls.append(1) or hidden(*a, **k))
+    step = steps.log_probs_step
+    monkeypatch.setattr(steps, "log_probs_step", lambda *a, **k: calls.append(1) or step(*a, **k))
     beams = beam_search(params, config, prompt, 40, 2, num_return_sequences=2, stop_token=stop, early_stopping=True)[0]
     assert len(calls) < 40 and all(b.tokens[-1] == stop for b in beams)
     with torch.no_grad():
@@ -118,6 +120,23 @@ def test_early_stopping_ends_the_search_once_every_beam_has_finished(small, smal
                                       num_return_sequences=2, do_sample=False, eos_token_id=stop, pad_token_id=0,
                                       early_stopping=True)  # fmt: skip
     assert [b.tokens for b in beams] == [row[6 : 6 + len(b.tokens)] for row, b in zip(hf.tolist(), beams)]
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_compiled_beam_search_finds_the_eager_beams_with_one_graph(small):
+    """Its one-token step compiled: the same hypotheses, scores within 1e-5,
+    one graph for every step, and none new for other prompts and lengths."""
+    from torch._dynamo.utils import counters
+
+    params, config = small
+    prompts = [ids(1, 5)[0].tolist(), ids(1, 2, seed=1)[0].tolist()]
+    eager = beam_search(params, config, prompts, 30, 3, num_return_sequences=3, no_repeat_ngram_size=2)
+    compiled = beam_search(params, config, prompts, 30, 3, num_return_sequences=3, no_repeat_ngram_size=2, compile=True)
+    assert [[b.tokens for b in row] for row in compiled] == [[b.tokens for b in row] for row in eager]
+    assert [b.score for row in compiled for b in row] == pytest.approx([b.score for row in eager for b in row], abs=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
+    beam_search(params, config, [prompts[1], [5, 6, 7]], 60, 3, compile=True)
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 @pytest.mark.parametrize(
@@ -140,7 +159,8 @@ def test_bad_input_is_one_clear_line(small, kwargs, message):
         beam_search(params, config, args.pop("prompts"), args.pop("max_new_tokens"), args.pop("num_beams"), **args)
 
 
-def test_the_cli_prints_the_best_beam_and_refuses_what_beam_search_does_not_take(small, small_ref, capsys, tmp_path):
+def test_the_cli_prints_the_best_beam_and_refuses_what_beam_search_does_not_take(small, small_ref, capsys, tmp_path,
+                                                                                  monkeypatch):
     from gpt2fn import decode, encode, get_tokenizer
 
     cli = load_script("generate")
@@ -158,9 +178,15 @@ def test_the_cli_prints_the_best_beam_and_refuses_what_beam_search_does_not_take
     out, err = capsys.readouterr()
     assert out.startswith(f"--- [1/2] ---\n{text}{decode(tok, best.tokens)}\n--- [2/2] ---\nHello")
     assert (tmp_path / "rows.jsonl").read_text().count('"finish_reason": "length"') == 2
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{text}\n\nHello\n"))
+    assert cli.main([*base, "--interactive", "--compile"][2:]) == 0  # a line a prompt, one compiled step for both
+    out, err = capsys.readouterr()
+    hello = beam_search(params, config, [encode(tok, "Hello")], 12, 3, stop_token=tok.eot_token, no_repeat_ngram_size=2)
+    assert out == f"{text}{decode(tok, best.tokens)}\nHello{decode(tok, hello[0][0].tokens)}\n"
+    assert err.count("beam search of 3 beams, compiled") == 2
     for flags, message in [
         (["--temperature", "0.7"], "--num_beams runs beam search, which does not take --temperature; drop one of them"),
-        (["--compile"], "--num_beams runs beam search, which does not take --compile; drop one of them"),
+        (["--top_k", "5"], "--num_beams runs beam search, which does not take --top_k; drop one of them"),
         (["--draft", "int8"], "--num_beams runs beam search, which does not take --draft; drop one of them"),
         (["--num_beams", "0"], "--num_beams must be an integer >= 1, got 0"),
         (["--num_beams", "1", "--early_stopping", "true"],

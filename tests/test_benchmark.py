@@ -20,7 +20,7 @@ def test_benchmark_writes_json_and_plot(small_ref, tmp_path):
     run = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--model", str(small_ref.directory),
          "--dtypes", "float32,int8", "--new-tokens", "12", "--batch", "3", "--rounds", "1", "--lengths", "16,64", "--tokens-per-call", "2",
-         "--drafts", "int8", "--draft-tokens", "4", "--adaptive-draft", "4", "--draft-vocab", "300",
+         "--drafts", "int8", "--draft-tokens", "4", "--adaptive-draft", "4", "--draft-vocab", "300", "--beams", "3",
          "--json", str(out_json), "--plot", str(out_png)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -59,6 +59,13 @@ def test_benchmark_writes_json_and_plot(small_ref, tmp_path):
         rule = "every product" if ONEDNN_ROWS[0] == 1 else "4-16 rows with weights of at least 1048576 elements"
         assert f"(few_rows takes oneDNN for {rule}):" in run.stdout
     assert "compiled / eager" in run.stdout and "vs hf default" in run.stdout
+    beams = results["beams"]
+    assert beams["beams"] == 3 and set(beams["runs"]) == {"gpt2fn eager float32", "gpt2fn compiled float32",
+                                                           "gpt2fn compiled int8", "transformers float32"}
+    assert all(r["seconds"] > 0 for r in beams["runs"].values())
+    assert beams["runs"]["gpt2fn eager float32"]["same_best_beam"] and beams["runs"]["gpt2fn compiled float32"]["same_best_beam"]
+    assert "Beam search, 3 beams: 8-token prompt + 12 new tokens, seconds per search" in run.stdout
+    assert "x vs transformers  same best beam as transformers" in run.stdout
     assert results["command"].startswith("python scripts/benchmark.py --model")
     assert out_png.stat().st_size > 10_000 and out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
