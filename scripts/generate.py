@@ -83,11 +83,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="beam search over this many beams (Hugging Face's num_beams): the most likely continuation "
                         "it finds, printed when done; no sampling (1 = off); --compile compiles its step")
     p.add_argument("--length_penalty", type=float, default=None,
-                   help="beam search: a finished beam scores its log-probability / length ** this (default 1.0; above "
-                        "0 favours longer ones)")
+                   help="beam search: a finished beam scores its log-probability / length ** this (above 0 "
+                        "favours longer ones) (default: 1.0)")
     p.add_argument("--early_stopping", default=None, choices=("false", "true", "never"),
-                   help="beam search: end when no running beam can beat the finished ones (false, the default), as "
-                        "soon as there are --num_beams finished (true), or only where none could at any length (never)")
+                   help="beam search: end when no running beam can beat the finished ones (false), as soon as there "
+                        "are --num_beams finished (true), or only where none could at any length (never) "
+                        "(default: false)")
     p.add_argument("--num_samples", type=int, default=1,
                    help="continue each prompt this many times, each row drawing its own tokens, in one batch")
     p.add_argument("--batch_size", type=int, default=16,
