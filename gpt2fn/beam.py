@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional, Union
 
 import torch
+from tqdm import tqdm
 
 from gpt2fn.cache import cache_len
 from gpt2fn.config import GPTConfig
@@ -57,6 +58,7 @@ def beam_search(
     no_repeat_ngram_size: int = 0,
     attention: str = "auto",
     compile: bool = False,
+    progress: bool = False,
 ) -> list[list[Beam]]:
     """The ``num_return_sequences`` best of each prompt's ``num_beams``
     finished hypotheses, best first: ``[prompt][i]`` a :class:`Beam`.
@@ -75,6 +77,7 @@ def beam_search(
     applied to the log-probabilities, as Hugging Face's processors are.
     With ``compile`` the one-token steps run compiled
     (:func:`~gpt2fn.steps.scoring_steps`: one graph for every step and length).
+    ``progress`` shows a bar of the steps (at most ``max_new_tokens``) on stderr.
     Raises :class:`~gpt2fn.errors.GPT2FnError` on bad input, before any work.
     """
     check_int("num_beams", num_beams)
@@ -112,7 +115,7 @@ def beam_search(
     improvable = torch.ones(B, 1, dtype=torch.bool, device=device)
     first_k = torch.arange(2 * K, device=device) < K  # of the 2K candidates, the ones that may finish
     offsets = torch.arange(B, device=device)[:, None] * K
-    with torch.inference_mode():
+    with torch.inference_mode(), tqdm(total=N, desc="beam search", unit="step", disable=not progress, leave=False) as bar:
         for i in range(N):
             step = steps.prefill if i == 0 else steps.decode
             part = cache if steps.window is None else steps.window(cache, window_len(T + i, cache_len(cache)))
@@ -151,6 +154,7 @@ def beam_search(
             worst_done = torch.where(done, done_score.min(1, keepdim=True).values, NEVER)
             improvable &= (running[:, :1] / (best_len**length_penalty) > worst_done).any(-1, keepdim=True)
             all_done = done.all() if early_stopping is True else torch.zeros((), dtype=torch.bool, device=device)
+            bar.update()
             if i == N - 1 or not bool(improvable.any() & ~all_done & ~ends.all()):  # the step's one sync
                 break
 

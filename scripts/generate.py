@@ -308,7 +308,7 @@ def run_beams(args: argparse.Namespace, prompts: list[str], printed: bool, param
                        length_penalty=1.0 if args.length_penalty is None else args.length_penalty, early_stopping=early,
                        stop_token=stop_token, repetition_penalty=args.repetition_penalty,
                        no_repeat_ngram_size=args.no_repeat_ngram_size, attention=args.attention,
-                       compile=args.compile)  # fmt: skip
+                       compile=args.compile, progress=True)  # fmt: skip
     seconds = time.perf_counter() - start
     made = []
     for (beam,) in best:

@@ -80,6 +80,15 @@ def test_one_beam_is_greedy_decoding(small, small_ref):
     assert beam_search(params, config, prompt, 30, 1, stop_token=stop)[0][0].tokens == greedy[: greedy.index(stop) + 1]
 
 
+def test_progress_shows_a_bar_of_the_steps_on_stderr(small, capsys):
+    params, config = small
+    quiet = beam_search(params, config, ids(1, 4), 9, 2)
+    assert capsys.readouterr().err == ""
+    assert beam_search(params, config, ids(1, 4), 9, 2, progress=True) == quiet
+    err = capsys.readouterr().err
+    assert "beam search:" in err and "/9 [" in err and "step/s" in err  # a bar of the 9 steps, cleared when done
+
+
 def test_each_ragged_prompt_gets_the_beams_it_gets_alone(small):
     params, config = small
     prompts = [ids(1, n, seed=n)[0].tolist() for n in (2, 9, 5)]
