@@ -433,6 +433,10 @@ def test_compiled_no_cache_generation_equals_eager_and_reports_compile_apart(sma
     tokens, stats = generate_all(params, config, prompt(5), 12, temperature=0, use_cache=False, compile=True)
     assert torch.equal(tokens, eager)
     assert stats.compile_s > 0 and stats.decode_tokens == 10
+    rules = dict(repetition_penalty=1.3, no_repeat_ngram_size=2)  # read from the token buffer, ragged rows
+    prompts = [prompt(5)[0].tolist(), prompt(2, seed=1)[0].tolist()]
+    cached = generate_all(params, config, prompts, 24, temperature=0, **rules)[0]
+    assert torch.equal(generate_all(params, config, prompts, 24, temperature=0, use_cache=False, compile=True, **rules)[0], cached)
 
 
 def test_tokens_per_call_yields_the_tokens_of_one_step_a_call(small_ref):
