@@ -77,6 +77,16 @@ ONEDNN = torch.backends.mkldnn.is_available()
 AMD = cpu_vendor() == "AuthenticAMD"
 ONEDNN_ROWS, ONEDNN_MIN_WEIGHT = ((1, 2**62), 0) if AMD else ((4, 16), 2**20)
 
+# How many int8 weights gpt2fn.layers.few_rows dequantizes at a time (a block
+# of whole rows, 8 MB in fp32, which stays in cache for the product that reads
+# it; the product of each block is, bit for bit, its rows' part of the whole
+# matrix's, checked on every 124M shape from 1 to 64 rows). Side by side, the
+# eager products of every 124M int8 matrix (2-core AMD EPYC, Zen 5): batch 1
+# 49.9 ms whole, 18.0 / 12.3 / 10.5 / 11.0 / 14.6 ms in blocks of 2^19 ... 2^23
+# weights; batch 8 55.7 ms, 24.8 / 19.2 / 17.2 / 16.8 / 20.8 ms. Whole, each
+# call wrote, then read, a fresh fp32 copy of the matrix (the LM head's 154 MB).
+DEQUANT_BLOCK = 2**21
+
 # The groups gpt2fn.layers.matvec sums a weight's rows in (an accumulator
 # each, fused in one loop), and for the LM head (16384 rows and more). Side by
 # side, whole compiled 124M step: on Intel (int8) groups of 2, 3, 4, 6, 8 took

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2fn.cache import LayerKV
-from gpt2fn.device import MATVEC_BF16_MAX_ROWS, MATVEC_GROUPS, MATVEC_HEAD_GROUPS, ONEDNN
+from gpt2fn.device import DEQUANT_BLOCK, MATVEC_BF16_MAX_ROWS, MATVEC_GROUPS, MATVEC_HEAD_GROUPS, ONEDNN
 
 Tensor = torch.Tensor
 # A tap sees a layer's intermediates by name and returns them, or a replacement
@@ -109,14 +109,14 @@ def few_rows(x: Tensor, w: Tensor, b: Optional[Tensor] = None, scale: Optional[T
     matvec's rows, on the CPU: fp32 products go to the op
     ``gpt2fn::few_rows_linear``, which takes oneDNN's product or MKL's
     (``F.linear``) by :data:`~gpt2fn.device.ONEDNN_ROWS` (see
-    :mod:`gpt2fn.device`), and so do int8 weights' (fp32 activations), as
-    the product of the dequantized weight that :func:`linear` computes; other
-    dtypes and devices, autocast (which casts linear's inputs) and builds
-    without oneDNN use :func:`linear`."""
+    :mod:`gpt2fn.device`), and so do int8 weights' (fp32 activations):
+    :func:`linear`'s product of the dequantized weight, dequantized
+    :data:`~gpt2fn.device.DEQUANT_BLOCK` weights at a time; other dtypes and
+    devices, autocast and builds without oneDNN use :func:`linear`."""
     cpu_fp32 = x.dtype == torch.float32 and w.device.type == "cpu" and ONEDNN and not torch.is_autocast_enabled("cpu")
     if cpu_fp32 and scale is not None:
-        y = few_rows(x, w.to(x.dtype)) * scale
-        return y if b is None else y + b
+        y = torch.cat([few_rows(x, part.to(x.dtype)) for part in w.split(max(1, DEQUANT_BLOCK // w.shape[1]))], -1)
+        return y * scale if b is None else y * scale + b
     if cpu_fp32 and w.dtype == torch.float32:
         return torch.ops.gpt2fn.few_rows_linear(x, w, b)
     return linear(x, w, b, scale)

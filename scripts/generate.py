@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the whole sequence every step)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", default="float32", choices=WEIGHT_DTYPES,
-                   help=f"{DTYPE_HELP}; int8 is fast only with --compile")
+                   help=f"{DTYPE_HELP}; int8 is fastest with --compile")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (one graph for every step; the first run compiles)")
     p.add_argument("--attention", default="auto", choices=("auto", *ATTEND),

@@ -190,3 +190,27 @@ def test_a_sequence_longer_than_the_context_is_one_clear_line():
         forward(params, config, torch.zeros(2, 9, dtype=torch.long))
     with pytest.raises(GPT2FnError, match=message):
         loss_fn(params, config, torch.zeros(2, 10, dtype=torch.long))
+
+
+@pytest.mark.skipif(not ONEDNN, reason="without oneDNN few_rows is linear, which dequantizes the whole weight")
+def test_few_rows_dequantizes_an_int8_weight_a_block_of_rows_at_a_time(monkeypatch):
+    """With a block of 100 rows, a 1000-row weight is 10 products; their
+    outputs, bit for bit, are those of the whole dequantized weight's product
+    (1 to 17 rows, with and without a bias), and within 1e-5 of linear's."""
+    import gpt2fn.layers as layers
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(-127, 128, (1000, 768), generator=g, dtype=torch.int8)
+    scale, b = torch.rand(1000, generator=g), torch.randn(1000, generator=g)
+    shapes, original = [], layers.few_rows
+    monkeypatch.setattr(layers, "DEQUANT_BLOCK", 100 * 768)
+    monkeypatch.setattr(layers, "few_rows", lambda x, w, *rest: shapes.append(tuple(w.shape)) or original(x, w, *rest))
+    for rows in (1, 4, 17):
+        x = torch.randn(rows, 768, generator=g)
+        for bias in (None, b):
+            shapes.clear()
+            y = original(x, w, bias, scale)
+            assert shapes == [(100, 768)] * 10
+            whole = original(x, w.float()) * scale
+            assert torch.equal(y, whole if bias is None else whole + bias)
+            assert (y - linear(x, w, bias, scale)).abs().max() <= 1e-5 * y.abs().max()
