@@ -86,7 +86,7 @@ def beam_search(
         raise GPT2FnError(f"num_return_sequences ({num_return_sequences}) must be at most num_beams ({num_beams})")
     if not (is_real(length_penalty) and abs(length_penalty) < float("inf")):
         raise GPT2FnError(f"length_penalty must be a finite number (1 = score by mean log-probability), got {length_penalty}")
-    if early_stopping not in (False, True, "never"):
+    if not (isinstance(early_stopping, bool) or early_stopping == "never"):  # (not 0 or 1: they equal False and True)
         raise GPT2FnError(f"early_stopping is False, True or 'never', got {early_stopping!r}")
     check_sampling_args(0, 0, 1.0, 0.0, repetition_penalty, no_repeat_ngram_size)
     prompts = prompt_lists(config, prompts, max_new_tokens)

@@ -154,6 +154,7 @@ def test_compiled_beam_search_finds_the_eager_beams_with_one_graph(small):
         (dict(num_beams=0), r"^num_beams must be an integer >= 1, got 0$"),
         (dict(num_return_sequences=5), r"^num_return_sequences \(5\) must be at most num_beams \(4\)$"),
         (dict(early_stopping="sometimes"), r"^early_stopping is False, True or 'never', got 'sometimes'$"),
+        (dict(early_stopping=1), r"^early_stopping is False, True or 'never', got 1$"),
         (dict(length_penalty=float("nan")), r"^length_penalty must be a finite number .*, got nan$"),
         (dict(no_repeat_ngram_size=-1), r"^no_repeat_ngram_size must be an integer >= 0"),
         (dict(max_new_tokens=0), r"^max_tokens must be an integer >= 1, got 0$"),
