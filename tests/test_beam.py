@@ -71,6 +71,28 @@ def test_beams_and_scores_are_hugging_faces(small, small_ref, settings, stop_ran
     assert (min(lengths) < 20) == one_ends  # a best hypothesis ended at the stop token
 
 
+@pytest.mark.parametrize("seed, stop_rank, num_beams, length_penalty", [(123, 2, 3, 2.0), (127, 5, 3, 1.0)])
+def test_a_prompt_that_can_no_longer_improve_takes_no_later_hypothesis(small, small_ref, seed, stop_rank, num_beams,
+                                                                       length_penalty):  # fmt: skip
+    """Two prompts, the first ends early: once its running beams cannot beat
+    its finished ones, an ending candidate of its later steps is not taken,
+    while the second prompt runs on (found by search over seeds: a search
+    without that rule returns other hypotheses here). All hypotheses are
+    transformers'."""
+    params, config = small
+    prompts = torch.randint(0, 50257, (2, 6), generator=torch.Generator().manual_seed(seed))
+    stop = liked_token(small_ref, prompts[0], stop_rank)
+    with torch.no_grad():
+        hf = small_ref.model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=20,
+                                      num_beams=num_beams, num_return_sequences=num_beams, do_sample=False, pad_token_id=0,
+                                      eos_token_id=stop, length_penalty=length_penalty).tolist()  # fmt: skip
+    ours = beam_search(params, config, prompts, 20, num_beams, num_return_sequences=num_beams, stop_token=stop,
+                       length_penalty=length_penalty)  # fmt: skip
+    padded = [[b.tokens + [stop] * (20 - len(b.tokens)) for b in row] for row in ours]  # as transformers pads
+    assert padded == [[row[6:] for row in hf[i * num_beams : (i + 1) * num_beams]] for i in range(2)]
+    assert max(len(b.tokens) for b in ours[0]) < 20 and all(len(b.tokens) == 20 for b in ours[1])
+
+
 def test_one_beam_is_greedy_decoding(small, small_ref):
     params, config = small
     prompt = ids(1, 5, seed=3)
