@@ -90,7 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "are --num_beams finished (true), or only where none could at any length (never) "
                         "(default: false)")
     p.add_argument("--num_samples", type=int, default=1,
-                   help="continue each prompt this many times, each row drawing its own tokens, in one batch")
+                   help="continue each prompt this many times, each row drawing its own tokens, in one batch "
+                        "(with --num_beams: print each prompt's this many best beams)")
     p.add_argument("--batch_size", type=int, default=16,
                    help="rows generated at once (prompts x --num_samples): more run in batches of this many, one "
                         "after another, each printed when it is done (with --compile, a last smaller batch compiles "
@@ -213,11 +214,14 @@ def check_beam_args(args: argparse.Namespace) -> None:
         return
     given = [flag for flag, given in [
         ("--temperature", args.temperature is not None), ("--top_k", args.top_k != 0), ("--top_p", args.top_p != 1),
-        ("--min_p", args.min_p != 0), ("--num_samples", args.num_samples != 1), ("--draft", args.draft is not None),
-        ("--no-kvcaching", not args.kvcaching), ("--tokens_per_call", args.tokens_per_call != 1),
+        ("--min_p", args.min_p != 0), ("--draft", args.draft is not None), ("--no-kvcaching", not args.kvcaching),
+        ("--tokens_per_call", args.tokens_per_call != 1),
     ] if given]  # fmt: skip
     if given:
         raise GPT2FnError(f"--num_beams runs beam search, which does not take {given[0]}; drop one of them")
+    if isinstance(args.num_samples, int) and args.num_samples > args.num_beams:
+        raise GPT2FnError(f"--num_samples {args.num_samples} prints that many of each prompt's best beams; there are "
+                          f"--num_beams {args.num_beams}")  # fmt: skip
 
 
 def complete(args: argparse.Namespace, prompts: list[str], params, config, tokenizer, draft, device, seed: int,
@@ -227,24 +231,27 @@ def complete(args: argparse.Namespace, prompts: list[str], params, config, token
     made, a batch prints when it is done; a report after each. ``compiled``:
     the batch sizes whose step an earlier batch compiled (this adds to it);
     ``out``: a file to write each row to as a JSON line."""
-    rows = [p for p in prompts for _ in range(args.num_samples)]  # each prompt's samples together
-    n = args.num_samples
-    labels = [f"{i + 1}/{len(rows)}" if n == 1 else f"prompt {i // n + 1}/{len(prompts)}, sample {i % n + 1}/{n}"
+    rows = [p for p in prompts for _ in range(args.num_samples)]  # each prompt's samples (or best beams) together
+    n, beams = args.num_samples, args.num_beams > 1
+    labels = [f"{i + 1}/{len(rows)}" if n == 1 else
+              f"prompt {i // n + 1}/{len(prompts)}, {'beam' if beams else 'sample'} {i % n + 1}/{n}"
               for i in range(len(rows))]  # fmt: skip
     generator = torch.Generator(device).manual_seed(seed)
-    for start in range(0, len(rows), args.batch_size):
-        batch = rows[start : start + args.batch_size]
+    per_batch = args.batch_size * n if beams else args.batch_size  # beam search: --batch_size prompts, n rows of each
+    for start in range(0, len(rows), per_batch):
+        batch = rows[start : start + per_batch]
         try:
-            if args.num_beams > 1:
-                closing, made = run_beams(args, batch, len(rows) == 1, params, config, tokenizer, device)
+            if beams:
+                closing, made = run_beams(args, batch[::n], len(rows) == 1, params, config, tokenizer, device)
             else:
                 stream, made = run_batch(args, batch, len(rows) == 1, params, config, tokenizer, draft, generator)
                 closing = report(args, device, seed, stream, warm=len(batch) in compiled)
         except (RuntimeError, MemoryError) as e:
             if not is_out_of_memory(e):
                 raise
-            raise GPT2FnError(f"out of memory generating {len(batch) * args.num_beams} rows at once; use a smaller "
-                              "--batch_size, a smaller --max_tokens or --dtype bfloat16") from None  # fmt: skip
+            at_once = len(batch) // n * args.num_beams if beams else len(batch)
+            raise GPT2FnError(f"out of memory generating {at_once} rows at once; use a smaller --batch_size, a smaller "
+                              "--max_tokens or --dtype bfloat16") from None  # fmt: skip
         for label, prompt, row in zip(labels[start:], batch, made if len(rows) > 1 else []):
             print(f"--- [{label}] ---\n{prompt}{row.completion}")
         for prompt, row in zip(batch, made if out is not None else []):
@@ -299,8 +306,8 @@ def run_batch(args: argparse.Namespace, prompts: list[str], streamed: bool, para
 def run_beams(args: argparse.Namespace, prompts: list[str], printed: bool, params, config, tokenizer,
               device) -> tuple[str, list[Row]]:  # fmt: skip
     """Beam search over ``prompts`` (each prompt's ``--num_beams`` rows in one
-    batch): (the closing report, each prompt's best beam as a :class:`Row`);
-    ``printed``: print the one prompt's text here, when its search is done."""
+    batch): (the closing report, each prompt's ``--num_samples`` best beams as
+    :class:`Row` s); ``printed``: print the one row's text here, when its search is done."""
     early = {None: False, "false": False, "true": True, "never": "never"}[args.early_stopping]
     stop_token = None if args.ignore_eot else tokenizer.eot_token
     start = time.perf_counter()
@@ -308,21 +315,21 @@ def run_beams(args: argparse.Namespace, prompts: list[str], printed: bool, param
                        length_penalty=1.0 if args.length_penalty is None else args.length_penalty, early_stopping=early,
                        stop_token=stop_token, repetition_penalty=args.repetition_penalty,
                        no_repeat_ngram_size=args.no_repeat_ngram_size, attention=args.attention,
-                       compile=args.compile, progress=True)  # fmt: skip
+                       compile=args.compile, progress=True, num_return_sequences=args.num_samples)  # fmt: skip
     seconds = time.perf_counter() - start
     made = []
-    for (beam,) in best:
+    for beam in (beam for beams in best for beam in beams):  # each prompt's best first
         text = TextStream(tokenizer, args.stop)
         completion = "".join(text.push(t) for t in beam.tokens) + text.finish()
         ended = "stop" if text.stopped else "eot" if beam.tokens[-1:] == [stop_token] else "length"
         made.append(Row(completion, ended, len(beam.tokens)))
     if printed:
         write(prompts[0] + made[0].completion + "\n")
-    generated = sum(len(beam.tokens) for (beam,) in best)
+    generated = sum(len(beams[0].tokens) for beams in best)
     mode = f"beam search of {args.num_beams} beams{', compiled' if args.compile else ''}"
     return (f"[{args.model} {args.dtype} on {device}, {mode}, {args.attention} attention"
             f"{f', {len(prompts)} prompts' if len(prompts) > 1 else ''}] generated {generated} tokens "
-            f"(best beams, scores {', '.join(f'{b.score:.3f}' for (b,) in best)}) in {seconds:.2f} s"), made  # fmt: skip
+            f"(best beams, scores {', '.join(f'{beams[0].score:.3f}' for beams in best)}) in {seconds:.2f} s"), made  # fmt: skip
 
 
 def report(args: argparse.Namespace, device: torch.device, seed: int, stream, warm: bool = False) -> str:

@@ -210,17 +210,26 @@ def test_the_cli_prints_the_best_beam_and_refuses_what_beam_search_does_not_take
     out, err = capsys.readouterr()
     assert out.startswith(f"--- [1/2] ---\n{text}{decode(tok, best.tokens)}\n--- [2/2] ---\nHello")
     assert (tmp_path / "rows.jsonl").read_text().count('"finish_reason": "length"') == 2
+    assert cli.main(base + ["--prompt", "Hello", "--num_samples", "2", "--batch_size", "1"]) == 0  # 2 best of each
+    out, err = capsys.readouterr()
+    hello = beam_search(params, config, [encode(tok, "Hello")], 12, 3, stop_token=tok.eot_token, no_repeat_ngram_size=2,
+                        num_return_sequences=2)[0]  # fmt: skip
+    two = beam_search(params, config, [encode(tok, text)], 12, 3, stop_token=tok.eot_token, no_repeat_ngram_size=2,
+                      num_return_sequences=2)[0]  # fmt: skip
+    assert out == "".join(f"--- [prompt {i}/2, beam {j + 1}/2] ---\n{p}{decode(tok, b.tokens)}\n"
+                          for i, (p, beams) in enumerate([(text, two), ("Hello", hello)], 1) for j, b in enumerate(beams))
+    assert err.count("beam search of 3 beams") == 2  # --batch_size 1: a prompt (its 3 rows) at a time
     monkeypatch.setattr("sys.stdin", io.StringIO(f"{text}\n\nHello\n"))
     assert cli.main([*base, "--interactive", "--compile"][2:]) == 0  # a line a prompt, one compiled step for both
     out, err = capsys.readouterr()
-    hello = beam_search(params, config, [encode(tok, "Hello")], 12, 3, stop_token=tok.eot_token, no_repeat_ngram_size=2)
-    assert out == f"{text}{decode(tok, best.tokens)}\nHello{decode(tok, hello[0][0].tokens)}\n"
+    assert out == f"{text}{decode(tok, best.tokens)}\nHello{decode(tok, hello[0].tokens)}\n"
     assert err.count("beam search of 3 beams, compiled") == 2
     for flags, message in [
         (["--temperature", "0.7"], "--num_beams runs beam search, which does not take --temperature; drop one of them"),
         (["--top_k", "5"], "--num_beams runs beam search, which does not take --top_k; drop one of them"),
         (["--draft", "int8"], "--num_beams runs beam search, which does not take --draft; drop one of them"),
         (["--num_beams", "0"], "--num_beams must be an integer >= 1, got 0"),
+        (["--num_samples", "4"], "--num_samples 4 prints that many of each prompt's best beams; there are --num_beams 3"),
         (["--num_beams", "1", "--early_stopping", "true"],
          "--early_stopping sets beam search; give --num_beams K (K > 1) too, or drop it"),
     ]:  # fmt: skip
