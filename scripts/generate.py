@@ -90,8 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "are --num_beams finished (true), or only where none could at any length (never) "
                         "(default: false)")
     p.add_argument("--num_samples", type=int, default=1,
-                   help="continue each prompt this many times, each row drawing its own tokens, in one batch "
-                        "(with --num_beams: print each prompt's this many best beams)")
+                   help="continue each prompt this many times, each row drawing its own tokens, in one "
+                        "batch (with --num_beams: print this many of each prompt's best beams, best "
+                        "first)")
     p.add_argument("--batch_size", type=int, default=16,
                    help="rows generated at once (prompts x --num_samples): more run in batches of this many, one "
                         "after another, each printed when it is done (with --compile, a last smaller batch compiles "
