@@ -31,7 +31,7 @@ from tqdm import tqdm
 from gpt2fn.cache import cache_len
 from gpt2fn.config import GPTConfig
 from gpt2fn.errors import GPT2FnError, check_int, is_real
-from gpt2fn.generation import Prompts, check_sequence_fits, prompt_lists
+from gpt2fn.generation import Prompts, check_sequence_fits, prompt_lists, ragged_batch
 from gpt2fn.params import Params, params_device
 from gpt2fn.sampling import apply_history, check_sampling_args, reads_history
 from gpt2fn.steps import scoring_steps, window_len
@@ -100,8 +100,7 @@ def beam_search(
     B, T = len(prompts), max(len(p) for p in prompts)
     steps = scoring_steps(config, device, B * K, attention, compile)
     rows = torch.arange(B, device=device).repeat_interleave(K)  # each row's prompt
-    tokens = torch.tensor([p + p[-1:] * (T - len(p)) for p in prompts], device=device)[rows]  # [B K, T]
-    pos = torch.tensor([[min(t, len(p) - 1) for t in range(T)] for p in prompts], device=device)[rows]
+    tokens, pos = (t[rows] for t in ragged_batch(prompts, device))  # [B K, T]: each prompt K times
     start = torch.tensor([len(p) for p in prompts], device=device)[rows]  # the position of each row's first new token
     cache = steps.make_state(params, B * K, T + N)
     history = torch.zeros(B * K, T + N, dtype=torch.long, device=device).scatter_(1, pos, tokens)  # tokens so far

@@ -154,8 +154,7 @@ class Stream:
             self._stats = GenerationStats(T, 0, 0.0, 0.0, 0, batch=B)
             return
         length = max(len(p) + n for p, n in zip(prompts, self.limits))  # the cache: the longest row's end
-        tokens = torch.tensor([p + p[-1:] * (T - len(p)) for p in prompts], device=device)  # [B, T]
-        pos = torch.tensor([[min(t, len(p) - 1) for t in range(T)] for p in prompts], device=device)  # [B, T]
+        tokens, pos = ragged_batch(prompts, device)
         limits = torch.tensor(self.limits, device=device)
         state = steps.make_state(params, B, length)
         windows = {}  # n -> the state's first n positions (Steps.window), made once each
@@ -219,6 +218,16 @@ class Stream:
     def _all_stopped(done: Optional[Tensor]) -> bool:
         """Whether every row has stopped (a sync), or False without a stop token (no sync)."""
         return done is not None and bool(done.all())
+
+
+def ragged_batch(prompts: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Prompts of any lengths as one batch, tokens [B, T] and their positions
+    [B, T] (T the longest): a shorter prompt padded by repeating its last
+    token at its last position (see the module docstring)."""
+    T = max(len(p) for p in prompts)
+    tokens = torch.tensor([p + p[-1:] * (T - len(p)) for p in prompts], device=device)
+    pos = torch.tensor([[min(t, len(p) - 1) for t in range(T)] for p in prompts], device=device)
+    return tokens, pos
 
 
 def warm_up(device: torch.device) -> None:

@@ -311,10 +311,15 @@ def compiled_steps(
     # speculative draft's chain does (its first step runs two tokens; the
     # compiled sampled run of tests/test_speculative.py parted from the eager
     # one), a plain chain's calls never do, but its caches stay whole too.
-    windowed = device.type == "cpu" and chained == 1
-    make_state = functools.partial(_marked_cache, config, spare=windowed, graphs=device.type == "cuda")
-    steps = Steps(make_state, prefill, decode, compiled=True, chained=chained, window=_marked_window if windowed else None)
+    steps = _compiled(config, device, prefill, decode, windowed=device.type == "cpu" and chained == 1, chained=chained)
     return with_history(steps, **sampling)
+
+
+def _compiled(config: GPTConfig, device: torch.device, prefill: Step, decode: Step, windowed: bool, chained: int = 1) -> Steps:
+    """Steps whose decode step is compiled: a marked cache (for CUDA graphs, of
+    :func:`graph_cache_len` positions), cut into marked windows where ``windowed``."""
+    make_state = functools.partial(_marked_cache, config, spare=windowed, graphs=device.type == "cuda")
+    return Steps(make_state, prefill, decode, compiled=True, chained=chained, window=_marked_window if windowed else None)
 
 
 def with_history(steps: Steps, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, **sampling) -> Steps:
@@ -361,9 +366,7 @@ def scoring_steps(config: GPTConfig, device: torch.device, batch: int, attention
         return Steps(functools.partial(_cache, config, spare=True), prefill, prefill, window=window)
     kernels = decode_kernels(device, batch, attention)
     decode = compiled_step(log_probs_step, device, config=config, kernels=kernels, run_block=decode_block(device, kernels, config))
-    windowed = device.type == "cpu"
-    make_state = functools.partial(_marked_cache, config, spare=windowed, graphs=device.type == "cuda")
-    return Steps(make_state, prefill, decode, compiled=True, window=_marked_window if windowed else None)
+    return _compiled(config, device, prefill, decode, windowed=device.type == "cpu")
 
 
 def chain_graph(config: GPTConfig, device: torch.device) -> bool:
