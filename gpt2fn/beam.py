@@ -161,15 +161,16 @@ def beam_search(
             if i == N - 1 or not go_on:
                 break
 
-            # the cache rows of each beam that continues another row's, copied from that row; then every row's tokens
+            # the cache rows and tokens of each beam that continues another row's, copied from that row
             moved = [r for r, f in enumerate(rows_from) if f != r]
             if moved:
                 to, origin, n = torch.tensor(moved, device=device), source[moved], T + i  # n: the positions written
                 for k, v in cache:
                     k[to, :, :n] = k[origin, :, :n]
                     v[to, :, :n] = v[origin, :, :n]
+                history[to] = history[origin]
             pos = start[:, None] + i
             tokens = new[:, :, i].reshape(-1, 1)
-            history = history[source].scatter_(1, pos, tokens)
+            history.scatter_(1, pos, tokens)
     return [[Beam(done_new[b, k, : done_len[b, k]].tolist(), done_score[b, k].item()) for k in range(num_return_sequences)]
             for b in range(B)]  # fmt: skip
