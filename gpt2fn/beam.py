@@ -58,6 +58,7 @@ def beam_search(
     num_return_sequences: int = 1,
     repetition_penalty: float = 1.0,
     no_repeat_ngram_size: int = 0,
+    min_new_tokens: int = 0,
     attention: str = "auto",
     compile: bool = False,
     progress: bool = False,
@@ -74,9 +75,10 @@ def beam_search(
     worst finished one; True as soon as it has ``num_beams`` finished; "never"
     scores the running beam at the longest length it could reach (with a
     positive ``length_penalty``): Hugging Face's three settings. The batch
-    runs until every prompt has ended. ``repetition_penalty`` and
-    ``no_repeat_ngram_size``: as in :func:`~gpt2fn.generation.generate`,
-    applied to the log-probabilities, as Hugging Face's processors are.
+    runs until every prompt has ended. ``repetition_penalty``,
+    ``no_repeat_ngram_size`` and ``min_new_tokens``: as in
+    :func:`~gpt2fn.generation.generate`, applied to the log-probabilities, as
+    Hugging Face's processors are.
     With ``compile`` the one-token steps run compiled
     (:func:`~gpt2fn.steps.scoring_steps`: one graph for every step and length).
     ``progress`` shows a bar of the steps (at most ``max_new_tokens``) on stderr.
@@ -90,7 +92,7 @@ def beam_search(
         raise GPT2FnError(f"length_penalty must be a finite number (1 = score by mean log-probability), got {length_penalty}")
     if not (isinstance(early_stopping, bool) or early_stopping == "never"):  # (not 0 or 1: they equal False and True)
         raise GPT2FnError(f"early_stopping is False, True or 'never', got {early_stopping!r}")
-    check_sampling_args(0, 0, 1.0, 0.0, repetition_penalty, no_repeat_ngram_size)
+    check_sampling_args(0, 0, 1.0, 0.0, repetition_penalty, no_repeat_ngram_size, min_new_tokens, stop_token)
     prompts = prompt_lists(config, prompts, max_new_tokens)
     check_int("max_tokens", max_new_tokens)
     for p in prompts:  # every beam runs to the same length: each prompt's whole continuation must fit
@@ -104,7 +106,8 @@ def beam_search(
     start = torch.tensor([len(p) for p in prompts], device=device)[rows]  # the position of each row's first new token
     cache = steps.make_state(params, B * K, T + N)
     history = torch.zeros(B * K, T + N, dtype=torch.long, device=device).scatter_(1, pos, tokens)  # tokens so far
-    rules = dict(repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
+    rules = dict(repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                 min_new_tokens=min_new_tokens)  # fmt: skip
 
     running = torch.zeros(B, K, device=device)
     running[:, 1:] = NEVER  # only the first beam's tokens count at the first step: the beams are copies
@@ -122,7 +125,7 @@ def beam_search(
             part = cache if steps.window is None else steps.window(cache, window_len(T + i, cache_len(cache)))
             log_probs = step(params, tokens, pos, part, None)  # [B K, V]
             if reads_history(**rules):
-                log_probs = apply_history(log_probs, history, pos[:, -1], **rules)
+                log_probs = apply_history(log_probs, history, pos[:, -1], **rules, stop_token=stop_token, made=i)
             V = log_probs.shape[-1]
             scores, index = (log_probs.view(B, K, V) + running[:, :, None]).view(B, K * V).topk(2 * K)  # [B, 2K]
             beam, token = index // V, index % V

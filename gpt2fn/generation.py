@@ -250,6 +250,7 @@ def generate(
     min_p: float = 0.0,
     repetition_penalty: float = 1.0,
     no_repeat_ngram_size: int = 0,
+    min_new_tokens: int = 0,
     generator: Optional[torch.Generator] = None,
     use_cache: bool = True,
     attention: str = "auto",
@@ -273,8 +274,11 @@ def generate(
     Hugging Face's do: a ``repetition_penalty`` above 1 makes every token the
     row has had less likely (:func:`~gpt2fn.sampling.penalize_repeats`), and
     ``no_repeat_ngram_size`` = n never lets a row repeat an n-gram
-    (:func:`~gpt2fn.sampling.repeated_ngrams`); the cached steps then carry
-    the row's tokens (:class:`~gpt2fn.steps.History`). Not with a draft.
+    (:func:`~gpt2fn.sampling.repeated_ngrams`). ``min_new_tokens`` = m
+    keeps ``stop_token`` from being chosen as any row's first m new tokens,
+    as Hugging Face's ``min_new_tokens`` does (:func:`~gpt2fn.sampling.hold_stop`).
+    The steps then carry each row's tokens and their count
+    (:class:`~gpt2fn.steps.History`). None of the three with a draft.
     ``use_cache`` and ``compile`` pick the steps (see :mod:`gpt2fn.steps`);
     ``attention`` is "manual", "sdpa" or "auto"
     (:func:`gpt2fn.steps.resolve_attention`). The first compiled decode step
@@ -313,11 +317,14 @@ def generate(
     ``compile``, ``use_cache=False`` or a draft it raises.
     Raises :class:`~gpt2fn.errors.GPT2FnError` on bad input, before any work.
     """
-    check_sampling_args(temperature, top_k, top_p, min_p, repetition_penalty, no_repeat_ngram_size)
+    check_sampling_args(temperature, top_k, top_p, min_p, repetition_penalty, no_repeat_ngram_size, min_new_tokens,
+                        stop_token)  # fmt: skip
     check_int("tokens_per_call", tokens_per_call)
-    if reads_history(repetition_penalty, no_repeat_ngram_size) and draft is not None:
-        raise GPT2FnError("speculative rounds apply no repetition_penalty and no no_repeat_ngram_size; drop the draft "
-                          "or those")  # fmt: skip
+    rules = dict(repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                 min_new_tokens=min_new_tokens)  # fmt: skip
+    if reads_history(**rules) and draft is not None:
+        raise GPT2FnError("speculative rounds apply no repetition_penalty, no_repeat_ngram_size or min_new_tokens; drop "
+                          "the draft or those")  # fmt: skip
     if tokens_per_call > 1 and (draft is not None or not use_cache):
         raise GPT2FnError("tokens_per_call chains cached plain decode steps; drop it, "
                           + ("or the draft (speculative rounds emit several tokens a call already)" if draft is not None
@@ -325,8 +332,8 @@ def generate(
     prompts = prompt_lists(config, prompts, max_new_tokens)
     device = params_device(params)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-    if reads_history(repetition_penalty, no_repeat_ngram_size):  # (speculative steps take neither)
-        sampling.update(repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
+    if reads_history(**rules):  # (speculative steps take none)
+        sampling.update(rules, **({"stop_token": stop_token} if min_new_tokens else {}))
     width = (noise_width(config.vocab_size, top_k),)  # the random numbers a step needs per row
     if draft is None:
         if adaptive_draft:

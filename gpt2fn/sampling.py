@@ -1,5 +1,6 @@
 """Choosing the next token from logits: rules that read the text so far (a
-repetition penalty, no repeated n-grams), greedy, temperature, top-k, top-p, min-p.
+repetition penalty, no repeated n-grams, a least number of new tokens before
+the stop token), greedy, temperature, top-k, top-p, min-p.
 
 All functions are pure and work on a batch: logits [B, V] -> [B, V] or [B].
 They are applied in the usual order (as in Hugging Face's ``generate``): the
@@ -33,10 +34,11 @@ Tensor = torch.Tensor
 
 def check_sampling_args(
     temperature: float, top_k: int, top_p: float, min_p: float = 0.0, repetition_penalty: float = 1.0,
-    no_repeat_ngram_size: int = 0,
+    no_repeat_ngram_size: int = 0, min_new_tokens: int = 0, stop_token: Optional[int] = None,
 ) -> None:  # fmt: skip
     """Raise one clear line for impossible sampling parameters (a value that
-    is not a number, such as None, included)."""
+    is not a number, such as None, included; a ``min_new_tokens`` without
+    the ``stop_token`` it holds back)."""
     if not (is_real(temperature) and 0 <= temperature < math.inf):  # NaN fails every comparison
         raise GPT2FnError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
@@ -50,6 +52,11 @@ def check_sampling_args(
                           f"got {repetition_penalty}")  # fmt: skip
     if not isinstance(no_repeat_ngram_size, int) or isinstance(no_repeat_ngram_size, bool) or no_repeat_ngram_size < 0:
         raise GPT2FnError(f"no_repeat_ngram_size must be an integer >= 0 (0 = off), got {no_repeat_ngram_size}")
+    if not isinstance(min_new_tokens, int) or isinstance(min_new_tokens, bool) or min_new_tokens < 0:
+        raise GPT2FnError(f"min_new_tokens must be an integer >= 0 (0 = off), got {min_new_tokens}")
+    if min_new_tokens > 0 and stop_token is None:
+        raise GPT2FnError("min_new_tokens keeps the stop token from ending a row that soon; pass a stop_token too, or "
+                          "drop min_new_tokens")  # fmt: skip
 
 
 def penalize_repeats(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
@@ -91,24 +98,37 @@ def repeated_ngrams(sequence: Tensor, last: Tensor, n: int, vocab_size: int) -> 
     return hits > 0
 
 
+def hold_stop(logits: Tensor, made: Tensor | int, min_new_tokens: int, stop_token: int) -> Tensor:
+    """Hugging Face's ``min_new_tokens`` (its ``MinNewTokensLengthLogitsProcessor``):
+    the stop token at -inf while fewer than ``min_new_tokens`` new tokens
+    have been made (``made``: a [1] tensor or an int; every row of a batch
+    has made as many). logits [B, V] -> [B, V]."""
+    held = (torch.arange(logits.shape[-1], device=logits.device) == stop_token) & (made < min_new_tokens)
+    return logits.masked_fill(held, float("-inf"))
+
+
 def apply_history(
-    logits: Tensor, sequence: Tensor, last: Tensor, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0
+    logits: Tensor, sequence: Tensor, last: Tensor, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
+    min_new_tokens: int = 0, stop_token: Optional[int] = None, made: Tensor | int = 0,
 ) -> Tensor:  # fmt: skip
     """The rules that read each row's text so far (sequence [B, S] up to
-    position last [B]): :func:`penalize_repeats` and, with a
-    ``no_repeat_ngram_size``, -inf for the tokens :func:`repeated_ngrams`
-    names. logits [B, V] -> [B, V]; unchanged with both off."""
+    position last [B]; ``made`` new tokens of it, every row as many):
+    :func:`penalize_repeats`, with a ``no_repeat_ngram_size`` -inf for the
+    tokens :func:`repeated_ngrams` names, and with ``min_new_tokens``
+    :func:`hold_stop`. logits [B, V] -> [B, V]; unchanged with all three off."""
     V = logits.shape[-1]
     if repetition_penalty != 1:
         logits = penalize_repeats(logits, seen_tokens(sequence, last, V), repetition_penalty)
     if no_repeat_ngram_size > 0:
         logits = logits.masked_fill(repeated_ngrams(sequence, last, no_repeat_ngram_size, V), float("-inf"))
+    if min_new_tokens > 0:
+        logits = hold_stop(logits, made, min_new_tokens, stop_token)
     return logits
 
 
-def reads_history(repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0) -> bool:
+def reads_history(repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, min_new_tokens: int = 0) -> bool:
     """Whether these settings make the choice read the text so far (:func:`apply_history`)."""
-    return repetition_penalty != 1 or no_repeat_ngram_size > 0
+    return repetition_penalty != 1 or no_repeat_ngram_size > 0 or min_new_tokens > 0
 
 
 def top_k_filter(logits: Tensor, k: int) -> Tensor:

@@ -22,11 +22,11 @@ the cache's first :func:`window_len` positions, so that attention reads the
 keys written so far, not the whole preallocated cache):
 
 * :func:`cached_steps`: the state is the preallocated KV cache (with a
-  repetition penalty or an n-gram ban, a :class:`History`: the cache and each
-  row's tokens at their positions, written in place by each step as the
-  cache is).
-* :func:`uncached_steps`: the state is a token buffer; every step recomputes
-  the whole sequence (kept for comparison).
+  repetition penalty, an n-gram ban or a least number of new tokens, a
+  :class:`History`: the cache, each row's tokens at their positions and the
+  count of tokens made, written in place by each step as the cache is).
+* :func:`uncached_steps`: the state is a :class:`History` without a cache;
+  every step recomputes the whole sequence (kept for comparison).
 * :func:`compiled_steps`: the cached steps under ``torch.compile``. The
   decode step is ``fullgraph=True``; the position is a tensor and the cache
   length (a window's) is marked dynamic, so ONE graph serves every step of
@@ -42,7 +42,8 @@ keys written so far, not the whole preallocated cache):
   frame of its own for every batch size and params layout (:func:`compiled_step`).
 
 Sampling settings (temperature, top-k, top-p, min-p, the repetition
-penalty, the n-gram ban) are constants of a graph: changing them between
+penalty, the n-gram ban, the least number of new tokens and the stop token
+it holds back) are constants of a graph: changing them between
 generations compiles a new graph once.
 """
 
@@ -63,7 +64,7 @@ from gpt2fn.params import Params, flatten_params, params_device, params_dtype
 from gpt2fn.sampling import apply_history, choose_token, reads_history
 
 Tensor = torch.Tensor
-State = Any  # a KVCache, a History (a KVCache and the tokens so far), or the token buffer of the uncached steps
+State = Any  # a KVCache, or a History (a KVCache or None, the tokens so far and how many are new)
 Step = Callable[[Params, Tensor, Tensor, State, Optional[Tensor]], Tensor]
 
 # Inductor options for the decode step. Batch-1 decoding is a chain of
@@ -151,29 +152,34 @@ def window_len(end: int, length: int) -> int:
 class History(NamedTuple):
     """The state of cached steps whose choice reads the text so far (see :func:`cached_step`)."""
 
-    cache: State  # the KV cache (or a window of it)
+    cache: State  # the KV cache (or a window of it); None for the uncached steps
     tokens: Tensor  # [B, L] int64: each row's tokens at their positions, prompt and new (later slots: stale)
+    made: Tensor  # [1] int64: the tokens chosen so far (every row has made as many)
 
 
 def cached_step(
     params: Params, tokens: Tensor, pos: Tensor, state: State, noise: Optional[Tensor],
     *, config: GPTConfig, kernels: Kernels, temperature: float, top_k: int, top_p: float, min_p: float = 0.0,
-    repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, run_block: Callable = block,
-    tap: Optional[Tap] = None,
+    repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, min_new_tokens: int = 0,
+    stop_token: Optional[int] = None, run_block: Callable = block, tap: Optional[Tap] = None,
 ) -> Tensor:  # fmt: skip
     """Writes the tokens' keys/values into the cache; each row's last column
-    chooses its next token. With a ``repetition_penalty`` (not 1) or a
-    ``no_repeat_ngram_size`` the state is a :class:`History`: the step writes
-    its tokens there too, and the rules read them
+    chooses its next token. With a ``repetition_penalty`` (not 1), a
+    ``no_repeat_ngram_size`` or a ``min_new_tokens`` (which holds
+    ``stop_token`` back) the state is a :class:`History`: the step writes its
+    tokens there too and counts the token it chooses, and the rules read them
     (:func:`~gpt2fn.sampling.apply_history`); otherwise it is the cache.
     (``run_block``: see :func:`decode_block`; ``tap``:
     :func:`~gpt2fn.model.hidden`'s, for the eager steps.)"""
-    history = reads_history(repetition_penalty, no_repeat_ngram_size)
+    rules = dict(repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                 min_new_tokens=min_new_tokens, stop_token=stop_token)  # fmt: skip
+    history = reads_history(repetition_penalty, no_repeat_ngram_size, min_new_tokens)
     x = hidden(params, config, tokens, pos, state.cache if history else state, tap, kernels, run_block)[:, -1]  # [B, D]
     scores = logits(params, config, x, kernels.linear)
     if history:
         sequence = state.tokens.scatter_(1, pos, tokens)
-        scores = apply_history(scores, sequence, pos[:, -1], repetition_penalty, no_repeat_ngram_size)
+        scores = apply_history(scores, sequence, pos[:, -1], made=state.made, **rules)
+        state.made.add_(1)
     return choose_token(scores, noise, temperature, top_k, top_p, min_p)
 
 
@@ -204,27 +210,30 @@ def chain_step(params: Params, tokens: Tensor, pos: Tensor, cache: State, noise:
 
 
 def recompute(
-    params: Params, sequence: Tensor, last: Tensor, noise: Optional[Tensor],
+    params: Params, sequence: Tensor, last: Tensor, made: Tensor, noise: Optional[Tensor],
     *, config: GPTConfig, kernels: Kernels, temperature: float, top_k: int, top_p: float, min_p: float = 0.0,
-    repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
+    **rules,
 ) -> Tensor:  # fmt: skip
     """The whole sequence [B, S] without a cache; row b's next token comes
-    from its position ``last[b]`` (the rules of
-    :func:`~gpt2fn.sampling.apply_history` read its positions up to ``last[b]``)."""
+    from its position ``last[b]`` (the ``rules`` of
+    :func:`~gpt2fn.sampling.apply_history` read its positions up to
+    ``last[b]``, and ``made`` [1], the new tokens so far)."""
     x = hidden(params, config, sequence, positions(*sequence.shape, device=sequence.device), kernels=kernels)
     x = x[torch.arange(x.shape[0], device=x.device), last]  # [B, D]
-    scores = apply_history(logits(params, config, x, kernels.linear), sequence, last, repetition_penalty, no_repeat_ngram_size)
+    scores = apply_history(logits(params, config, x, kernels.linear), sequence, last, made=made, **rules)
     return choose_token(scores, noise, temperature, top_k, top_p, min_p)
 
 
 def uncached_step(
-    params: Params, tokens: Tensor, pos: Tensor, sequence: State, noise: Optional[Tensor], *, recompute: Callable
+    params: Params, tokens: Tensor, pos: Tensor, state: History, noise: Optional[Tensor], *, recompute: Callable
 ) -> Tensor:
-    """Writes the tokens into the sequence buffer [B, L] at ``pos``, then
-    recomputes every row's prefix. (Reading the prefix length is a host sync:
-    this path exists for comparison.)"""
-    sequence.scatter_(1, pos, tokens)
-    return recompute(params, sequence[:, : int(pos.max()) + 1], pos[:, -1], noise)
+    """Writes the tokens into the state's token buffer [B, L] at ``pos``,
+    then recomputes every row's prefix, and counts the token chosen.
+    (Reading the prefix length is a host sync: this path exists for comparison.)"""
+    sequence = state.tokens.scatter_(1, pos, tokens)
+    token = recompute(params, sequence[:, : int(pos.max()) + 1], pos[:, -1], state.made, noise)
+    state.made.add_(1)
+    return token
 
 
 def resolve_attention(attention: str, compiled_decode: bool = False, device: torch.device | None = None) -> str:
@@ -322,27 +331,32 @@ def _compiled(config: GPTConfig, device: torch.device, prefill: Step, decode: St
     return Steps(make_state, prefill, decode, compiled=True, chained=chained, window=_marked_window if windowed else None)
 
 
-def with_history(steps: Steps, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, **sampling) -> Steps:
+def with_history(
+    steps: Steps, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, min_new_tokens: int = 0, **sampling
+) -> Steps:  # fmt: skip
     """Cached ``steps`` as they run with rules that read the text so far
     (:func:`~gpt2fn.sampling.reads_history`): their state is then a
-    :class:`History`, its cache the steps' own (cut by their window) and its
+    :class:`History`, its cache the steps' own (cut by their window), its
     tokens as long as the cache (for compiled steps, the length marked
-    dynamic, one graph for every length, and on CUDA a static address, as
-    the cache is). Without such rules, ``steps`` unchanged."""
-    if not reads_history(repetition_penalty, no_repeat_ngram_size):
+    dynamic, one graph for every length) and its count of new tokens (on
+    CUDA both static addresses, as the cache is). Without such rules,
+    ``steps`` unchanged."""
+    if not reads_history(repetition_penalty, no_repeat_ngram_size, min_new_tokens):
         return steps
 
     def make_state(params: Params, batch: int, length: int) -> History:
         cache = steps.make_state(params, batch, length)
-        tokens = torch.zeros(batch, cache_len(cache), dtype=torch.long, device=params_device(params))
+        device = params_device(params)
+        tokens = torch.zeros(batch, cache_len(cache), dtype=torch.long, device=device)
+        made = torch.zeros(1, dtype=torch.long, device=device)
         if steps.compiled:
             torch._dynamo.mark_dynamic(tokens, 1)
-            if tokens.is_cuda:
-                mark_static(tokens)
-        return History(cache, tokens)
+            for t in (tokens, made) if tokens.is_cuda else ():
+                mark_static(t)
+        return History(cache, tokens, made)
 
     cut = steps.window
-    return steps._replace(make_state=make_state, window=None if cut is None else lambda s, n: History(cut(s.cache, n), s.tokens))
+    return steps._replace(make_state=make_state, window=None if cut is None else lambda s, n: s._replace(cache=cut(s.cache, n)))
 
 
 def log_probs_step(
@@ -558,8 +572,9 @@ def _cache(config: GPTConfig, params: Params, batch: int, length: int, spare: bo
     return make_cache(config, batch, length, params_dtype(params), params_device(params), spare)
 
 
-def _token_buffer(params: Params, batch: int, length: int) -> State:
-    return torch.zeros(batch, length, dtype=torch.long, device=params_device(params))
+def _token_buffer(params: Params, batch: int, length: int) -> History:
+    device = params_device(params)
+    return History(None, torch.zeros(batch, length, dtype=torch.long, device=device), torch.zeros(1, dtype=torch.long, device=device))
 
 
 # On CUDA a compiled step's cache holds the generation's length rounded up to

@@ -79,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no_repeat_ngram_size", type=int, default=0,
                    help="never repeat an n-gram of this many tokens that the text already has (prompt included), "
                         "greedy too, as Hugging Face's no_repeat_ngram_size does: 0 = off (not with --draft)")
+    p.add_argument("--min_tokens", type=int, default=0, help="at least this many new tokens before <|endoftext|> may "
+                   "end a row, as Hugging Face's min_new_tokens (a --stop string still ends it): 0 = off (not with --draft)")
     p.add_argument("--num_beams", type=int, default=1,
                    help="beam search over this many beams (Hugging Face's num_beams): the most likely continuation "
                         "it finds, printed when done; no sampling (1 = off); --compile compiles its step")
@@ -120,6 +122,10 @@ def run(args: argparse.Namespace) -> int:
     # Check everything that is cheap to check before loading any weights.
     check_beam_args(args)
     args.temperature = 1.0 if args.temperature is None else args.temperature
+    check_int("--min_tokens", args.min_tokens, 0)
+    if args.min_tokens and args.ignore_eot:
+        raise GPT2FnError("--min_tokens keeps <|endoftext|> from ending a row that soon, and with --ignore_eot it ends "
+                          "none; drop one of them")  # fmt: skip
     check_sampling_args(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty,
                         args.no_repeat_ngram_size)  # fmt: skip
     prompts = list(args.prompt) + read_prompt_file(args.prompt_file)
@@ -147,9 +153,9 @@ def run(args: argparse.Namespace) -> int:
             raise GPT2FnError("--draft needs the KV cache; drop --no-kvcaching")
         if args.draft_tokens < 1:
             raise GPT2FnError(f"--draft_tokens must be >= 1, got {args.draft_tokens}")
-        if reads_history(args.repetition_penalty, args.no_repeat_ngram_size):
-            raise GPT2FnError("speculative rounds apply no --repetition_penalty and no --no_repeat_ngram_size; drop "
-                              "--draft or those")  # fmt: skip
+        if reads_history(args.repetition_penalty, args.no_repeat_ngram_size, args.min_tokens):
+            raise GPT2FnError("speculative rounds apply no --repetition_penalty, --no_repeat_ngram_size or "
+                              "--min_tokens; drop --draft or those")  # fmt: skip
     elif args.adaptive_draft:
         raise GPT2FnError("--adaptive_draft adapts speculative decoding; give a --draft too")
     elif args.draft_vocab is not None:
@@ -276,7 +282,8 @@ def run_batch(args: argparse.Namespace, prompts: list[str], streamed: bool, para
     stream = generate(  # one prompt (a tensor) must fit with its continuation; in a batch each row stops at the context
         params, config, torch.tensor(ids) if len(set(prompts)) == 1 else ids, args.max_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size, generator=generator,
+        repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+        min_new_tokens=args.min_tokens, generator=generator,
         use_cache=args.kvcaching, attention=args.attention,
         stop_token=None if args.ignore_eot else tokenizer.eot_token, compile=args.compile,
         draft=draft, draft_tokens=args.draft_tokens, adaptive_draft=args.adaptive_draft,
@@ -315,7 +322,8 @@ def run_beams(args: argparse.Namespace, prompts: list[str], printed: bool, param
     best = beam_search(params, config, [encode(tokenizer, p) for p in prompts], args.max_tokens, args.num_beams,
                        length_penalty=1.0 if args.length_penalty is None else args.length_penalty, early_stopping=early,
                        stop_token=stop_token, repetition_penalty=args.repetition_penalty,
-                       no_repeat_ngram_size=args.no_repeat_ngram_size, attention=args.attention,
+                       no_repeat_ngram_size=args.no_repeat_ngram_size, min_new_tokens=args.min_tokens,
+                       attention=args.attention,
                        compile=args.compile, progress=True, num_return_sequences=args.num_samples)  # fmt: skip
     seconds = time.perf_counter() - start
     made = []

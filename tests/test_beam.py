@@ -71,6 +71,33 @@ def test_beams_and_scores_are_hugging_faces(small, small_ref, settings, stop_ran
     assert (min(lengths) < 20) == one_ends  # a best hypothesis ended at the stop token
 
 
+@pytest.mark.parametrize("seed, min_new, length_penalty", [(0, 5, 0.5), (5, 3, 0.0)])
+def test_min_new_tokens_beams_are_hugging_faces(small, small_ref, seed, min_new, length_penalty):
+    """min_new_tokens in beam search, with a stop token the best beam without
+    it has most often: the hypotheses and scores of transformers' (which
+    pads an ended one with the stop token to the longest), none ending before
+    ``min_new`` + 1 tokens, where without the rule one ends sooner."""
+    params, config = small
+    prompts = ids(2, 6, seed=seed)
+    kw = dict(num_return_sequences=2, length_penalty=length_penalty)
+    best = beam_search(params, config, prompts, 20, 4, **kw)[0][0].tokens
+    stop = max(set(best), key=best.count)
+    with torch.no_grad():
+        hf = small_ref.model.generate(
+            prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=20, num_beams=4, do_sample=False,
+            pad_token_id=0, eos_token_id=stop, min_new_tokens=min_new, output_scores=True, return_dict_in_generate=True,
+            **kw,
+        )  # fmt: skip
+    ours = beam_search(params, config, prompts, 20, 4, stop_token=stop, min_new_tokens=min_new, **kw)
+    beams = [beam for row in ours for beam in row]
+    for beam, expected, score in zip(beams, hf.sequences[:, 6:].tolist(), hf.sequences_scores.tolist()):
+        assert len(beam.tokens) <= len(expected) and beam.tokens + [stop] * (len(expected) - len(beam.tokens)) == expected
+        assert abs(beam.score - score) <= 1e-5 * max(1.0, abs(score))
+    assert min(len(b.tokens) for b in beams) < 20 and all(len(b.tokens) > min_new for b in beams)
+    plain = [beam for row in beam_search(params, config, prompts, 20, 4, stop_token=stop, **kw) for beam in row]
+    assert any(len(b.tokens) <= min_new for b in plain)
+
+
 @pytest.mark.parametrize("seed, stop_rank, num_beams, length_penalty", [(123, 2, 3, 2.0), (127, 5, 3, 1.0)])
 def test_a_prompt_that_can_no_longer_improve_takes_no_later_hypothesis(small, small_ref, seed, stop_rank, num_beams,
                                                                        length_penalty):  # fmt: skip
@@ -179,6 +206,7 @@ def test_compiled_beam_search_finds_the_eager_beams_with_one_graph(small):
         (dict(early_stopping=1), r"^early_stopping is False, True or 'never', got 1$"),
         (dict(length_penalty=float("nan")), r"^length_penalty must be a finite number .*, got nan$"),
         (dict(no_repeat_ngram_size=-1), r"^no_repeat_ngram_size must be an integer >= 0"),
+        (dict(min_new_tokens=3), r"^min_new_tokens keeps the stop token from ending a row that soon; pass a stop_token"),
         (dict(max_new_tokens=0), r"^max_tokens must be an integer >= 1, got 0$"),
         (dict(max_new_tokens=125), r"^prompt \(6 tokens\) \+ max_tokens \(125\) exceeds the 128-token context"),
         (dict(prompts=[[1, 2], [3, 70000]]), r"^prompt 2 holds token 70000, outside the model's vocabulary"),

@@ -8,12 +8,14 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from gpt2fn import GPTConfig, decode, encode, generate_all, get_tokenizer, init_params, load_pretrained, save_params
 from gpt2fn.steps import REGIONS
+from gpt2fn.weights import load_params
 
 from conftest import ROOT
 
@@ -72,8 +74,49 @@ def test_repetition_penalty_and_no_repeat_ngram_size_generate_as_the_library_doe
     assert code == 2 and err == "error: no_repeat_ngram_size must be an integer >= 0 (0 = off), got -2\n"
     for rule in (["--repetition_penalty", "1.2"], ["--no_repeat_ngram_size", "3"]):
         code, out, err = run_cli(generate_cli, capsys, *base, *rule, "--draft", "int8")
-        assert code == 2 and err == ("error: speculative rounds apply no --repetition_penalty and no --no_repeat_ngram_size; "
-                                     "drop --draft or those\n")  # fmt: skip
+        assert code == 2 and err == ("error: speculative rounds apply no --repetition_penalty, --no_repeat_ngram_size or "
+                                     "--min_tokens; drop --draft or those\n")  # fmt: skip
+
+
+def eot_model(small_ref, directory) -> Path:
+    """The small model made to say <|endoftext|> whatever came before: its
+    final LayerNorm outputs its bias, 3.0 everywhere, so every logit is 3 x
+    its embedding row's sum, and <|endoftext|>'s row is all 3.0 (9 x width;
+    the others' sums are near 0). Saved as a .safetensors file in ``directory``."""
+    params, config = load_pretrained(small_ref.directory)
+    eot = {**params, "ln_f": {"g": torch.zeros_like(params["ln_f"]["g"]), "b": torch.full_like(params["ln_f"]["b"], 3.0)}}
+    eot["wte"] = params["wte"].clone()
+    eot["wte"][50256] = 3.0
+    return save_params(eot, config, Path(directory) / "eot.safetensors")
+
+
+def test_min_tokens_holds_endoftext_back_that_many_tokens(generate_cli, capsys, small_ref, tmp_path):
+    """--min_tokens N on a model that says <|endoftext|> at once: N times the
+    token it likes next (the largest embedding row sum but <|endoftext|>'s),
+    then <|endoftext|>, sampled, greedy and in beam search; and one clear
+    line for a bad count, for --ignore_eot and for --draft."""
+    import json
+
+    model = eot_model(small_ref, tmp_path)
+    sums = load_params(model)[0]["wte"].sum(1)
+    next_best = int(sums[:50256].argmax())
+    t = get_tokenizer()
+    base = ["--prompt", "Hi", "--model", str(model), "--max_tokens", "12", "--device", "cpu", "--min_tokens", "5"]
+    for extra in (["--temperature", "0"], ["--seed", "3", "--top_k", "1"], ["--num_beams", "2"]):
+        code, out, err = run_cli(generate_cli, capsys, *base, *extra, "--jsonl", str(tmp_path / "rows.jsonl"))
+        assert code == 0, err
+        assert json.loads((tmp_path / "rows.jsonl").read_text()) == {
+            "prompt": "Hi", "completion": decode(t, [next_best] * 5) + "<|endoftext|>", "finish_reason": "eot",
+            "tokens": 6}, extra  # fmt: skip
+    for extra, message in [
+        (["--min_tokens", "-1"], "--min_tokens must be an integer >= 0, got -1"),
+        (["--ignore_eot"], "--min_tokens keeps <|endoftext|> from ending a row that soon, and with --ignore_eot it ends "
+                           "none; drop one of them"),
+        (["--draft", "int8"], "speculative rounds apply no --repetition_penalty, --no_repeat_ngram_size or --min_tokens; "
+                              "drop --draft or those"),
+    ]:  # fmt: skip
+        code, out, err = run_cli(generate_cli, capsys, *base, *extra)
+        assert code == 2 and err == f"error: {message}\n" and out == "", extra
 
 
 def test_jsonl_holds_each_rows_completion_and_why_it_ended(generate_cli, capsys, small_ref, tmp_path):
@@ -99,12 +142,8 @@ def test_jsonl_holds_each_rows_completion_and_why_it_ended(generate_cli, capsys,
         {"prompt": prompts[0], "completion": greedy[0][: greedy[0].index(stop)], "finish_reason": "stop", "tokens": made},
         {"prompt": prompts[1], "completion": greedy[1], "finish_reason": "length", "tokens": 12},
     ]  # fmt: skip
-    eot = {**params, "ln_f": {"g": torch.zeros_like(params["ln_f"]["g"]), "b": torch.full_like(params["ln_f"]["b"], 3.0)}}
-    eot["wte"] = params["wte"].clone()
-    eot["wte"][50256] = 3.0  # the final LayerNorm's output is b: <|endoftext|>'s logit is 9 x width, the rest near 0
-    save_params(eot, config, tmp_path / "eot.safetensors")
     code, out, err = run_cli(generate_cli, capsys, "--prompt", "Hi", "--jsonl", str(tmp_path / "eot.jsonl"),
-                             *base[2:], "--model", str(tmp_path / "eot.safetensors"))  # fmt: skip
+                             *base[2:], "--model", str(eot_model(small_ref, tmp_path)))  # fmt: skip
     assert code == 0 and json.loads((tmp_path / "eot.jsonl").read_text()) == {
         "prompt": "Hi", "completion": "<|endoftext|>", "finish_reason": "eot", "tokens": 1}
     code, out, err = run_cli(generate_cli, capsys, "--interactive", "--jsonl", str(tmp_path / "x.jsonl"), *base)

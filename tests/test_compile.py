@@ -408,6 +408,32 @@ def test_rules_on_the_text_so_far_compile_into_one_graph_that_chooses_what_eager
     assert counters["stats"]["unique_graphs"] == 0  # other prompts and lengths, another generation: the graph built
 
 
+@pytest.mark.parametrize("per_call", [1, 3])
+def test_min_new_tokens_compiles_into_one_graph_that_holds_the_stop_token_as_eager_does(small_ref, per_call):
+    """min_new_tokens with a stop token the first prompt's greedy text has as
+    its 2nd token (and later): compiled, greedy and seeded, one token a call
+    and a chain of three, the rows of the eager steps (which are the
+    reference's, tests/test_parity.py), which end at the stop token past the
+    6 new tokens held, where without the rule they end at the 2nd; the count
+    of new tokens is state, so one graph serves every step, prompt and
+    generation."""
+    params, config = load_pretrained(small_ref.directory)
+    prompts = [prompt(9, seed=1)[0].tolist(), prompt(4, seed=2)[0].tolist()]
+    stop = generate_all(params, config, prompts[:1], 2, temperature=0)[0][0, 1].item()
+    for sampling in (dict(temperature=0), dict(temperature=0.9, top_k=3)):
+        runs = [generate(params, config, prompts, 30, min_new_tokens=6, stop_token=stop, tokens_per_call=per_call,
+                         compile=c, generator=torch.Generator().manual_seed(4), **sampling).rows() for c in (False, True)]  # fmt: skip
+        assert runs[0] == runs[1], sampling
+        assert all(len(row) > 6 and stop not in row[:6] for row in runs[1])
+        assert 6 < len(runs[1][0]) < 30 and runs[1][0][-1] == stop  # held for 6 tokens, then chosen
+    plain = generate(params, config, prompts, 30, stop_token=stop, temperature=0, tokens_per_call=per_call).rows()
+    assert len(plain[0]) == 2
+    counters.clear()
+    generate(params, config, [prompts[1], prompts[0][:6]], 50, min_new_tokens=6, stop_token=stop, temperature=0.9,
+             top_k=3, tokens_per_call=per_call, compile=True, generator=torch.Generator().manual_seed(5)).rows()  # fmt: skip
+    assert counters["stats"]["unique_graphs"] == 0  # other prompts and lengths, another generation: the graph built
+
+
 @pytest.mark.parametrize("top_k, top_p, min_p", [(0, 1.0, 0.0), (3, 1.0, 0.0), (0, 0.7, 0.0), (4, 0.8, 0.0), (0, 1.0, 0.3),
                                                (4, 1.0, 0.3)])  # fmt: skip
 def test_compiled_sampler_follows_the_filtered_distribution(top_k, top_p, min_p):

@@ -227,6 +227,26 @@ def test_rules_on_the_text_so_far_on_cuda_give_the_cpus_greedy_tokens_eager_and_
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+@pytest.mark.parametrize("per_call", [1, 4])
+def test_min_new_tokens_on_cuda_gives_the_cpus_rows_eager_and_compiled(small, small_ref, per_call):
+    """min_new_tokens, its count of new tokens on the GPU (a static address
+    of the CUDA graphs, added to in place): the CPU's greedy rows, which
+    end at the stop token past the 6 held (tests/test_compile.py's case);
+    a second generation records no new graph."""
+    params, config = small
+    prompts = [ids(9, seed=1)[0].tolist(), ids(4, seed=2)[0].tolist()]
+    cpu_params = load_pretrained(small_ref.directory)[0]
+    stop = generate_all(cpu_params, config, prompts[:1], 2, temperature=0)[0][0, 1].item()
+    rule = dict(min_new_tokens=6, stop_token=stop, temperature=0)
+    cpu = generate(cpu_params, config, prompts, 30, **rule).rows()
+    assert 6 < len(cpu[0]) < 30 and cpu[0][-1] == stop
+    for compile in (False, True):
+        assert generate(params, config, prompts, 30, compile=compile, tokens_per_call=per_call, **rule).rows() == cpu
+    graphs = counters["stats"]["unique_graphs"]
+    generate(params, config, prompts[::-1], 50, compile=True, tokens_per_call=per_call, **rule).rows()
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_loss_and_gradients_on_cuda_match_the_cpus():
     """fp32, no TF32: the loss within 1e-5, each gradient within 1e-4 of its largest entry."""
     config = GPTConfig(vocab_size=50257, n_ctx=64, n_embd=32, n_layer=2, n_head=2)

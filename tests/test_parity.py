@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpt2fn import forward, generate_all, load_pretrained, make_cache
+from gpt2fn import forward, generate, generate_all, load_pretrained, make_cache
 from gpt2fn.config import GPTConfig
 
 from conftest import kernels, run_cached
@@ -102,6 +102,37 @@ def test_greedy_generation_with_rules_on_the_text_so_far_is_the_references(small
     rows = generate_all(params, config, prompts, n_new, temperature=0, **rules)[0]
     for p, row in zip(prompts, rows):
         assert torch.equal(row, generate_all(params, config, [p], n_new, temperature=0, **rules)[0][0])
+
+
+@pytest.mark.parametrize("min_new, penalty", [(6, 1.0), (20, 1.0), (6, 1.3)])
+def test_greedy_generation_with_min_new_tokens_is_the_references(small, small_ref, min_new, penalty):
+    """generate(min_new_tokens=) against transformers' generate(min_new_tokens=,
+    eos_token_id=), greedy, with a stop token the model picks as its 2nd new
+    token (and often later): the same rows, cut at the stop token where it
+    is finally chosen, with the KV cache, without it and three steps a call
+    (with a repetition penalty too); a ragged batch gives each row its
+    prompt alone; and without the rule the rows stop at the 2nd token."""
+    params, config = small
+    start = prompt_ids(config, 1, 7, seed=8)
+    plain = generate_all(params, config, start, 40, temperature=0)[0][0].tolist()
+    stop = plain[1]
+    assert stop != plain[0] and plain.count(stop) >= 10  # the stop token comes early, and later again
+    prompts = [start[0].tolist(), prompt_ids(config, 1, 3, seed=6)[0].tolist() + plain[:1]]
+    rules = dict(min_new_tokens=min_new, repetition_penalty=penalty)
+    n_new = 40
+    expected = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            out = small_ref.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, do_sample=False,
+                                           eos_token_id=stop, pad_token_id=stop, **rules)[0, len(p):].tolist()  # fmt: skip
+        expected.append(out[: out.index(stop) + 1] if stop in out else out)
+    assert all(len(row) > min_new and stop not in row[:min_new] for row in expected)  # (2 of the 6 end at it later)
+    for kw in (dict(), dict(use_cache=False), dict(tokens_per_call=3)):
+        for p, row in zip(prompts, expected):
+            assert generate(params, config, [p], n_new, temperature=0, stop_token=stop, **rules, **kw).rows() == [row], kw
+    assert generate(params, config, prompts, n_new, temperature=0, stop_token=stop, **rules).rows() == expected
+    assert generate(params, config, prompts[:1], n_new, temperature=0, stop_token=stop).rows() == [plain[:2]]
 
 
 @pytest.mark.parametrize("attention", ["manual", "sdpa"])

@@ -8,7 +8,7 @@ import torch
 
 from gpt2fn import GPT2FnError, sample
 from gpt2fn.sampling import (
-    apply_history, check_sampling_args, choose_token, draw, filtered_probs, min_p_filter, penalize_repeats,
+    apply_history, check_sampling_args, choose_token, draw, filtered_probs, hold_stop, min_p_filter, penalize_repeats,
     repeated_ngrams, seen_tokens, top_k_filter, top_p_filter,
 )  # fmt: skip
 
@@ -115,6 +115,26 @@ def test_the_repetition_penalty_is_hugging_faces(penalty):
     assert torch.equal(ours[~seen], logits[~seen]) and ours[0, 7] == 0
     assert (ours[seen] != logits[seen]).sum() == 10  # every other seen logit moved
     assert penalize_repeats(logits, seen, 1.0) is logits
+
+
+def test_holding_the_stop_token_is_hugging_faces_min_new_tokens():
+    """hold_stop against transformers' MinNewTokensLengthLogitsProcessor
+    (4 prompt tokens, at least 3 new, stop token 7) after 0 to 5 new tokens,
+    the count a [1] tensor (the steps' state) or an int (beam search's):
+    the stop token's logit -inf in every row while fewer than 3 are made,
+    every logit unchanged from then on; and through apply_history."""
+    from transformers.generation.logits_process import MinNewTokensLengthLogitsProcessor
+
+    logits = random_logits(batch=3, vocab=50, seed=2)
+    rule = MinNewTokensLengthLogitsProcessor(prompt_length_to_skip=4, min_new_tokens=3, eos_token_id=7)
+    for made in range(6):
+        expected = rule(torch.zeros(3, 4 + made, dtype=torch.long), logits.clone())
+        assert torch.equal(hold_stop(logits, torch.tensor([made]), 3, 7), expected)
+        assert torch.equal(hold_stop(logits, made, 3, 7), expected)
+        sequence, last = torch.zeros(3, 9, dtype=torch.long), torch.full((3,), 3 + made)
+        assert torch.equal(apply_history(logits, sequence, last, min_new_tokens=3, stop_token=7, made=made), expected)
+        assert (expected[:, 7] == float("-inf")).all() == (made < 3)
+        assert torch.equal(expected[:, :7], logits[:, :7]) and torch.equal(expected[:, 8:], logits[:, 8:])
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
@@ -243,13 +263,17 @@ def test_inverse_cdf_draws_follow_the_weights():
         (dict(no_repeat_ngram_size=-1), r"no_repeat_ngram_size must be an integer >= 0 \(0 = off\), got -1$"),
         (dict(no_repeat_ngram_size=2.0), r"no_repeat_ngram_size must be an integer >= 0 \(0 = off\), got 2.0$"),
         (dict(no_repeat_ngram_size=True), r"no_repeat_ngram_size must be an integer >= 0 \(0 = off\), got True$"),
+        (dict(min_new_tokens=-1, stop_token=3), r"min_new_tokens must be an integer >= 0 \(0 = off\), got -1$"),
+        (dict(min_new_tokens=2.0, stop_token=3), r"min_new_tokens must be an integer >= 0 \(0 = off\), got 2.0$"),
+        (dict(min_new_tokens=4), r"min_new_tokens keeps the stop token from ending a row that soon; pass a stop_token too, "
+                                 r"or drop min_new_tokens$"),  # fmt: skip
     ],
 )
 def test_impossible_parameters_are_refused(kwargs, message):
     args = dict(temperature=1.0, top_k=0, top_p=1.0) | kwargs
     with pytest.raises(GPT2FnError, match=message):
         check_sampling_args(**args)
-    if "repetition_penalty" in kwargs or "no_repeat_ngram_size" in kwargs:  # the one-shot sampler reads no history
+    if {"repetition_penalty", "no_repeat_ngram_size", "min_new_tokens"} & set(kwargs):  # the one-shot sampler reads no history
         return
     with pytest.raises(GPT2FnError, match=message):  # the library's one-shot sampler checks them too
         sample(torch.randn(2, 10), **args)
