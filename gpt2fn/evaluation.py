@@ -1,5 +1,6 @@
 """How likely a model finds a text: each token's log-probability
-(:func:`token_logprobs`), and the perplexity of a long token sequence.
+(:func:`token_logprobs`; a continuation's, :func:`continuation_logprobs`),
+and the perplexity of a long token sequence.
 
 Texts longer than the context are scored with a sliding window: windows of
 ``context`` tokens start every ``stride`` tokens, and each window scores only
@@ -52,6 +53,19 @@ def token_logprobs(params: Params, config: GPTConfig, tokens: torch.Tensor) -> t
     # 1e-4 (tests/test_training.py), and 3-4x faster.
     nll = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
     return -nll.view(tokens.shape[0], -1)
+
+
+@torch.inference_mode()
+def continuation_logprobs(params: Params, config: GPTConfig, prompt: list[int], continuation: list[int]) -> list[float]:
+    """log p(each token of ``continuation`` | the prompt and the tokens
+    before it): the model's own distribution (before a sampler's
+    temperature, filters or rules), by one forward over both
+    (:func:`token_logprobs`). A generated row's scores: ``prompt`` (at least
+    one token) and its new tokens, together within the context."""
+    if not continuation:
+        return []
+    tokens = torch.tensor([prompt + continuation], device=params_device(params))
+    return token_logprobs(params, config, tokens)[0, len(prompt) - 1 :].tolist()
 
 
 @torch.inference_mode()

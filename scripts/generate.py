@@ -21,6 +21,7 @@ import torch
 from gpt2fn.beam import beam_search
 from gpt2fn.device import DEVICE_HELP, resolve_device
 from gpt2fn.errors import ArgumentParser, GPT2FnError, check_int, check_output_file, is_out_of_memory, read_utf8, run_cli
+from gpt2fn.evaluation import continuation_logprobs
 from gpt2fn.files import atomic_write
 from gpt2fn.generation import generate
 from gpt2fn.layers import ATTEND
@@ -107,6 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also write every row as a JSON line here: prompt, completion, finish_reason (stop: a --stop "
                         "string, eot: <|endoftext|>, length: --max_tokens or the context) and tokens (new tokens); "
                         "the file appears when the run ends")
+    p.add_argument("--logprobs", action="store_true",
+                   help="with --jsonl: each row also holds token_ids (its new tokens) and logprobs (each one's "
+                        "log-probability under the model given all before it, before temperature, filters and rules)")
     p.add_argument("--interactive", action="store_true",
                    help="read prompts from standard input, one a line, and continue each as it comes: the model "
                         "loads (and --compile compiles) once; Ctrl-C stops a generation, Ctrl-D ends")
@@ -147,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
         if args.interactive:
             raise GPT2FnError("--jsonl writes the rows of one run of prompts; drop it with --interactive")
         check_output_file(args.jsonl, "--jsonl file")
+    elif args.logprobs:
+        raise GPT2FnError("--logprobs adds each token's log-probability to the --jsonl rows; give --jsonl FILE too")
     if args.draft is not None:
         args.draft_tokens = 4 if args.draft_tokens is None else args.draft_tokens
         if not args.kvcaching:
@@ -262,7 +268,10 @@ def complete(args: argparse.Namespace, prompts: list[str], params, config, token
         for label, prompt, row in zip(labels[start:], batch, made if len(rows) > 1 else []):
             print(f"--- [{label}] ---\n{prompt}{row.completion}")
         for prompt, row in zip(batch, made if out is not None else []):
-            out.write(json.dumps({"prompt": prompt, **row._asdict()}, ensure_ascii=False) + "\n")
+            line = {"prompt": prompt, "completion": row.completion, "finish_reason": row.finish_reason, "tokens": len(row.ids)}
+            if args.logprobs:
+                line.update(token_ids=row.ids, logprobs=continuation_logprobs(params, config, encode(tokenizer, prompt), row.ids))
+            out.write(json.dumps(line, ensure_ascii=False) + "\n")
         print(closing, file=sys.stderr)
         if args.compile:
             compiled.add(len(batch))
@@ -271,7 +280,7 @@ def complete(args: argparse.Namespace, prompts: list[str], params, config, token
 class Row(NamedTuple):
     completion: str  # the new text, up to a stop string (left out)
     finish_reason: str  # stop (a --stop string), eot (<|endoftext|>, kept) or length (--max_tokens or the context)
-    tokens: int  # new tokens, up to the one that ended the row
+    ids: list[int]  # the new tokens, up to the one that ended the row
 
 
 def run_batch(args: argparse.Namespace, prompts: list[str], streamed: bool, params, config, tokenizer, draft,
@@ -308,7 +317,8 @@ def run_batch(args: argparse.Namespace, prompts: list[str], streamed: bool, para
         row.append(text.finish())
     if streamed:
         write(pieces[0][-1] + "\n")
-    return stream, [Row("".join(row), *(end or ("length", 0))) for row, end in zip(pieces, ended)]  # 0 new tokens asked
+    ends = [end or ("length", 0) for end in ended]  # (none: 0 new tokens asked)
+    return stream, [Row("".join(row), reason, ids[:n]) for row, ids, (reason, n) in zip(pieces, stream.tokens().tolist(), ends)]
 
 
 def run_beams(args: argparse.Namespace, prompts: list[str], printed: bool, params, config, tokenizer,
@@ -331,7 +341,7 @@ def run_beams(args: argparse.Namespace, prompts: list[str], printed: bool, param
         text = TextStream(tokenizer, args.stop)
         completion = "".join(text.push(t) for t in beam.tokens) + text.finish()
         ended = "stop" if text.stopped else "eot" if beam.tokens[-1:] == [stop_token] else "length"
-        made.append(Row(completion, ended, len(beam.tokens)))
+        made.append(Row(completion, ended, beam.tokens))
     if printed:
         write(prompts[0] + made[0].completion + "\n")
     generated = sum(len(beams[0].tokens) for beams in best)

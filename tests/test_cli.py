@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from gpt2fn import GPTConfig, decode, encode, generate_all, get_tokenizer, init_params, load_pretrained, save_params
+from gpt2fn.beam import beam_search
 from gpt2fn.steps import REGIONS
 from gpt2fn.weights import load_params
 
@@ -151,6 +152,42 @@ def test_jsonl_holds_each_rows_completion_and_why_it_ended(generate_cli, capsys,
     (tmp_path / "file").write_text("x")
     code, out, err = run_cli(generate_cli, capsys, "--prompt", "Hi", "--jsonl", str(tmp_path / "file" / "x.jsonl"), *base)
     assert code == 2 and "cannot create --jsonl file" in err and out == ""
+
+
+def test_logprobs_give_each_jsonl_row_its_tokens_and_their_log_probabilities(generate_cli, capsys, small_ref, tmp_path):
+    """--logprobs with --jsonl: each row's token_ids (the library's rows:
+    greedy, seeded with top-k, beam search) and logprobs, each the log-softmax
+    of transformers' logits given the prompt and the tokens before it (within
+    1e-5); a beam's sum to its score x its length. Without --jsonl, one line."""
+    import json
+
+    params, config = load_pretrained(small_ref.directory)
+    t = get_tokenizer()
+    prompts = ["The meaning of life is", "Once"]
+    base = ["--prompt", prompts[0], "--prompt", prompts[1], "--model", str(small_ref.directory), "--max_tokens", "8",
+            "--ignore_eot", "--device", "cpu", "--jsonl", str(tmp_path / "rows.jsonl"), "--logprobs"]  # fmt: skip
+    ids = [encode(t, p) for p in prompts]
+    runs = {
+        "greedy": (["--temperature", "0"], generate_all(params, config, ids, 8, temperature=0)[0].tolist()),
+        "sampled": (["--seed", "5", "--top_k", "5"],
+                    generate_all(params, config, ids, 8, top_k=5, generator=torch.Generator().manual_seed(5))[0].tolist()),
+        "beams": (["--num_beams", "2"], [b[0].tokens for b in beam_search(params, config, ids, 8, 2)]),
+    }  # fmt: skip
+    for name, (extra, expected) in runs.items():
+        code, out, err = run_cli(generate_cli, capsys, *base, *extra)
+        assert code == 0, err
+        rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+        assert [row["token_ids"] for row in rows] == expected, name
+        for p, row in zip(ids, rows):
+            with torch.no_grad():
+                logits = small_ref.model(torch.tensor([p + row["token_ids"]])).logits[0, len(p) - 1 : -1]
+            reference = logits.log_softmax(-1).gather(1, torch.tensor(row["token_ids"])[:, None])[:, 0]
+            assert len(row["logprobs"]) == row["tokens"] == 8
+            assert torch.allclose(torch.tensor(row["logprobs"]), reference, atol=1e-5, rtol=0), name
+    best = beam_search(params, config, ids, 8, 2)
+    assert [sum(row["logprobs"]) for row in rows] == pytest.approx([b[0].score * 8 for b in best], abs=1e-4)
+    code, out, err = run_cli(generate_cli, capsys, *base[:-3], "--logprobs")
+    assert code == 2 and err == "error: --logprobs adds each token's log-probability to the --jsonl rows; give --jsonl FILE too\n"
 
 
 def test_num_samples_continues_each_prompt_that_many_times(generate_cli, capsys, small_ref):

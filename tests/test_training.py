@@ -206,8 +206,9 @@ def test_token_logprobs_are_float64s_log_softmax_on_a_trained_model():
 def test_token_logprobs_are_the_references(small_ref):
     """Each token's log-probability after the ones before it, against the
     reference model's log-softmax, for a batch and for a full context plus
-    its last target; other shapes are one line."""
-    from gpt2fn.evaluation import token_logprobs
+    its last target, and a continuation's (continuation_logprobs); other
+    shapes are one line."""
+    from gpt2fn.evaluation import continuation_logprobs, token_logprobs
 
     params, config = load_pretrained(small_ref.directory)
     tokens = torch.randint(0, 50257, (3, config.n_ctx + 1), generator=torch.Generator().manual_seed(4))
@@ -218,6 +219,9 @@ def test_token_logprobs_are_the_references(small_ref):
         assert (ours - ref).abs().max() <= 1e-4
         prefix = token_logprobs(params, config, tokens[:1, :10])  # causal: a prefix's scores are its own
         assert (prefix - ours[:1, :9]).abs().max() <= 1e-5
+    row = tokens[1].tolist()  # a continuation's tokens after its prompt's
+    assert (torch.tensor(continuation_logprobs(params, config, row[:4], row[4:11])) - ref[1, 3:10]).abs().max() <= 1e-5
+    assert continuation_logprobs(params, config, row[:4], []) == []
     for bad in (tokens[0], tokens[:, :1], torch.zeros(1, config.n_ctx + 2, dtype=torch.long)):
         with pytest.raises(GPT2FnError) as refused:
             token_logprobs(params, config, bad)
