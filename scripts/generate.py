@@ -37,7 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt", action="append", default=[],
                    help="text to continue; repeat it for several prompts, generated together in one batch")
     p.add_argument("--prompt-file", dest="prompt_file", default=None,
-                   help="a file of prompts, one per line (blank lines skipped; - reads standard input), generated in one batch")
+                   help="a file of prompts, one per line (blank lines skipped; - reads standard input), generated in one "
+                        "batch; a .jsonl file holds a JSON object a line whose \"prompt\" is the text (newlines "
+                        "included), as --jsonl writes them")
     p.add_argument("--model", default="gpt2", help=MODEL_HELP)
     p.add_argument("--revision", default=None, help=REVISION_HELP)
     p.add_argument("--kvcaching", action=argparse.BooleanOptionalAction, default=True,
@@ -383,7 +385,9 @@ def report(args: argparse.Namespace, device: torch.device, seed: int, stream, wa
 
 
 def read_prompt_file(path: str | None) -> list[str]:
-    """The file's non-blank lines; ``-`` reads standard input."""
+    """The file's non-blank lines; ``-`` reads standard input. A ``.jsonl``
+    file's lines are JSON objects whose "prompt" is the text (which may hold
+    newlines): the rows ``--jsonl`` writes read back."""
     if path is None:
         return []
     if path == "-":
@@ -393,7 +397,20 @@ def read_prompt_file(path: str | None) -> list[str]:
             raise GPT2FnError("standard input (--prompt-file -) is not UTF-8 text") from None
     else:
         text = read_utf8(path, "prompt file")
-    return [line for line in text.splitlines() if line.strip()]
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    return [jsonl_prompt(line, f"{path}, line {n}") for n, line in lines] if path.endswith(".jsonl") else [s for _, s in lines]
+
+
+def jsonl_prompt(line: str, where: str) -> str:
+    """The "prompt" of one line of a .jsonl prompt file, or one clear line saying what is wrong there."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise GPT2FnError(f"{where} is not JSON ({e.msg}); a .jsonl prompt file holds one object a line, "
+                          '{"prompt": "text"}') from None  # fmt: skip
+    if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+        raise GPT2FnError(f'{where} has no "prompt" text; a .jsonl prompt file holds one object a line, {{"prompt": "text"}}')
+    return row["prompt"]
 
 
 def input_lines():

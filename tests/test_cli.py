@@ -509,6 +509,36 @@ def test_missing_prompt_and_unreadable_prompt_file(generate_cli, capsys, small_r
     assert code == 2 and "cannot read prompt file" in err and err.count("\n") == 1
 
 
+def test_a_jsonl_prompt_file_holds_prompts_with_newlines_and_reads_back_jsonl_rows(generate_cli, capsys, small_ref,
+                                                                                  tmp_path):  # fmt: skip
+    """--prompt-file FILE.jsonl: each line's "prompt" (newlines, quotes and
+    other fields allowed), the batch those texts give as --prompt; the rows
+    --jsonl writes read back as the same prompts; a bad line is one line
+    naming it."""
+    import json
+
+    texts = ['ROMEO:\nBut soft, "what" light', "Hi"]
+    (tmp_path / "prompts.jsonl").write_text(f'{json.dumps({"prompt": texts[0], "id": 7})}\n\n{json.dumps({"prompt": texts[1]})}\n')
+    args = ["--model", str(small_ref.directory), "--max_tokens", "6", "--temperature", "0", "--ignore_eot"]
+    code, from_file, err = run_cli(generate_cli, capsys, *args, "--prompt-file", str(tmp_path / "prompts.jsonl"),
+                                   "--jsonl", str(tmp_path / "rows.jsonl"))  # fmt: skip
+    assert code == 0 and "batch of 2" in err, err
+    code, from_flags, err = run_cli(generate_cli, capsys, *args, "--prompt", texts[0], "--prompt", texts[1])
+    assert code == 0 and from_file == from_flags and from_file.startswith("--- [1/2] ---\nROMEO:\nBut soft,"), err
+    code, again, err = run_cli(generate_cli, capsys, *args, "--prompt-file", str(tmp_path / "rows.jsonl"))
+    assert code == 0 and again == from_file, err
+    for line, message in [
+        ('{"prompt": "a"', "is not JSON (Expecting ',' delimiter)"),
+        ('["a"]', 'has no "prompt" text'),
+        ('{"text": "a"}', 'has no "prompt" text'),
+        ('{"prompt": 3}', 'has no "prompt" text'),
+    ]:  # fmt: skip
+        (tmp_path / "bad.jsonl").write_text('{"prompt": "fine"}\n' + line + "\n")
+        code, out, err = run_cli(generate_cli, capsys, *args, "--prompt-file", str(tmp_path / "bad.jsonl"))
+        assert code == 2 and out == "" and err.startswith(f"error: {tmp_path / 'bad.jsonl'}, line 2 {message}"), err
+        assert err.endswith('; a .jsonl prompt file holds one object a line, {"prompt": "text"}\n') and err.count("\n") == 1
+
+
 def test_prompts_from_standard_input(generate_cli, capsys, small_ref, monkeypatch, tmp_path):
     """--prompt-file - reads standard input: the batch a file of the same lines gives; bytes that are not UTF-8 get one line."""
     lines = "Second prompt\n\n   \nThird, longer prompt here\n"
