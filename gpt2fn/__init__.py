@@ -8,7 +8,7 @@ The public surface, one module per concern::
     cache       make_cache (immutable tuple of preallocated K/V tensors)
     model       hidden, logits, forward, positions
     steps       cached_steps, uncached_steps, compiled_steps (the Steps protocol)
-    sampling    sample, apply_history, top_k_filter, top_p_filter, min_p_filter, filtered_probs
+    sampling    sample, apply_history, top_k_filter, top_p_filter, min_p_filter, typical_filter, filtered_probs
     generation  generate (a Stream: tokens as they come, then stats), generate_all
     beam        beam_search (Hugging Face's beam search: each prompt's best Beam(tokens, score))
     speculative self_draft, draft_vocab, frequent_tokens, speculative_steps (generate(..., draft=...))

@@ -248,6 +248,7 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     min_p: float = 0.0,
+    typical_p: float = 1.0,
     repetition_penalty: float = 1.0,
     no_repeat_ngram_size: int = 0,
     min_new_tokens: int = 0,
@@ -268,7 +269,7 @@ def generate(
     context, or this raises), or a list of token lists of any lengths (each
     row then also stops when it reaches the context). A row stops at
     ``stop_token`` (which it yields); the stream ends when every row has.
-    ``temperature=0`` is greedy; ``top_k``, ``top_p`` and ``min_p`` filter
+    ``temperature=0`` is greedy; ``top_k``, ``top_p``, ``min_p`` and ``typical_p`` filter
     (:mod:`gpt2fn.sampling`); the draws come from ``generator``. Two rules
     read each row's text so far, its prompt included, greedy too, as
     Hugging Face's do: a ``repetition_penalty`` above 1 makes every token the
@@ -318,7 +319,7 @@ def generate(
     Raises :class:`~gpt2fn.errors.GPT2FnError` on bad input, before any work.
     """
     check_sampling_args(temperature, top_k, top_p, min_p, repetition_penalty, no_repeat_ngram_size, min_new_tokens,
-                        stop_token)  # fmt: skip
+                        stop_token, typical_p)  # fmt: skip
     check_int("tokens_per_call", tokens_per_call)
     rules = dict(repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
                  min_new_tokens=min_new_tokens)  # fmt: skip
@@ -331,7 +332,7 @@ def generate(
                              else "or keep the KV cache on"))  # fmt: skip
     prompts = prompt_lists(config, prompts, max_new_tokens)
     device = params_device(params)
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p)
     if reads_history(**rules):  # (speculative steps take none)
         sampling.update(rules, **({"stop_token": stop_token} if min_new_tokens else {}))
     width = (noise_width(config.vocab_size, top_k),)  # the random numbers a step needs per row

@@ -1,11 +1,11 @@
 """Choosing the next token from logits: rules that read the text so far (a
 repetition penalty, no repeated n-grams, a least number of new tokens before
-the stop token), greedy, temperature, top-k, top-p, min-p.
+the stop token), greedy, temperature, top-k, top-p, min-p, typical-p.
 
 All functions are pure and work on a batch: logits [B, V] -> [B, V] or [B].
 They are applied in the usual order (as in Hugging Face's ``generate``): the
 rules that read the text so far (:func:`apply_history`, which greedy decoding
-takes too), then temperature, top-k, top-p and min-p, then a draw.
+takes too), then temperature, top-k, top-p, min-p and typical-p, then a draw.
 
 The draw uses the "exponential race": ``argmax(p / E)`` with ``E = -log U``,
 ``U ~ Uniform[0, 1)`` picks index ``i`` with probability ``p_i``, exactly like
@@ -16,8 +16,8 @@ tokens, eager or compiled.
 
 With top-k the work happens among the k candidates only (``topk`` returns
 them sorted, so top-p needs no sort of the vocabulary and the draw needs k
-random numbers, not V). Top-p alone sorts the whole vocabulary (~4 ms for
-50257 on the 2-core CPU): pair it with a top-k to make it cheap.
+random numbers, not V). Top-p or typical-p alone sorts the whole vocabulary
+(~4 ms for 50257 on the 2-core CPU): pair it with a top-k to make it cheap.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ Tensor = torch.Tensor
 
 def check_sampling_args(
     temperature: float, top_k: int, top_p: float, min_p: float = 0.0, repetition_penalty: float = 1.0,
-    no_repeat_ngram_size: int = 0, min_new_tokens: int = 0, stop_token: Optional[int] = None,
+    no_repeat_ngram_size: int = 0, min_new_tokens: int = 0, stop_token: Optional[int] = None, typical_p: float = 1.0,
 ) -> None:  # fmt: skip
     """Raise one clear line for impossible sampling parameters (a value that
     is not a number, such as None, included; a ``min_new_tokens`` without
@@ -47,6 +47,8 @@ def check_sampling_args(
         raise GPT2FnError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
     if not (is_real(min_p) and 0 <= min_p <= 1):
         raise GPT2FnError(f"min_p must be in [0, 1] (0 = off), got {min_p}")
+    if not (is_real(typical_p) and 0 < typical_p <= 1):
+        raise GPT2FnError(f"typical_p must be in (0, 1] (1 = off), got {typical_p}")
     if not (is_real(repetition_penalty) and 0 < repetition_penalty < math.inf):
         raise GPT2FnError(f"repetition_penalty must be a finite number > 0 (1 = off; above 1 discourages repeats), "
                           f"got {repetition_penalty}")  # fmt: skip
@@ -170,8 +172,29 @@ def min_p_filter(logits: Tensor, p: float) -> Tensor:
     return logits.masked_fill(probs < p * probs.amax(dim=-1, keepdim=True), float("-inf"))
 
 
+def typical_filter(logits: Tensor, mass: float) -> Tensor:
+    """Locally typical sampling (Meister et al., 2022), as Hugging Face's
+    ``TypicalLogitsWarper`` applies it: rank the tokens by how far their
+    surprisal ``-log p`` is from the row's entropy, nearest first, and keep
+    the smallest such set whose probability mass reaches ``mass`` (at least
+    one token, and every token as near as the last kept); the rest -inf.
+    ``mass = 1`` leaves the logits unchanged."""
+    if mass >= 1.0:
+        return logits
+    logits = logits.float()
+    log_p = torch.log_softmax(logits, dim=-1)
+    entropy = -(log_p * log_p.exp()).nansum(-1, keepdim=True)  # (a filtered token: -inf x 0 = nan, left out)
+    distance, order = torch.sort((-log_p - entropy).abs(), dim=-1)
+    mass_so_far = torch.softmax(logits.gather(-1, order), dim=-1).cumsum(dim=-1)
+    last = (mass_so_far < mass).sum(-1, keepdim=True).clamp(max=logits.shape[-1] - 1)  # the last kept, in order
+    drop = distance > distance.gather(-1, last)
+    drop[..., 0] = False
+    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
 def filtered_probs(
-    logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0
+    logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+    typical_p: float = 1.0,
 ) -> Tensor:  # fmt: skip
     """The distribution the sampler draws from: [B, V] fp32, rows sum to 1.
     ``temperature`` must be > 0 here (0 means greedy, handled by :func:`sample`)."""
@@ -179,6 +202,7 @@ def filtered_probs(
     logits = top_k_filter(logits, top_k)
     logits = top_p_filter(logits, top_p)
     logits = min_p_filter(logits, min_p)
+    logits = typical_filter(logits, typical_p)
     return torch.softmax(logits, dim=-1)
 
 
@@ -221,6 +245,7 @@ def choose_token(
     top_k: int = 0,
     top_p: float = 1.0,
     min_p: float = 0.0,
+    typical_p: float = 1.0,
 ) -> Tensor:
     """Pick one token per row, deterministically given ``noise``.
     logits: [B, V]; noise: [B, noise_width(V, top_k)] Uniform[0, 1) (unused
@@ -239,10 +264,10 @@ def choose_token(
         values, indices = torch.topk(logits.float() / temperature, top_k, dim=-1)  # sorted, descending
         if top_p < 1.0:
             values = _nucleus(values, top_p)
-        values = min_p_filter(values, min_p)
+        values = typical_filter(min_p_filter(values, min_p), typical_p)
         choice = torch.argmax(torch.softmax(values, dim=-1) / race, dim=-1, keepdim=True)
         return indices.gather(-1, choice)[:, 0]
-    probs = filtered_probs(logits, temperature, 0, top_p, min_p)
+    probs = filtered_probs(logits, temperature, 0, top_p, min_p, typical_p)
     return torch.argmax(probs / race, dim=-1)
 
 
@@ -253,6 +278,7 @@ def sample(
     top_p: float = 1.0,
     generator: Optional[torch.Generator] = None,
     min_p: float = 0.0,
+    typical_p: float = 1.0,
 ) -> Tensor:
     """Pick one token per row. logits: [B, V] -> [B] int64.
 
@@ -260,7 +286,7 @@ def sample(
     :func:`filtered_probs` with randomness from ``generator``. Impossible
     settings raise one clear line (:func:`check_sampling_args`).
     """
-    check_sampling_args(temperature, top_k, top_p, min_p)
+    check_sampling_args(temperature, top_k, top_p, min_p, typical_p=typical_p)
     B, V = logits.shape
     noise = None if temperature == 0 else uniform_noise((B, noise_width(V, top_k)), generator, logits.device)
-    return choose_token(logits, noise, temperature, top_k, top_p, min_p)
+    return choose_token(logits, noise, temperature, top_k, top_p, min_p, typical_p)

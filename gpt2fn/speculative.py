@@ -136,7 +136,7 @@ def frequent_tokens(tokens: Tensor, n: int, vocab_size: int) -> Tensor:
 def draft_step(
     params: Params, tokens: Tensor, pos: Tensor, cache: KVCache, noise: Optional[Tensor],
     *, config: GPTConfig, kernels: Kernels, temperature: float, top_k: int, top_p: float, min_p: float = 0.0,
-    run_block: Callable = block,
+    typical_p: float = 1.0, run_block: Callable = block,
 ) -> tuple[Tensor, ...]:  # fmt: skip
     """One drafted token per row, and when sampling the distribution it was
     drawn from: tokens [B, T] at pos [B, T] -> (token [B],) greedy, or
@@ -154,7 +154,7 @@ def draft_step(
     if temperature == 0:
         choice = out.argmax(-1)
         return (choice,) if vocab is None else (vocab[choice],)
-    q = filtered_probs(out, temperature, top_k, top_p, min_p)
+    q = filtered_probs(out, temperature, top_k, top_p, min_p, typical_p)
     choice = draw(q, noise)
     if vocab is None:
         return choice, q
@@ -164,6 +164,7 @@ def draft_step(
 def verify_step(
     params: Params, tokens: Tensor, pos: Tensor, cache: KVCache,
     *, config: GPTConfig, kernels: Kernels, temperature: float, top_k: int, top_p: float, min_p: float = 0.0,
+    typical_p: float = 1.0,
 ) -> Tensor:  # fmt: skip
     """The target after each of the last emitted token and the ``k`` drafted
     ones: tokens [B, k + 1] at pos [B, k + 1] -> its greedy choices
@@ -171,7 +172,7 @@ def verify_step(
     out = logits(params, config, hidden(params, config, tokens, pos, cache, kernels=kernels), kernels.linear)
     if temperature == 0:
         return out.argmax(-1)
-    return filtered_probs(out, temperature, top_k, top_p, min_p)
+    return filtered_probs(out, temperature, top_k, top_p, min_p, typical_p)
 
 
 def accept_greedy(drafted: Tensor, chosen: Tensor) -> tuple[Tensor, Tensor]:
@@ -295,7 +296,8 @@ def speculative_round(
 def speculative_steps(
     config: GPTConfig, draft_params: Params, draft_config: GPTConfig, k: int,
     *, adaptive: bool = False, device: torch.device, compile: bool = False, attention: str = "auto",
-    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, batch: int = 1,
+    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, typical_p: float = 1.0,
+    batch: int = 1,
 ) -> Steps:  # fmt: skip
     """:class:`~gpt2fn.steps.Steps` whose decode step is one
     :func:`speculative_round`; the state is a :class:`Speculation`. ``k``
@@ -304,7 +306,7 @@ def speculative_steps(
     :func:`~gpt2fn.steps.chains`; ``batch`` picks its products, see
     :func:`~gpt2fn.steps.decode_kernels`) and the verify step are compiled as
     the plain decode step is (see the module docstring; CUDA graphs on CUDA)."""
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p)
     eager = eager_kernels(attention)
     draft_kernels = decode_kernels(device, batch, attention) if compile else eager
     verify_kernels = Kernels(few_rows, draft_kernels.attend)

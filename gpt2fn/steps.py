@@ -41,7 +41,7 @@ keys written so far, not the whole preallocated cache):
   compiled once, called for every layer. Each compiled step has a dynamo
   frame of its own for every batch size and params layout (:func:`compiled_step`).
 
-Sampling settings (temperature, top-k, top-p, min-p, the repetition
+Sampling settings (temperature, top-k, top-p, min-p, typical-p, the repetition
 penalty, the n-gram ban, the least number of new tokens and the stop token
 it holds back) are constants of a graph: changing them between
 generations compiles a new graph once.
@@ -160,7 +160,7 @@ class History(NamedTuple):
 def cached_step(
     params: Params, tokens: Tensor, pos: Tensor, state: State, noise: Optional[Tensor],
     *, config: GPTConfig, kernels: Kernels, temperature: float, top_k: int, top_p: float, min_p: float = 0.0,
-    repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, min_new_tokens: int = 0,
+    typical_p: float = 1.0, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, min_new_tokens: int = 0,
     stop_token: Optional[int] = None, run_block: Callable = block, tap: Optional[Tap] = None,
 ) -> Tensor:  # fmt: skip
     """Writes the tokens' keys/values into the cache; each row's last column
@@ -180,7 +180,7 @@ def cached_step(
         sequence = state.tokens.scatter_(1, pos, tokens)
         scores = apply_history(scores, sequence, pos[:, -1], made=state.made, **rules)
         state.made.add_(1)
-    return choose_token(scores, noise, temperature, top_k, top_p, min_p)
+    return choose_token(scores, noise, temperature, top_k, top_p, min_p, typical_p)
 
 
 def chain(
@@ -212,7 +212,7 @@ def chain_step(params: Params, tokens: Tensor, pos: Tensor, cache: State, noise:
 def recompute(
     params: Params, sequence: Tensor, last: Tensor, made: Tensor, noise: Optional[Tensor],
     *, config: GPTConfig, kernels: Kernels, temperature: float, top_k: int, top_p: float, min_p: float = 0.0,
-    **rules,
+    typical_p: float = 1.0, **rules,
 ) -> Tensor:  # fmt: skip
     """The whole sequence [B, S] without a cache; row b's next token comes
     from its position ``last[b]`` (the ``rules`` of
@@ -221,7 +221,7 @@ def recompute(
     x = hidden(params, config, sequence, positions(*sequence.shape, device=sequence.device), kernels=kernels)
     x = x[torch.arange(x.shape[0], device=x.device), last]  # [B, D]
     scores = apply_history(logits(params, config, x, kernels.linear), sequence, last, made=made, **rules)
-    return choose_token(scores, noise, temperature, top_k, top_p, min_p)
+    return choose_token(scores, noise, temperature, top_k, top_p, min_p, typical_p)
 
 
 def uncached_step(
@@ -262,7 +262,8 @@ def eager_kernels(attention: str = "auto") -> Kernels:
 def cached_steps(
     config: GPTConfig, attention: str = "auto", tokens_per_call: int = 1, tap: Optional[Tap] = None, **sampling
 ) -> Steps:  # fmt: skip
-    """``sampling``: temperature, top_k, top_p, min_p. With ``tokens_per_call`` > 1
+    """``sampling``: temperature, top_k, top_p, min_p, typical_p and the
+    rules of :func:`with_history`. With ``tokens_per_call`` > 1
     a decode step is a :func:`chain` of that many steps, emitting [B, n].
     ``tap`` (see :mod:`gpt2fn.interp`) sees every call: the prompt's, then
     each new token's ([B, 1, ...]; attention over the cache's first positions,

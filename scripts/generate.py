@@ -76,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus: the smallest set with mass >= p (1 = off)")
     p.add_argument("--min_p", type=float, default=0.0,
                    help="drop the tokens less likely than min_p times the most likely one (0 = off)")
+    p.add_argument("--typical_p", type=float, default=1.0,
+                   help="locally typical sampling: keep the tokens whose surprisal is nearest the entropy, up to this "
+                        "mass, as Hugging Face's typical_p (1 = off)")
     p.add_argument("--repetition_penalty", type=float, default=1.0,
                    help="make every token the text already has (prompt included) less likely, greedy too, as "
                         "Hugging Face's repetition_penalty does: 1 = off, 1.2 a usual setting (not with --draft)")
@@ -133,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         raise GPT2FnError("--min_tokens keeps <|endoftext|> from ending a row that soon, and with --ignore_eot it ends "
                           "none; drop one of them")  # fmt: skip
     check_sampling_args(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty,
-                        args.no_repeat_ngram_size)  # fmt: skip
+                        args.no_repeat_ngram_size, typical_p=args.typical_p)  # fmt: skip
     prompts = list(args.prompt) + read_prompt_file(args.prompt_file)
     if args.interactive and prompts:
         raise GPT2FnError("--interactive reads its prompts from standard input, one a line; drop --prompt and "
@@ -229,7 +232,7 @@ def check_beam_args(args: argparse.Namespace) -> None:
         return
     given = [flag for flag, given in [
         ("--temperature", args.temperature is not None), ("--top_k", args.top_k != 0), ("--top_p", args.top_p != 1),
-        ("--min_p", args.min_p != 0), ("--draft", args.draft is not None), ("--no-kvcaching", not args.kvcaching),
+        ("--min_p", args.min_p != 0), ("--typical_p", args.typical_p != 1), ("--draft", args.draft is not None), ("--no-kvcaching", not args.kvcaching),
         ("--tokens_per_call", args.tokens_per_call != 1),
     ] if given]  # fmt: skip
     if given:
@@ -292,7 +295,7 @@ def run_batch(args: argparse.Namespace, prompts: list[str], streamed: bool, para
     ids = [encode(tokenizer, p) for p in prompts]
     stream = generate(  # one prompt (a tensor) must fit with its continuation; in a batch each row stops at the context
         params, config, torch.tensor(ids) if len(set(prompts)) == 1 else ids, args.max_tokens,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, typical_p=args.typical_p,
         repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
         min_new_tokens=args.min_tokens, generator=generator,
         use_cache=args.kvcaching, attention=args.attention,

@@ -255,6 +255,7 @@ def test_the_cli_prints_the_best_beam_and_refuses_what_beam_search_does_not_take
     for flags, message in [
         (["--temperature", "0.7"], "--num_beams runs beam search, which does not take --temperature; drop one of them"),
         (["--top_k", "5"], "--num_beams runs beam search, which does not take --top_k; drop one of them"),
+        (["--typical_p", "0.9"], "--num_beams runs beam search, which does not take --typical_p; drop one of them"),
         (["--draft", "int8"], "--num_beams runs beam search, which does not take --draft; drop one of them"),
         (["--num_beams", "0"], "--num_beams must be an integer >= 1, got 0"),
         (["--num_samples", "4"], "--num_samples 4 prints that many of each prompt's best beams; there are --num_beams 3"),

@@ -39,18 +39,23 @@ def test_greedy_output_is_the_library_greedy_continuation(generate_cli, capsys, 
     assert "prefill:" in err and "decode:" in err and "tokens/s" in err and "generated 20" in err
 
 
-def test_min_p_samples_as_the_library_does(generate_cli, capsys, small_ref):
+@pytest.mark.parametrize("flag, value, message", [
+    ("min_p", 0.5, "min_p must be in [0, 1] (0 = off), got 1.5"),
+    ("typical_p", 0.5, "typical_p must be in (0, 1] (1 = off), got 1.5"),
+])  # fmt: skip
+def test_min_p_and_typical_p_sample_as_the_library_does(generate_cli, capsys, small_ref, flag, value, message):
     base = ["--prompt", "Once upon a time", "--model", str(small_ref.directory), "--max_tokens", "12", "--ignore_eot",
             "--device", "cpu", "--seed", "2"]  # fmt: skip
-    code, out, err = run_cli(generate_cli, capsys, *base, "--min_p", "0.5", "--temperature", "0.8")
+    code, out, err = run_cli(generate_cli, capsys, *base, f"--{flag}", str(value), "--temperature", "0.8")
     assert code == 0, err
     params, config = load_pretrained(small_ref.directory)
     t = get_tokenizer()
-    new, _ = generate_all(params, config, torch.tensor([encode(t, "Once upon a time")]), 12, temperature=0.8, min_p=0.5,
-                          generator=torch.Generator().manual_seed(2))  # fmt: skip
+    new, _ = generate_all(params, config, torch.tensor([encode(t, "Once upon a time")]), 12, temperature=0.8,
+                          generator=torch.Generator().manual_seed(2), **{flag: value})  # fmt: skip
     assert out == "Once upon a time" + decode(t, new[0].tolist()) + "\n"
-    code, out, err = run_cli(generate_cli, capsys, *base, "--min_p", "1.5")
-    assert code == 2 and err == "error: min_p must be in [0, 1] (0 = off), got 1.5\n"
+    assert out != run_cli(generate_cli, capsys, *base, "--temperature", "0.8")[1]
+    code, out, err = run_cli(generate_cli, capsys, *base, f"--{flag}", "1.5")
+    assert code == 2 and err == f"error: {message}\n"
 
 
 def test_repetition_penalty_and_no_repeat_ngram_size_generate_as_the_library_does(generate_cli, capsys, small_ref):

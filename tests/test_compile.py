@@ -378,13 +378,13 @@ def test_compiled_generation_equals_eager_greedy_and_seeded(small_ref):
     params, config = load_pretrained(small_ref.directory)
     greedy = generate_all(params, config, prompt(7), 64, temperature=0)[0]
     assert torch.equal(generate_all(params, config, prompt(7), 64, temperature=0, compile=True)[0], greedy)
-    for top_k, top_p, min_p in [(20, 0.9, 0.0), (0, 0.8, 0.0), (20, 1.0, 0.5)]:
+    for top_k, top_p, min_p, typical_p in [(20, 0.9, 0.0, 1.0), (0, 0.8, 0.0, 1.0), (20, 1.0, 0.5, 1.0), (20, 1.0, 0.0, 0.8)]:
         runs = [
             generate_all(params, config, prompt(7), 40, temperature=0.9, top_k=top_k, top_p=top_p, min_p=min_p,
-                         generator=torch.Generator().manual_seed(11), compile=c)[0]
+                         typical_p=typical_p, generator=torch.Generator().manual_seed(11), compile=c)[0]
             for c in (False, True)
         ]  # fmt: skip
-        assert torch.equal(runs[0], runs[1]), (top_k, top_p, min_p)
+        assert torch.equal(runs[0], runs[1]), (top_k, top_p, min_p, typical_p)
 
 
 @pytest.mark.parametrize("per_call", [1, 3])
@@ -434,19 +434,20 @@ def test_min_new_tokens_compiles_into_one_graph_that_holds_the_stop_token_as_eag
     assert counters["stats"]["unique_graphs"] == 0  # other prompts and lengths, another generation: the graph built
 
 
-@pytest.mark.parametrize("top_k, top_p, min_p", [(0, 1.0, 0.0), (3, 1.0, 0.0), (0, 0.7, 0.0), (4, 0.8, 0.0), (0, 1.0, 0.3),
-                                               (4, 1.0, 0.3)])  # fmt: skip
-def test_compiled_sampler_follows_the_filtered_distribution(top_k, top_p, min_p):
+@pytest.mark.parametrize("top_k, top_p, min_p, typical_p", [(0, 1.0, 0.0, 1.0), (3, 1.0, 0.0, 1.0), (0, 0.7, 0.0, 1.0),
+                                                            (4, 0.8, 0.0, 1.0), (0, 1.0, 0.3, 1.0), (4, 1.0, 0.3, 1.0),
+                                                            (0, 1.0, 0.0, 0.6), (4, 1.0, 0.0, 0.6)])  # fmt: skip
+def test_compiled_sampler_follows_the_filtered_distribution(top_k, top_p, min_p, typical_p):
     """40,000 draws from the compiled sampler, one distribution: the empirical
     frequencies must sit within 4.5 binomial standard deviations."""
     V, n = 6, 40_000
     logits = torch.log(torch.tensor([[0.4, 0.25, 0.15, 0.1, 0.06, 0.04]])).expand(n, V)
     noise = uniform_noise((n, noise_width(V, top_k)), torch.Generator().manual_seed(5))
-    sampler = torch.compile(functools.partial(choose_token, temperature=1.0, top_k=top_k, top_p=top_p, min_p=min_p),
-                            fullgraph=True)  # fmt: skip
+    sampler = torch.compile(functools.partial(choose_token, temperature=1.0, top_k=top_k, top_p=top_p, min_p=min_p,
+                                              typical_p=typical_p), fullgraph=True)  # fmt: skip
     draws = sampler(logits, noise)
-    assert torch.equal(draws, choose_token(logits, noise, 1.0, top_k, top_p, min_p))  # compiled == eager, draw by draw
-    probs = filtered_probs(logits[:1], 1.0, top_k, top_p, min_p)[0].double()
+    assert torch.equal(draws, choose_token(logits, noise, 1.0, top_k, top_p, min_p, typical_p))  # compiled == eager
+    probs = filtered_probs(logits[:1], 1.0, top_k, top_p, min_p, typical_p)[0].double()
     freq = torch.bincount(draws, minlength=V).double() / n
     sigma = (probs * (1 - probs) / n).sqrt()
     assert ((freq - probs).abs() <= 4.5 * sigma + 1e-12).all(), (freq, probs)

@@ -9,7 +9,7 @@ import torch
 from gpt2fn import GPT2FnError, sample
 from gpt2fn.sampling import (
     apply_history, check_sampling_args, choose_token, draw, filtered_probs, hold_stop, min_p_filter, penalize_repeats,
-    repeated_ngrams, seen_tokens, top_k_filter, top_p_filter,
+    repeated_ngrams, seen_tokens, top_k_filter, top_p_filter, typical_filter,
 )  # fmt: skip
 
 
@@ -159,24 +159,49 @@ def test_the_repeated_ngrams_are_hugging_faces(n):
     assert banned > 10  # the rule bit (n = 4: 13 tokens of 200 rows)
 
 
-@pytest.mark.parametrize("top_k, top_p, min_p", [(0, 1.0, 0.1), (50, 1.0, 0.2), (50, 0.9, 0.05), (0, 0.8, 0.3)])
-def test_filters_chain_as_hugging_faces_warpers(top_k, top_p, min_p):
-    """filtered_probs = transformers' temperature, top-k, top-p and min-p
-    warpers in that order, then softmax; the compiled step's sampler
+@pytest.mark.parametrize("mass", [0.05, 0.2, 0.5, 0.9, 0.95, 0.999, 1.0])
+def test_typical_p_is_hugging_faces_typical_p(mass):
+    """typical_filter against transformers' TypicalLogitsWarper on 300
+    batches of random logits of varied sharpness, a third with tokens
+    filtered already (-inf): the same logits dropped, at least one kept; 1 is a no-op."""
+    from transformers.generation.logits_process import TypicalLogitsWarper
+
+    g = torch.Generator().manual_seed(0)
+    kept = []
+    for trial in range(300):
+        logits = torch.randn(4, 300, generator=g) * (0.5 + 4 * torch.rand(1, generator=g))
+        if trial % 3 == 0:
+            logits[:, :5] = float("-inf")
+        ours = typical_filter(logits, mass)
+        if mass == 1:
+            assert ours is logits
+            return
+        assert torch.equal(ours, TypicalLogitsWarper(mass)(None, logits.clone()))
+        kept += torch.isfinite(ours).sum(-1).tolist()
+    assert 1 <= min(kept) < max(kept) < 300  # every row keeps a token, some more than others, none all 300
+
+
+@pytest.mark.parametrize("top_k, top_p, min_p, typical_p", [(0, 1.0, 0.1, 1.0), (50, 1.0, 0.2, 1.0), (50, 0.9, 0.05, 1.0),
+                                                            (0, 0.8, 0.3, 1.0), (0, 1.0, 0.0, 0.5), (50, 0.9, 0.02, 0.7)])  # fmt: skip
+def test_filters_chain_as_hugging_faces_warpers(top_k, top_p, min_p, typical_p):
+    """filtered_probs = transformers' temperature, top-k, top-p, min-p and
+    typical-p warpers in that order, then softmax; the compiled step's sampler
     (choose_token, top-k among the candidates only) draws only from its support."""
     from transformers.generation.logits_process import (
         LogitsProcessorList, MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+        TypicalLogitsWarper,
     )  # fmt: skip
 
     logits = random_logits(batch=4, vocab=3000, seed=6)
     warpers = [TemperatureLogitsWarper(0.8)] + ([TopKLogitsWarper(top_k)] if top_k else [])
     warpers += ([TopPLogitsWarper(top_p)] if top_p < 1 else []) + [MinPLogitsWarper(min_p)]
+    warpers += [TypicalLogitsWarper(typical_p)] if typical_p < 1 else []
     reference = torch.softmax(LogitsProcessorList(warpers)(None, logits.clone()), -1)
-    ours = filtered_probs(logits, 0.8, top_k, top_p, min_p)
+    ours = filtered_probs(logits, 0.8, top_k, top_p, min_p, typical_p)
     assert torch.equal(ours > 0, reference > 0) and torch.allclose(ours, reference, atol=1e-7)
     g = torch.Generator().manual_seed(1)
     for _ in range(20):
-        chosen = choose_token(logits, torch.rand(4, top_k or 3000, generator=g), 0.8, top_k, top_p, min_p)
+        chosen = choose_token(logits, torch.rand(4, top_k or 3000, generator=g), 0.8, top_k, top_p, min_p, typical_p)
         assert (reference.gather(-1, chosen[:, None]) > 0).all()
 
 
@@ -206,9 +231,10 @@ def test_draws_follow_the_filtered_distribution():
     logits = torch.log(torch.tensor([[0.4, 0.25, 0.15, 0.1, 0.06, 0.04]]))
     n = 40_000
     g = torch.Generator().manual_seed(7)
-    for top_k, top_p, min_p in [(0, 1.0, 0.0), (3, 1.0, 0.0), (0, 0.7, 0.0), (0, 1.0, 0.3), (4, 1.0, 0.3)]:
-        probs = filtered_probs(logits, 1.0, top_k, top_p, min_p)[0]
-        draws = sample(logits.expand(n, -1), 1.0, top_k, top_p, g, min_p=min_p)
+    for top_k, top_p, min_p, typical in [(0, 1.0, 0.0, 1.0), (3, 1.0, 0.0, 1.0), (0, 0.7, 0.0, 1.0), (0, 1.0, 0.3, 1.0),
+                                         (4, 1.0, 0.3, 1.0), (0, 1.0, 0.0, 0.6), (4, 1.0, 0.0, 0.6)]:  # fmt: skip
+        probs = filtered_probs(logits, 1.0, top_k, top_p, min_p, typical)[0]
+        draws = sample(logits.expand(n, -1), 1.0, top_k, top_p, g, min_p=min_p, typical_p=typical)
         freq = torch.bincount(draws, minlength=6).double() / n
         # 4.5 standard deviations of a binomial proportion: a real bias fails, noise does not
         sigma = (probs.double() * (1 - probs.double()) / n).sqrt()
@@ -254,6 +280,9 @@ def test_inverse_cdf_draws_follow_the_weights():
         (dict(min_p=-0.1), r"min_p must be in \[0, 1\] \(0 = off\), got -0.1"),
         (dict(min_p=1.5), r"min_p must be in \[0, 1\]"),
         (dict(min_p=None), r"min_p must be in \[0, 1\]"),
+        (dict(typical_p=0.0), r"typical_p must be in \(0, 1\] \(1 = off\), got 0.0$"),
+        (dict(typical_p=1.5), r"typical_p must be in \(0, 1\] \(1 = off\), got 1.5$"),
+        (dict(typical_p=None), r"typical_p must be in \(0, 1\] \(1 = off\), got None$"),
         (dict(repetition_penalty=0.0), r"repetition_penalty must be a finite number > 0 \(1 = off; above 1 discourages "
                                        r"repeats\), got 0.0$"),  # fmt: skip
         (dict(repetition_penalty=-1.2), r"repetition_penalty must be a finite number > 0 .*, got -1.2$"),

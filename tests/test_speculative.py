@@ -524,6 +524,22 @@ def test_speculative_sampling_keeps_to_min_p(small):
     assert (probs >= 0.5 * probs.max(-1, keepdim=True).values).sum(-1).float().mean() > 1  # a choice was left to draw
 
 
+def test_speculative_sampling_keeps_to_typical_p(small):
+    """typical_p in speculative rounds: every emitted token is in the
+    target's typical set (at that temperature) after the tokens before it,
+    a set that left a choice to draw."""
+    from gpt2fn import forward
+    from gpt2fn.sampling import typical_filter
+
+    params, config = small
+    prompt = prompts(1, (6,))[0]
+    new, _ = generate_all(params, config, prompt, 40, temperature=0.9, typical_p=0.5, draft=(self_draft(params, "bfloat16"), config),
+                          generator=torch.Generator().manual_seed(3))  # fmt: skip
+    kept = typical_filter(forward(params, config, torch.cat([prompt, new], dim=1))[0, prompt.shape[1] - 1 : -1] / 0.9, 0.5)
+    assert torch.isfinite(kept.gather(-1, new[0, :, None])).all()
+    assert torch.isfinite(kept).sum(-1).float().mean() > 1 and (~torch.isfinite(kept)).any()
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
