@@ -279,7 +279,8 @@ def generate(
     keeps ``stop_token`` from being chosen as any row's first m new tokens,
     as Hugging Face's ``min_new_tokens`` does (:func:`~gpt2fn.sampling.hold_stop`).
     The steps then carry each row's tokens and their count
-    (:class:`~gpt2fn.steps.History`). None of the three with a draft.
+    (:class:`~gpt2fn.steps.History`); speculative rounds apply the three to
+    the draft's choices and the target's, drafted tokens included.
     ``use_cache`` and ``compile`` pick the steps (see :mod:`gpt2fn.steps`);
     ``attention`` is "manual", "sdpa" or "auto"
     (:func:`gpt2fn.steps.resolve_attention`). The first compiled decode step
@@ -323,9 +324,6 @@ def generate(
     check_int("tokens_per_call", tokens_per_call)
     rules = dict(repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
                  min_new_tokens=min_new_tokens)  # fmt: skip
-    if reads_history(**rules) and draft is not None:
-        raise GPT2FnError("speculative rounds apply no repetition_penalty, no_repeat_ngram_size or min_new_tokens; drop "
-                          "the draft or those")  # fmt: skip
     if tokens_per_call > 1 and (draft is not None or not use_cache):
         raise GPT2FnError("tokens_per_call chains cached plain decode steps; drop it, "
                           + ("or the draft (speculative rounds emit several tokens a call already)" if draft is not None
@@ -333,7 +331,7 @@ def generate(
     prompts = prompt_lists(config, prompts, max_new_tokens)
     device = params_device(params)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p)
-    if reads_history(**rules):  # (speculative steps take none)
+    if reads_history(**rules):
         sampling.update(rules, **({"stop_token": stop_token} if min_new_tokens else {}))
     width = (noise_width(config.vocab_size, top_k),)  # the random numbers a step needs per row
     if draft is None:

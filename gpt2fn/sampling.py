@@ -102,10 +102,10 @@ def repeated_ngrams(sequence: Tensor, last: Tensor, n: int, vocab_size: int) -> 
 
 def hold_stop(logits: Tensor, made: Tensor | int, min_new_tokens: int, stop_token: int) -> Tensor:
     """Hugging Face's ``min_new_tokens`` (its ``MinNewTokensLengthLogitsProcessor``):
-    the stop token at -inf while fewer than ``min_new_tokens`` new tokens
-    have been made (``made``: a [1] tensor or an int; every row of a batch
-    has made as many). logits [B, V] -> [B, V]."""
-    held = (torch.arange(logits.shape[-1], device=logits.device) == stop_token) & (made < min_new_tokens)
+    the stop token at -inf in each row that has made fewer than
+    ``min_new_tokens`` new tokens before this choice (``made``: [B], or an
+    int for every row). logits [B, V] -> [B, V]."""
+    held = (torch.arange(logits.shape[-1], device=logits.device) == stop_token) & (torch.as_tensor(made) < min_new_tokens)[..., None]
     return logits.masked_fill(held, float("-inf"))
 
 
@@ -114,7 +114,7 @@ def apply_history(
     min_new_tokens: int = 0, stop_token: Optional[int] = None, made: Tensor | int = 0,
 ) -> Tensor:  # fmt: skip
     """The rules that read each row's text so far (sequence [B, S] up to
-    position last [B]; ``made`` new tokens of it, every row as many):
+    position last [B]; the last ``made`` of it new tokens: [B], or an int for every row):
     :func:`penalize_repeats`, with a ``no_repeat_ngram_size`` -inf for the
     tokens :func:`repeated_ngrams` names, and with ``min_new_tokens``
     :func:`hold_stop`. logits [B, V] -> [B, V]; unchanged with all three off."""
@@ -128,8 +128,10 @@ def apply_history(
     return logits
 
 
-def reads_history(repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, min_new_tokens: int = 0) -> bool:
-    """Whether these settings make the choice read the text so far (:func:`apply_history`)."""
+def reads_history(
+    repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, min_new_tokens: int = 0, stop_token: Optional[int] = None
+) -> bool:  # fmt: skip
+    """Whether these settings (:func:`apply_history`'s) make the choice read the text so far."""
     return repetition_penalty != 1 or no_repeat_ngram_size > 0 or min_new_tokens > 0
 
 

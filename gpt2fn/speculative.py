@@ -61,8 +61,11 @@ of them by the fewest any row accepted, plus one (see
 Sampling: the standard rule (Leviathan et al. 2023; Chen et al. 2023). A
 drafted token ``x`` is accepted with probability ``min(1, p(x) / q(x))``; at
 the first rejection the token is drawn from ``max(0, p - q)`` normalised.
-Temperature, top-k and top-p shape both ``p`` (target) and ``q`` (draft), so
-every emitted token follows the target's filtered distribution exactly.
+Temperature, top-k, top-p, min-p and typical-p shape both ``p`` (target) and
+``q`` (draft), and so do the rules that read the text so far (a repetition
+penalty, an n-gram ban, ``min_new_tokens``: at each drafted position over
+the text up to it, drafted tokens included), so every emitted token follows
+the target's filtered distribution exactly (greedy: its argmax under the rules).
 Each draw (a drafted token, the last token of a round) is one inverse-CDF
 draw (:func:`~gpt2fn.sampling.draw`), so all the randomness of a round is
 ``2 (k + 1)`` uniform numbers from the caller's generator: a seed fixes the
@@ -84,8 +87,8 @@ from gpt2fn.layers import Kernels, block, few_rows
 from gpt2fn.model import hidden, logits
 from gpt2fn.params import Params, map_params, params_device
 from gpt2fn.quantize import quantize_int8
-from gpt2fn.sampling import draw, filtered_probs
-from gpt2fn.steps import Steps, _cache, _marked_cache, chains, compiled_step, decode_kernels, eager_kernels
+from gpt2fn.sampling import apply_history, draw, filtered_probs, reads_history
+from gpt2fn.steps import History, Steps, _cache, _marked_cache, chains, compiled_step, decode_kernels, eager_kernels, mark_static
 
 Tensor = torch.Tensor
 DRAFT_DTYPES = {"int8": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -134,9 +137,9 @@ def frequent_tokens(tokens: Tensor, n: int, vocab_size: int) -> Tensor:
 
 
 def draft_step(
-    params: Params, tokens: Tensor, pos: Tensor, cache: KVCache, noise: Optional[Tensor],
+    params: Params, tokens: Tensor, pos: Tensor, cache: KVCache | History, noise: Optional[Tensor],
     *, config: GPTConfig, kernels: Kernels, temperature: float, top_k: int, top_p: float, min_p: float = 0.0,
-    typical_p: float = 1.0, run_block: Callable = block,
+    typical_p: float = 1.0, run_block: Callable = block, **rules,
 ) -> tuple[Tensor, ...]:  # fmt: skip
     """One drafted token per row, and when sampling the distribution it was
     drawn from: tokens [B, T] at pos [B, T] -> (token [B],) greedy, or
@@ -146,11 +149,20 @@ def draft_step(
     :func:`~gpt2fn.sampling.draw`). ``run_block``: see
     :func:`~gpt2fn.steps.decode_block`. A draft with a vocabulary of its own
     (:func:`draft_vocab`) chooses among its ``Vd`` tokens; ``q`` is 0
-    elsewhere."""
-    x = hidden(params, config, tokens, pos, cache, kernels=kernels, run_block=run_block)[:, -1]
+    elsewhere. With ``rules`` (:func:`~gpt2fn.sampling.apply_history`'s)
+    the cache comes in a :class:`~gpt2fn.steps.History`, whose tokens the
+    step writes and reads as :func:`~gpt2fn.steps.cached_step` does (a cut
+    vocabulary's logits placed in the whole one for them)."""
+    history = reads_history(**rules)
+    x = hidden(params, config, tokens, pos, cache.cache if history else cache, kernels=kernels, run_block=run_block)[:, -1]
     vocab = params.get("vocab")
     head = params if vocab is None else {**params, "wte": params["head"], "wte_scale": params.get("head_scale")}
     out = logits(head, config, x, kernels.linear)  # [B, V], or [B, Vd] over the draft's own vocabulary
+    if history:
+        whole = out if vocab is None else out.new_full((len(out), config.vocab_size), float("-inf")).index_copy(1, vocab, out)
+        sequence = cache.tokens.scatter_(1, pos, tokens)
+        whole = apply_history(whole, sequence, pos[:, -1], made=pos[:, -1] + 1 - cache.start, **rules)
+        out = whole if vocab is None else whole[:, vocab]
     if temperature == 0:
         choice = out.argmax(-1)
         return (choice,) if vocab is None else (vocab[choice],)
@@ -162,14 +174,24 @@ def draft_step(
 
 
 def verify_step(
-    params: Params, tokens: Tensor, pos: Tensor, cache: KVCache,
+    params: Params, tokens: Tensor, pos: Tensor, cache: KVCache | History,
     *, config: GPTConfig, kernels: Kernels, temperature: float, top_k: int, top_p: float, min_p: float = 0.0,
-    typical_p: float = 1.0,
+    typical_p: float = 1.0, **rules,
 ) -> Tensor:  # fmt: skip
     """The target after each of the last emitted token and the ``k`` drafted
     ones: tokens [B, k + 1] at pos [B, k + 1] -> its greedy choices
-    [B, k + 1], or (sampling) its filtered distributions [B, k + 1, V] fp32."""
-    out = logits(params, config, hidden(params, config, tokens, pos, cache, kernels=kernels), kernels.linear)
+    [B, k + 1], or (sampling) its filtered distributions [B, k + 1, V] fp32.
+    With ``rules`` the cache comes in a :class:`~gpt2fn.steps.History`: the
+    tokens are written into it, and the choice after each position reads
+    the row's tokens up to that position."""
+    history = reads_history(**rules)
+    out = logits(params, config, hidden(params, config, tokens, pos, cache.cache if history else cache, kernels=kernels),
+                 kernels.linear)  # fmt: skip
+    if history:  # one row a position, [B (k + 1), V], each reading the row's tokens up to it
+        B, T, V = out.shape
+        sequence = cache.tokens.scatter_(1, pos, tokens).repeat_interleave(T, 0)
+        made = (pos + 1 - cache.start[:, None]).flatten()
+        out = apply_history(out.flatten(0, 1), sequence, pos.flatten(), made=made, **rules).view(B, T, V)
     if temperature == 0:
         return out.argmax(-1)
     return filtered_probs(out, temperature, top_k, top_p, min_p, typical_p)
@@ -228,7 +250,9 @@ def next_k(levels: tuple[int, ...], k: int, accepted: int) -> int:
 class Speculation:
     """The state of a speculative generation: both caches, the token before
     the next round's, the ``k`` of the next round, where the generation ends
-    and where each row stands, and the counts its stats report."""
+    and where each row stands, the counts its stats report, and with rules
+    that read the text so far, its tokens and where each row's new ones
+    start (which both models' steps read: see :meth:`states`)."""
 
     target: KVCache
     draft: KVCache
@@ -237,6 +261,15 @@ class Speculation:
     at: list[int]  # each row's position of the token the next round is fed (on the host)
     before: Tensor  # [B, 1]: the emitted token before the next round's first (the draft runs both, see speculative_round)
     counts: dict = field(default_factory=lambda: {"target_passes": 0, "drafted": 0, "accepted": 0, "drafted_past_end": 0})
+    tokens: Optional[Tensor] = None  # [B, L]: each row's tokens at their positions (with rules; later slots: stale)
+    start: Optional[Tensor] = None  # [B]: each row's first new position (with rules)
+
+    def states(self) -> tuple:
+        """(the target's state, the draft's): their caches, each in a
+        :class:`~gpt2fn.steps.History` with the tokens when there are rules."""
+        if self.tokens is None:
+            return self.target, self.draft
+        return History(self.target, self.tokens, self.start), History(self.draft, self.tokens, self.start)
 
 
 def speculative_round(
@@ -270,12 +303,13 @@ def speculative_round(
     there, and no kept token reads it."""
     k = state.k
     length = cache_len(state.target)
+    target, drafts = state.states()
     if noise is not None:
         noise = noise[:, : k + 1]
     drafted, *q = draft(k)(draft_params, torch.cat([state.before, token], dim=1), torch.cat([pos - 1, pos], dim=1),
-                           state.draft, None if noise is None else noise[:, :k, 0])  # fmt: skip
+                           drafts, None if noise is None else noise[:, :k, 0])  # fmt: skip
     verify_pos = (pos + torch.arange(k + 1, device=pos.device)).clamp(max=length - 1)
-    out = verify(params, torch.cat([token, drafted], dim=1), verify_pos, state.target)
+    out = verify(params, torch.cat([token, drafted], dim=1), verify_pos, target)
     n, tokens = accept(drafted, out) if noise is None else accept(drafted, q[0], out, noise)
     n = n.tolist()
     # Drafted tokens past the generation's end (verified, then dropped by the
@@ -297,7 +331,7 @@ def speculative_steps(
     config: GPTConfig, draft_params: Params, draft_config: GPTConfig, k: int,
     *, adaptive: bool = False, device: torch.device, compile: bool = False, attention: str = "auto",
     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, typical_p: float = 1.0,
-    batch: int = 1,
+    batch: int = 1, **rules,
 ) -> Steps:  # fmt: skip
     """:class:`~gpt2fn.steps.Steps` whose decode step is one
     :func:`speculative_round`; the state is a :class:`Speculation`. ``k``
@@ -305,8 +339,14 @@ def speculative_steps(
     there; see :func:`next_k`). With ``compile`` the draft (see
     :func:`~gpt2fn.steps.chains`; ``batch`` picks its products, see
     :func:`~gpt2fn.steps.decode_kernels`) and the verify step are compiled as
-    the plain decode step is (see the module docstring; CUDA graphs on CUDA)."""
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p)
+    the plain decode step is (see the module docstring; CUDA graphs on CUDA).
+    ``rules``: :func:`~gpt2fn.sampling.apply_history`'s, which both models'
+    steps apply to the text so far (the state's tokens, drafted ones
+    included up to each position), so a greedy round still emits the
+    target's greedy tokens under them and a sampled one its distribution."""
+    history = reads_history(**rules)
+    filters = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p)
+    sampling = dict(filters, **rules)
     eager = eager_kernels(attention)
     draft_kernels = decode_kernels(device, batch, attention) if compile else eager
     verify_kernels = Kernels(few_rows, draft_kernels.attend)
@@ -321,14 +361,26 @@ def speculative_steps(
 
     def make_state(params: Params, batch: int, length: int) -> Speculation:
         target, drafts = new_cache(config, params, batch, length), new_cache(draft_config, draft_params, batch, length)
-        before = torch.zeros(batch, 1, dtype=torch.long, device=params_device(params))
-        return Speculation(target, drafts, k, length, [0] * batch, before=before)
+        device = params_device(params)
+        before = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        state = Speculation(target, drafts, k, length, [0] * batch, before=before)
+        if history:
+            state.tokens = torch.zeros(batch, length, dtype=torch.long, device=device)
+            state.start = torch.zeros(batch, dtype=torch.long, device=device)
+            if compile:  # as with_history marks a plain step's
+                torch._dynamo.mark_dynamic(state.tokens, 1)
+                for t in (state.tokens, state.start) if device.type == "cuda" else ():
+                    mark_static(t)
+        return state
 
     def prefill(params: Params, tokens: Tensor, pos: Tensor, state: Speculation, noise: Optional[Tensor]) -> Tensor:
         hidden(draft_params, draft_config, tokens, pos, state.draft, kernels=eager)  # fills the draft's cache
         state.before, state.at = tokens[:, -1:].clone(), (pos[:, -1] + 1).tolist()  # each chosen token: its prompt's end
         out = logits(params, config, hidden(params, config, tokens, pos, state.target, kernels=eager)[:, -1])
-        return out.argmax(-1) if noise is None else draw(filtered_probs(out, **sampling), noise[:, 0, 0])
+        if history:
+            state.start.copy_(pos[:, -1] + 1)
+            out = apply_history(out, state.tokens.scatter_(1, pos, tokens), pos[:, -1], made=0, **rules)
+        return out.argmax(-1) if noise is None else draw(filtered_probs(out, **filters), noise[:, 0, 0])
 
     def decode(params: Params, token: Tensor, pos: Tensor, state: Speculation, noise: Optional[Tensor]) -> Tensor:
         return speculative_round(params, token, pos, state, noise, draft_params=draft_params, draft=draft,

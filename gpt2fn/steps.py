@@ -23,8 +23,9 @@ keys written so far, not the whole preallocated cache):
 
 * :func:`cached_steps`: the state is the preallocated KV cache (with a
   repetition penalty, an n-gram ban or a least number of new tokens, a
-  :class:`History`: the cache, each row's tokens at their positions and the
-  count of tokens made, written in place by each step as the cache is).
+  :class:`History`: the cache and each row's tokens at their positions,
+  written in place by each step as the cache is, and where its new tokens
+  start, recorded by the prompt's step).
 * :func:`uncached_steps`: the state is a :class:`History` without a cache;
   every step recomputes the whole sequence (kept for comparison).
 * :func:`compiled_steps`: the cached steps under ``torch.compile``. The
@@ -64,7 +65,7 @@ from gpt2fn.params import Params, flatten_params, params_device, params_dtype
 from gpt2fn.sampling import apply_history, choose_token, reads_history
 
 Tensor = torch.Tensor
-State = Any  # a KVCache, or a History (a KVCache or None, the tokens so far and how many are new)
+State = Any  # a KVCache, or a History (a KVCache or None, the tokens so far, where each row's new ones start)
 Step = Callable[[Params, Tensor, Tensor, State, Optional[Tensor]], Tensor]
 
 # Inductor options for the decode step. Batch-1 decoding is a chain of
@@ -154,32 +155,35 @@ class History(NamedTuple):
 
     cache: State  # the KV cache (or a window of it); None for the uncached steps
     tokens: Tensor  # [B, L] int64: each row's tokens at their positions, prompt and new (later slots: stale)
-    made: Tensor  # [1] int64: the tokens chosen so far (every row has made as many)
+    start: Tensor  # [B] int64: each row's first new position (its prompt's length), recorded by the prompt's step
 
 
 def cached_step(
     params: Params, tokens: Tensor, pos: Tensor, state: State, noise: Optional[Tensor],
     *, config: GPTConfig, kernels: Kernels, temperature: float, top_k: int, top_p: float, min_p: float = 0.0,
     typical_p: float = 1.0, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, min_new_tokens: int = 0,
-    stop_token: Optional[int] = None, run_block: Callable = block, tap: Optional[Tap] = None,
+    stop_token: Optional[int] = None, prompt: bool = False, run_block: Callable = block, tap: Optional[Tap] = None,
 ) -> Tensor:  # fmt: skip
     """Writes the tokens' keys/values into the cache; each row's last column
     chooses its next token. With a ``repetition_penalty`` (not 1), a
     ``no_repeat_ngram_size`` or a ``min_new_tokens`` (which holds
     ``stop_token`` back) the state is a :class:`History`: the step writes its
-    tokens there too and counts the token it chooses, and the rules read them
-    (:func:`~gpt2fn.sampling.apply_history`); otherwise it is the cache.
+    tokens there too (the ``prompt``'s step also where each row's new tokens
+    start), and the rules read them (:func:`~gpt2fn.sampling.apply_history`;
+    a row's new tokens before this choice: its last position + 1 - its
+    start); otherwise it is the cache.
     (``run_block``: see :func:`decode_block`; ``tap``:
     :func:`~gpt2fn.model.hidden`'s, for the eager steps.)"""
     rules = dict(repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
                  min_new_tokens=min_new_tokens, stop_token=stop_token)  # fmt: skip
-    history = reads_history(repetition_penalty, no_repeat_ngram_size, min_new_tokens)
+    history = reads_history(**rules)
     x = hidden(params, config, tokens, pos, state.cache if history else state, tap, kernels, run_block)[:, -1]  # [B, D]
     scores = logits(params, config, x, kernels.linear)
     if history:
         sequence = state.tokens.scatter_(1, pos, tokens)
-        scores = apply_history(scores, sequence, pos[:, -1], made=state.made, **rules)
-        state.made.add_(1)
+        if prompt:
+            state.start.copy_(pos[:, -1] + 1)
+        scores = apply_history(scores, sequence, pos[:, -1], made=pos[:, -1] + 1 - state.start, **rules)
     return choose_token(scores, noise, temperature, top_k, top_p, min_p, typical_p)
 
 
@@ -217,7 +221,7 @@ def recompute(
     """The whole sequence [B, S] without a cache; row b's next token comes
     from its position ``last[b]`` (the ``rules`` of
     :func:`~gpt2fn.sampling.apply_history` read its positions up to
-    ``last[b]``, and ``made`` [1], the new tokens so far)."""
+    ``last[b]``, the last ``made[b]`` of them new tokens)."""
     x = hidden(params, config, sequence, positions(*sequence.shape, device=sequence.device), kernels=kernels)
     x = x[torch.arange(x.shape[0], device=x.device), last]  # [B, D]
     scores = apply_history(logits(params, config, x, kernels.linear), sequence, last, made=made, **rules)
@@ -225,15 +229,17 @@ def recompute(
 
 
 def uncached_step(
-    params: Params, tokens: Tensor, pos: Tensor, state: History, noise: Optional[Tensor], *, recompute: Callable
-) -> Tensor:
-    """Writes the tokens into the state's token buffer [B, L] at ``pos``,
-    then recomputes every row's prefix, and counts the token chosen.
-    (Reading the prefix length is a host sync: this path exists for comparison.)"""
+    params: Params, tokens: Tensor, pos: Tensor, state: History, noise: Optional[Tensor], *, recompute: Callable,
+    prompt: bool = False,
+) -> Tensor:  # fmt: skip
+    """Writes the tokens into the state's token buffer [B, L] at ``pos``
+    (the ``prompt``'s step also where each row's new tokens start), then
+    recomputes every row's prefix. (Reading the prefix length is a host
+    sync: this path exists for comparison.)"""
     sequence = state.tokens.scatter_(1, pos, tokens)
-    token = recompute(params, sequence[:, : int(pos.max()) + 1], pos[:, -1], state.made, noise)
-    state.made.add_(1)
-    return token
+    if prompt:
+        state.start.copy_(pos[:, -1] + 1)
+    return recompute(params, sequence[:, : int(pos.max()) + 1], pos[:, -1], pos[:, -1] + 1 - state.start, noise)
 
 
 def resolve_attention(attention: str, compiled_decode: bool = False, device: torch.device | None = None) -> str:
@@ -271,7 +277,8 @@ def cached_steps(
     kernels, sampling = eager_kernels(attention), dict(sampling, tap=tap)
     step = functools.partial(cached_step, config=config, kernels=kernels, **sampling)
     decode = step if tokens_per_call == 1 else _tokens(chains(chain_step, config, kernels, None, False, **sampling)(tokens_per_call))
-    steps = Steps(functools.partial(_cache, config, spare=True), step, decode, chained=tokens_per_call, window=window)
+    prefill = functools.partial(step, prompt=True)
+    steps = Steps(functools.partial(_cache, config, spare=True), prefill, decode, chained=tokens_per_call, window=window)
     return with_history(steps, **sampling)
 
 
@@ -282,7 +289,7 @@ def uncached_steps(config: GPTConfig, attention: str = "auto", compile: bool = F
     run = functools.partial(recompute, **settings)
     step = functools.partial(uncached_step, recompute=compiled_dynamic(recompute, **settings) if compile else run)
     # The prompt's pass runs eagerly, so that compiling happens in the first decode step.
-    prefill = functools.partial(uncached_step, recompute=run)
+    prefill = functools.partial(uncached_step, recompute=run, prompt=True)
     return Steps(_token_buffer, prefill, step, compiled=compile)
 
 
@@ -339,9 +346,9 @@ def with_history(
     (:func:`~gpt2fn.sampling.reads_history`): their state is then a
     :class:`History`, its cache the steps' own (cut by their window), its
     tokens as long as the cache (for compiled steps, the length marked
-    dynamic, one graph for every length) and its count of new tokens (on
-    CUDA both static addresses, as the cache is). Without such rules,
-    ``steps`` unchanged."""
+    dynamic, one graph for every length) and each row's first new position
+    (on CUDA both static addresses, as the cache is), which the prompt's
+    step records. Without such rules, ``steps`` unchanged."""
     if not reads_history(repetition_penalty, no_repeat_ngram_size, min_new_tokens):
         return steps
 
@@ -349,15 +356,16 @@ def with_history(
         cache = steps.make_state(params, batch, length)
         device = params_device(params)
         tokens = torch.zeros(batch, cache_len(cache), dtype=torch.long, device=device)
-        made = torch.zeros(1, dtype=torch.long, device=device)
+        start = torch.zeros(batch, dtype=torch.long, device=device)
         if steps.compiled:
             torch._dynamo.mark_dynamic(tokens, 1)
-            for t in (tokens, made) if tokens.is_cuda else ():
+            for t in (tokens, start) if tokens.is_cuda else ():
                 mark_static(t)
-        return History(cache, tokens, made)
+        return History(cache, tokens, start)
 
     cut = steps.window
-    return steps._replace(make_state=make_state, window=None if cut is None else lambda s, n: s._replace(cache=cut(s.cache, n)))
+    window = None if cut is None else lambda s, n: s._replace(cache=cut(s.cache, n))
+    return steps._replace(make_state=make_state, window=window)
 
 
 def log_probs_step(
@@ -574,8 +582,8 @@ def _cache(config: GPTConfig, params: Params, batch: int, length: int, spare: bo
 
 
 def _token_buffer(params: Params, batch: int, length: int) -> History:
-    device = params_device(params)
-    return History(None, torch.zeros(batch, length, dtype=torch.long, device=device), torch.zeros(1, dtype=torch.long, device=device))
+    tokens = torch.zeros(batch, length, dtype=torch.long, device=params_device(params))
+    return History(None, tokens, torch.zeros_like(tokens[:, 0]))
 
 
 # On CUDA a compiled step's cache holds the generation's length rounded up to

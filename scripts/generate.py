@@ -26,7 +26,7 @@ from gpt2fn.files import atomic_write
 from gpt2fn.generation import generate
 from gpt2fn.layers import ATTEND
 from gpt2fn.quantize import DTYPE_HELP, WEIGHT_DTYPES, cast_params
-from gpt2fn.sampling import check_sampling_args, reads_history
+from gpt2fn.sampling import check_sampling_args
 from gpt2fn.speculative import DRAFT_DTYPES, draft_vocab, frequent_tokens, self_draft
 from gpt2fn.tokenizer import TextStream, check_vocabulary, encode, get_tokenizer
 from gpt2fn.weights import MODEL_HELP, REVISION_HELP, load_pretrained, resolve_model
@@ -81,12 +81,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "mass, as Hugging Face's typical_p (1 = off)")
     p.add_argument("--repetition_penalty", type=float, default=1.0,
                    help="make every token the text already has (prompt included) less likely, greedy too, as "
-                        "Hugging Face's repetition_penalty does: 1 = off, 1.2 a usual setting (not with --draft)")
+                        "Hugging Face's repetition_penalty does: 1 = off, 1.2 a usual setting")
     p.add_argument("--no_repeat_ngram_size", type=int, default=0,
                    help="never repeat an n-gram of this many tokens that the text already has (prompt included), "
-                        "greedy too, as Hugging Face's no_repeat_ngram_size does: 0 = off (not with --draft)")
+                        "greedy too, as Hugging Face's no_repeat_ngram_size does: 0 = off")
     p.add_argument("--min_tokens", type=int, default=0, help="at least this many new tokens before <|endoftext|> may "
-                   "end a row, as Hugging Face's min_new_tokens (a --stop string still ends it): 0 = off (not with --draft)")
+                   "end a row, as Hugging Face's min_new_tokens (a --stop string still ends it): 0 = off")
     p.add_argument("--num_beams", type=int, default=1,
                    help="beam search over this many beams (Hugging Face's num_beams): the most likely continuation "
                         "it finds, printed when done; no sampling (1 = off); --compile compiles its step")
@@ -164,9 +164,6 @@ def run(args: argparse.Namespace) -> int:
             raise GPT2FnError("--draft needs the KV cache; drop --no-kvcaching")
         if args.draft_tokens < 1:
             raise GPT2FnError(f"--draft_tokens must be >= 1, got {args.draft_tokens}")
-        if reads_history(args.repetition_penalty, args.no_repeat_ngram_size, args.min_tokens):
-            raise GPT2FnError("speculative rounds apply no --repetition_penalty, --no_repeat_ngram_size or "
-                              "--min_tokens; drop --draft or those")  # fmt: skip
     elif args.adaptive_draft:
         raise GPT2FnError("--adaptive_draft adapts speculative decoding; give a --draft too")
     elif args.draft_vocab is not None:

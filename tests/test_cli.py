@@ -78,10 +78,8 @@ def test_repetition_penalty_and_no_repeat_ngram_size_generate_as_the_library_doe
     assert out == text + decode(t, new[0].tolist()) + "\n"
     code, out, err = run_cli(generate_cli, capsys, *base, "--no_repeat_ngram_size", "-2")
     assert code == 2 and err == "error: no_repeat_ngram_size must be an integer >= 0 (0 = off), got -2\n"
-    for rule in (["--repetition_penalty", "1.2"], ["--no_repeat_ngram_size", "3"]):
-        code, out, err = run_cli(generate_cli, capsys, *base, *rule, "--draft", "int8")
-        assert code == 2 and err == ("error: speculative rounds apply no --repetition_penalty, --no_repeat_ngram_size or "
-                                     "--min_tokens; drop --draft or those\n")  # fmt: skip
+    for rule in (["--repetition_penalty", "1.5"], ["--no_repeat_ngram_size", "2"]):  # speculative rounds apply them too
+        assert run_cli(generate_cli, capsys, *base, *rule, "--draft", "int8")[1] == run_cli(generate_cli, capsys, *base, *rule)[1]
 
 
 def eot_model(small_ref, directory) -> Path:
@@ -99,8 +97,8 @@ def eot_model(small_ref, directory) -> Path:
 def test_min_tokens_holds_endoftext_back_that_many_tokens(generate_cli, capsys, small_ref, tmp_path):
     """--min_tokens N on a model that says <|endoftext|> at once: N times the
     token it likes next (the largest embedding row sum but <|endoftext|>'s),
-    then <|endoftext|>, sampled, greedy and in beam search; and one clear
-    line for a bad count, for --ignore_eot and for --draft."""
+    then <|endoftext|>, greedy, sampled, in beam search and speculative; and
+    one clear line for a bad count and for --ignore_eot."""
     import json
 
     model = eot_model(small_ref, tmp_path)
@@ -108,7 +106,7 @@ def test_min_tokens_holds_endoftext_back_that_many_tokens(generate_cli, capsys, 
     next_best = int(sums[:50256].argmax())
     t = get_tokenizer()
     base = ["--prompt", "Hi", "--model", str(model), "--max_tokens", "12", "--device", "cpu", "--min_tokens", "5"]
-    for extra in (["--temperature", "0"], ["--seed", "3", "--top_k", "1"], ["--num_beams", "2"]):
+    for extra in (["--temperature", "0"], ["--seed", "3", "--top_k", "1"], ["--num_beams", "2"], ["--draft", "int8", "--top_k", "1"]):
         code, out, err = run_cli(generate_cli, capsys, *base, *extra, "--jsonl", str(tmp_path / "rows.jsonl"))
         assert code == 0, err
         assert json.loads((tmp_path / "rows.jsonl").read_text()) == {
@@ -118,8 +116,6 @@ def test_min_tokens_holds_endoftext_back_that_many_tokens(generate_cli, capsys, 
         (["--min_tokens", "-1"], "--min_tokens must be an integer >= 0, got -1"),
         (["--ignore_eot"], "--min_tokens keeps <|endoftext|> from ending a row that soon, and with --ignore_eot it ends "
                            "none; drop one of them"),
-        (["--draft", "int8"], "speculative rounds apply no --repetition_penalty, --no_repeat_ngram_size or --min_tokens; "
-                              "drop --draft or those"),
     ]:  # fmt: skip
         code, out, err = run_cli(generate_cli, capsys, *base, *extra)
         assert code == 2 and err == f"error: {message}\n" and out == "", extra

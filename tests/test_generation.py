@@ -184,10 +184,6 @@ def test_bad_sampling_parameters_are_refused_before_any_work(small):
     with pytest.raises(GPT2FnError, match="^min_new_tokens keeps the stop token from ending a row that soon; pass a "
                                           "stop_token too, or drop min_new_tokens$"):  # fmt: skip
         generate(params, config, prompt(3), 5, min_new_tokens=2)
-    for rule in (dict(repetition_penalty=1.2), dict(no_repeat_ngram_size=2), dict(min_new_tokens=2, stop_token=0)):
-        with pytest.raises(GPT2FnError, match=r"^speculative rounds apply no repetition_penalty, no_repeat_ngram_size or "
-                                              r"min_new_tokens; drop the draft or those$"):  # fmt: skip
-            generate(params, config, prompt(3), 5, draft=small, **rule)
 
 
 @pytest.mark.parametrize(

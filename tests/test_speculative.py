@@ -524,6 +524,56 @@ def test_speculative_sampling_keeps_to_min_p(small):
     assert (probs >= 0.5 * probs.max(-1, keepdim=True).values).sum(-1).float().mean() > 1  # a choice was left to draw
 
 
+RULES = [dict(repetition_penalty=1.3), dict(no_repeat_ngram_size=2), dict(min_new_tokens=6),
+         dict(repetition_penalty=1.2, no_repeat_ngram_size=3, min_new_tokens=6)]  # fmt: skip
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_greedy_rounds_with_rules_on_the_text_so_far_emit_the_targets_greedy_tokens_under_them(small, compile):
+    """A repetition penalty, an n-gram ban, min_new_tokens (with a stop
+    token the first prompt's greedy text has as its 2nd token) and all three:
+    speculative rows (ragged, k = 1 and 4, a whole and a cut-vocabulary
+    draft over the first half of a row's tokens, adaptive) are the plain
+    generation's rows with those rules (the reference's,
+    tests/test_parity.py), which the rules change. Compiled (each rule set
+    compiles its graphs): all three, k = 4, whole and cut drafts."""
+    params, config = small
+    rows = [prompts(1, (9,), seed=1)[0][0].tolist(), prompts(1, (4,), seed=2)[0][0].tolist()]
+    stop = generate_all(params, config, rows[:1], 2, temperature=0)[0][0, 1].item()
+    whole = self_draft(params, "int8")
+    for rules in RULES[-1:] if compile else RULES:
+        kw = dict(temperature=0, stop_token=stop, **rules)
+        plain = generate(params, config, rows, 40, **kw).rows()
+        assert plain != generate(params, config, rows, 40, temperature=0, stop_token=stop).rows(), rules
+        cut = draft_vocab(whole, frequent_tokens(torch.tensor(plain[1][:20]), 16, config.vocab_size))  # some emitted
+        runs = [(whole, 1, False), (whole, 4, False), (cut, 4, False), (whole, 4, True)]
+        for draft, k, adaptive in runs[1:3] if compile else runs:
+            stream = generate(params, config, rows, 40, draft=(draft, config), draft_tokens=k, adaptive_draft=adaptive,
+                              compile=compile, **kw)  # fmt: skip
+            assert stream.rows() == plain, (rules, k, adaptive, draft is cut)
+            assert stream.stats.accepted > 0
+
+
+def test_sampled_rounds_keep_to_the_rules_and_a_seed_fixes_them(small):
+    """Sampled speculative rows with an n-gram ban never repeat a bigram of
+    their text (prompt included) and with min_new_tokens hold the stop
+    token back; a seed fixes the run, eager and compiled alike."""
+    params, config = small
+    rows = [prompts(1, (9,), seed=1)[0][0].tolist(), prompts(1, (4,), seed=2)[0][0].tolist()]
+    stop = generate_all(params, config, rows[:1], 2, temperature=0)[0][0, 1].item()
+    draft = self_draft(params, "int8"), config
+    runs = [generate(params, config, rows, 40, temperature=0.8, top_k=3, no_repeat_ngram_size=2, min_new_tokens=6,
+                     stop_token=stop, draft=draft, compile=c, generator=torch.Generator().manual_seed(9)).rows()
+            for c in (False, False, True)]  # fmt: skip
+    assert runs[0] == runs[1] == runs[2]
+    for prompt, row in zip(rows, runs[0]):
+        text = prompt + row
+        bigrams = list(zip(text, text[1:]))
+        assert len(set(bigrams[len(prompt) - 1 :])) == len(bigrams) - len(prompt) + 1  # the new ones: all distinct
+        assert not set(bigrams[len(prompt) - 1 :]) & set(bigrams[: len(prompt) - 1])  # and not the prompt's
+        assert len(row) > 6 and stop not in row[:6]
+
+
 def test_speculative_sampling_keeps_to_typical_p(small):
     """typical_p in speculative rounds: every emitted token is in the
     target's typical set (at that temperature) after the tokens before it,
