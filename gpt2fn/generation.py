@@ -278,7 +278,7 @@ def generate(
     (:func:`~gpt2fn.sampling.repeated_ngrams`). ``min_new_tokens`` = m
     keeps ``stop_token`` from being chosen as any row's first m new tokens,
     as Hugging Face's ``min_new_tokens`` does (:func:`~gpt2fn.sampling.hold_stop`).
-    The steps then carry each row's tokens and their count
+    The steps then carry each row's tokens and where its new ones start
     (:class:`~gpt2fn.steps.History`); speculative rounds apply the three to
     the draft's choices and the target's, drafted tokens included.
     ``use_cache`` and ``compile`` pick the steps (see :mod:`gpt2fn.steps`);
