@@ -33,7 +33,7 @@ from gpt2fn.config import GPTConfig
 from gpt2fn.errors import GPT2FnError, check_int, is_real
 from gpt2fn.generation import Prompts, check_sequence_fits, prompt_lists, ragged_batch
 from gpt2fn.params import Params, params_device
-from gpt2fn.sampling import apply_history, check_sampling_args, reads_history
+from gpt2fn.sampling import apply_history, check_bad_words, check_sampling_args, reads_history
 from gpt2fn.steps import scoring_steps, window_len
 
 Tensor = torch.Tensor
@@ -59,6 +59,7 @@ def beam_search(
     repetition_penalty: float = 1.0,
     no_repeat_ngram_size: int = 0,
     min_new_tokens: int = 0,
+    bad_words_ids: Optional[list[list[int]]] = None,
     attention: str = "auto",
     compile: bool = False,
     progress: bool = False,
@@ -76,7 +77,7 @@ def beam_search(
     scores the running beam at the longest length it could reach (with a
     positive ``length_penalty``): Hugging Face's three settings. The batch
     runs until every prompt has ended. ``repetition_penalty``,
-    ``no_repeat_ngram_size`` and ``min_new_tokens``: as in
+    ``no_repeat_ngram_size``, ``min_new_tokens`` and ``bad_words_ids``: as in
     :func:`~gpt2fn.generation.generate`, applied to the log-probabilities, as
     Hugging Face's processors are.
     With ``compile`` the one-token steps run compiled
@@ -93,6 +94,7 @@ def beam_search(
     if not (isinstance(early_stopping, bool) or early_stopping == "never"):  # (not 0 or 1: they equal False and True)
         raise GPT2FnError(f"early_stopping is False, True or 'never', got {early_stopping!r}")
     check_sampling_args(0, 0, 1.0, 0.0, repetition_penalty, no_repeat_ngram_size, min_new_tokens, stop_token)
+    words = () if bad_words_ids is None else check_bad_words(bad_words_ids, config.vocab_size, stop_token)
     prompts = prompt_lists(config, prompts, max_new_tokens)
     check_int("max_tokens", max_new_tokens)
     for p in prompts:  # every beam runs to the same length: each prompt's whole continuation must fit
@@ -107,7 +109,7 @@ def beam_search(
     cache = steps.make_state(params, B * K, T + N)
     history = torch.zeros(B * K, T + N, dtype=torch.long, device=device).scatter_(1, pos, tokens)  # tokens so far
     rules = dict(repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                 min_new_tokens=min_new_tokens)  # fmt: skip
+                 min_new_tokens=min_new_tokens, bad_words_ids=words)  # fmt: skip
 
     running = torch.zeros(B, K, device=device)
     running[:, 1:] = NEVER  # only the first beam's tokens count at the first step: the beams are copies

@@ -31,7 +31,7 @@ from gpt2fn.device import synchronize
 from gpt2fn.errors import GPT2FnError, check_int, check_token_ids
 from gpt2fn.model import Tap
 from gpt2fn.params import Params, params_device
-from gpt2fn.sampling import check_sampling_args, noise_width, reads_history, uniform_noise
+from gpt2fn.sampling import check_bad_words, check_sampling_args, noise_width, reads_history, uniform_noise
 from gpt2fn.speculative import check_draft, speculative_steps
 from gpt2fn.steps import State, Steps, make_steps, window_len
 
@@ -252,6 +252,7 @@ def generate(
     repetition_penalty: float = 1.0,
     no_repeat_ngram_size: int = 0,
     min_new_tokens: int = 0,
+    bad_words_ids: Optional[list[list[int]]] = None,
     generator: Optional[torch.Generator] = None,
     use_cache: bool = True,
     attention: str = "auto",
@@ -275,7 +276,10 @@ def generate(
     Hugging Face's do: a ``repetition_penalty`` above 1 makes every token the
     row has had less likely (:func:`~gpt2fn.sampling.penalize_repeats`), and
     ``no_repeat_ngram_size`` = n never lets a row repeat an n-gram
-    (:func:`~gpt2fn.sampling.repeated_ngrams`). ``min_new_tokens`` = m
+    (:func:`~gpt2fn.sampling.repeated_ngrams`). ``bad_words_ids`` (token
+    lists) are never completed, as Hugging Face's are
+    (:func:`~gpt2fn.sampling.banned_words`; a word that is the stop token
+    alone is dropped, as it drops it). ``min_new_tokens`` = m
     keeps ``stop_token`` from being chosen as any row's first m new tokens,
     as Hugging Face's ``min_new_tokens`` does (:func:`~gpt2fn.sampling.hold_stop`).
     The steps then carry each row's tokens and where its new ones start
@@ -322,8 +326,9 @@ def generate(
     check_sampling_args(temperature, top_k, top_p, min_p, repetition_penalty, no_repeat_ngram_size, min_new_tokens,
                         stop_token, typical_p)  # fmt: skip
     check_int("tokens_per_call", tokens_per_call)
+    words = () if bad_words_ids is None else check_bad_words(bad_words_ids, config.vocab_size, stop_token)
     rules = dict(repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                 min_new_tokens=min_new_tokens)  # fmt: skip
+                 min_new_tokens=min_new_tokens, bad_words_ids=words)  # fmt: skip
     if tokens_per_call > 1 and (draft is not None or not use_cache):
         raise GPT2FnError("tokens_per_call chains cached plain decode steps; drop it, "
                           + ("or the draft (speculative rounds emit several tokens a call already)" if draft is not None

@@ -1,6 +1,6 @@
 """Choosing the next token from logits: rules that read the text so far (a
-repetition penalty, no repeated n-grams, a least number of new tokens before
-the stop token), greedy, temperature, top-k, top-p, min-p, typical-p.
+repetition penalty, no repeated n-grams, banned words, a least number of new
+tokens before the stop token), greedy, temperature, top-k, top-p, min-p, typical-p.
 
 All functions are pure and work on a batch: logits [B, V] -> [B, V] or [B].
 They are applied in the usual order (as in Hugging Face's ``generate``): the
@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from gpt2fn.errors import GPT2FnError, is_real
+from gpt2fn.errors import GPT2FnError, check_token_ids, is_real
 
 Tensor = torch.Tensor
 
@@ -100,6 +100,23 @@ def repeated_ngrams(sequence: Tensor, last: Tensor, n: int, vocab_size: int) -> 
     return hits > 0
 
 
+def banned_words(sequence: Tensor, last: Tensor, words: tuple[tuple[int, ...], ...], vocab_size: int) -> Tensor:
+    """The tokens that would complete one of ``words`` (token sequences), as
+    Hugging Face's ``NoBadWordsLogitsProcessor`` bans them: a one-token word
+    always, a longer one's last token where the row's last tokens are the
+    rest of it. sequence [B, S] up to position last [B] (later positions are
+    ignored) -> [B, V] bool."""
+    device, hits = sequence.device, []
+    for word in words:
+        n = len(word) - 1  # the tokens before the banned one
+        at = last[:, None] - n + 1 + torch.arange(n, device=device)  # [B, n]: the row's last n positions
+        match = (sequence.gather(1, at.clamp(min=0)) == torch.tensor(word[:-1], device=device)).all(-1)
+        hits.append(match & (at >= 0).all(-1))  # [B] (a row with fewer than n tokens has no match)
+    columns = torch.tensor([word[-1] for word in words], device=device).expand(len(sequence), -1)
+    # a sum of 0s and 1s a token (two words may end in one token): exact in any order
+    return torch.zeros(len(sequence), vocab_size, device=device).scatter_add_(1, columns, torch.stack(hits, 1).float()) > 0
+
+
 def hold_stop(logits: Tensor, made: Tensor | int, min_new_tokens: int, stop_token: int) -> Tensor:
     """Hugging Face's ``min_new_tokens`` (its ``MinNewTokensLengthLogitsProcessor``):
     the stop token at -inf in each row that has made fewer than
@@ -111,28 +128,47 @@ def hold_stop(logits: Tensor, made: Tensor | int, min_new_tokens: int, stop_toke
 
 def apply_history(
     logits: Tensor, sequence: Tensor, last: Tensor, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
-    min_new_tokens: int = 0, stop_token: Optional[int] = None, made: Tensor | int = 0,
+    min_new_tokens: int = 0, stop_token: Optional[int] = None, bad_words_ids: tuple = (), made: Tensor | int = 0,
 ) -> Tensor:  # fmt: skip
     """The rules that read each row's text so far (sequence [B, S] up to
     position last [B]; the last ``made`` of it new tokens: [B], or an int for every row):
     :func:`penalize_repeats`, with a ``no_repeat_ngram_size`` -inf for the
-    tokens :func:`repeated_ngrams` names, and with ``min_new_tokens``
-    :func:`hold_stop`. logits [B, V] -> [B, V]; unchanged with all three off."""
+    tokens :func:`repeated_ngrams` names, with ``bad_words_ids`` (a tuple of
+    token tuples) -inf for those :func:`banned_words` names, and with
+    ``min_new_tokens`` :func:`hold_stop`. logits [B, V] -> [B, V]; unchanged
+    with all four off."""
     V = logits.shape[-1]
     if repetition_penalty != 1:
         logits = penalize_repeats(logits, seen_tokens(sequence, last, V), repetition_penalty)
     if no_repeat_ngram_size > 0:
         logits = logits.masked_fill(repeated_ngrams(sequence, last, no_repeat_ngram_size, V), float("-inf"))
+    if bad_words_ids:
+        logits = logits.masked_fill(banned_words(sequence, last, bad_words_ids, V), float("-inf"))
     if min_new_tokens > 0:
         logits = hold_stop(logits, made, min_new_tokens, stop_token)
     return logits
 
 
 def reads_history(
-    repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, min_new_tokens: int = 0, stop_token: Optional[int] = None
+    repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, min_new_tokens: int = 0,
+    stop_token: Optional[int] = None, bad_words_ids: tuple = (),
 ) -> bool:  # fmt: skip
     """Whether these settings (:func:`apply_history`'s) make the choice read the text so far."""
-    return repetition_penalty != 1 or no_repeat_ngram_size > 0 or min_new_tokens > 0
+    return repetition_penalty != 1 or no_repeat_ngram_size > 0 or min_new_tokens > 0 or len(bad_words_ids) > 0
+
+
+def check_bad_words(bad_words_ids, vocab_size: int, stop_token: Optional[int] = None) -> tuple[tuple[int, ...], ...]:
+    """``bad_words_ids`` (token sequences, each one a word never to complete)
+    as a tuple of tuples, without the word that is the stop token alone
+    (as Hugging Face drops it), or one clear line for anything else."""
+    fix = "give a list of token lists, each a word never to complete, e.g. [[1110], [4252, 2650]]"
+    if isinstance(bad_words_ids, (str, bytes)) or not isinstance(bad_words_ids, (list, tuple)):
+        raise GPT2FnError(f"bad_words_ids must be a list of token lists, got {bad_words_ids!r}; {fix}")
+    for word in bad_words_ids:
+        if isinstance(word, (str, bytes)) or not isinstance(word, (list, tuple)) or len(word) == 0:
+            raise GPT2FnError(f"bad_words_ids holds {word!r}, which is not a non-empty list of token ids; {fix}")
+        check_token_ids("bad_words_ids", list(word), vocab_size)
+    return tuple(tuple(word) for word in bad_words_ids if list(word) != [stop_token])
 
 
 def top_k_filter(logits: Tensor, k: int) -> Tensor:

@@ -22,7 +22,7 @@ the cache's first :func:`window_len` positions, so that attention reads the
 keys written so far, not the whole preallocated cache):
 
 * :func:`cached_steps`: the state is the preallocated KV cache (with a
-  repetition penalty, an n-gram ban or a least number of new tokens, a
+  repetition penalty, an n-gram ban, banned words or a least number of new tokens, a
   :class:`History`: the cache and each row's tokens at their positions,
   written in place by each step as the cache is, and where its new tokens
   start, recorded by the prompt's step).
@@ -43,8 +43,8 @@ keys written so far, not the whole preallocated cache):
   frame of its own for every batch size and params layout (:func:`compiled_step`).
 
 Sampling settings (temperature, top-k, top-p, min-p, typical-p, the repetition
-penalty, the n-gram ban, the least number of new tokens and the stop token
-it holds back) are constants of a graph: changing them between
+penalty, the n-gram ban, banned words, the least number of new tokens and
+the stop token it holds back) are constants of a graph: changing them between
 generations compiles a new graph once.
 """
 
@@ -162,12 +162,13 @@ def cached_step(
     params: Params, tokens: Tensor, pos: Tensor, state: State, noise: Optional[Tensor],
     *, config: GPTConfig, kernels: Kernels, temperature: float, top_k: int, top_p: float, min_p: float = 0.0,
     typical_p: float = 1.0, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, min_new_tokens: int = 0,
-    stop_token: Optional[int] = None, prompt: bool = False, run_block: Callable = block, tap: Optional[Tap] = None,
+    stop_token: Optional[int] = None, bad_words_ids: tuple = (), prompt: bool = False, run_block: Callable = block,
+    tap: Optional[Tap] = None,
 ) -> Tensor:  # fmt: skip
     """Writes the tokens' keys/values into the cache; each row's last column
     chooses its next token. With a ``repetition_penalty`` (not 1), a
-    ``no_repeat_ngram_size`` or a ``min_new_tokens`` (which holds
-    ``stop_token`` back) the state is a :class:`History`: the step writes its
+    ``no_repeat_ngram_size``, ``bad_words_ids`` or a ``min_new_tokens``
+    (which holds ``stop_token`` back) the state is a :class:`History`: the step writes its
     tokens there too (the ``prompt``'s step also where each row's new tokens
     start), and the rules read them (:func:`~gpt2fn.sampling.apply_history`;
     a row's new tokens before this choice: its last position + 1 - its
@@ -175,7 +176,7 @@ def cached_step(
     (``run_block``: see :func:`decode_block`; ``tap``:
     :func:`~gpt2fn.model.hidden`'s, for the eager steps.)"""
     rules = dict(repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                 min_new_tokens=min_new_tokens, stop_token=stop_token)  # fmt: skip
+                 min_new_tokens=min_new_tokens, stop_token=stop_token, bad_words_ids=bad_words_ids)  # fmt: skip
     history = reads_history(**rules)
     x = hidden(params, config, tokens, pos, state.cache if history else state, tap, kernels, run_block)[:, -1]  # [B, D]
     scores = logits(params, config, x, kernels.linear)
@@ -340,7 +341,8 @@ def _compiled(config: GPTConfig, device: torch.device, prefill: Step, decode: St
 
 
 def with_history(
-    steps: Steps, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, min_new_tokens: int = 0, **sampling
+    steps: Steps, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, min_new_tokens: int = 0,
+    bad_words_ids: tuple = (), **sampling,
 ) -> Steps:  # fmt: skip
     """Cached ``steps`` as they run with rules that read the text so far
     (:func:`~gpt2fn.sampling.reads_history`): their state is then a
@@ -349,7 +351,7 @@ def with_history(
     dynamic, one graph for every length) and each row's first new position
     (on CUDA both static addresses, as the cache is), which the prompt's
     step records. Without such rules, ``steps`` unchanged."""
-    if not reads_history(repetition_penalty, no_repeat_ngram_size, min_new_tokens):
+    if not reads_history(repetition_penalty, no_repeat_ngram_size, min_new_tokens, bad_words_ids=bad_words_ids):
         return steps
 
     def make_state(params: Params, batch: int, length: int) -> History:

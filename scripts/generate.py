@@ -85,6 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no_repeat_ngram_size", type=int, default=0,
                    help="never repeat an n-gram of this many tokens that the text already has (prompt included), "
                         "greedy too, as Hugging Face's no_repeat_ngram_size does: 0 = off")
+    p.add_argument("--ban", action="append", default=[],
+                   help="never write this text, as a word on its own or after a space (Hugging Face's bad_words_ids "
+                        "of both its tokenizations); repeat it for several")
     p.add_argument("--min_tokens", type=int, default=0, help="at least this many new tokens before <|endoftext|> may "
                    "end a row, as Hugging Face's min_new_tokens (a --stop string still ends it): 0 = off")
     p.add_argument("--num_beams", type=int, default=1,
@@ -152,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
                           "same; sample (--temperature > 0) or drop --num_samples")  # fmt: skip
     if "" in args.stop:
         raise GPT2FnError("--stop is empty; give the text to stop at (at least one character)")
+    if "" in args.ban:
+        raise GPT2FnError("--ban is empty; give the text never to write (at least one character)")
     if args.jsonl is not None:
         if args.interactive:
             raise GPT2FnError("--jsonl writes the rows of one run of prompts; drop it with --interactive")
@@ -294,7 +299,7 @@ def run_batch(args: argparse.Namespace, prompts: list[str], streamed: bool, para
         params, config, torch.tensor(ids) if len(set(prompts)) == 1 else ids, args.max_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, typical_p=args.typical_p,
         repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
-        min_new_tokens=args.min_tokens, generator=generator,
+        min_new_tokens=args.min_tokens, bad_words_ids=banned_words(args.ban, tokenizer), generator=generator,
         use_cache=args.kvcaching, attention=args.attention,
         stop_token=None if args.ignore_eot else tokenizer.eot_token, compile=args.compile,
         draft=draft, draft_tokens=args.draft_tokens, adaptive_draft=args.adaptive_draft,
@@ -335,7 +340,7 @@ def run_beams(args: argparse.Namespace, prompts: list[str], printed: bool, param
                        length_penalty=1.0 if args.length_penalty is None else args.length_penalty, early_stopping=early,
                        stop_token=stop_token, repetition_penalty=args.repetition_penalty,
                        no_repeat_ngram_size=args.no_repeat_ngram_size, min_new_tokens=args.min_tokens,
-                       attention=args.attention,
+                       bad_words_ids=banned_words(args.ban, tokenizer), attention=args.attention,
                        compile=args.compile, progress=True, num_return_sequences=args.num_samples)  # fmt: skip
     seconds = time.perf_counter() - start
     made = []
@@ -382,6 +387,14 @@ def report(args: argparse.Namespace, device: torch.device, seed: int, stream, wa
         f"({per_second(stats.decode_tokens * stats.batch, stats.decode_s)} tokens/s{' over the batch' if batch else ''})"
         f"{speculative}"
     )
+
+
+def banned_words(texts: list[str], tokenizer) -> Optional[list[list[int]]]:
+    """``--ban``'s texts as the token lists generation must never complete:
+    each text's tokens alone and after a space (GPT-2 spells " word" and
+    "word" with other tokens), or None without any."""
+    words = {tuple(encode(tokenizer, spelling)) for text in texts for spelling in (text, " " + text)}
+    return [list(word) for word in sorted(words)] or None
 
 
 def read_prompt_file(path: str | None) -> list[str]:

@@ -98,6 +98,25 @@ def test_min_new_tokens_beams_are_hugging_faces(small, small_ref, seed, min_new,
     assert any(len(b.tokens) <= min_new for b in plain)
 
 
+def test_bad_words_beams_are_hugging_faces(small, small_ref):
+    """bad_words_ids in beam search, words the best beams have without them
+    (a token and a pair): transformers' hypotheses and scores."""
+    params, config = small
+    prompts = ids(2, 6, seed=1)
+    best = [b[0].tokens for b in beam_search(params, config, prompts, 20, 4)]
+    words = [[best[0][3]], best[1][5:7]]
+    with torch.no_grad():
+        hf = small_ref.model.generate(
+            prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=20, num_beams=4, num_return_sequences=2,
+            do_sample=False, pad_token_id=0, bad_words_ids=words, output_scores=True, return_dict_in_generate=True,
+        )  # fmt: skip
+    ours = [beam for row in beam_search(params, config, prompts, 20, 4, num_return_sequences=2, bad_words_ids=words)
+            for beam in row]  # fmt: skip
+    assert [b.tokens for b in ours] == hf.sequences[:, 6:].tolist()
+    assert all(abs(b.score - s) <= 1e-5 * max(1.0, abs(s)) for b, s in zip(ours, hf.sequences_scores.tolist()))
+    assert [b.tokens for b in ours[::2]] != best
+
+
 @pytest.mark.parametrize("seed, stop_rank, num_beams, length_penalty", [(123, 2, 3, 2.0), (127, 5, 3, 1.0)])
 def test_a_prompt_that_can_no_longer_improve_takes_no_later_hypothesis(small, small_ref, seed, stop_rank, num_beams,
                                                                        length_penalty):  # fmt: skip

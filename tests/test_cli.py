@@ -121,6 +121,30 @@ def test_min_tokens_holds_endoftext_back_that_many_tokens(generate_cli, capsys, 
         assert code == 2 and err == f"error: {message}\n" and out == "", extra
 
 
+def test_ban_never_writes_a_text_and_generates_as_the_library_does(generate_cli, capsys, small_ref):
+    """--ban TEXT: the library's generation with bad_words_ids of the text's
+    tokens alone and after a space, greedy and in beam search; a word the
+    plain greedy text has is then not in it; an empty --ban is one line."""
+    params, config = load_pretrained(small_ref.directory)
+    t = get_tokenizer()
+    text = "The meaning of life is"
+    plain = generate_all(params, config, torch.tensor([encode(t, text)]), 12, temperature=0)[0][0].tolist()
+    word = decode(t, plain[2:3]).strip()
+    assert word and word in decode(t, plain)
+    base = ["--prompt", text, "--model", str(small_ref.directory), "--max_tokens", "12", "--ignore_eot", "--device", "cpu",
+            "--temperature", "0", "--ban", word]  # fmt: skip
+    words = [encode(t, word), encode(t, " " + word)]
+    code, out, err = run_cli(generate_cli, capsys, *base)
+    assert code == 0, err
+    new = generate_all(params, config, torch.tensor([encode(t, text)]), 12, temperature=0, bad_words_ids=words)[0][0]
+    assert out == text + decode(t, new.tolist()) + "\n" and word not in out[len(text) :]
+    code, out, err = run_cli(generate_cli, capsys, *base[:-4], "--num_beams", "2", "--ban", word)
+    best = beam_search(params, config, [encode(t, text)], 12, 2, bad_words_ids=words)[0][0].tokens
+    assert code == 0 and out == text + decode(t, best) + "\n", err
+    code, out, err = run_cli(generate_cli, capsys, *base, "--ban", "")
+    assert code == 2 and err == "error: --ban is empty; give the text never to write (at least one character)\n"
+
+
 def test_jsonl_holds_each_rows_completion_and_why_it_ended(generate_cli, capsys, small_ref, tmp_path):
     """--jsonl FILE: a JSON line a row (prompt, completion, finish_reason,
     tokens): a --stop string ("stop", cut before it), --max_tokens

@@ -389,13 +389,15 @@ def test_compiled_generation_equals_eager_greedy_and_seeded(small_ref):
 
 @pytest.mark.parametrize("per_call", [1, 3])
 def test_rules_on_the_text_so_far_compile_into_one_graph_that_chooses_what_eager_chooses(small_ref, per_call):
-    """A repetition penalty and an n-gram ban, greedy and seeded, one token a
+    """A repetition penalty, an n-gram ban and bad words (a token and a pair
+    the plain greedy text has), greedy and seeded, one token a
     call (windows of the cache) and a chain of three (one graph): the tokens
     of the eager steps, which are the reference's (tests/test_parity.py);
     one graph for every step, prompt and generation length."""
     params, config = load_pretrained(small_ref.directory)
     prompts = [prompt(9)[0].tolist(), prompt(4, seed=1)[0].tolist()]
-    rules = dict(repetition_penalty=1.3, no_repeat_ngram_size=2)
+    plain = generate_all(params, config, prompts, 40, temperature=0)[0].tolist()
+    rules = dict(repetition_penalty=1.3, no_repeat_ngram_size=2, bad_words_ids=[[plain[0][5]], plain[1][3:5]])
     for sampling in (dict(temperature=0), dict(temperature=0.9, top_k=20, min_p=0.05)):
         runs = [generate_all(params, config, prompts, 40, **rules, tokens_per_call=per_call, compile=c,
                              generator=torch.Generator().manual_seed(4), **sampling)[0] for c in (False, True)]  # fmt: skip
@@ -414,9 +416,9 @@ def test_min_new_tokens_compiles_into_one_graph_that_holds_the_stop_token_as_eag
     its 2nd token (and later): compiled, greedy and seeded, one token a call
     and a chain of three, the rows of the eager steps (which are the
     reference's, tests/test_parity.py), which end at the stop token past the
-    6 new tokens held, where without the rule they end at the 2nd; the count
-    of new tokens is state, so one graph serves every step, prompt and
-    generation."""
+    6 new tokens held, where without the rule they end at the 2nd; a row's
+    count of new tokens is positional (its position less its start), so one
+    graph serves every step, prompt and generation."""
     params, config = load_pretrained(small_ref.directory)
     prompts = [prompt(9, seed=1)[0].tolist(), prompt(4, seed=2)[0].tolist()]
     stop = generate_all(params, config, prompts[:1], 2, temperature=0)[0][0, 1].item()

@@ -248,14 +248,16 @@ def test_min_new_tokens_on_cuda_gives_the_cpus_rows_eager_and_compiled(small, sm
 
 
 def test_speculative_rounds_with_rules_on_cuda_give_the_cpus_greedy_rows(small, small_ref):
-    """The three rules on the text so far in speculative rounds on the GPU
+    """The four rules on the text so far in speculative rounds on the GPU
     (the token buffer and each row's start static addresses of the CUDA
     graphs): the CPU's plain greedy rows with them, eager and compiled."""
     params, config = small
     prompts = [ids(9, seed=1)[0].tolist(), ids(4, seed=2)[0].tolist()]
     cpu_params = load_pretrained(small_ref.directory)[0]
     stop = generate_all(cpu_params, config, prompts[:1], 2, temperature=0)[0][0, 1].item()
-    rules = dict(repetition_penalty=1.2, no_repeat_ngram_size=3, min_new_tokens=6, stop_token=stop, temperature=0)
+    unruled = generate(cpu_params, config, prompts, 30, temperature=0).rows()
+    rules = dict(repetition_penalty=1.2, no_repeat_ngram_size=3, min_new_tokens=6, stop_token=stop, temperature=0,
+                 bad_words_ids=[[unruled[0][3]], unruled[1][4:6]])  # fmt: skip
     cpu = generate(cpu_params, config, prompts, 30, **rules).rows()
     for compile in (False, True):
         draft = self_draft(params, "int8"), config

@@ -184,6 +184,8 @@ def test_bad_sampling_parameters_are_refused_before_any_work(small):
     with pytest.raises(GPT2FnError, match="^min_new_tokens keeps the stop token from ending a row that soon; pass a "
                                           "stop_token too, or drop min_new_tokens$"):  # fmt: skip
         generate(params, config, prompt(3), 5, min_new_tokens=2)
+    with pytest.raises(GPT2FnError, match=r"^bad_words_ids holds \[\], which is not a non-empty list of token ids"):
+        generate(params, config, prompt(3), 5, bad_words_ids=[[5], []])
 
 
 @pytest.mark.parametrize(

@@ -104,6 +104,35 @@ def test_greedy_generation_with_rules_on_the_text_so_far_is_the_references(small
         assert torch.equal(row, generate_all(params, config, [p], n_new, temperature=0, **rules)[0][0])
 
 
+def test_greedy_generation_with_bad_words_is_the_references(small, small_ref):
+    """generate(bad_words_ids=) against transformers' generate(bad_words_ids=),
+    greedy, with words the plain greedy text has (a token, a pair, a
+    triple): the same tokens with the KV cache, without it and three steps a
+    call; a ragged batch gives each row its prompt alone; none of the words
+    appears in the new text."""
+    params, config = small
+    prompts = [prompt_ids(config, 1, 7, seed=8)[0].tolist(), prompt_ids(config, 1, 3, seed=6)[0].tolist()]
+    plain = generate_all(params, config, prompts, 30, temperature=0)[0].tolist()
+    words = [[plain[0][1]], plain[0][4:6], plain[1][2:5]]
+    n_new = 30
+    expected = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            expected.append(small_ref.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new,
+                                                     min_new_tokens=n_new, do_sample=False, pad_token_id=0,
+                                                     bad_words_ids=words)[0, len(p):].tolist())  # fmt: skip
+    assert expected != plain
+    for kw in (dict(), dict(use_cache=False), dict(tokens_per_call=3)):
+        for p, row in zip(prompts, expected):
+            assert generate_all(params, config, [p], n_new, temperature=0, bad_words_ids=words, **kw)[0][0].tolist() == row, kw
+    assert generate_all(params, config, prompts, n_new, temperature=0, bad_words_ids=words)[0].tolist() == expected
+    for p, row in zip(prompts, expected):
+        text = p + row
+        for w in words:
+            assert not any(text[i : i + len(w)] == w for i in range(len(p) - len(w) + 1, len(text) - len(w) + 1))
+
+
 @pytest.mark.parametrize("min_new, penalty", [(6, 1.0), (20, 1.0), (6, 1.3)])
 def test_greedy_generation_with_min_new_tokens_is_the_references(small, small_ref, min_new, penalty):
     """generate(min_new_tokens=) against transformers' generate(min_new_tokens=,

@@ -8,7 +8,7 @@ import torch
 
 from gpt2fn import GPT2FnError, sample
 from gpt2fn.sampling import (
-    apply_history, check_sampling_args, choose_token, draw, filtered_probs, hold_stop, min_p_filter, penalize_repeats,
+    apply_history, banned_words, check_bad_words, check_sampling_args, choose_token, draw, filtered_probs, hold_stop, min_p_filter, penalize_repeats,
     repeated_ngrams, seen_tokens, top_k_filter, top_p_filter, typical_filter,
 )  # fmt: skip
 
@@ -117,6 +117,55 @@ def test_the_repetition_penalty_is_hugging_faces(penalty):
     assert penalize_repeats(logits, seen, 1.0) is logits
 
 
+def random_histories(seed: int, longest: int):
+    """50 batches of 4 random histories over 6 tokens (many repeats) of 1 to
+    ``longest - 1`` tokens: (rows [4, S], last [4]), each row as long as the
+    batch's longest + 3, past its own last position filled with stale tokens."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(50):
+        lengths = torch.randint(1, longest, (4,), generator=g)
+        yield torch.randint(0, 6, (4, int(lengths.max()) + 3), generator=g), lengths - 1
+
+
+def hf_bans(processor, rows, last) -> torch.Tensor:
+    """What a transformers logits processor sets to -inf after each row up to its last position: [4, 6] bool."""
+    return torch.stack([processor(row[None, : n + 1], torch.zeros(1, 6))[0] == float("-inf")
+                        for row, n in zip(rows, last.tolist())])  # fmt: skip
+
+
+def test_banned_words_are_hugging_faces_bad_words():
+    """banned_words against transformers' NoBadWordsLogitsProcessor on 200
+    random histories over 6 tokens, rows as long as the longest, past their
+    own last position filled with stale tokens, which it ignores: words of
+    one, two and three tokens, two sharing a prefix; and through apply_history."""
+    from transformers.generation.logits_process import NoBadWordsLogitsProcessor
+
+    words = ((4,), (1, 2), (1, 3), (2, 2, 5), (0, 1, 2))
+    banned = 0
+    for rows, last in random_histories(seed=3, longest=12):
+        ours = banned_words(rows, last, words, 6)
+        assert torch.equal(ours, hf_bans(NoBadWordsLogitsProcessor([list(w) for w in words]), rows, last))
+        banned += int(ours[:, :4].sum()) + int(ours[:, 5].sum())  # beyond the one-token word
+        assert torch.equal(apply_history(torch.zeros(4, 6), rows, last, bad_words_ids=words) == float("-inf"), ours)
+    assert banned > 20
+
+
+def test_bad_words_are_checked_and_the_stop_token_alone_is_dropped():
+    assert check_bad_words([[5], (6, 7)], 10) == ((5,), (6, 7))
+    assert check_bad_words([[5], [9], [9, 5]], 10, stop_token=9) == ((5,), (9, 5))  # as Hugging Face drops it
+    fix = "; give a list of token lists, each a word never to complete, e.g. [[1110], [4252, 2650]]"
+    for bad, message in [
+        ("no", "bad_words_ids must be a list of token lists, got 'no'" + fix),
+        ([[1], []], "bad_words_ids holds [], which is not a non-empty list of token ids" + fix),
+        ([[1], 2], "bad_words_ids holds 2, which is not a non-empty list of token ids" + fix),
+        ([[1], [2, 10]], "bad_words_ids holds token 10, outside the model's vocabulary of 10"),
+        ([[1.0]], "bad_words_ids holds 1.0, which is not a token id"),
+    ]:  # fmt: skip
+        with pytest.raises(GPT2FnError) as refused:
+            check_bad_words(bad, 10)
+        assert str(refused.value).startswith(message), str(refused.value)
+
+
 def test_holding_the_stop_token_is_hugging_faces_min_new_tokens():
     """hold_stop against transformers' MinNewTokensLengthLogitsProcessor
     (4 prompt tokens, at least 3 new, stop token 7) after 0 to 5 new tokens,
@@ -145,17 +194,12 @@ def test_the_repeated_ngrams_are_hugging_faces(n):
     filled with stale tokens, which it ignores."""
     from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 
-    g = torch.Generator().manual_seed(n)
     banned = 0
-    for _ in range(50):
-        lengths = torch.randint(1, 30, (4,), generator=g)
-        rows = torch.randint(0, 6, (4, int(lengths.max()) + 3), generator=g)
-        ours = repeated_ngrams(rows, lengths - 1, n, 6)
-        for row, length, bans in zip(rows, lengths.tolist(), ours):
-            expected = NoRepeatNGramLogitsProcessor(n)(row[None, :length], torch.zeros(1, 6))[0] == float("-inf")
-            assert torch.equal(bans, expected), (n, row[:length].tolist())
+    for rows, last in random_histories(seed=n, longest=30):
+        ours = repeated_ngrams(rows, last, n, 6)
+        assert torch.equal(ours, hf_bans(NoRepeatNGramLogitsProcessor(n), rows, last)), n
         banned += int(ours.sum())
-        assert torch.equal(apply_history(torch.zeros(4, 6), rows, lengths - 1, no_repeat_ngram_size=n) == float("-inf"), ours)
+        assert torch.equal(apply_history(torch.zeros(4, 6), rows, last, no_repeat_ngram_size=n) == float("-inf"), ours)
     assert banned > 10  # the rule bit (n = 4: 13 tokens of 200 rows)
 
 

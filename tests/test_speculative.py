@@ -531,7 +531,8 @@ RULES = [dict(repetition_penalty=1.3), dict(no_repeat_ngram_size=2), dict(min_ne
 @pytest.mark.parametrize("compile", [False, True])
 def test_greedy_rounds_with_rules_on_the_text_so_far_emit_the_targets_greedy_tokens_under_them(small, compile):
     """A repetition penalty, an n-gram ban, min_new_tokens (with a stop
-    token the first prompt's greedy text has as its 2nd token) and all three:
+    token the first prompt's greedy text has as its 2nd token), bad words
+    (a token and a pair of the plain greedy text) and all four:
     speculative rows (ragged, k = 1 and 4, a whole and a cut-vocabulary
     draft over the first half of a row's tokens, adaptive) are the plain
     generation's rows with those rules (the reference's,
@@ -541,7 +542,10 @@ def test_greedy_rounds_with_rules_on_the_text_so_far_emit_the_targets_greedy_tok
     rows = [prompts(1, (9,), seed=1)[0][0].tolist(), prompts(1, (4,), seed=2)[0][0].tolist()]
     stop = generate_all(params, config, rows[:1], 2, temperature=0)[0][0, 1].item()
     whole = self_draft(params, "int8")
-    for rules in RULES[-1:] if compile else RULES:
+    unruled = generate(params, config, rows, 40, temperature=0).rows()
+    words = dict(bad_words_ids=[[unruled[0][3]], unruled[1][4:6]])
+    every = [*RULES, words, dict(RULES[-1], **words)]
+    for rules in every[-1:] if compile else every:
         kw = dict(temperature=0, stop_token=stop, **rules)
         plain = generate(params, config, rows, 40, **kw).rows()
         assert plain != generate(params, config, rows, 40, temperature=0, stop_token=stop).rows(), rules
