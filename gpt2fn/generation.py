@@ -271,10 +271,10 @@ def generate(
     row then also stops when it reaches the context). A row stops at
     ``stop_token`` (which it yields); the stream ends when every row has.
     ``temperature=0`` is greedy; ``top_k``, ``top_p``, ``min_p`` and ``typical_p`` filter
-    (:mod:`gpt2fn.sampling`); the draws come from ``generator``. Two rules
+    (:mod:`gpt2fn.sampling`); the draws come from ``generator``. Four rules
     read each row's text so far, its prompt included, greedy too, as
     Hugging Face's do: a ``repetition_penalty`` above 1 makes every token the
-    row has had less likely (:func:`~gpt2fn.sampling.penalize_repeats`), and
+    row has had less likely (:func:`~gpt2fn.sampling.penalize_repeats`),
     ``no_repeat_ngram_size`` = n never lets a row repeat an n-gram
     (:func:`~gpt2fn.sampling.repeated_ngrams`). ``bad_words_ids`` (token
     lists) are never completed, as Hugging Face's are
@@ -283,7 +283,7 @@ def generate(
     keeps ``stop_token`` from being chosen as any row's first m new tokens,
     as Hugging Face's ``min_new_tokens`` does (:func:`~gpt2fn.sampling.hold_stop`).
     The steps then carry each row's tokens and where its new ones start
-    (:class:`~gpt2fn.steps.History`); speculative rounds apply the three to
+    (:class:`~gpt2fn.steps.History`); speculative rounds apply the four to
     the draft's choices and the target's, drafted tokens included.
     ``use_cache`` and ``compile`` pick the steps (see :mod:`gpt2fn.steps`);
     ``attention`` is "manual", "sdpa" or "auto"
