@@ -190,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
 
     model_path = resolve_model(args.model, args.revision)
     tokenizer = get_tokenizer(model_path)
+    args.bad_words_ids = ban_lists(args.ban, tokenizer)  # tokenized once, for every batch
     params, config = load_pretrained(model_path, device=device)
     check_vocabulary(tokenizer, config.vocab_size)
     draft = None
@@ -299,7 +300,7 @@ def run_batch(args: argparse.Namespace, prompts: list[str], streamed: bool, para
         params, config, torch.tensor(ids) if len(set(prompts)) == 1 else ids, args.max_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, typical_p=args.typical_p,
         repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
-        min_new_tokens=args.min_tokens, bad_words_ids=banned_words(args.ban, tokenizer), generator=generator,
+        min_new_tokens=args.min_tokens, bad_words_ids=args.bad_words_ids, generator=generator,
         use_cache=args.kvcaching, attention=args.attention,
         stop_token=None if args.ignore_eot else tokenizer.eot_token, compile=args.compile,
         draft=draft, draft_tokens=args.draft_tokens, adaptive_draft=args.adaptive_draft,
@@ -340,7 +341,7 @@ def run_beams(args: argparse.Namespace, prompts: list[str], printed: bool, param
                        length_penalty=1.0 if args.length_penalty is None else args.length_penalty, early_stopping=early,
                        stop_token=stop_token, repetition_penalty=args.repetition_penalty,
                        no_repeat_ngram_size=args.no_repeat_ngram_size, min_new_tokens=args.min_tokens,
-                       bad_words_ids=banned_words(args.ban, tokenizer), attention=args.attention,
+                       bad_words_ids=args.bad_words_ids, attention=args.attention,
                        compile=args.compile, progress=True, num_return_sequences=args.num_samples)  # fmt: skip
     seconds = time.perf_counter() - start
     made = []
@@ -389,7 +390,7 @@ def report(args: argparse.Namespace, device: torch.device, seed: int, stream, wa
     )
 
 
-def banned_words(texts: list[str], tokenizer) -> Optional[list[list[int]]]:
+def ban_lists(texts: list[str], tokenizer) -> Optional[list[list[int]]]:
     """``--ban``'s texts as the token lists generation must never complete:
     each text's tokens alone and after a space (GPT-2 spells " word" and
     "word" with other tokens), or None without any."""
