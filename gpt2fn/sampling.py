@@ -41,8 +41,9 @@ def check_sampling_args(
     the ``stop_token`` it holds back)."""
     if not (is_real(temperature) and 0 <= temperature < math.inf):  # NaN fails every comparison
         raise GPT2FnError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
-        raise GPT2FnError(f"top_k must be an integer >= 0 (0 = off), got {top_k}")
+    for name, count in (("top_k", top_k), ("no_repeat_ngram_size", no_repeat_ngram_size), ("min_new_tokens", min_new_tokens)):
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise GPT2FnError(f"{name} must be an integer >= 0 (0 = off), got {count}")
     if not (is_real(top_p) and 0 < top_p <= 1):
         raise GPT2FnError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
     if not (is_real(min_p) and 0 <= min_p <= 1):
@@ -52,10 +53,6 @@ def check_sampling_args(
     if not (is_real(repetition_penalty) and 0 < repetition_penalty < math.inf):
         raise GPT2FnError(f"repetition_penalty must be a finite number > 0 (1 = off; above 1 discourages repeats), "
                           f"got {repetition_penalty}")  # fmt: skip
-    if not isinstance(no_repeat_ngram_size, int) or isinstance(no_repeat_ngram_size, bool) or no_repeat_ngram_size < 0:
-        raise GPT2FnError(f"no_repeat_ngram_size must be an integer >= 0 (0 = off), got {no_repeat_ngram_size}")
-    if not isinstance(min_new_tokens, int) or isinstance(min_new_tokens, bool) or min_new_tokens < 0:
-        raise GPT2FnError(f"min_new_tokens must be an integer >= 0 (0 = off), got {min_new_tokens}")
     if min_new_tokens > 0 and stop_token is None:
         raise GPT2FnError("min_new_tokens keeps the stop token from ending a row that soon; pass a stop_token too, or "
                           "drop min_new_tokens")  # fmt: skip
