@@ -11,7 +11,7 @@ The public surface, one module per concern::
     sampling    sample, apply_history, top_k_filter, top_p_filter, min_p_filter, typical_filter, filtered_probs
     generation  generate (a Stream: tokens as they come, then stats), generate_all
     beam        beam_search (Hugging Face's beam search: each prompt's best Beam(tokens, score))
-    speculative self_draft, draft_vocab, frequent_tokens, speculative_steps (generate(..., draft=...))
+    speculative self_draft, draft_vocab, frequent_tokens, PromptLookup, speculative_steps (generate(..., draft=...))
     weights     load_pretrained, save_params, load_params
     tokenizer   get_tokenizer, encode, decode
 """

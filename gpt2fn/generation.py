@@ -32,7 +32,7 @@ from gpt2fn.errors import GPT2FnError, check_int, check_token_ids
 from gpt2fn.model import Tap
 from gpt2fn.params import Params, params_device
 from gpt2fn.sampling import check_bad_words, check_sampling_args, noise_width, reads_history, uniform_noise
-from gpt2fn.speculative import check_draft, speculative_steps
+from gpt2fn.speculative import PromptLookup, check_draft, speculative_steps
 from gpt2fn.steps import State, Steps, make_steps, window_len
 
 Tensor = torch.Tensor
@@ -258,7 +258,7 @@ def generate(
     attention: str = "auto",
     stop_token: Optional[int] = None,
     compile: bool = False,
-    draft: Optional[tuple[Params, GPTConfig]] = None,
+    draft: Optional[tuple[Params, GPTConfig] | PromptLookup] = None,
     draft_tokens: int = 4,
     adaptive_draft: bool = False,
     tokens_per_call: int = 1,
@@ -294,6 +294,9 @@ def generate(
     (:mod:`gpt2fn.speculative`; e.g. ``(self_draft(params, "int8"), config)``,
     or a draft over part of the vocabulary, ``(draft_vocab(self_draft(params,
     "int8"), frequent_tokens(text_tokens, 2048, config.vocab_size)), config)``),
+    or ``PromptLookup()``, which drafts what followed the last n-gram
+    earlier in the text, no model (:class:`gpt2fn.speculative.PromptLookup`:
+    Hugging Face's ``prompt_lookup_num_tokens``),
     proposing ``draft_tokens`` tokens per target pass (with ``adaptive_draft``,
     at most that many, adapted to the acceptance: see
     :func:`gpt2fn.speculative.next_k`), cached; the rows of a batch advance
@@ -350,8 +353,8 @@ def generate(
             raise GPT2FnError("a tap runs in the eager cached steps, not in speculative rounds; drop the draft to "
                               "generate with it")  # fmt: skip
         for p in prompts:
-            check_draft(config, draft[1], draft_tokens, len(p), min(max_new_tokens, config.n_ctx - len(p)))
-        steps = speculative_steps(config, *draft, draft_tokens, adaptive=adaptive_draft, device=device,
+            check_draft(config, draft, draft_tokens, len(p), min(max_new_tokens, config.n_ctx - len(p)))
+        steps = speculative_steps(config, draft, draft_tokens, adaptive=adaptive_draft, device=device,
                                   compile=compile, attention=attention, batch=len(prompts), **sampling)  # fmt: skip
         width = (draft_tokens + 1, 2)  # one block per round, for the largest k (see accept_sampled)
 

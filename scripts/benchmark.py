@@ -19,8 +19,9 @@ order (machines are noisy: only ratios measured side by side mean anything):
    for the first (tokens/s over all rows); and transformers' ``generate()``
    on the same weights (built by ``GPTConfig.to_hf``), with its default cache and, on CUDA, its static cache;
    and speculative decoding of the float32 model drafted by each of
-   ``--drafts`` (compiled: its own weights at a dtype, or another model with
-   its vocabulary, e.g. ``gpt2`` for ``gpt2-xl``), for each ``k`` of ``--draft-tokens``
+   ``--drafts`` (compiled: its own weights at a dtype, another model with
+   its vocabulary, e.g. ``gpt2`` for ``gpt2-xl``, or ``lookup``: prompt
+   lookup, no model), for each ``k`` of ``--draft-tokens``
    and adaptive up to ``--adaptive-draft``, with the acceptance rate beside it
    (and with ``--draft-vocab N``, each again with the draft proposing only N
    tokens: :func:`gpt2fn.speculative.draft_vocab`), and for each whole draft
@@ -72,7 +73,7 @@ from gpt2fn.measure import (decode_step_time, memory_mb, peak_memory_mb, product
 from gpt2fn.params import init_params
 from gpt2fn.plotting import require_pyplot, save_figure
 from gpt2fn.quantize import WEIGHT_DTYPES, cast_params
-from gpt2fn.speculative import DRAFT_DTYPES, check_draft, draft_vocab, frequent_tokens, self_draft
+from gpt2fn.speculative import DRAFT_DTYPES, PromptLookup, check_draft, draft_vocab, frequent_tokens, self_draft
 from gpt2fn.steps import cached_steps, compiled_steps, uncached_steps
 from gpt2fn.tokenizer import encode, get_tokenizer
 from gpt2fn.weights import MODEL_HELP, REVISION_HELP, load_pretrained, transformers_model
@@ -97,8 +98,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the same step as one a call; 0 or 1 = skip, default)")
     p.add_argument("--drafts", default="int8,bfloat16",
                    help="speculative decoding rows, compiled, for the float32 model drafted by each of these: "
-                        f"its own weights at a dtype ({', '.join(DRAFT_DTYPES)}) or another model with its "
-                        "vocabulary (a name or path, as --model; empty = skip)")
+                        f"its own weights at a dtype ({', '.join(DRAFT_DTYPES)}), another model with its "
+                        "vocabulary (a name or path, as --model), or lookup (prompt lookup; empty = skip)")
     p.add_argument("--draft-tokens", default="4,8", help="comma-separated k: tokens each speculative round drafts")
     p.add_argument("--adaptive-draft", type=int, default=8,
                    help="also a speculative row with k adaptive up to this many (0 = skip)")
@@ -282,9 +283,11 @@ def make_contenders(args, params: dict, params32, config, prompt, device, drafts
     ks = [(k, False) for k in draft_tokens(args)]
     ks += [(args.adaptive_draft, True)] if args.adaptive_draft else []
     vocabs = [None] if cut_vocab is None else [None, cut_vocab]  # whole, and cut to --draft-vocab tokens
-    for (d, (draft, draft_config)), vocab in itertools.product(drafts.items(), vocabs):
-        draft = (draft if vocab is None else draft_vocab(draft, vocab), draft_config)  # one copy serves every k
-        d = d if vocab is None else f"{d} v{len(vocab)}"
+    for (d, draft), vocab in itertools.product(drafts.items(), vocabs):
+        if vocab is not None:
+            if isinstance(draft, PromptLookup):  # no model: no head to cut
+                continue
+            draft, d = (draft_vocab(draft[0], vocab), draft[1]), f"{d} v{len(vocab)}"  # one copy serves every k
         contenders += [speculative(d, draft, prompt, k, adaptive) for k, adaptive in ks]
         if prompts is not None and vocab is None:  # the batch too, with each whole draft at its largest fixed k
             contenders.append(speculative(d, draft, prompts, max(draft_tokens(args)), False))
@@ -308,18 +311,19 @@ def transformers_dtypes(params: dict, device) -> list[str]:
     return ["float32", *(d for d in params if d in ("bfloat16", "float16"))]
 
 
-def load_drafts(args, params32, config, device) -> dict[str, tuple]:
+def load_drafts(args, params32, config, device) -> dict[str, tuple | PromptLookup]:
     """``--drafts``, by row name: (params, config) of the float32 model's own
-    weights at a dtype, or of another model (loaded and checked before any work)."""
+    weights at a dtype, or of another model (loaded and checked before any
+    work), or ``lookup``: prompt lookup (:class:`~gpt2fn.speculative.PromptLookup`)."""
     drafts = {}
     for d in filter(None, args.drafts.split(",")):
         if d in DRAFT_DTYPES:
             drafts[d] = self_draft(params32, d), config
-            continue
-        draft, draft_config = load_pretrained(d, device=device)
-        check_draft(config, draft_config, max(draft_tokens(args)),
-                    args.prompt_len, args.new_tokens)  # fmt: skip
-        drafts[Path(d).stem] = draft, draft_config
+        elif d == "lookup":
+            drafts[d] = PromptLookup()
+        else:
+            drafts[Path(d).stem] = load_pretrained(d, device=device)
+            check_draft(config, drafts[Path(d).stem], max(draft_tokens(args)), args.prompt_len, args.new_tokens)
     return drafts
 
 

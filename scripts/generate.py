@@ -27,7 +27,7 @@ from gpt2fn.generation import generate
 from gpt2fn.layers import ATTEND
 from gpt2fn.quantize import DTYPE_HELP, WEIGHT_DTYPES, cast_params
 from gpt2fn.sampling import check_sampling_args
-from gpt2fn.speculative import DRAFT_DTYPES, draft_vocab, frequent_tokens, self_draft
+from gpt2fn.speculative import DRAFT_DTYPES, PromptLookup, draft_vocab, frequent_tokens, self_draft
 from gpt2fn.tokenizer import TextStream, check_vocabulary, encode, get_tokenizer
 from gpt2fn.weights import MODEL_HELP, REVISION_HELP, load_pretrained, resolve_model
 
@@ -55,7 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: sdpa, but manual in the compiled CPU decode step, where it is faster)")
     p.add_argument("--draft", default=None,
                    help="speculative decoding: int8, bfloat16 or float16 (the model's own weights at that dtype "
-                        "draft for it) or another model with the same tokenizer (e.g. gpt2 for gpt2-xl)")
+                        "draft for it), another model with the same tokenizer (e.g. gpt2 for gpt2-xl), or lookup "
+                        "(prompt lookup: no model, it drafts what followed the last n-gram earlier in the text)")
     p.add_argument("--draft_tokens", type=int, default=None, help="tokens the draft proposes per target pass (default 4)")
     p.add_argument("--adaptive_draft", action="store_true",
                    help="adapt the drafted tokens per pass to the acceptance (1, 2, 4, ... up to --draft_tokens)")
@@ -65,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "in merge order, common ones first)")
     p.add_argument("--draft_vocab_from", default=None,
                    help="a text file like the text you generate: --draft_vocab keeps its N most frequent tokens")
+    p.add_argument("--lookup_ngram", type=int, default=None,
+                   help="--draft lookup: the longest n-gram it matches, then shorter ones (default 2)")
     p.add_argument("--tokens_per_call", type=int, default=1,
                    help="decode steps per call of the step, each token fed to the next: the same text, "
                         "printed in bursts; with --compile they run as one graph (on CUDA, one CUDA graph replay) "
@@ -175,6 +178,13 @@ def run(args: argparse.Namespace) -> int:
         raise GPT2FnError("--draft_vocab cuts the draft of speculative decoding; give a --draft too")
     elif args.draft_tokens is not None:
         raise GPT2FnError("--draft_tokens sets how many tokens a round of speculative decoding drafts; give a --draft too")
+    if args.draft == "lookup":
+        args.lookup_ngram = 2 if args.lookup_ngram is None else args.lookup_ngram
+        check_int("--lookup_ngram", args.lookup_ngram)
+        if args.draft_vocab is not None:
+            raise GPT2FnError("--draft_vocab cuts a draft model's vocabulary; --draft lookup has no model, drop one")
+    elif args.lookup_ngram is not None:
+        raise GPT2FnError("--lookup_ngram sets prompt lookup's n-grams; give --draft lookup too, or drop it")
     check_int("--tokens_per_call", args.tokens_per_call)
     if args.tokens_per_call > 1 and (args.draft is not None or not args.kvcaching):
         raise GPT2FnError("--tokens_per_call chains cached plain decode steps; drop it, or "
@@ -196,6 +206,8 @@ def run(args: argparse.Namespace) -> int:
     draft = None
     if args.draft in DRAFT_DTYPES:
         draft = self_draft(params, args.draft), config
+    elif args.draft == "lookup":
+        draft = PromptLookup(args.lookup_ngram)
     elif args.draft is not None:
         draft = load_pretrained(resolve_model(args.draft), device=device)
     if args.draft_vocab is not None:
@@ -376,6 +388,7 @@ def report(args: argparse.Namespace, device: torch.device, seed: int, stream, wa
             mean = f"{stats.drafted_per_pass:.2f} " if stats.target_passes else ""
             per_round = f"{mean}tokens per round (adaptive, at most {args.draft_tokens})"
         cut = "" if args.draft_vocab is None else f" over {args.draft_vocab} tokens"
+        cut += f" (n-grams up to {args.lookup_ngram})" if args.draft == "lookup" else ""
         rounds = (f"acceptance {stats.acceptance_rate:.1%}, {stats.tokens_per_pass:.2f} tokens per target pass "
                   f"({stats.target_passes} passes)" if stats.target_passes else "no round ran")  # fmt: skip
         speculative = f"\nspeculative: draft {args.draft}{cut}, {per_round}: {rounds}"

@@ -20,7 +20,7 @@ def test_benchmark_writes_json_and_plot(small_ref, tmp_path):
     run = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--model", str(small_ref.directory),
          "--dtypes", "float32,int8", "--new-tokens", "12", "--batch", "3", "--rounds", "1", "--lengths", "16,64", "--tokens-per-call", "2",
-         "--drafts", "int8", "--draft-tokens", "4", "--adaptive-draft", "4", "--draft-vocab", "300", "--beams", "3",
+         "--drafts", "int8,lookup", "--draft-tokens", "4", "--adaptive-draft", "4", "--draft-vocab", "300", "--beams", "3",
          "--json", str(out_json), "--plot", str(out_png)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -48,6 +48,10 @@ def test_benchmark_writes_json_and_plot(small_ref, tmp_path):
     assert 1 <= adaptive["drafted_per_pass"] <= 4 and spec["drafted_per_pass"] == 4
     cut = results["generation"]["gpt2fn speculative int8 v300 k=4 float32"]  # the draft over ids 0..299
     assert 0 <= cut["acceptance_rate"] <= 1 and "gpt2fn speculative int8 v300 k<=4 adaptive float32" in names
+    lookup = results["generation"]["gpt2fn speculative lookup k=4 float32"]  # prompt lookup: whole, adaptive, batch
+    assert 0 <= lookup["acceptance_rate"] <= 1 and 1 <= lookup["drafted_per_pass"] <= 4
+    assert {"gpt2fn speculative lookup k<=4 adaptive float32", "gpt2fn speculative lookup k=4 float32 batch 3"} <= names
+    assert not any("lookup v300" in name for name in names)  # no model, no head to cut
     assert all(g["tokens_per_s"] > 0 for g in results["generation"].values())
     assert results["graphs_compiled_during_timed_runs"] == 0
     assert set(results["sweep"]["tokens_per_s"]) == {"eager, cache", "compiled, cache", "eager, no cache", "compiled, no cache"}

@@ -264,6 +264,24 @@ def test_speculative_rounds_with_rules_on_cuda_give_the_cpus_greedy_rows(small, 
         assert generate(params, config, prompts, 30, draft=draft, compile=compile, **rules).rows() == cpu, compile
 
 
+def test_prompt_lookup_on_cuda_gives_the_cpus_greedy_rows(small, small_ref):
+    """Prompt lookup on the GPU (the lookup's tensor operations on the
+    device, the verify step a CUDA graph), eager and compiled, with and
+    without rules: the CPU's plain greedy rows; the prompts repeat
+    themselves, so drafted tokens are accepted."""
+    from gpt2fn.speculative import PromptLookup
+
+    params, config = small
+    prompts = [ids(9, seed=1)[0].tolist() * 2, ids(4, seed=2)[0].tolist() * 3]
+    cpu_params = load_pretrained(small_ref.directory)[0]
+    for rules in (dict(), dict(repetition_penalty=1.2, no_repeat_ngram_size=3)):
+        cpu = generate(cpu_params, config, prompts, 40, temperature=0, **rules).rows()
+        for compile in (False, True):
+            stream = generate(params, config, prompts, 40, temperature=0, draft=PromptLookup(), compile=compile, **rules)
+            assert stream.rows() == cpu, (rules, compile)
+            assert stream.stats.accepted > 0
+
+
 def test_loss_and_gradients_on_cuda_match_the_cpus():
     """fp32, no TF32: the loss within 1e-5, each gradient within 1e-4 of its largest entry."""
     config = GPTConfig(vocab_size=50257, n_ctx=64, n_embd=32, n_layer=2, n_head=2)

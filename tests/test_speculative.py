@@ -199,7 +199,7 @@ def test_speculative_steps_built_for_cuda_run_their_python_on_cpu_tensors(small)
     params, config = small
     torch._dynamo.reset()
     counters.clear()
-    steps = speculative_steps(config, self_draft(params, "int8"), config, 4, device=torch.device("cuda"), compile=True,
+    steps = speculative_steps(config, (self_draft(params, "int8"), config), 4, device=torch.device("cuda"), compile=True,
                               temperature=0)  # fmt: skip
     for i, prompt in enumerate(prompts(2, (5, 12), seed=6)):
         plain = generate_all(params, config, prompt, 60, temperature=0)[0]
@@ -212,7 +212,7 @@ def test_speculative_steps_built_for_cuda_run_their_python_on_cpu_tensors(small)
     state = steps.make_state(params, 1, 72)
     assert cache_len(state.target) == cache_len(state.draft) == min(128, config.n_ctx)  # rounded for CUDA graphs
     # a ragged batch of two, its draft on the GPU's batch products (int8_sums for the int8 draft)
-    steps = speculative_steps(config, self_draft(params, "int8"), config, 4, device=torch.device("cuda"), compile=True,
+    steps = speculative_steps(config, (self_draft(params, "int8"), config), 4, device=torch.device("cuda"), compile=True,
                               temperature=0, batch=2)  # fmt: skip
     rows = [prompt[0].tolist() for prompt in prompts(2, (5, 12), seed=6)]
     stream = Stream(params, steps, rows, [40, 40], None, lambda batch, decode: None)
@@ -461,9 +461,11 @@ def test_accept_greedy_keeps_the_agreeing_prefix_and_the_targets_next_token():
 
 Q_FULL = [[0.1, 0.3, 0.3, 0.1, 0.1, 0.1], [0.3, 0.3, 0.1, 0.1, 0.1, 0.1]]
 Q_CUT = [[0.25, 0.5, 0.0, 0.25, 0.0, 0.0], [0.5, 0.0, 0.0, 0.5, 0.0, 0.0]]  # a draft over tokens 0, 1, 3 only
+Q_LOOKUP = [[0.0, 0.0, 1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0, 0.0]]  # prompt lookup: all on the drafted token
 
 
-@pytest.mark.parametrize("q", [Q_FULL, Q_CUT], ids=["draft over every token", "draft over part of the vocabulary"])
+@pytest.mark.parametrize("q", [Q_FULL, Q_CUT, Q_LOOKUP],
+                         ids=["draft over every token", "draft over part of the vocabulary", "prompt lookup"])  # fmt: skip
 def test_speculative_sampling_keeps_the_targets_distribution(q):
     """Draft tokens drawn from q, the rule applied to many independent rows
     at once: the first emitted token follows p_0, the second (when the first
@@ -705,3 +707,161 @@ def test_the_cuda_graph_wrapper_copies_a_draft_steps_outputs():
         assert len(copied) == len(out) and all(c is not t and torch.equal(c, t) for c, t in zip(copied, out))
     single = _cloned(lambda *args: token)()
     assert single is not token and torch.equal(single, token)
+
+
+# Prompt lookup: a draft without a model, the text's own earlier tokens.
+
+
+def test_lookup_by_hand():
+    """[5 6 7 5 6]: its last 2-gram (5 6) occurred at 0-1, so what followed
+    it is proposed (7, then the span 7 5 6 repeating). Of two earlier
+    occurrences the latest counts; a longer n-gram before a shorter one. A
+    row without a repeat proposes its last token; a row's later (stale)
+    slots are never matched."""
+    from gpt2fn.speculative import lookup
+
+    tokens = torch.tensor([[5, 6, 7, 5, 6, 9, 9], [1, 2, 3, 4, 6, 6, 6], [8, 8, 8, 8, 0, 0, 0]])
+    drafted, found = lookup(tokens, torch.tensor([4, 3, 1]), 5, 2)
+    assert drafted.tolist() == [[7, 5, 6, 7, 5], [4, 4, 4, 4, 4], [8, 8, 8, 8, 8]]
+    assert found.tolist() == [True, False, True]
+    assert lookup(torch.tensor([[1, 2, 3, 1, 2, 4, 1, 2]]), torch.tensor([7]), 4, 2)[0].tolist() == [[4, 1, 2, 4]]
+    assert lookup(torch.tensor([[1, 2, 9, 2, 1, 2]]), torch.tensor([5]), 2, 2)[0].tolist() == [[9, 2]]  # (1 2), not (2)
+    assert lookup(torch.tensor([[1, 2, 9, 2, 1, 2]]), torch.tensor([5]), 2, 1)[0].tolist() == [[1, 2]]  # (2): the latest
+
+
+def reference_lookup(row: list[int], k: int, ngram: int) -> list[int] | None:
+    """Prompt lookup spelled out: for n = ngram .. 1, the latest j < last
+    where row[j - n + 1 : j + 1] equals the row's last n tokens; the k
+    tokens after j, the span after j repeating. None: no match."""
+    last = len(row) - 1
+    for n in range(ngram, 0, -1):
+        for j in range(last - 1, n - 2, -1):
+            if row[j - n + 1 : j + 1] == row[last - n + 1 :]:
+                span = row[j + 1 :]
+                return [span[i % len(span)] for i in range(k)]
+    return None
+
+
+def test_lookup_matches_it_spelled_out_and_finds_what_hugging_face_finds():
+    """On 2,000 random rows of a few-token vocabulary (many repeats), with
+    stale tokens after each row's last position: the proposed tokens are
+    reference_lookup's, and a row has a match exactly when transformers'
+    PromptLookupCandidateGenerator has candidates (which come from the
+    first occurrence, ours from the latest)."""
+    from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
+
+    from gpt2fn.speculative import lookup
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2000):
+        n, vocab, k, ngram = (int(torch.randint(low, high, (1,), generator=g)) for low, high in [(1, 30), (2, 6), (1, 9), (1, 4)])
+        row = torch.randint(0, vocab, (1, n), generator=g)
+        stale = torch.randint(0, vocab, (1, 5), generator=g)
+        drafted, found = lookup(torch.cat([row, stale], dim=1), torch.tensor([n - 1]), k, ngram)
+        expected = reference_lookup(row[0].tolist(), k, ngram)
+        assert bool(found) == (expected is not None), row
+        assert drafted[0].tolist() == (expected or [row[0, -1].item()] * k), (row, k, ngram)
+        hf = PromptLookupCandidateGenerator(num_output_tokens=k, max_matching_ngram_size=ngram, max_length=10**6)
+        assert bool(found) == (hf.get_candidates(row)[0].shape[1] > n)
+
+
+def test_a_lookup_round_without_a_match_drafts_one_token(small):
+    """No row has a match: the round drafts its last token once (the
+    cheapest verify pass), and the counts say so."""
+    from gpt2fn.speculative import PromptLookup
+
+    params, config = small
+    spec, stats = generate_all(params, config, torch.tensor([[11, 12, 13]]), 2, temperature=0, draft=PromptLookup(),
+                               draft_tokens=4)  # fmt: skip
+    plain, _ = generate_all(params, config, torch.tensor([[11, 12, 13]]), 2, temperature=0)
+    assert torch.equal(spec, plain)
+    assert (stats.target_passes, stats.drafted) == (1, 1)  # the first round's text, 11 12 13 t, repeats nothing
+    assert spec[0, 0] not in (11, 12, 13)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_prompt_lookup_greedy_is_the_targets_greedy_decoding_and_hugging_faces(small, small_ref, compile):
+    """Ragged rows, k = 1, 4, adaptive up to 8, n-grams up to 1 and 3: the
+    target's greedy tokens, and for one prompt the tokens of transformers'
+    generate(prompt_lookup_num_tokens=k); prompts that repeat themselves
+    make the draft accepted."""
+    from gpt2fn.speculative import PromptLookup
+
+    params, config = small
+    rows = [p[0].tolist() for p in prompts(4, (3, 8, 13, 21))]
+    rows = [rows[0], rows[1] * 2, rows[2], rows[3][:7] * 3]
+    for k, adaptive, ngram in [(1, False, 2), (4, False, 1), (8, True, 3)]:
+        stats = assert_greedy_identity(params, config, rows, 60, PromptLookup(ngram), k, compile, adaptive)
+        assert stats.accepted > 0
+    prompt = torch.tensor([rows[3]])
+    spec, _ = generate_all(params, config, prompt, 60, temperature=0, draft=PromptLookup(), draft_tokens=4, compile=compile)
+    hf = small_ref.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=60, do_sample=False,
+                                  prompt_lookup_num_tokens=4, pad_token_id=0)  # fmt: skip
+    assert torch.equal(spec, hf[:, prompt.shape[1] :])
+
+
+def test_prompt_lookup_greedy_under_the_rules_is_the_targets_greedy_decoding(small):
+    from gpt2fn.speculative import PromptLookup
+
+    params, config = small
+    rows = [p[0].tolist() * 2 for p in prompts(2, (5, 9))]
+    for rules in RULES:
+        plain, _ = generate_all(params, config, rows, 40, temperature=0, stop_token=rows[0][1], **rules)
+        spec, stats = generate_all(params, config, rows, 40, temperature=0, stop_token=rows[0][1], draft=PromptLookup(),
+                                   draft_tokens=4, **rules)  # fmt: skip
+        assert torch.equal(spec, plain), rules
+        assert stats.drafted > stats.target_passes  # rounds with matches drafted 4
+
+
+def test_prompt_lookup_sampling_follows_the_filters_and_a_seed_fixes_it_eager_and_compiled(small):
+    """The draft's q is all on the drafted token (accepted with probability
+    p(x), as test_speculative_sampling_keeps_the_targets_distribution checks
+    for such a q): every token is one of the target's top 3; a seed fixes
+    the run, eager and compiled alike."""
+    from gpt2fn import forward
+    from gpt2fn.speculative import PromptLookup
+
+    params, config = small
+    prompt = torch.tensor([prompts(1, (6,))[0][0].tolist() * 3])
+
+    def run(seed, compile=False):
+        return generate_all(params, config, prompt, 50, temperature=0.8, top_k=3, draft=PromptLookup(), compile=compile,
+                            generator=torch.Generator().manual_seed(seed))  # fmt: skip
+
+    (a, stats), (b, _), (c, _) = run(1), run(1, compile=True), run(2)
+    assert torch.equal(a, b) and not torch.equal(a, c) and stats.accepted > 0
+    top3 = forward(params, config, torch.cat([prompt, a], dim=1))[0, prompt.shape[1] - 1 : -1].topk(3).indices
+    assert (top3 == a[0, :, None]).any(-1).all()
+
+
+def test_prompt_lookup_bad_settings_are_refused(small):
+    from gpt2fn.speculative import PromptLookup
+
+    params, config = small
+    with pytest.raises(GPT2FnError, match="PromptLookup's ngram must be an integer >= 1, got 0"):
+        generate(params, config, prompts(1)[0], 5, draft=PromptLookup(0))
+    with pytest.raises(GPT2FnError, match=r"a draft is \(params, config\).* or PromptLookup\(\); got str"):
+        generate(params, config, prompts(1)[0], 5, draft="lookup")
+
+
+def test_cli_prompt_lookup_prints_the_same_text(generate_cli, capsys):
+    model = str(ROOT / "weights" / "gpt2-shakespeare.safetensors")
+    common = ["--model", model, "--prompt", "ROMEO:", "--prompt", "JULIET: O", "--temperature", "0", "--max_tokens", "60"]
+    assert generate_cli.main(common) == 0
+    plain = capsys.readouterr().out
+    assert generate_cli.main([*common, "--draft", "lookup", "--lookup_ngram", "3"]) == 0
+    out = capsys.readouterr()
+    assert out.out == plain
+    assert "speculative: draft lookup (n-grams up to 3), 4 tokens per round: acceptance" in out.err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--lookup_ngram", "2"], "--lookup_ngram sets prompt lookup's n-grams; give --draft lookup too, or drop it"),
+    (["--draft", "lookup", "--lookup_ngram", "0"], "--lookup_ngram must be an integer >= 1, got 0"),
+    (["--draft", "lookup", "--draft_vocab", "9"], "--draft_vocab cuts a draft model's vocabulary; --draft lookup has no model"),
+])  # fmt: skip
+def test_cli_bad_prompt_lookup_combinations(generate_cli, capsys, extra, message):
+    model = str(ROOT / "weights" / "gpt2-shakespeare.safetensors")
+    assert generate_cli.main(["--model", model, "--prompt", "a", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
