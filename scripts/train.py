@@ -182,6 +182,9 @@ def check_args(args) -> Checked:
         check_output_dir(args.snapshots, "--snapshots directory")
     if args.export_hf:
         check_output_dir(args.export_hf, "--export_hf directory")
+    if "export_dtype" in args.given and not (args.export or args.export_hf or args.snapshots):
+        raise GPT2FnError("--export_dtype sets the dtype of --export, --export_hf and --snapshots; give one of them "
+                          "too, or drop it")  # fmt: skip
     if args.revision is not None and not args.from_model:
         raise GPT2FnError("--revision picks the Hub snapshot of --from_model; give --from_model too, or drop it")
     if args.plot:

@@ -96,6 +96,8 @@ TRAIN_CASES = {  # extra args -> what the line says
                                                             "leaving no room to continue it; shorten it"),
     "revision alone": (["--revision", "v1"], "--revision picks the Hub snapshot of --from_model; give --from_model "
                                              "too, or drop it"),
+    "export_dtype alone": (["--export_dtype", "float32"], "--export_dtype sets the dtype of --export, --export_hf and "
+                                                          "--snapshots; give one of them too, or drop it"),
 }
 
 

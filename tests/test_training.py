@@ -265,13 +265,13 @@ def test_train_script_fine_tunes_resumes_and_plots(small_ref, data, tmp_path):
     d, _ = data
     script = str(ROOT / "scripts" / "train.py")
     args = ["--data", str(d / "out"), "--out", str(tmp_path / "ckpt.pt"), "--block_size", "32", "--batch_size", "4",
-            "--warmup_steps", "1", "--eval_interval", "2", "--eval_batches", "1", "--export_dtype", "float32"]  # fmt: skip
+            "--warmup_steps", "1", "--eval_interval", "2", "--eval_batches", "1"]  # fmt: skip
     first = subprocess.run([sys.executable, script, *args, "--from_model", str(small_ref.directory), "--max_steps", "4",
                             "--stop_at", "2"], capture_output=True, text=True)  # fmt: skip
     assert first.returncode == 0, first.stderr[-2000:]
     assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 2
-    again = subprocess.run([sys.executable, script, *args, "--resume", "--export",
-                            str(tmp_path / "tuned.safetensors"), "--plot", str(tmp_path / "loss.png")],
+    again = subprocess.run([sys.executable, script, *args, "--resume", "--export", str(tmp_path / "tuned.safetensors"),
+                            "--export_dtype", "float32", "--plot", str(tmp_path / "loss.png")],
                            capture_output=True, text=True)  # fmt: skip
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming from" in again.stdout
@@ -305,7 +305,7 @@ def test_snapshots_are_the_weights_at_every_evaluation(data, tmp_path, capsys):
     assert cli.main([*args, "--out", str(tmp_path / "a.pt"), "--snapshots", str(snaps), "--export",
                      str(tmp_path / "final.safetensors"), "--export_hf", str(tmp_path / "hf")]) == 0  # fmt: skip
     assert sorted(p.name for p in snaps.iterdir()) == ["step2.safetensors", "step4.safetensors"]
-    assert cli.main([*args, "--out", str(tmp_path / "b.pt"), "--stop_at", "2"]) == 0
+    assert cli.main([*tiny_run(data), "--out", str(tmp_path / "b.pt"), "--stop_at", "2"]) == 0  # nothing to export
     capsys.readouterr()
     final = flatten_params(load_params(tmp_path / "final.safetensors")[0])
     hf = flatten_params(load_pretrained(tmp_path / "hf")[0])  # --export_hf: the same weights as a Hugging Face checkpoint
