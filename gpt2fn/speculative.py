@@ -33,23 +33,30 @@ when it had run it), and every round's chain has the same shape.
 1, 2, 4, ... up to its maximum, one level up after a round that accepted
 every drafted token, one down after a round that accepted fewer than half.
 
-Compiled, the verify step is one graph for a whole generation, any prompt
-length and any ``k``: it is compiled with its token count marked dynamic
-(and the cache length, as for plain decoding). The draft
+Compiled, the verify step is one graph for each round size ``k + 1`` (a
+fixed ``k``: one; an adaptive one: one per level), for every prompt length
+(its cache length marked dynamic, as for plain decoding). On the CPU it is
+built as the plain decode step is, with the grouped loops of
+:func:`~gpt2fn.layers.matvec` over its ``k + 1`` rows (past their limit,
+:func:`~gpt2fn.layers.few_rows`) and its blocks compile regions: side by
+side (124M shape, one pass), the grouped loops against oneDNN's products
+over a symbolic token count: fp32 20.6 against 22.5 ms at 2 tokens, 27.1
+against 34.0 at 5; int8 7.5 against 29.7 at 2, 17.0 against 38.6 at 5 and
+27.8 against 42.8 at 9 (a plain int8 step: 6.5 ms). The draft
 (:func:`~gpt2fn.steps.chains`) is, for a draft narrower than GPT-2 on the CPU, its
 whole chain of ``k`` steps as one graph (one for each ``k``), calling its
 step as one compile region; otherwise its step compiled (two graphs: the
 round's first step over two tokens, and one token), its blocks compile
 regions where the plain step's are (:func:`~gpt2fn.steps.decode_block`).
-The verify step inlines its blocks (in a region, bf16 weights made dynamo
-fix the symbolic token count).
 
 Greedy (temperature 0): the output is the target's greedy decoding, token
 for token: every emitted token is the argmax of the target's logits given
 the tokens before it. What it is checked against is the target's own
 :func:`~gpt2fn.generation.generate` with the same engine (eager or
 compiled). The verify pass computes ``k + 1`` rows with matrix-matrix
-products where plain decoding uses matrix-vector ones, so the logits agree
+products where plain decoding uses matrix-vector ones (compiled on the CPU
+both take the grouped loops, whose sums are each row's own bits, but the
+code around them is generated for another row count), so the logits agree
 to rounding (~1e-6 relative), not bit for bit: at a floating-point tie
 between the two best tokens the two could pick differently. The tests check
 identity over many prompts and 200+ tokens on three shapes, eager and
@@ -91,7 +98,8 @@ from gpt2fn.model import hidden, logits
 from gpt2fn.params import Params, map_params, params_device
 from gpt2fn.quantize import quantize_int8
 from gpt2fn.sampling import apply_history, draw, filtered_probs, reads_history
-from gpt2fn.steps import History, Steps, _cache, _marked_cache, chains, compiled_step, decode_kernels, eager_kernels, mark_static
+from gpt2fn.steps import (History, Steps, _cache, _marked_cache, chains, compiled_step, decode_block, decode_kernels,
+                          eager_kernels, mark_static)
 
 Tensor = torch.Tensor
 DRAFT_DTYPES = {"int8": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -193,14 +201,14 @@ def lookup_draft(
     then holds every emitted token at its position: the accepted drafted
     ones, and the next round writes its own first). -> (drafted [B, k],),
     or sampling (drafted, q [B, k, V]: the draft's distribution, all on the
-    drafted token). When no row has a match, it drafts 1 token (the last,
-    again): a round's cheapest verify pass (a pass of one token would
-    compile another graph). Reading whether any row has one is a host sync."""
+    drafted token). When no row has a match it drafts nothing ([B, 0]): the
+    round is then the target's pass over one token, a plain step. Reading
+    whether any row has one is a host sync."""
     sequence = state.tokens.scatter_(1, pos, tokens)
     last = pos[:, -1]
     drafted, found = lookup(sequence, last, k, ngram)
     if not bool(found.any()):
-        drafted = drafted[:, :1]
+        drafted = drafted[:, :0]
     after = (last[:, None] + 1 + torch.arange(drafted.shape[1], device=pos.device)).clamp(max=sequence.shape[1] - 1)
     sequence.scatter_(1, after, drafted)
     return (drafted, F.one_hot(drafted, vocab_size).float()) if sampling else (drafted,)
@@ -246,17 +254,18 @@ def draft_step(
 def verify_step(
     params: Params, tokens: Tensor, pos: Tensor, cache: KVCache | History,
     *, config: GPTConfig, kernels: Kernels, temperature: float, top_k: int, top_p: float, min_p: float = 0.0,
-    typical_p: float = 1.0, **rules,
+    typical_p: float = 1.0, run_block: Callable = block, **rules,
 ) -> Tensor:  # fmt: skip
     """The target after each of the last emitted token and the ``k`` drafted
     ones: tokens [B, k + 1] at pos [B, k + 1] -> its greedy choices
     [B, k + 1], or (sampling) its filtered distributions [B, k + 1, V] fp32.
     With ``rules`` the cache comes in a :class:`~gpt2fn.steps.History`: the
     tokens are written into it, and the choice after each position reads
-    the row's tokens up to that position."""
+    the row's tokens up to that position. (``run_block``: see
+    :func:`~gpt2fn.steps.decode_block`.)"""
     history = reads_history(**rules)
-    out = logits(params, config, hidden(params, config, tokens, pos, cache.cache if history else cache, kernels=kernels),
-                 kernels.linear)  # fmt: skip
+    x = hidden(params, config, tokens, pos, cache.cache if history else cache, kernels=kernels, run_block=run_block)
+    out = logits(params, config, x, kernels.linear)
     if history:  # one row a position, [B (k + 1), V], each reading the row's tokens up to it
         B, T, V = out.shape
         sequence = cache.tokens.scatter_(1, pos, tokens).repeat_interleave(T, 0)
@@ -293,11 +302,11 @@ def accept_sampled(drafted: Tensor, q: Tensor, p: Tensor, noise: Tensor) -> tupl
     n = (noise[:, :k, 1] * q_x < p_x).long().cumprod(-1).sum(-1)  # [B]
     rows = torch.arange(B, device=p.device)
     p_n = p[rows, n]
-    q_n = torch.cat([q, torch.zeros_like(q[:, :1])], dim=1)[rows, n]
+    q_n = torch.cat([q, q.new_zeros(B, 1, q.shape[-1])], dim=1)[rows, n]
     residual = (p_n - q_n).clamp_(min=0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_n)  # p == q: the rule never rejects
     last = draw(residual, noise[:, k, 0])
-    tokens = torch.cat([drafted, drafted[:, :1]], dim=1).scatter(1, n[:, None], last[:, None])
+    tokens = torch.cat([drafted, last[:, None]], dim=1).scatter(1, n[:, None], last[:, None])
     return n, tokens
 
 
@@ -359,7 +368,7 @@ def speculative_round(
     without, it stays. ``noise``: [B, K + 1, 2] for any K >= k (see
     :func:`accept_sampled`), or None. One host synchronisation: reading
     each row's ``n`` (a lookup draft adds one, :func:`lookup_draft`, and may
-    draft fewer than ``k``: the round verifies what it drafted).
+    draft none: the round verifies what it drafted).
 
     A batch advances together: every row emits ``m = min(n) + 1`` tokens,
     the fewest drafted tokens any row accepted plus one. A row that accepted
@@ -423,7 +432,8 @@ def speculative_steps(
     sampling = dict(filters, **rules)
     eager = eager_kernels(attention)
     draft_kernels = decode_kernels(device, batch, attention) if compile else eager
-    verify_kernels = Kernels(few_rows, draft_kernels.attend)
+    # compiled on the CPU: the plain step's products (matvec, which hands more rows than it sums to few_rows)
+    verify_kernels = draft_kernels if compile and device.type == "cpu" else Kernels(few_rows, draft_kernels.attend)
     looks_up = isinstance(draft, PromptLookup)
     if looks_up:
         draft_params, draft_config = None, None
@@ -433,7 +443,8 @@ def speculative_steps(
         draft_params, draft_config = draft
         drafts = chains(draft_step, draft_config, draft_kernels, device, compile, **sampling)
     if compile:
-        verify = compiled_step(verify_step, device, True, config=config, kernels=verify_kernels, **sampling)
+        verify = compiled_step(verify_step, device, config=config, kernels=verify_kernels,
+                               run_block=decode_block(device, verify_kernels, config), **sampling)  # fmt: skip
     else:
         verify = functools.partial(verify_step, config=config, kernels=verify_kernels, **sampling)
     accept = accept_greedy if temperature == 0 else accept_sampled

@@ -498,10 +498,9 @@ def decode_block(device: torch.device, kernels: Kernels, config: GPTConfig) -> C
     bf16 20 -> 12 s, fp32 16 -> 10 s, int8 22 -> 9 s (fresh processes, cold:
     bf16 44 -> 27 s, fp32 32 -> 19 s, int8 37 -> 18 s); per step bf16 18.2 ->
     18.7 ms, fp32 20.3 -> 21.1 ms, int8 11.8 -> 12.8 ms (the wrapper calls
-    each region from Python). The speculative draft step uses it too: a
-    k = 8 generation's first run (cold) 60 -> 44 s. (The verify step inlines
-    its blocks: in a region, bf16 weights made dynamo fix its symbolic token
-    count.) Elsewhere the plain block, inlined (CUDA too: regions have not
+    each region from Python). The speculative draft and verify steps use it
+    too: a k = 8 generation's first run (cold) 60 -> 44 s with the draft's.
+    Elsewhere the plain block, inlined (CUDA too: regions have not
     been run there). It is called as ``hidden`` calls a block; the
     ``kernels`` it is handed are the ones bound here."""
     if device.type != "cpu" or not REGIONS or config.n_embd < REGION_MIN_WIDTH:
@@ -515,37 +514,35 @@ def decode_block(device: torch.device, kernels: Kernels, config: GPTConfig) -> C
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_step(step: Callable, device: torch.device, symbolic_tokens: bool = False, /, **settings) -> Callable:
+def compiled_step(step: Callable, device: torch.device, /, **settings) -> Callable:
     """A decode-sized ``step`` with ``settings`` bound (config, kernels,
     sampling, ...) under ``torch.compile``, as the module docstring says: on
     the CPU with :func:`decode_options`; on CUDA with CUDA graphs, its outputs
     copied out of the graph's memory. Made once per process for each step and
     settings, so that every generation with them runs its graphs.
 
-    Each batch size and params layout it runs with (the dtype and shape of
-    the params' top-level tensors: the weight dtype, a speculative draft's own
-    vocabulary) gets a dynamo frame of its own (dynamo keeps its graphs, and
-    its limit of 8 per frame, on the code object it starts from; one frame for
-    every dtype and batch size of a model would fail past 8 of them; and a
-    frame with two graphs checks the guards of one before it runs the other:
-    a speculative generation on the bundled model ran 9% slower with a whole
-    and a cut-vocabulary draft in one frame), and its shapes are static except the
-    ones marked dynamic: the cache length, and with ``symbolic_tokens`` the
-    token count (one graph for every count). Dynamo also guards on strides, a
+    Each shape of its tokens (batch size and token count: a speculative
+    round's verify pass has one per round size) and params layout it runs
+    with (the dtype and shape of the params' top-level tensors: the weight
+    dtype, a speculative draft's own vocabulary) gets a dynamo frame of its
+    own (dynamo keeps its graphs, and its limit of 8 per frame, on the code
+    object it starts from; one frame for every dtype and batch size of a
+    model would fail past 8 of them; and a frame with two graphs checks the
+    guards of one before it runs the other: a speculative generation on the
+    bundled model ran 9% slower with a whole and a cut-vocabulary draft in
+    one frame), and its shapes are static except the one marked dynamic, the
+    cache length. Dynamo also guards on strides, a
     size-1 dim's too, so tokens and positions that are views of longer rows
     (``seq[:, -1:]``, stride = the row's length) are copied into fresh
     tensors first: one graph whatever they were cut from."""
     step = functools.partial(step, **settings)
-    frames = {}  # (batch, params layout) -> the step compiled in a frame of its own
+    frames = {}  # (tokens' shape, params layout) -> the step compiled in a frame of its own
 
     def run(params: Params, tokens: Tensor, pos: Tensor, *rest):
         tokens, pos = _fresh(tokens), _fresh(pos)
-        key = tokens.shape[0], *((name, t.dtype, t.shape) for name, t in params.items() if isinstance(t, Tensor))
+        key = tokens.shape, *((name, t.dtype, t.shape) for name, t in params.items() if isinstance(t, Tensor))
         if key not in frames:
             frames[key] = _compile(_own_frame(step), device)
-        if symbolic_tokens:
-            torch._dynamo.mark_dynamic(tokens, 1)
-            torch._dynamo.mark_dynamic(pos, 1)
         return frames[key](params, tokens, pos, *rest)
 
     return run

@@ -389,8 +389,10 @@ def report(args: argparse.Namespace, device: torch.device, seed: int, stream, wa
             per_round = f"{mean}tokens per round (adaptive, at most {args.draft_tokens})"
         cut = "" if args.draft_vocab is None else f" over {args.draft_vocab} tokens"
         cut += f" (n-grams up to {args.lookup_ngram})" if args.draft == "lookup" else ""
-        rounds = (f"acceptance {stats.acceptance_rate:.1%}, {stats.tokens_per_pass:.2f} tokens per target pass "
-                  f"({stats.target_passes} passes)" if stats.target_passes else "no round ran")  # fmt: skip
+        judged = stats.drafted > stats.drafted_past_end  # a lookup draft drafts nothing where no n-gram repeats
+        rounds = (f"{f'acceptance {stats.acceptance_rate:.1%}' if judged else 'nothing drafted'}, "
+                  f"{stats.tokens_per_pass:.2f} tokens per target pass ({stats.target_passes} passes)"
+                  if stats.target_passes else "no round ran")  # fmt: skip
         speculative = f"\nspeculative: draft {args.draft}{cut}, {per_round}: {rounds}"
     drawn = "greedy" if args.temperature == 0 else f"seed {seed}"  # greedy draws nothing: no seed to repeat it with
     return (

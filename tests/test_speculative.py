@@ -192,7 +192,7 @@ def test_compiled_greedy_identity_and_a_fixed_number_of_graphs(small):
 
 def test_speculative_steps_built_for_cuda_run_their_python_on_cpu_tensors(small):
     """No GPU here: the speculative steps made for a CUDA device (the draft's
-    chain one graph, its steps inlined; the verify's symbolic token count;
+    chain one graph, its steps inlined; the verify step;
     ``reduce-overhead``, outputs cloned) run on CPU params,
     where inductor leaves out the CUDA graphs: the target's own greedy
     tokens, and no new graph after the first generation."""
@@ -409,20 +409,19 @@ def test_adaptive_k_keeps_the_output_and_follows_the_acceptance(small, odd_heads
     assert torch.equal(run(3), run(3))
 
 
-def test_compiled_adaptive_k_compiles_a_draft_chain_per_level_and_one_verify_step(small, odd_heads):
+def test_compiled_adaptive_k_compiles_a_draft_chain_and_a_verify_step_per_level(small, odd_heads):
     params, config = small
     torch._dynamo.reset()  # graphs earlier tests compiled would not be counted
     counters.clear()
     stats = assert_greedy_identity(params, config, prompts(1, (5,))[0], 100, odd_heads, 4, compile=True, adaptive=True)
     assert stats.drafted < 2 * stats.target_passes  # k went down from 4 to 2 and 1
     # the plain decode step, a draft chain for each level k took (4, 2, 1: this draft is narrow, so its
-    # whole chain is a graph; with torch < 2.12, the draft's two steps serve every level) and ONE verify
-    # step: its token count is symbolic (dynamo saw 1 token, then k + 1, through the same compiled frame),
-    # so every level runs the same graph
+    # whole chain is a graph; with torch < 2.12, the draft's two steps serve every level) and a verify step
+    # for each (its k + 1 tokens are a static size: the grouped loops sum each row)
     drafts = len(k_levels(4)) if REGIONS else DRAFT_CHAIN_GRAPHS
-    assert counters["stats"]["unique_graphs"] == 1 + drafts + 1
+    assert counters["stats"]["unique_graphs"] == 1 + drafts + len(k_levels(4))
     assert_greedy_identity(params, config, prompts(1, (12,))[0], 100, odd_heads, 4, compile=True, adaptive=True)
-    assert counters["stats"]["unique_graphs"] == 1 + drafts + 1  # another prompt: no new graph
+    assert counters["stats"]["unique_graphs"] == 1 + drafts + len(k_levels(4))  # another prompt: no new graph
 
 
 def test_chain_feeds_each_chosen_token_to_the_next_step_by_hand():
@@ -457,6 +456,16 @@ def test_accept_greedy_keeps_the_agreeing_prefix_and_the_targets_next_token():
     n, tokens = accept_greedy(drafted, chosen)
     assert n.tolist() == [3, 1, 0]
     assert [tokens[i, : n[i] + 1].tolist() for i in range(3)] == [[5, 6, 7, 8], [5, 9], [5]]
+
+
+def test_a_round_that_drafted_nothing_emits_the_targets_own_token():
+    """k = 0 (a prompt lookup without a match): greedy, the target's
+    choice; sampled, a draw from its p (here all on one token per row)."""
+    n, tokens = accept_greedy(torch.zeros(2, 0, dtype=torch.long), torch.tensor([[7], [9]]))
+    assert n.tolist() == [0, 0] and tokens.tolist() == [[7], [9]]
+    p = torch.zeros(2, 1, 6).index_put_((torch.tensor([0, 1]), torch.tensor([0, 0]), torch.tensor([4, 2])), torch.tensor(1.0))
+    n, tokens = accept_sampled(torch.zeros(2, 0, dtype=torch.long), torch.zeros(2, 0, 6), p, torch.rand(2, 1, 2))
+    assert n.tolist() == [0, 0] and tokens.tolist() == [[4], [2]]
 
 
 Q_FULL = [[0.1, 0.3, 0.3, 0.1, 0.1, 0.1], [0.3, 0.3, 0.1, 0.1, 0.1, 0.1]]
@@ -765,9 +774,9 @@ def test_lookup_matches_it_spelled_out_and_finds_what_hugging_face_finds():
         assert bool(found) == (hf.get_candidates(row)[0].shape[1] > n)
 
 
-def test_a_lookup_round_without_a_match_drafts_one_token(small):
-    """No row has a match: the round drafts its last token once (the
-    cheapest verify pass), and the counts say so."""
+def test_a_lookup_round_without_a_match_drafts_nothing(small):
+    """No row has a match: the round drafts nothing and is the target's
+    pass over one token (a plain step), and the counts say so."""
     from gpt2fn.speculative import PromptLookup
 
     params, config = small
@@ -775,7 +784,7 @@ def test_a_lookup_round_without_a_match_drafts_one_token(small):
                                draft_tokens=4)  # fmt: skip
     plain, _ = generate_all(params, config, torch.tensor([[11, 12, 13]]), 2, temperature=0)
     assert torch.equal(spec, plain)
-    assert (stats.target_passes, stats.drafted) == (1, 1)  # the first round's text, 11 12 13 t, repeats nothing
+    assert (stats.target_passes, stats.drafted) == (1, 0)  # the first round's text, 11 12 13 t, repeats nothing
     assert spec[0, 0] not in (11, 12, 13)
 
 
@@ -803,6 +812,9 @@ def test_prompt_lookup_greedy_is_the_targets_greedy_decoding_and_hugging_faces(s
 def test_prompt_lookup_greedy_under_the_rules_is_the_targets_greedy_decoding(small):
     from gpt2fn.speculative import PromptLookup
 
+    """Each rule of RULES; under min_new_tokens alone, which leaves repeats
+    alone, the greedy text loops and drafted tokens are accepted (the
+    others make repeats unlikely or impossible)."""
     params, config = small
     rows = [p[0].tolist() * 2 for p in prompts(2, (5, 9))]
     for rules in RULES:
@@ -810,7 +822,8 @@ def test_prompt_lookup_greedy_under_the_rules_is_the_targets_greedy_decoding(sma
         spec, stats = generate_all(params, config, rows, 40, temperature=0, stop_token=rows[0][1], draft=PromptLookup(),
                                    draft_tokens=4, **rules)  # fmt: skip
         assert torch.equal(spec, plain), rules
-        assert stats.drafted > stats.target_passes  # rounds with matches drafted 4
+        if rules == dict(min_new_tokens=6):
+            assert stats.accepted > 0
 
 
 def test_prompt_lookup_sampling_follows_the_filters_and_a_seed_fixes_it_eager_and_compiled(small):
@@ -853,6 +866,9 @@ def test_cli_prompt_lookup_prints_the_same_text(generate_cli, capsys):
     out = capsys.readouterr()
     assert out.out == plain
     assert "speculative: draft lookup (n-grams up to 3), 4 tokens per round: acceptance" in out.err
+    # no token may repeat (a 1-gram ban): no n-gram ever matches, every round a plain step
+    assert generate_cli.main([*common[:2], *common[4:], "--no_repeat_ngram_size", "1", "--draft", "lookup"]) == 0
+    assert "4 tokens per round: nothing drafted, 1.00 tokens per target pass (59 passes)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra, message", [
