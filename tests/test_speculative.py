@@ -630,7 +630,7 @@ def test_a_draft_that_cannot_serve_is_refused(small, odd_heads):
         generate(target, target_config, [[1, 2], [3] * 120], 10, draft=(params, config))  # each row is checked
 
 
-def test_cli_draft_prints_the_same_text_and_reports_acceptance(generate_cli, capsys):
+def test_cli_draft_and_prompt_lookup_print_the_same_text_and_report_acceptance(generate_cli, capsys):
     model = str(ROOT / "weights" / "gpt2-shakespeare.safetensors")
     common = ["--model", model, "--prompt", "ROMEO:", "--temperature", "0", "--max_tokens", "40", "--device", "cpu"]
     assert generate_cli.main(common) == 0
@@ -650,6 +650,12 @@ def test_cli_draft_prints_the_same_text_and_reports_acceptance(generate_cli, cap
     assert generate_cli.main([*batch, "--draft", "int8"]) == 0
     out = capsys.readouterr()
     assert out.out == plain and "batch of 2" in out.err and "speculative: draft int8, 4 tokens per round" in out.err
+    assert generate_cli.main([*batch, "--draft", "lookup", "--lookup_ngram", "3"]) == 0  # prompt lookup
+    out = capsys.readouterr()
+    assert out.out == plain and "speculative: draft lookup (n-grams up to 3), 4 tokens per round: acceptance" in out.err
+    # no token may repeat (a 1-gram ban): no n-gram ever matches, every round a plain step
+    assert generate_cli.main([*common, "--no_repeat_ngram_size", "1", "--draft", "lookup"]) == 0
+    assert "4 tokens per round: nothing drafted, 1.00 tokens per target pass (39 passes)" in capsys.readouterr().err
 
 
 def test_cli_draft_over_part_of_the_vocabulary_prints_the_same_text(generate_cli, capsys, tmp_path):
@@ -855,20 +861,6 @@ def test_prompt_lookup_bad_settings_are_refused(small):
         generate(params, config, prompts(1)[0], 5, draft=PromptLookup(0))
     with pytest.raises(GPT2FnError, match=r"a draft is \(params, config\).* or PromptLookup\(\); got str"):
         generate(params, config, prompts(1)[0], 5, draft="lookup")
-
-
-def test_cli_prompt_lookup_prints_the_same_text(generate_cli, capsys):
-    model = str(ROOT / "weights" / "gpt2-shakespeare.safetensors")
-    common = ["--model", model, "--prompt", "ROMEO:", "--prompt", "JULIET: O", "--temperature", "0", "--max_tokens", "60"]
-    assert generate_cli.main(common) == 0
-    plain = capsys.readouterr().out
-    assert generate_cli.main([*common, "--draft", "lookup", "--lookup_ngram", "3"]) == 0
-    out = capsys.readouterr()
-    assert out.out == plain
-    assert "speculative: draft lookup (n-grams up to 3), 4 tokens per round: acceptance" in out.err
-    # no token may repeat (a 1-gram ban): no n-gram ever matches, every round a plain step
-    assert generate_cli.main([*common[:2], *common[4:], "--no_repeat_ngram_size", "1", "--draft", "lookup"]) == 0
-    assert "4 tokens per round: nothing drafted, 1.00 tokens per target pass (59 passes)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra, message", [
