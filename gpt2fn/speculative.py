@@ -99,7 +99,7 @@ from gpt2fn.params import Params, map_params, params_device
 from gpt2fn.quantize import quantize_int8
 from gpt2fn.sampling import apply_history, draw, filtered_probs, reads_history
 from gpt2fn.steps import (History, Steps, _cache, _marked_cache, chains, compiled_step, decode_block, decode_kernels,
-                          eager_kernels, mark_static)
+                          eager_kernels, text_buffers)
 
 Tensor = torch.Tensor
 DRAFT_DTYPES = {"int8": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -411,7 +411,8 @@ def speculative_round(
 
 
 def speculative_steps(
-    config: GPTConfig, draft: tuple[Params, GPTConfig] | PromptLookup, k: int, *, adaptive: bool = False, device: torch.device, compile: bool = False, attention: str = "auto",
+    config: GPTConfig, draft: tuple[Params, GPTConfig] | PromptLookup, k: int,
+    *, adaptive: bool = False, device: torch.device, compile: bool = False, attention: str = "auto",
     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, typical_p: float = 1.0,
     batch: int = 1, **rules,
 ) -> Steps:  # fmt: skip
@@ -458,12 +459,7 @@ def speculative_steps(
         before = torch.zeros(batch, 1, dtype=torch.long, device=device)
         state = Speculation(target, draft_cache, k, length, [0] * batch, before=before, rules=history)
         if history or looks_up:
-            state.tokens = torch.zeros(batch, length, dtype=torch.long, device=device)
-            state.start = torch.zeros(batch, dtype=torch.long, device=device)
-            if compile:  # as with_history marks a plain step's
-                torch._dynamo.mark_dynamic(state.tokens, 1)
-                for t in (state.tokens, state.start) if device.type == "cuda" else ():
-                    mark_static(t)
+            state.tokens, state.start = text_buffers(batch, length, device, compile)
         return state
 
     def prefill(params: Params, tokens: Tensor, pos: Tensor, state: Speculation, noise: Optional[Tensor]) -> Tensor:

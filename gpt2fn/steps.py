@@ -356,14 +356,7 @@ def with_history(
 
     def make_state(params: Params, batch: int, length: int) -> History:
         cache = steps.make_state(params, batch, length)
-        device = params_device(params)
-        tokens = torch.zeros(batch, cache_len(cache), dtype=torch.long, device=device)
-        start = torch.zeros(batch, dtype=torch.long, device=device)
-        if steps.compiled:
-            torch._dynamo.mark_dynamic(tokens, 1)
-            for t in (tokens, start) if tokens.is_cuda else ():
-                mark_static(t)
-        return History(cache, tokens, start)
+        return History(cache, *text_buffers(batch, cache_len(cache), params_device(params), steps.compiled))
 
     cut = steps.window
     window = None if cut is None else lambda s, n: s._replace(cache=cut(s.cache, n))
@@ -581,8 +574,20 @@ def _cache(config: GPTConfig, params: Params, batch: int, length: int, spare: bo
 
 
 def _token_buffer(params: Params, batch: int, length: int) -> History:
-    tokens = torch.zeros(batch, length, dtype=torch.long, device=params_device(params))
-    return History(None, tokens, torch.zeros_like(tokens[:, 0]))
+    return History(None, *text_buffers(batch, length, params_device(params)))
+
+
+def text_buffers(batch: int, length: int, device: torch.device, compiled: bool = False) -> tuple[Tensor, Tensor]:
+    """A :class:`History`'s tokens [B, L] and starts [B], zeros; for
+    ``compiled`` steps the length marked dynamic (one graph for every
+    length) and, on CUDA, both static addresses, as the cache is."""
+    tokens = torch.zeros(batch, length, dtype=torch.long, device=device)
+    start = torch.zeros(batch, dtype=torch.long, device=device)
+    if compiled:
+        torch._dynamo.mark_dynamic(tokens, 1)
+        for t in (tokens, start) if tokens.is_cuda else ():
+            mark_static(t)
+    return tokens, start
 
 
 # On CUDA a compiled step's cache holds the generation's length rounded up to

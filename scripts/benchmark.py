@@ -322,8 +322,8 @@ def load_drafts(args, params32, config, device) -> dict[str, tuple | PromptLooku
         elif d == "lookup":
             drafts[d] = PromptLookup()
         else:
-            drafts[Path(d).stem] = load_pretrained(d, device=device)
-            check_draft(config, drafts[Path(d).stem], max(draft_tokens(args)), args.prompt_len, args.new_tokens)
+            draft = drafts[Path(d).stem] = load_pretrained(d, device=device)
+            check_draft(config, draft, max(draft_tokens(args)), args.prompt_len, args.new_tokens)
     return drafts
 
 
