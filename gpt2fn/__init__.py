@@ -12,7 +12,7 @@ The public surface, one module per concern::
     generation  generate (a Stream: tokens as they come, then stats), generate_all
     beam        beam_search (Hugging Face's beam search: each prompt's best Beam(tokens, score))
     speculative self_draft, draft_vocab, frequent_tokens, PromptLookup, speculative_steps (generate(..., draft=...))
-    weights     load_pretrained, save_params, load_params
+    weights     load_pretrained, save_params, load_params, save_hf_checkpoint, load_llmc, save_llmc
     tokenizer   get_tokenizer, encode, decode
 """
 

@@ -9,7 +9,8 @@ A pickle is never unpickled.
   Hugging Face layout (``config.json`` + ``model.safetensors``, possibly
   sharded), a ``.safetensors`` file (the project's own format, or a Hugging
   Face file with ``config.json`` beside it), or a training checkpoint
-  (``scripts/train.py --out``'s ``.pt``: its weights, as at its last step).
+  (``scripts/train.py --out``'s ``.pt``: its weights, as at its last step),
+  or a model file of llm.c (``gpt2_124M.bin``: :func:`load_llmc`).
 * :func:`save_params` / :func:`load_params` are the project's own format: the
   flattened params dict with the config in the file's metadata, so a converted
   or trained model is one self-describing file (kept under ``weights/``).
@@ -17,8 +18,11 @@ A pickle is never unpickled.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import math
 import os
+import struct
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -47,7 +51,8 @@ BUNDLED_DIR = Path(__file__).resolve().parents[1] / "weights"
 SAFE_TORCH_LOAD = torch.torch_version.TorchVersion(torch.__version__) >= "2.10"
 # What --model takes, in every script's --help (resolve_model).
 MODEL_HELP = (f"{', '.join(HUB_REPOS)} (from the Hub), a model in weights/ by name (gpt2-shakespeare), "
-              "a Hub id owner/repo, a checkpoint directory, a .safetensors file, or a training checkpoint (.pt)")
+              "a Hub id owner/repo, a checkpoint directory, a .safetensors file, a training checkpoint (.pt), "
+              "or an llm.c model file (.bin)")
 REVISION_HELP = "the Hub revision (branch, tag or commit) of a Hub model (default: main)"
 
 
@@ -73,9 +78,9 @@ def resolve_model(name_or_path: str | os.PathLike, revision: Optional[str] = Non
             raise GPT2FnError(f"revision {revision!r} picks a Hub snapshot, but {name} is the local "
                               f"{'file' if local.is_file() else 'directory'} {local}; drop the revision")  # fmt: skip
         return local
-    if name.startswith((".", "/", "~")) or name.endswith((".safetensors", ".pt")) or name.count("/") > 1:
-        raise GPT2FnError(f"{name} does not exist; pass an existing checkpoint directory, .safetensors file or "
-                          "training checkpoint (.pt)")
+    if name.startswith((".", "/", "~")) or name.endswith((".safetensors", ".pt", ".bin")) or name.count("/") > 1:
+        raise GPT2FnError(f"{name} does not exist; pass an existing checkpoint directory, .safetensors file, "
+                          "training checkpoint (.pt) or llm.c model file (.bin)")
     if name in HUB_REPOS:
         repo_id = HUB_REPOS[name]
     elif name.count("/") == 1:
@@ -401,6 +406,98 @@ def load_params(path: str | os.PathLike) -> tuple[Params, GPTConfig]:
     return unflatten_params(flat), config
 
 
+# ----------------------------------------------------------------------------- llm.c's model files
+
+# karpathy/llm.c's model file (train_gpt2.py's write_model, train_gpt2.cu's checkpoints): a header of 256
+# little-endian int32 (magic, version, n_ctx, vocab, n_layer, n_head, n_embd, padded vocab, then zeros), then
+# every tensor, [out, in] as here, the blocks' stacked over layers, in one dtype: version 3 fp32, 5 bf16.
+LLMC_MAGIC = 20240326
+LLMC_VERSIONS = {3: torch.float32, 5: torch.bfloat16}
+LLMC_HEADER_BYTES = 256 * 4
+LLMC_VOCAB_MULTIPLE = 128  # llm.c pads wte's rows with zeros to a multiple of 128 (50257 -> 50304)
+LLMC_BLOCK_ORDER = ("ln_1.g", "ln_1.b", "attn.c_attn.w", "attn.c_attn.b", "attn.c_proj.w", "attn.c_proj.b",
+                    "ln_2.g", "ln_2.b", "mlp.c_fc.w", "mlp.c_fc.b", "mlp.c_proj.w", "mlp.c_proj.b")  # fmt: skip
+
+
+def _llmc_names(n_layer: int) -> list[str]:
+    """Our names in the file's order: each block tensor for every layer before the next tensor."""
+    return ["wte", "wpe", *(f"blocks.{i}.{leaf}" for leaf in LLMC_BLOCK_ORDER for i in range(n_layer)), "ln_f.g", "ln_f.b"]
+
+
+def load_llmc(path: str | os.PathLike) -> tuple[Params, GPTConfig]:
+    """Read a model file of llm.c: ``gpt2_124M.bin`` and ``gpt2_124M_bf16.bin``
+    as its ``train_gpt2.py`` writes them, or a ``model_NNNNNN.bin`` that
+    ``train_gpt2.cu`` saved while training. llm.c computes GPT-2's function
+    (tanh GELU, LayerNorm eps 1e-5, the head tied to ``wte``), so this is
+    the model llm.c runs; the zero rows that pad its vocabulary are dropped
+    (llm.c reads only the first ``vocab`` logits). bf16 files give bf16
+    params. The file is memory-mapped and checked against its header's size."""
+    path = Path(path)
+    if not path.is_file():
+        raise GPT2FnError(f"llm.c model file {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(LLMC_HEADER_BYTES)
+    if len(head) < LLMC_HEADER_BYTES or struct.unpack_from("<i", head)[0] != LLMC_MAGIC:
+        raise GPT2FnError(f"{path} is not an llm.c model file (it does not start with llm.c's magic number "
+                          f"{LLMC_MAGIC}); gpt2fn reads .bin files of llm.c only, never a pickle such as "
+                          "pytorch_model.bin: convert that to model.safetensors")  # fmt: skip
+    _, version, n_ctx, vocab, n_layer, n_head, n_embd, padded = struct.unpack_from("<8i", head)
+    if version not in LLMC_VERSIONS:
+        raise GPT2FnError(f"{path} is an llm.c model file of version {version}; gpt2fn reads versions 3 (fp32) and "
+                          "5 (bf16), which llm.c writes today: write it again with llm.c's train_gpt2.py")  # fmt: skip
+    config = GPTConfig(vocab_size=vocab, n_ctx=n_ctx, n_embd=n_embd, n_layer=n_layer, n_head=n_head)
+    if padded < vocab:
+        raise GPT2FnError(f"{path}'s header pads the vocabulary of {vocab} to {padded} rows, fewer; the file is corrupt")
+    dtype = LLMC_VERSIONS[version]
+    shapes = {**param_shapes(config), "wte": (padded, n_embd)}
+    names = _llmc_names(n_layer)
+    size = LLMC_HEADER_BYTES + dtype.itemsize * sum(math.prod(shapes[name]) for name in names)
+    if path.stat().st_size != size:
+        raise GPT2FnError(f"{path} holds {path.stat().st_size} bytes, but the model its header describes "
+                          f"({n_layer} layers of {n_embd}, {n_ctx} positions, {padded} rows of vocabulary, "
+                          f"{dtype}) takes {size}: it is truncated or corrupt; copy or write it again")  # fmt: skip
+    data = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
+    flat, offset = {}, LLMC_HEADER_BYTES
+    for name in names:
+        end = offset + dtype.itemsize * math.prod(shapes[name])
+        flat[name] = data[offset:end].view(dtype).view(shapes[name])
+        offset = end
+    flat["wte"] = flat["wte"][:vocab]
+    return unflatten_params({name: flat[name].clone() for name in param_shapes(config)}), config
+
+
+def save_llmc(params: Params, config: GPTConfig, path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
+    """Write the model as llm.c's model file, byte for byte what llm.c's
+    ``train_gpt2.py`` writes for it: version 3 in fp32 or 5 in bf16, the
+    vocabulary padded with zero rows to a multiple of 128. llm.c's
+    ``train_gpt2.cu`` starts from it (``-e FILE``: the fp32 file for an FP32
+    build, bf16 for the default), and :func:`load_llmc` reads it back.
+    Written atomically; float weights only, and GPT-2's LayerNorm eps
+    (llm.c's is fixed)."""
+    check_float_weights(params, "an llm.c model file", "save")
+    version = {v: k for k, v in LLMC_VERSIONS.items()}.get(dtype)
+    if version is None:
+        raise GPT2FnError(f"llm.c model files hold float32 or bfloat16 weights, not {str(dtype).removeprefix('torch.')}")
+    if config.layer_norm_eps != 1e-5:
+        raise GPT2FnError(f"this model's LayerNorm eps is {config.layer_norm_eps}; llm.c computes with 1e-5 only, so "
+                          "it would run another function: save it as .safetensors instead")  # fmt: skip
+    V, D = config.vocab_size, config.n_embd
+    padded = -(-V // LLMC_VOCAB_MULTIPLE) * LLMC_VOCAB_MULTIPLE
+    header = [LLMC_MAGIC, version, config.n_ctx, V, config.n_layer, config.n_head, D, padded]
+    flat = flatten_params(params)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<256i", *header, *[0] * (256 - len(header))))
+            for name in _llmc_names(config.n_layer):
+                t = flat[name].detach().to("cpu", dtype).contiguous()
+                if name == "wte":
+                    t = torch.cat([t, t.new_zeros(padded - V, D)])
+                f.write(ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()))  # its bytes, without numpy
+
+    return atomic_write(path, write)
+
+
 # ----------------------------------------------------------------------------- one entry point
 
 
@@ -435,8 +532,11 @@ def load_pretrained(
         config = state["config"]
         _check_names_and_shapes(state["params"], param_shapes(config))
         params = unflatten_params(state["params"])
+    elif path.suffix == ".bin":
+        params, config = load_llmc(path)
     else:
-        raise GPT2FnError(f"{path} is not a directory, a .safetensors file or a training checkpoint (.pt)")
+        raise GPT2FnError(f"{path} is not a directory, a .safetensors file, a training checkpoint (.pt) or an llm.c "
+                          "model file (.bin)")
     name = str(dtype).removeprefix("torch.")
     if name == "int8":
         params = quantize_int8(params)

@@ -53,7 +53,8 @@ from gpt2fn.training import (
     TrainConfig, check_fits, check_resume_data, distributed_world, load_checkpoint, resolve_for_device, train,
 )  # fmt: skip
 from gpt2fn.tokenizer import check_vocabulary, decode, encode, get_tokenizer
-from gpt2fn.weights import MODEL_HELP, REVISION_HELP, load_pretrained, resolve_model, save_hf_checkpoint, save_params
+from gpt2fn.weights import (MODEL_HELP, REVISION_HELP, load_pretrained, resolve_model, save_hf_checkpoint, save_llmc,
+                            save_params)
 
 
 SHAPE = ("n_layer", "n_head", "n_embd", "n_ctx")  # the options that shape a model trained from scratch
@@ -111,6 +112,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--export_hf", default=None,
                    help="write the final weights (in --export_dtype) as a Hugging Face checkpoint directory: "
                         "config.json, model.safetensors and GPT-2's tokenizer, for transformers and the Hub")
+    p.add_argument("--export_llmc", default=None, metavar="FILE",
+                   help="write the final weights as llm.c's model file (.bin), which llm.c's train_gpt2.cu starts "
+                        "from (-e FILE): float32, or bfloat16 with --export_dtype bfloat16")
     p.add_argument("--snapshots", default=None,
                    help="also write the weights at every evaluation to DIR/stepN.safetensors (in --export_dtype), "
                         "each a model for any --model: the run's models over its training")
@@ -182,9 +186,14 @@ def check_args(args) -> Checked:
         check_output_dir(args.snapshots, "--snapshots directory")
     if args.export_hf:
         check_output_dir(args.export_hf, "--export_hf directory")
-    if "export_dtype" in args.given and not (args.export or args.export_hf or args.snapshots):
-        raise GPT2FnError("--export_dtype sets the dtype of --export, --export_hf and --snapshots; give one of them "
-                          "too, or drop it")  # fmt: skip
+    if args.export_llmc:
+        check_output_file(args.export_llmc, "--export_llmc file", suffix=".bin")
+        if llmc_dtype(args) == "float16":
+            raise GPT2FnError("--export_llmc writes float32 or bfloat16 (llm.c has no float16 model file); pass "
+                              "--export_dtype float32 or bfloat16")  # fmt: skip
+    if "export_dtype" in args.given and not (args.export or args.export_hf or args.export_llmc or args.snapshots):
+        raise GPT2FnError("--export_dtype sets the dtype of --export, --export_hf, --export_llmc and --snapshots; "
+                          "give one of them too, or drop it")  # fmt: skip
     if args.revision is not None and not args.from_model:
         raise GPT2FnError("--revision picks the Hub snapshot of --from_model; give --from_model too, or drop it")
     if args.plot:
@@ -327,9 +336,16 @@ def train_and_export(args, device: torch.device, checked: Checked) -> int:
         print(f"wrote {save_params(final, config, args.export)}")
     if args.export_hf:  # the data's tokenizer, GPT-2's, beside the weights
         print(f"wrote {save_hf_checkpoint(final, config, args.export_hf)}")
+    if args.export_llmc:
+        print(f"wrote {save_llmc(params, config, args.export_llmc, dtype=getattr(torch, llmc_dtype(args)))}")
     if args.plot:
         plot_losses(history, args.plot)
     return 0
+
+
+def llmc_dtype(args) -> str:
+    """--export_llmc's dtype: --export_dtype where given, else float32 (llm.c's files are float32 or bfloat16)."""
+    return args.export_dtype if "export_dtype" in args.given else "float32"
 
 
 def exported(params, dtype: str):

@@ -96,8 +96,11 @@ TRAIN_CASES = {  # extra args -> what the line says
                                                             "leaving no room to continue it; shorten it"),
     "revision alone": (["--revision", "v1"], "--revision picks the Hub snapshot of --from_model; give --from_model "
                                              "too, or drop it"),
-    "export_dtype alone": (["--export_dtype", "float32"], "--export_dtype sets the dtype of --export, --export_hf and "
-                                                          "--snapshots; give one of them too, or drop it"),
+    "export_dtype alone": (["--export_dtype", "float32"], "--export_dtype sets the dtype of --export, --export_hf, "
+                                                          "--export_llmc and --snapshots; give one of them too, or drop it"),
+    "export_llmc suffix": (["--export_llmc", "w.safetensors"], "--export_llmc file w.safetensors must end in .bin"),
+    "export_llmc float16": (["--export_llmc", "w.bin", "--export_dtype", "float16"], "--export_llmc writes float32 or "
+                            "bfloat16 (llm.c has no float16 model file); pass --export_dtype float32 or bfloat16"),
 }
 
 

@@ -293,8 +293,8 @@ def tiny_run(data) -> list[str]:
 
 def test_snapshots_are_the_weights_at_every_evaluation(data, tmp_path, capsys):
     """--snapshots DIR: DIR/stepN.safetensors at every evaluation, in
-    --export_dtype: the last is the exported model (--export, and --export_hf
-    as a Hugging Face checkpoint), an earlier one the weights a run stopped
+    --export_dtype: the last is the exported model (--export, --export_hf as
+    a Hugging Face checkpoint, --export_llmc as llm.c's file), an earlier one the weights a run stopped
     there checkpointed; each loads as a model."""
     from conftest import load_script
 
@@ -303,13 +303,16 @@ def test_snapshots_are_the_weights_at_every_evaluation(data, tmp_path, capsys):
 
     cli, args, snaps = load_script("train"), [*tiny_run(data), "--export_dtype", "float32"], tmp_path / "snaps"
     assert cli.main([*args, "--out", str(tmp_path / "a.pt"), "--snapshots", str(snaps), "--export",
-                     str(tmp_path / "final.safetensors"), "--export_hf", str(tmp_path / "hf")]) == 0  # fmt: skip
+                     str(tmp_path / "final.safetensors"), "--export_hf", str(tmp_path / "hf"), "--export_llmc",
+                     str(tmp_path / "final.bin")]) == 0  # fmt: skip
     assert sorted(p.name for p in snaps.iterdir()) == ["step2.safetensors", "step4.safetensors"]
     assert cli.main([*tiny_run(data), "--out", str(tmp_path / "b.pt"), "--stop_at", "2"]) == 0  # nothing to export
     capsys.readouterr()
     final = flatten_params(load_params(tmp_path / "final.safetensors")[0])
     hf = flatten_params(load_pretrained(tmp_path / "hf")[0])  # --export_hf: the same weights as a Hugging Face checkpoint
     assert hf.keys() == final.keys() and all(torch.equal(hf[k], final[k]) for k in hf)
+    llmc = flatten_params(load_pretrained(tmp_path / "final.bin")[0])  # --export_llmc: the same, as llm.c's file
+    assert llmc.keys() == final.keys() and all(torch.equal(llmc[k], final[k]) for k in llmc)
     for snapshot, expected in [("step4", load_params(tmp_path / "final.safetensors")[0]),
                                ("step2", load_pretrained(tmp_path / "b.pt")[0])]:  # fmt: skip
         got, want = flatten_params(load_pretrained(snaps / f"{snapshot}.safetensors")[0]), flatten_params(expected)
