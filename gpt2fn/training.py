@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,7 +264,17 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, wrong format, or a pickle that is not plain data
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if found:  # it would build an object of a class: run code
+            raise GPT2FnError(f"{path} is not a gpt2fn checkpoint: it holds a pickled {found[1]}, which gpt2fn never "
+                              "unpickles; save its weights as .safetensors with the code that wrote it") from None  # fmt: skip
         raise GPT2FnError(f"{path} is not a readable gpt2fn checkpoint ({type(e).__name__}); it may be corrupt") from None
+    if not isinstance(state, dict) or not {"params", "config", "train_config"} <= set(state):
+        held = f"keys {', '.join(map(str, list(state)[:6]))}" if isinstance(state, dict) else type(state).__name__
+        nanogpt = " (nanoGPT's ckpt.pt: its exact-erf GELU is not GPT-2's, so gpt2fn cannot run it as it is)" if (
+            isinstance(state, dict) and {"model", "model_args"} <= set(state)) else ""  # fmt: skip
+        raise GPT2FnError(f"{path} is not a gpt2fn training checkpoint: it holds {held}{nanogpt}, not params, config "
+                          "and train_config; pass one that train.py wrote, or the weights as .safetensors")  # fmt: skip
     state["config"] = GPTConfig.from_dict(state["config"])
     state["train_config"] = TrainConfig(**state["train_config"])
     return state
