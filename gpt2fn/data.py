@@ -12,18 +12,23 @@ memory stays bounded whatever the corpus size. Each shard is written to a
 temporary name and renamed when complete, and ``manifest.json`` (the list of
 shards) is written last: a directory without it is an unfinished prepare,
 which :func:`load_split` refuses. A directory with the old ``train.bin`` /
-``val.bin`` still loads.
+``val.bin`` still loads, and so does one of llm.c's (or modded-nanogpt's)
+token shards, ``fineweb_train_000001.bin`` ..., or of build-nanogpt's,
+``edufineweb_train_000001.npy`` ...: the same tokens after a header
+(:func:`load_llmc_tokens`, :func:`load_npy_tokens`).
 """
 
 from __future__ import annotations
 
 import array
+import ast
 import collections
 import hashlib
 import json
 import multiprocessing
 import os
 import re
+import struct
 import time
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
@@ -37,6 +42,14 @@ from gpt2fn.tokenizer import ENDOFTEXT_ID, get_tokenizer
 
 MANIFEST = "manifest.json"
 SHARD = re.compile(r"^(train|val)_\d{6}\.bin$")
+# Other projects' token shards: NAME_train_000001.bin, NAME_val_000000.bin or NAME_train.bin (and .npy).
+# llm.c's (dev/data/data_common.py's write_datafile; modded-nanogpt's too): a header of 256 little-endian int32
+# (magic, version 1, the token count), then the tokens as uint16 (version 2 holds LLaMA 3's as uint32).
+# build-nanogpt's (fineweb.py): np.save of the uint16 tokens, a .npy file.
+FOREIGN_SHARD = re.compile(r"(?:.*_)?(train|val)(?:_\d+)?\.(bin|npy)")
+LLMC_DATA_MAGIC = 20240520
+LLMC_DATA_HEADER = 256 * 4
+NPY_MAGIC = b"\x93NUMPY"
 PIECE_BYTES = 1 << 20  # about 1 MB of text per piece
 BATCH_CHARS = 4 << 20  # about 4 MB of text per job sent to a worker
 
@@ -362,9 +375,74 @@ def load_split(data_dir: str | os.PathLike, split: str) -> torch.Tensor | TokenS
         return shards[0] if len(shards) == 1 else TokenStream(shards)
     if (d / "train.bin").exists() or (d / "val.bin").exists():  # the format before shards
         return load_tokens(d / f"{split}.bin")
+    foreign = {p.name: p for p in d.iterdir() if FOREIGN_SHARD.fullmatch(p.name) and _foreign_magic(p)}
+    if foreign:  # a directory of llm.c's or build-nanogpt's shards
+        shards = [load_llmc_tokens(p) if p.suffix == ".bin" else load_npy_tokens(p)
+                  for name, p in sorted(foreign.items()) if FOREIGN_SHARD.fullmatch(name)[1] == split]  # fmt: skip
+        if not shards:
+            raise GPT2FnError(f"{d} holds token shards but none of the {split} split (NAME_{split}_000000.bin or "
+                              ".npy); add them, or prepare the data with scripts/prepare_data.py")  # fmt: skip
+        return shards[0] if len(shards) == 1 else TokenStream(shards)
     if any(SHARD.match(p.name) for p in d.iterdir()):
         raise GPT2FnError(f"{d} holds shards but no {MANIFEST}: its prepare did not finish; run scripts/prepare_data.py again")
-    raise GPT2FnError(f"{d} holds no prepared data (no {MANIFEST}, no train.bin); run scripts/prepare_data.py first")
+    raise GPT2FnError(f"{d} holds no prepared data (no {MANIFEST}, no train.bin, no llm.c shards); run "
+                      "scripts/prepare_data.py first")  # fmt: skip
+
+
+def _foreign_magic(path: Path) -> bool:
+    """Whether the file begins as llm.c's shards (a .bin) or a .npy file do.
+    gpt2fn's own shards never begin as llm.c's: their first token would be
+    53992, past GPT-2's vocabulary."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    return head == NPY_MAGIC if path.suffix == ".npy" else head[:4] == struct.pack("<i", LLMC_DATA_MAGIC)
+
+
+def load_llmc_tokens(path: str | os.PathLike) -> torch.Tensor:
+    """One of llm.c's token shards, memory-mapped past its header: uint16 [N],
+    checked against the count its header gives."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(12)
+    magic, version, n = struct.unpack("<3i", head) if len(head) == 12 else (None, None, -1)
+    if magic != LLMC_DATA_MAGIC:
+        raise GPT2FnError(f"{path} is not an llm.c token shard (it does not start with llm.c's magic number "
+                          f"{LLMC_DATA_MAGIC})")  # fmt: skip
+    if version != 1:
+        raise GPT2FnError(f"{path} is an llm.c token shard of version {version}, not 1 (GPT-2's uint16 tokens): "
+                          "version 2 holds LLaMA 3's tokens, which no GPT-2 reads")  # fmt: skip
+    if path.stat().st_size != LLMC_DATA_HEADER + 2 * n:
+        raise GPT2FnError(f"llm.c token shard {path} holds {path.stat().st_size} bytes, but its header's {n} tokens "
+                          f"take {LLMC_DATA_HEADER + 2 * n}: it is truncated or corrupt; write or download it again")  # fmt: skip
+    whole = torch.from_file(str(path), shared=True, size=LLMC_DATA_HEADER // 2 + n, dtype=torch.uint16)
+    return whole[LLMC_DATA_HEADER // 2 :]
+
+
+def load_npy_tokens(path: str | os.PathLike) -> torch.Tensor:
+    """A ``.npy`` file of uint16 tokens (build-nanogpt's shards), memory-mapped
+    past its header, which is read as a literal (``ast.literal_eval``), never
+    unpickled: 1-D little-endian uint16, and the size it implies."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(12)
+        width = 2 if head[6:7] == b"\x01" else 4  # the header's length: uint16 in format 1, uint32 in 2 and 3
+        length = int.from_bytes(head[8 : 8 + width], "little")
+        f.seek(8 + width)
+        text = f.read(min(length, 1 << 16)) if head[:6] == NPY_MAGIC else b""
+    try:
+        meta = ast.literal_eval(text.decode("latin1"))
+        n = meta["shape"][0]
+        ok = meta["descr"] == "<u2" and len(meta["shape"]) == 1 and not meta["fortran_order"] and len(text) == length
+    except (ValueError, SyntaxError, KeyError, TypeError, IndexError, MemoryError, RecursionError):
+        ok = False
+    if not ok:
+        raise GPT2FnError(f"{path} is not a .npy file of GPT-2 tokens (one dimension of little-endian uint16, as "
+                          "build-nanogpt's fineweb.py saves them)")  # fmt: skip
+    offset = 8 + width + length
+    if path.stat().st_size != offset + 2 * n or offset % 2:
+        raise GPT2FnError(f"token file {path} holds {path.stat().st_size} bytes, but its header's {n} tokens take "
+                          f"{offset + 2 * n}: it is truncated or corrupt; write or download it again")  # fmt: skip
+    return torch.from_file(str(path), shared=True, size=offset // 2 + n, dtype=torch.uint16)[offset // 2 :]
 
 
 def load_tokens(path: str | os.PathLike) -> torch.Tensor:

@@ -145,25 +145,104 @@ def test_an_unfinished_prepare_is_not_data_and_a_rerun_clears_it(inputs, tmp_pat
         load_split(empty, "train")
 
 
+def llmc_write_datafile(filename, toks):
+    """llm.c's dev/data/data_common.py ``write_datafile`` (GPT-2's version 1)."""
+    import numpy as np
+
+    header = np.zeros(256, dtype=np.int32)
+    header[0] = 20240520  # magic
+    header[1] = 1  # version
+    header[2] = len(toks)
+    with open(filename, "wb") as f:
+        f.write(header.tobytes())
+        f.write(np.array(toks, dtype=np.uint16).tobytes())
+
+
+def write_llmc_shards(directory, train, val, n_train_shards=2):
+    """The tokens as llm.c's fineweb.py lays them out: the val shard first, then the train shards."""
+    directory.mkdir()
+    llmc_write_datafile(directory / "fineweb_val_000000.bin", val)
+    size = -(-len(train) // n_train_shards)
+    for i in range(n_train_shards):
+        llmc_write_datafile(directory / f"fineweb_train_{i + 1:06d}.bin", train[i * size : (i + 1) * size])
+
+
+def write_npy_shards(directory, train, val):
+    """The tokens as build-nanogpt's fineweb.py saves them: np.save of uint16 arrays, the val shard first."""
+    import numpy as np
+
+    directory.mkdir()
+    np.save(directory / "edufineweb_val_000000", np.array(val, dtype=np.uint16))
+    half = len(train) // 2
+    for i, part in enumerate((train[:half], train[half:])):
+        np.save(directory / f"edufineweb_train_{i + 1:06d}", np.array(part, dtype=np.uint16))
+
+
+def test_build_nanogpt_npy_shards_load_as_their_tokens_and_bad_ones_are_one_line(tmp_path):
+    import numpy as np
+
+    g = torch.Generator().manual_seed(1)
+    train, val = torch.randint(0, 50257, (2001,), generator=g).tolist(), torch.randint(0, 50257, (300,), generator=g).tolist()
+    write_npy_shards(tmp_path / "edu", train, val)
+    assert load_split(tmp_path / "edu", "train")[:].tolist() == train
+    assert load_split(tmp_path / "edu", "val")[:].tolist() == val
+    np.save(tmp_path / "edu" / "edufineweb_val_000000", np.array(val, dtype=np.int32))
+    with pytest.raises(GPT2FnError, match="is not a .npy file of GPT-2 tokens .one dimension of little-endian uint16"):
+        load_split(tmp_path / "edu", "val")
+    cut = tmp_path / "edu" / "edufineweb_train_000001.npy"
+    cut.write_bytes(cut.read_bytes()[:-4])
+    with pytest.raises(GPT2FnError, match=r"holds \d+ bytes, but its header's 1000 tokens take \d+: it is truncated"):
+        load_split(tmp_path / "edu", "train")
+
+
+def test_llmc_token_shards_load_as_their_tokens_and_bad_ones_are_one_line(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    train, val = torch.randint(0, 50257, (3001,), generator=g).tolist(), torch.randint(0, 50257, (500,), generator=g).tolist()
+    write_llmc_shards(tmp_path / "fw", train, val, n_train_shards=3)
+    (tmp_path / "fw" / "README.md").write_text("not a shard")
+    assert load_split(tmp_path / "fw", "train")[:].tolist() == train
+    assert load_split(tmp_path / "fw", "val")[:].tolist() == val
+    llmc_write_datafile(tmp_path / "tiny_shakespeare_val.bin", val)  # llm.c's unsharded names
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny_shakespeare_val.bin").rename(tmp_path / "tiny" / "tiny_shakespeare_val.bin")
+    assert load_split(tmp_path / "tiny", "val")[:].tolist() == val
+    with pytest.raises(GPT2FnError, match="holds token shards but none of the train split"):
+        load_split(tmp_path / "tiny", "train")
+    cut = tmp_path / "fw" / "fineweb_train_000002.bin"
+    cut.write_bytes(cut.read_bytes()[:-2])
+    with pytest.raises(GPT2FnError, match=r"fineweb_train_000002.bin holds 3024 bytes, but its header's 1001 tokens "
+                                          "take 3026: it is truncated"):  # fmt: skip
+        load_split(tmp_path / "fw", "train")
+    llama = bytearray((tmp_path / "fw" / "fineweb_val_000000.bin").read_bytes())
+    llama[4:8] = (2).to_bytes(4, "little")
+    (tmp_path / "fw" / "fineweb_val_000000.bin").write_bytes(bytes(llama))
+    with pytest.raises(GPT2FnError, match="version 2, not 1 .GPT-2's uint16 tokens.: version 2 holds LLaMA 3's"):
+        load_split(tmp_path / "fw", "val")
+
+
 def test_training_reads_a_directory_of_shards(inputs, tmp_path):
     """scripts/train.py on several shards trains exactly as on the same
-    tokens in one file (the old train.bin/val.bin layout)."""
+    tokens in one file (the old train.bin/val.bin layout), and as on llm.c's
+    and build-nanogpt's shards of them."""
     _, paths, _ = inputs
     prepare(paths, tmp_path / "shards", shard_tokens=997)
     legacy = tmp_path / "legacy"
     legacy.mkdir()
     for split in ("train", "val"):
         (legacy / f"{split}.bin").write_bytes(load_split(tmp_path / "shards", split)[:].numpy().tobytes())
+    splits = [load_split(tmp_path / "shards", split)[:].tolist() for split in ("train", "val")]
+    write_llmc_shards(tmp_path / "llmc", *splits)
+    write_npy_shards(tmp_path / "npy", *splits)
     args = ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--n_ctx", "32", "--block_size", "32",
             "--batch_size", "4", "--max_steps", "3", "--warmup_steps", "1", "--eval_interval", "3",
             "--eval_batches", "1", "--device", "cpu"]  # fmt: skip
     histories = []
-    for name in ("shards", "legacy"):
+    for name in ("shards", "legacy", "llmc", "npy"):
         run = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--data", str(tmp_path / name),
                               "--out", str(tmp_path / f"{name}.pt"), *args], capture_output=True, text=True)  # fmt: skip
         assert run.returncode == 0, run.stderr[-2000:]
         histories.append(torch.load(tmp_path / f"{name}.pt", weights_only=True)["history"])
-    assert histories[0] == histories[1]
+    assert histories[0] == histories[1] == histories[2] == histories[3]
 
 
 def test_a_split_of_a_hub_folder_the_card_does_not_name(offline_hub):
