@@ -26,6 +26,7 @@ from gpt2fn.config import GPTConfig
 from gpt2fn.errors import GPT2FnError, check_input
 from gpt2fn.evaluation import token_logprobs
 from gpt2fn.params import Params, params_device
+from gpt2fn.tasks import Task
 from gpt2fn.tokenizer import check_vocabulary
 
 REFERENCE_ACC_NORM = {"gpt2": 0.2955, "gpt2-xl": 0.4893}  # validation set, this scoring (build-nanogpt)
@@ -130,3 +131,8 @@ def evaluate_hellaswag(
         right += int(total.argmax()) == example.label
         right_norm += int(mean.argmax()) == example.label
     return HellaSwagResult(right / len(examples), right_norm / len(examples), len(examples))
+
+
+TASK = Task("HellaSwag", "examples", "HellaSwag jsonl (ctx, endings, label per line), e.g. hellaswag_val.jsonl; "
+            "default: the validation split from the Hub (Rowan/hellaswag, needs pyarrow)", hub_validation_file,
+            load_examples, evaluate_hellaswag, ("acc", "acc_norm"))  # fmt: skip

@@ -362,10 +362,12 @@ def model_runs(data, tmp_path, out) -> dict:
     """Each script that reads a --model (train.py aside: --from_model), with
     the arguments it needs besides: reaching its model, it runs."""
     (tmp_path / "hellaswag.jsonl").write_text('{"ctx": "A man", "endings": ["runs.", "sits.", "is.", "was."], "label": 0}\n')
+    (tmp_path / "lambada.jsonl").write_text('{"text": "He opened the door and saw his brother"}\n')
     return {
         "generate": ["--prompt", "Hello", "--max_tokens", "3"],
         "eval_ppl": ["--file", data / "t.txt"],
         "eval_hellaswag": ["--data", tmp_path / "hellaswag.jsonl"],
+        "eval_lambada": ["--data", tmp_path / "lambada.jsonl"],
         "interventions": [],
         "visualize": ["--out", out],
     }
@@ -521,8 +523,8 @@ def test_an_option_spelt_either_way_may_be_cut_short_as_argparse_allows():
         p.parse_args(["--max-", "3"])  # a prefix of both: argparse's own refusal
 
 
-ALL_SCRIPTS = ("generate", "train", "eval_ppl", "eval_hellaswag", "prepare_data", "visualize", "interventions",
-               "benchmark", "benchmark_train", "benchmark_prepare")  # fmt: skip
+ALL_SCRIPTS = ("generate", "train", "eval_ppl", "eval_hellaswag", "eval_lambada", "prepare_data", "visualize",
+               "interventions", "benchmark", "benchmark_train", "benchmark_prepare")  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ALL_SCRIPTS)
