@@ -93,15 +93,17 @@ def test_the_script_prints_acc_and_ppl_and_reads_the_hub_copy(small_ref, passage
     assert f"on {len(passages)} LAMBADA passages: acc {everything.acc:.4f}" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("lines, message", [
-    (['{"text": "one two"}', "{not json"], "line 2 is not JSON"),
-    (['{"ctx": "a b"}'], "line 1 is not a LAMBADA passage"),
-    (['{"text": "word"}'], "line 1 is not a LAMBADA passage: a LAMBADA line is {\"text\": \"...\"}, a text of at least two"),
-    ([], "holds no LAMBADA passages"),
-])  # fmt: skip
-def test_a_file_with_a_wrong_schema_is_refused_with_its_line(tmp_path, lines, message):
-    path = tmp_path / "l.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(GPT2FnError, match=re.escape(message)) as e:
-        load_passages(path)
-    assert "\n" not in str(e.value)
+BAD_FILES = {
+    "line 2 is not JSON": ['{"text": "one two"}', "{not json"],
+    "line 1 is not a LAMBADA passage": ['{"ctx": "a b"}'],
+    'line 1 is not a LAMBADA passage: a LAMBADA line is {"text": "..."}, a text of at least two': ['{"text": "word"}'],
+    "holds no LAMBADA passages": [],
+}
+
+
+def test_a_file_with_a_wrong_schema_is_refused_with_its_line(tmp_path):
+    for message, lines in BAD_FILES.items():
+        (tmp_path / "l.jsonl").write_text("\n".join(lines) + "\n")
+        with pytest.raises(GPT2FnError, match=re.escape(message)) as e:
+            load_passages(tmp_path / "l.jsonl")
+        assert "\n" not in str(e.value), message
