@@ -21,12 +21,15 @@ class GPTConfig:
     n_layer: int = 12
     n_head: int = 12
     layer_norm_eps: float = 1e-5
+    gelu: str = "tanh"  # GPT-2's tanh approximation, or "none": the exact erf GELU (nanoGPT's, Hugging Face's "gelu")
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_ctx", "n_embd", "n_layer", "n_head"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise GPT2FnError(f"config {name} must be a positive integer, got {value!r}")
+        if self.gelu not in GELUS:
+            raise GPT2FnError(f"config gelu must be one of {', '.join(GELUS)}, got {self.gelu!r}")
         if self.n_embd % self.n_head:
             raise GPT2FnError(
                 f"config n_embd={self.n_embd} is not divisible by n_head={self.n_head}"
@@ -57,8 +60,8 @@ class GPTConfig:
         Every ``GPT2Config`` field that changes what ``GPT2LMHeadModel``
         computes is either honoured exactly or refused, never ignored (each is
         tested against the reference): the five shape fields and
-        ``layer_norm_epsilon`` are honoured; ``activation_function`` must be
-        GPT-2's tanh GELU, ``n_inner`` 4 x ``n_embd``, ``scale_attn_weights``
+        ``layer_norm_epsilon`` are honoured, and ``activation_function`` if it
+        is GPT-2's tanh GELU or the exact one (``gelu``); ``n_inner`` must be 4 x ``n_embd``, ``scale_attn_weights``
         true, the LM head tied, and ``scale_attn_by_inverse_layer_idx`` and
         ``add_cross_attention`` off. ``reorder_and_upcast_attn`` only changes
         the precision the reference computes attention in (fp32 here anyway),
@@ -73,8 +76,8 @@ class GPTConfig:
             raise GPT2FnError(f"config.json is for model_type {hf.get('model_type')!r}, not 'gpt2'")
         if hf.get("n_inner") not in (None, 4 * hf.get("n_embd", 768)):
             raise refuse(f"sets n_inner={hf['n_inner']} (GPT-2's MLP is 4 x n_embd wide)")
-        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise refuse(f"uses activation {hf.get('activation_function')!r}, not GPT-2's tanh GELU")
+        if hf.get("activation_function", "gelu_new") not in HF_GELUS:
+            raise refuse(f"uses activation {hf.get('activation_function')!r}, not a GELU (tanh's or the exact one)")
         if hf.get("scale_attn_weights", True) is not True:
             raise refuse("sets scale_attn_weights=false (attention scores without the 1/sqrt(head_dim) scale)")
         if hf.get("scale_attn_by_inverse_layer_idx", False):
@@ -90,6 +93,7 @@ class GPTConfig:
             n_layer=hf.get("n_layer", 12),
             n_head=hf.get("n_head", 12),
             layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            gelu=HF_GELUS[hf.get("activation_function", "gelu_new")],
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -99,10 +103,14 @@ class GPTConfig:
         return {
             "model_type": "gpt2", "vocab_size": self.vocab_size, "n_positions": self.n_ctx, "n_embd": self.n_embd,
             "n_layer": self.n_layer, "n_head": self.n_head, "layer_norm_epsilon": self.layer_norm_eps,
-            "activation_function": "gelu_new", "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+            "activation_function": "gelu_new" if self.gelu == "tanh" else "gelu", "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
             "tie_word_embeddings": True,
         }  # fmt: skip
 
+
+GELUS = ("tanh", "none")  # GPTConfig.gelu: F.gelu's approximate=
+# Hugging Face's activation_function names of them (ACT2FN): gelu_new spells the tanh formula out
+HF_GELUS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 
 # The four released GPT-2 sizes, keyed by their Hugging Face names.
 PRESETS: dict[str, GPTConfig] = {

@@ -28,10 +28,10 @@ Tensor = torch.Tensor
 LayerTap = Callable[[str, Tensor], Tensor]
 
 
-def gelu(x: Tensor) -> Tensor:
-    """GPT-2's GELU, the tanh approximation:
-    ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``."""
-    return F.gelu(x, approximate="tanh")
+def gelu(x: Tensor, approximate: str = "tanh") -> Tensor:
+    """GPT-2's GELU, the tanh approximation ``0.5 x (1 + tanh(sqrt(2/pi) (x +
+    0.044715 x^3)))``; with ``approximate="none"``, the exact ``0.5 x (1 + erf(x / sqrt(2)))``."""
+    return F.gelu(x, approximate=approximate)
 
 
 def layer_norm(x: Tensor, g: Tensor, b: Tensor, eps: float = 1e-5) -> Tensor:
@@ -129,10 +129,10 @@ def embedding(tokens: Tensor, wte: Tensor, scale: Optional[Tensor] = None, dtype
     return rows if scale is None else rows.to(dtype) * scale[tokens][..., None].to(dtype)
 
 
-def ffn(x: Tensor, c_fc: dict, c_proj: dict, *, linear=linear, tap: Optional[LayerTap] = None) -> Tensor:
+def ffn(x: Tensor, c_fc: dict, c_proj: dict, *, approximate="tanh", linear=linear, tap: Optional[LayerTap] = None) -> Tensor:
     """Position-wise feed-forward: [B, T, D] -> [B, T, 4D] -> [B, T, D].
     Tap point "mlp_act": the GELU output, [B, T, 4D]."""
-    h = gelu(linear(x, **c_fc))
+    h = gelu(linear(x, **c_fc), approximate)
     if tap is not None:
         h = tap("mlp_act", h)
     return linear(h, **c_proj)
@@ -205,12 +205,12 @@ def attention(
 
 
 def block(
-    x: Tensor, ln_1: dict, attn: dict, ln_2: dict, mlp: dict, *, n_head: int, eps: float, pos: Tensor,
-    mask: Tensor, kv: Optional[LayerKV] = None, kernels: Kernels = Kernels(), tap: Optional[LayerTap] = None,
+    x: Tensor, ln_1: dict, attn: dict, ln_2: dict, mlp: dict, *, n_head: int, eps: float, pos: Tensor, mask: Tensor,
+    kv: Optional[LayerKV] = None, approximate="tanh", kernels: Kernels = Kernels(), tap: Optional[LayerTap] = None,
 ) -> Tensor:  # fmt: skip
     """One pre-LayerNorm transformer block. x: [B, T, D] -> [B, T, D].
     Tap point "resid": the residual stream after the block."""
     x = x + attention(layer_norm(x, **ln_1, eps=eps), **attn, n_head=n_head, pos=pos, mask=mask, kv=kv,
                       kernels=kernels, tap=tap)  # fmt: skip
-    x = x + ffn(layer_norm(x, **ln_2, eps=eps), **mlp, linear=kernels.linear, tap=tap)
+    x = x + ffn(layer_norm(x, **ln_2, eps=eps), **mlp, approximate=approximate, linear=kernels.linear, tap=tap)
     return x if tap is None else tap("resid", x)

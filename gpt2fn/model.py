@@ -53,7 +53,7 @@ def hidden(
     for i, block_params in enumerate(params["blocks"]):
         x = run_block(
             x, **block_params, n_head=config.n_head, eps=config.layer_norm_eps, pos=pos, mask=mask,
-            kv=None if cache is None else cache[i], kernels=kernels, tap=at_layer(tap, i),
+            kv=None if cache is None else cache[i], approximate=config.gelu, kernels=kernels, tap=at_layer(tap, i),
         )  # fmt: skip
     return x
 

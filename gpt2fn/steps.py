@@ -501,9 +501,10 @@ def decode_block(device: torch.device, kernels: Kernels, config: GPTConfig) -> C
 
     @torch.compiler.nested_compile_region
     def region(x, ln_1, attn, ln_2, mlp, *, n_head, eps, pos, mask, kv, tap):  # a region takes tensors and numbers
-        return block(x, ln_1, attn, ln_2, mlp, n_head=n_head, eps=eps, pos=pos, mask=mask, kv=kv, kernels=kernels, tap=tap)
+        return block(x, ln_1, attn, ln_2, mlp, n_head=n_head, eps=eps, pos=pos, mask=mask, kv=kv,
+                     approximate=config.gelu, kernels=kernels, tap=tap)  # fmt: skip
 
-    return lambda x, ln_1, attn, ln_2, mlp, *, kernels, **inputs: region(x, ln_1, attn, ln_2, mlp, **inputs)
+    return lambda x, ln_1, attn, ln_2, mlp, *, kernels, approximate, **inputs: region(x, ln_1, attn, ln_2, mlp, **inputs)
 
 
 @functools.lru_cache(maxsize=None)

@@ -258,6 +258,12 @@ def save_checkpoint(
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Read a checkpoint without unpickling code (``weights_only=True``)."""
+    return checkpoint_state(read_pt(path), path)
+
+
+def read_pt(path: str | os.PathLike):
+    """What a ``.pt`` file holds, read by ``torch.load(weights_only=True)``,
+    which builds tensors and plain data only: never code."""
     path = Path(path)
     if not path.is_file():
         raise GPT2FnError(f"checkpoint {path} does not exist")
@@ -269,15 +275,25 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
             raise GPT2FnError(f"{path} is not a gpt2fn checkpoint: it holds a pickled {found[1]}, which gpt2fn never "
                               "unpickles; save its weights as .safetensors with the code that wrote it") from None  # fmt: skip
         raise GPT2FnError(f"{path} is not a readable gpt2fn checkpoint ({type(e).__name__}); it may be corrupt") from None
+    return state
+
+
+def checkpoint_state(state, path: str | os.PathLike) -> dict:
+    """A training checkpoint's state, as :func:`save_checkpoint` wrote it, its configs built."""
     if not isinstance(state, dict) or not {"params", "config", "train_config"} <= set(state):
         held = f"keys {', '.join(map(str, list(state)[:6]))}" if isinstance(state, dict) else type(state).__name__
-        nanogpt = " (nanoGPT's ckpt.pt: its exact-erf GELU is not GPT-2's, so gpt2fn cannot run it as it is)" if (
-            isinstance(state, dict) and {"model", "model_args"} <= set(state)) else ""  # fmt: skip
+        nanogpt = " (nanoGPT's ckpt.pt: --model and load_pretrained read its weights, but train.py resumes only its " \
+            "own checkpoints)" if isinstance(state, dict) and is_nanogpt(state) else ""  # fmt: skip
         raise GPT2FnError(f"{path} is not a gpt2fn training checkpoint: it holds {held}{nanogpt}, not params, config "
                           "and train_config; pass one that train.py wrote, or the weights as .safetensors")  # fmt: skip
     state["config"] = GPTConfig.from_dict(state["config"])
     state["train_config"] = TrainConfig(**state["train_config"])
     return state
+
+
+def is_nanogpt(state: dict) -> bool:
+    """Whether a .pt file's dict is nanoGPT's ``ckpt.pt`` (its train.py's ``model`` and ``model_args``)."""
+    return {"model", "model_args"} <= set(state)
 
 
 def check_fits(config: GPTConfig, tc: TrainConfig, train_tokens: Tensor, val_tokens: Optional[Tensor] = None) -> None:

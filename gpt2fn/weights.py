@@ -9,8 +9,9 @@ A pickle is never unpickled.
   Hugging Face layout (``config.json`` + ``model.safetensors``, possibly
   sharded), a ``.safetensors`` file (the project's own format, or a Hugging
   Face file with ``config.json`` beside it), or a training checkpoint
-  (``scripts/train.py --out``'s ``.pt``: its weights, as at its last step),
-  or a model file of llm.c (``gpt2_124M.bin``: :func:`load_llmc`).
+  (``scripts/train.py --out``'s ``.pt``: its weights, as at its last step;
+  or nanoGPT's ``ckpt.pt``: :func:`params_from_nanogpt`), or a model file of
+  llm.c (``gpt2_124M.bin``: :func:`load_llmc`).
 * :func:`save_params` / :func:`load_params` are the project's own format: the
   flattened params dict with the config in the file's metadata, so a converted
   or trained model is one self-describing file (kept under ``weights/``).
@@ -36,7 +37,7 @@ from gpt2fn.errors import GPT2FnError
 from gpt2fn.files import atomic_write, write_json
 from gpt2fn.params import Params, flatten_params, map_params, param_shapes, params_device, unflatten_params
 from gpt2fn.quantize import quantize_int8
-from gpt2fn.training import load_checkpoint
+from gpt2fn.training import checkpoint_state, is_nanogpt, read_pt
 
 # Hugging Face repositories of the four released sizes.
 HUB_REPOS: dict[str, str] = {name: f"openai-community/{name}" for name in PRESETS}
@@ -51,8 +52,8 @@ BUNDLED_DIR = Path(__file__).resolve().parents[1] / "weights"
 SAFE_TORCH_LOAD = torch.torch_version.TorchVersion(torch.__version__) >= "2.10"
 # What --model takes, in every script's --help (resolve_model).
 MODEL_HELP = (f"{', '.join(HUB_REPOS)} (from the Hub), a model in weights/ by name (gpt2-shakespeare), "
-              "a Hub id owner/repo, a checkpoint directory, a .safetensors file, a training checkpoint (.pt), "
-              "or an llm.c model file (.bin)")
+              "a Hub id owner/repo, a checkpoint directory, a .safetensors file, a training checkpoint (.pt: "
+              "train.py's or nanoGPT's), or an llm.c model file (.bin)")
 REVISION_HELP = "the Hub revision (branch, tag or commit) of a Hub model (default: main)"
 
 
@@ -406,6 +407,35 @@ def load_params(path: str | os.PathLike) -> tuple[Params, GPTConfig]:
     return unflatten_params(flat), config
 
 
+# ----------------------------------------------------------------------------- nanoGPT's checkpoints
+
+
+def params_from_nanogpt(checkpoint: dict) -> tuple[Params, GPTConfig]:
+    """The model in nanoGPT's ``ckpt.pt`` (karpathy/nanoGPT's train.py:
+    ``model_args`` and ``model``, a state dict of ``nn.Linear`` ``[out, in]``
+    weights under Hugging Face's names, each after ``_orig_mod.`` when the
+    model was compiled). nanoGPT's MLP takes the exact GELU (``nn.GELU()``),
+    so the config's ``gelu`` is ``"none"``; a model trained without biases
+    (``bias=False``) gets zero ones, the same function."""
+    args = checkpoint["model_args"]
+    try:
+        config = GPTConfig(vocab_size=args["vocab_size"], n_ctx=args["block_size"], n_embd=args["n_embd"],
+                           n_layer=args["n_layer"], n_head=args["n_head"], gelu="none")  # fmt: skip
+    except (KeyError, TypeError):
+        raise GPT2FnError(f"nanoGPT's model_args {args!r} lack the model's shape (vocab_size, block_size, n_embd, "
+                          "n_layer, n_head)") from None  # fmt: skip
+    state = {k.removeprefix("_orig_mod.").removeprefix("transformer."): v for k, v in checkpoint["model"].items()}
+    state = {k: v for k, v in state.items() if not _hf_is_buffer(k)}
+    lm_head = state.pop("lm_head.weight", None)
+    shapes = param_shapes(config)
+    if args.get("bias") is False:  # nanoGPT's LayerNorm and Linear without bias: zero ones compute the same
+        state.update({hf_name(n): torch.zeros(s) for n, s in shapes.items() if n.endswith(".b")})
+    _check_names_and_shapes(state, {hf_name(n): s for n, s in shapes.items()})
+    if lm_head is not None and not torch.equal(lm_head, state["wte.weight"]):
+        raise GPT2FnError("the checkpoint's lm_head differs from wte (untied); gpt2fn's LM head is tied to wte")
+    return unflatten_params({name: state[hf_name(name)] for name in shapes}), config
+
+
 # ----------------------------------------------------------------------------- llm.c's model files
 
 # karpathy/llm.c's model file (train_gpt2.py's write_model, train_gpt2.cu's checkpoints): a header of 256
@@ -478,9 +508,11 @@ def save_llmc(params: Params, config: GPTConfig, path: str | os.PathLike, dtype:
     version = {v: k for k, v in LLMC_VERSIONS.items()}.get(dtype)
     if version is None:
         raise GPT2FnError(f"llm.c model files hold float32 or bfloat16 weights, not {str(dtype).removeprefix('torch.')}")
-    if config.layer_norm_eps != 1e-5:
-        raise GPT2FnError(f"this model's LayerNorm eps is {config.layer_norm_eps}; llm.c computes with 1e-5 only, so "
-                          "it would run another function: save it as .safetensors instead")  # fmt: skip
+    if config.layer_norm_eps != 1e-5 or config.gelu != "tanh":
+        gelu = "tanh's" if config.gelu == "tanh" else "the exact one"
+        raise GPT2FnError(f"this model's LayerNorm eps is {config.layer_norm_eps} and its GELU {gelu}; llm.c computes "
+                          "with eps 1e-5 and tanh's GELU only, so it would run another function: save it as "
+                          ".safetensors instead")  # fmt: skip
     V, D = config.vocab_size, config.n_embd
     padded = -(-V // LLMC_VOCAB_MULTIPLE) * LLMC_VOCAB_MULTIPLE
     header = [LLMC_MAGIC, version, config.n_ctx, V, config.n_layer, config.n_head, D, padded]
@@ -528,10 +560,14 @@ def load_pretrained(
             raise GPT2FnError(f"{path}: torch {torch.__version__}'s weights-only loader has known holes that let a .pt "
                               "file run code (fixed in torch 2.10); upgrade torch, or export the run's weights with "
                               "scripts/train.py ... --resume --export w.safetensors")  # fmt: skip
-        state = load_checkpoint(path)
-        config = state["config"]
-        _check_names_and_shapes(state["params"], param_shapes(config))
-        params = unflatten_params(state["params"])
+        state = read_pt(path)
+        if isinstance(state, dict) and is_nanogpt(state):
+            params, config = params_from_nanogpt(state)
+        else:
+            state = checkpoint_state(state, path)
+            config = state["config"]
+            _check_names_and_shapes(state["params"], param_shapes(config))
+            params = unflatten_params(state["params"])
     elif path.suffix == ".bin":
         params, config = load_llmc(path)
     else:

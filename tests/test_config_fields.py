@@ -14,20 +14,20 @@ from gpt2fn import GPT2FnError, GPTConfig, forward, load_pretrained
 
 from conftest import SMALL, make_reference
 
-# field -> value: the loaded model must give the reference's logits
-EXACT = {
-    "layer_norm_epsilon": 1e-3,
-    "n_inner": 4 * SMALL["n_embd"],
-    "activation_function": "gelu_pytorch_tanh",
-    "reorder_and_upcast_attn": True,  # precision only: the reference upcasts to fp32, which is what we compute in
-    "resid_pdrop": 0.3, "embd_pdrop": 0.3, "attn_pdrop": 0.3,  # dropout acts in training only
-    "scale_attn_weights": True,
-}  # fmt: skip
+# (field, value): the loaded model must give the reference's logits
+EXACT = [
+    ("layer_norm_epsilon", 1e-3),
+    ("n_inner", 4 * SMALL["n_embd"]),
+    ("activation_function", "gelu_pytorch_tanh"), ("activation_function", "gelu"),  # tanh's GELU, the exact one
+    ("reorder_and_upcast_attn", True),  # precision only: the reference upcasts to fp32, which is what we compute in
+    ("resid_pdrop", 0.3), ("embd_pdrop", 0.3), ("attn_pdrop", 0.3),  # dropout acts in training only
+    ("scale_attn_weights", True),
+]  # fmt: skip
 # field -> (value, what the refusal says)
 REFUSED = {
     "scale_attn_weights": (False, "scale_attn_weights=false"),
     "n_inner": (2 * SMALL["n_embd"], "n_inner=128"),
-    "activation_function": ("gelu", "activation 'gelu'"),
+    "activation_function": ("quick_gelu", "activation 'quick_gelu', not a GELU"),
     "scale_attn_by_inverse_layer_idx": (True, "scale_attn_by_inverse_layer_idx"),
     "add_cross_attention": (True, "cross-attention"),
     "tie_word_embeddings": (False, "unties the LM head"),
@@ -48,13 +48,13 @@ def test_every_field_of_gpt2config_is_classified():
     from transformers import GPT2Config
 
     fields = set(GPT2Config().to_dict())
-    unclassified = fields - set(EXACT) - set(REFUSED) - SHAPE - NO_EFFECT
+    unclassified = fields - {field for field, _ in EXACT} - set(REFUSED) - SHAPE - NO_EFFECT
     assert not unclassified, f"decide whether these change the function, and test them: {sorted(unclassified)}"
 
 
-@pytest.mark.parametrize("field", list(EXACT))
-def test_fields_that_are_honoured_give_the_reference_logits(tmp_path, field):
-    ref = make_reference(tmp_path, {**SMALL, field: EXACT[field]}, seed=3, weight_std=0.1)
+@pytest.mark.parametrize("field, value", EXACT)
+def test_fields_that_are_honoured_give_the_reference_logits(tmp_path, field, value):
+    ref = make_reference(tmp_path, {**SMALL, field: value}, seed=3, weight_std=0.1)
     params, config = load_pretrained(ref.directory)
     ids = torch.randint(0, 50257, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -62,6 +62,10 @@ def test_fields_that_are_honoured_give_the_reference_logits(tmp_path, field):
     assert (forward(params, config, ids) - expected).abs().max().item() <= 1e-5
     if field == "layer_norm_epsilon":
         assert config.layer_norm_eps == 1e-3
+    if field == "activation_function":  # and the two GELUs differ enough that the test tells them apart
+        assert config.gelu == {"gelu": "none", "gelu_pytorch_tanh": "tanh"}[value]
+        other = GPTConfig(**{**config.to_dict(), "gelu": {"none": "tanh", "tanh": "none"}[config.gelu]})
+        assert (forward(params, other, ids) - expected).abs().max().item() > 1e-4
 
 
 @pytest.mark.parametrize("field", list(REFUSED))
@@ -78,7 +82,7 @@ def test_to_hf_is_the_inverse_of_from_hf_and_builds_the_same_model(tmp_path):
 
     from gpt2fn.weights import transformers_model
 
-    config = GPTConfig(vocab_size=50257, n_ctx=96, n_embd=48, n_layer=3, n_head=3, layer_norm_eps=1e-4)
+    config = GPTConfig(vocab_size=50257, n_ctx=96, n_embd=48, n_layer=3, n_head=3, layer_norm_eps=1e-4, gelu="none")
     hf = GPT2Config(**config.to_hf())
     assert GPTConfig.from_hf(hf.to_dict()) == config
     ref = make_reference(tmp_path, {k: v for k, v in config.to_hf().items() if k != "model_type"}, seed=5, weight_std=0.1)

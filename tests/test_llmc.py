@@ -114,9 +114,9 @@ def test_bad_llmc_files_and_settings_are_one_line_each(files, tmp_path):
     params, config = load_llmc(files / "float32.bin")
     with pytest.raises(GPT2FnError, match="float32 or bfloat16 weights, not float16"):
         save_llmc(params, config, tmp_path / "h.bin", dtype=torch.float16)
-    eps = GPTConfig(**{**config.to_dict(), "layer_norm_eps": 1e-6})
-    with pytest.raises(GPT2FnError, match="LayerNorm eps is 1e-06; llm.c computes with 1e-5 only"):
-        save_llmc(params, eps, tmp_path / "e.bin")
+    for other, said in (({"layer_norm_eps": 1e-6}, "1e-06 and its GELU tanh's"), ({"gelu": "none"}, "1e-05 and its GELU the exact one")):
+        with pytest.raises(GPT2FnError, match=f"LayerNorm eps is {said}; llm.c computes with eps 1e-5 and tanh's GELU"):
+            save_llmc(params, GPTConfig(**{**config.to_dict(), **other}), tmp_path / "e.bin")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.bin", "old.bin", "pytorch_model.bin"]  # nothing written
 
 

@@ -160,14 +160,14 @@ class OtherConfig:  # build-nanogpt saves its config class in its checkpoints
 
 
 def test_other_projects_checkpoints_are_one_line_each(tmp_path):
-    """.pt files that are not train.py's: nanoGPT's ckpt.pt (plain data, but
-    another model: exact GELU), build-nanogpt's (a pickled config class) and
-    any other dict or object."""
+    """.pt files that are not train.py's, as training checkpoints (--resume):
+    nanoGPT's ckpt.pt (whose weights load_pretrained reads: tests/test_nanogpt.py),
+    build-nanogpt's (a pickled config class) and any other dict or object."""
     nanogpt = {"model": {"transformer.wte.weight": torch.zeros(3, 2)}, "optimizer": {}, "model_args": {"n_layer": 1},
                "iter_num": 5, "best_val_loss": torch.tensor(3.0), "config": {"batch_size": 12}}  # fmt: skip
     cases = {
         "nano.pt": (nanogpt, "it holds keys model, optimizer, model_args, iter_num, best_val_loss, config \\(nanoGPT's "
-                             "ckpt.pt: its exact-erf GELU is not GPT-2's"),
+                             "ckpt.pt: --model and load_pretrained read its weights, but train.py resumes only"),
         "bng.pt": ({"model": {}, "config": OtherConfig()}, "it holds a pickled test_training.OtherConfig, which gpt2fn never"),
         "dict.pt": ({"x": 1}, "not a gpt2fn training checkpoint: it holds keys x, not params, config and train_config"),
         "list.pt": ([1, 2], "it holds list, not params"),
