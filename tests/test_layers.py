@@ -124,6 +124,8 @@ def test_layer_norm_and_gelu_by_hand():
     x = torch.tensor([0.0, 1.0])
     expected = 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
     assert torch.allclose(gelu(x), expected)
+    # the exact GELU (nanoGPT's): x times the standard normal's CDF, Phi(1) = 0.8413447
+    assert torch.allclose(gelu(x, approximate="none"), torch.tensor([0.0, 0.8413447])) and gelu(x)[1] != 0.8413447
 
 
 def test_ffn_with_identity_weights_is_gelu():
