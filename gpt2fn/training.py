@@ -267,8 +267,10 @@ def read_pt(path: str | os.PathLike):
     path = Path(path)
     if not path.is_file():
         raise GPT2FnError(f"checkpoint {path} does not exist")
+    allow = getattr(torch.serialization, "safe_globals", None)  # torch 2.5 and later
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with allow([BuildNanoGPTConfig]) if allow else contextlib.nullcontext():
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, wrong format, or a pickle that is not plain data
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
         if found:  # it would build an object of a class: run code
@@ -282,8 +284,9 @@ def checkpoint_state(state, path: str | os.PathLike) -> dict:
     """A training checkpoint's state, as :func:`save_checkpoint` wrote it, its configs built."""
     if not isinstance(state, dict) or not {"params", "config", "train_config"} <= set(state):
         held = f"keys {', '.join(map(str, list(state)[:6]))}" if isinstance(state, dict) else type(state).__name__
-        nanogpt = " (nanoGPT's ckpt.pt: --model and load_pretrained read its weights, but train.py resumes only its " \
-            "own checkpoints)" if isinstance(state, dict) and is_nanogpt(state) else ""  # fmt: skip
+        project = other_project(state)
+        nanogpt = f" ({project}'s checkpoint: --model and load_pretrained read its weights, but train.py resumes " \
+            "only its own checkpoints)" if project else ""  # fmt: skip
         raise GPT2FnError(f"{path} is not a gpt2fn training checkpoint: it holds {held}{nanogpt}, not params, config "
                           "and train_config; pass one that train.py wrote, or the weights as .safetensors")  # fmt: skip
     state["config"] = GPTConfig.from_dict(state["config"])
@@ -291,9 +294,26 @@ def checkpoint_state(state, path: str | os.PathLike) -> dict:
     return state
 
 
-def is_nanogpt(state: dict) -> bool:
-    """Whether a .pt file's dict is nanoGPT's ``ckpt.pt`` (its train.py's ``model`` and ``model_args``)."""
-    return {"model", "model_args"} <= set(state)
+class BuildNanoGPTConfig:
+    """Stands in for build-nanogpt's ``GPTConfig`` dataclass, which its
+    checkpoints pickle as ``__main__.GPTConfig`` (its train_gpt2.py runs as
+    a script): the weights-only loader may build this one class, which runs
+    no code and holds the attributes the file gives it."""
+
+
+BuildNanoGPTConfig.__module__, BuildNanoGPTConfig.__qualname__ = "__main__", "GPTConfig"
+
+
+def other_project(state) -> Optional[str]:
+    """Whose checkpoint a .pt file holds, if another project's: "nanoGPT"
+    (its train.py's ``ckpt.pt``: ``model`` and ``model_args``),
+    "build-nanogpt" (``model`` and its pickled ``config``), else None."""
+    if isinstance(state, dict) and "model" in state:
+        if "model_args" in state:
+            return "nanoGPT"
+        if isinstance(state.get("config"), BuildNanoGPTConfig):
+            return "build-nanogpt"
+    return None
 
 
 def check_fits(config: GPTConfig, tc: TrainConfig, train_tokens: Tensor, val_tokens: Optional[Tensor] = None) -> None:

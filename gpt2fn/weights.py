@@ -10,7 +10,7 @@ A pickle is never unpickled.
   sharded), a ``.safetensors`` file (the project's own format, or a Hugging
   Face file with ``config.json`` beside it), or a training checkpoint
   (``scripts/train.py --out``'s ``.pt``: its weights, as at its last step;
-  or nanoGPT's ``ckpt.pt``: :func:`params_from_nanogpt`), or a model file of
+  or nanoGPT's ``ckpt.pt``, build-nanogpt's: :func:`params_from_nanogpt`), or a model file of
   llm.c (``gpt2_124M.bin``: :func:`load_llmc`).
 * :func:`save_params` / :func:`load_params` are the project's own format: the
   flattened params dict with the config in the file's metadata, so a converted
@@ -37,7 +37,7 @@ from gpt2fn.errors import GPT2FnError
 from gpt2fn.files import atomic_write, write_json
 from gpt2fn.params import Params, flatten_params, map_params, param_shapes, params_device, unflatten_params
 from gpt2fn.quantize import quantize_int8
-from gpt2fn.training import checkpoint_state, is_nanogpt, read_pt
+from gpt2fn.training import checkpoint_state, other_project, read_pt
 
 # Hugging Face repositories of the four released sizes.
 HUB_REPOS: dict[str, str] = {name: f"openai-community/{name}" for name in PRESETS}
@@ -53,7 +53,7 @@ SAFE_TORCH_LOAD = torch.torch_version.TorchVersion(torch.__version__) >= "2.10"
 # What --model takes, in every script's --help (resolve_model).
 MODEL_HELP = (f"{', '.join(HUB_REPOS)} (from the Hub), a model in weights/ by name (gpt2-shakespeare), "
               "a Hub id owner/repo, a checkpoint directory, a .safetensors file, a training checkpoint (.pt: "
-              "train.py's or nanoGPT's), or an llm.c model file (.bin)")
+              "train.py's, nanoGPT's or build-nanogpt's), or an llm.c model file (.bin)")
 REVISION_HELP = "the Hub revision (branch, tag or commit) of a Hub model (default: main)"
 
 
@@ -414,16 +414,19 @@ def params_from_nanogpt(checkpoint: dict) -> tuple[Params, GPTConfig]:
     """The model in nanoGPT's ``ckpt.pt`` (karpathy/nanoGPT's train.py:
     ``model_args`` and ``model``, a state dict of ``nn.Linear`` ``[out, in]``
     weights under Hugging Face's names, each after ``_orig_mod.`` when the
-    model was compiled). nanoGPT's MLP takes the exact GELU (``nn.GELU()``),
-    so the config's ``gelu`` is ``"none"``; a model trained without biases
-    (``bias=False``) gets zero ones, the same function."""
-    args = checkpoint["model_args"]
+    model was compiled) or in build-nanogpt's ``model_NNNNN.pt`` (the same
+    ``model``, and its ``config``). nanoGPT's MLP takes the exact GELU
+    (``nn.GELU()``), so the config's ``gelu`` is ``"none"``, and a model it
+    trained without biases (``bias=False``) gets zero ones, the same
+    function; build-nanogpt's takes GPT-2's tanh GELU, with biases."""
+    nanogpt = other_project(checkpoint) == "nanoGPT"
+    args = checkpoint["model_args"] if nanogpt else {**vars(checkpoint["config"]), "bias": True}
     try:
         config = GPTConfig(vocab_size=args["vocab_size"], n_ctx=args["block_size"], n_embd=args["n_embd"],
-                           n_layer=args["n_layer"], n_head=args["n_head"], gelu="none")  # fmt: skip
+                           n_layer=args["n_layer"], n_head=args["n_head"], gelu="none" if nanogpt else "tanh")  # fmt: skip
     except (KeyError, TypeError):
-        raise GPT2FnError(f"nanoGPT's model_args {args!r} lack the model's shape (vocab_size, block_size, n_embd, "
-                          "n_layer, n_head)") from None  # fmt: skip
+        raise GPT2FnError(f"the checkpoint's model arguments {args!r} lack the model's shape (vocab_size, block_size, "
+                          "n_embd, n_layer, n_head)") from None  # fmt: skip
     state = {k.removeprefix("_orig_mod.").removeprefix("transformer."): v for k, v in checkpoint["model"].items()}
     state = {k: v for k, v in state.items() if not _hf_is_buffer(k)}
     lm_head = state.pop("lm_head.weight", None)
@@ -561,7 +564,7 @@ def load_pretrained(
                               "file run code (fixed in torch 2.10); upgrade torch, or export the run's weights with "
                               "scripts/train.py ... --resume --export w.safetensors")  # fmt: skip
         state = read_pt(path)
-        if isinstance(state, dict) and is_nanogpt(state):
+        if other_project(state):
             params, config = params_from_nanogpt(state)
         else:
             state = checkpoint_state(state, path)

@@ -167,7 +167,7 @@ def test_other_projects_checkpoints_are_one_line_each(tmp_path):
                "iter_num": 5, "best_val_loss": torch.tensor(3.0), "config": {"batch_size": 12}}  # fmt: skip
     cases = {
         "nano.pt": (nanogpt, "it holds keys model, optimizer, model_args, iter_num, best_val_loss, config \\(nanoGPT's "
-                             "ckpt.pt: --model and load_pretrained read its weights, but train.py resumes only"),
+                             "checkpoint: --model and load_pretrained read its weights, but train.py resumes only"),
         "bng.pt": ({"model": {}, "config": OtherConfig()}, "it holds a pickled test_training.OtherConfig, which gpt2fn never"),
         "dict.pt": ({"x": 1}, "not a gpt2fn training checkpoint: it holds keys x, not params, config and train_config"),
         "list.pt": ([1, 2], "it holds list, not params"),
