@@ -459,7 +459,7 @@ def _llmc_names(n_layer: int) -> list[str]:
 
 def load_llmc(path: str | os.PathLike) -> tuple[Params, GPTConfig]:
     """Read a model file of llm.c: ``gpt2_124M.bin`` and ``gpt2_124M_bf16.bin``
-    as its ``train_gpt2.py`` writes them, or a ``model_NNNNNN.bin`` that
+    as its ``train_gpt2.py`` writes them, or a ``model_NNNNNNNN.bin`` that
     ``train_gpt2.cu`` saved while training. llm.c computes GPT-2's function
     (tanh GELU, LayerNorm eps 1e-5, the head tied to ``wte``), so this is
     the model llm.c runs; the zero rows that pad its vocabulary are dropped
