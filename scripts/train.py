@@ -88,7 +88,8 @@ HELP = {  # the shape's options and TrainConfig's fields, as --help shows them
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="a directory made by scripts/prepare_data.py (shards, or train.bin + val.bin)")
+    p.add_argument("--data", required=True, help="a directory made by scripts/prepare_data.py (shards, or train.bin + val.bin), "
+                   "or one of llm.c's or build-nanogpt's token shards (NAME_train_000001.bin / .npy, NAME_val_...)")
     p.add_argument("--out", required=True, help="checkpoint file (written at every evaluation)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run saved in --out, with its own saved settings, to its max_steps "
