@@ -59,11 +59,11 @@ class GPTConfig:
 
         Every ``GPT2Config`` field that changes what ``GPT2LMHeadModel``
         computes is either honoured exactly or refused, never ignored (each is
-        tested against the reference): the five shape fields and
-        ``layer_norm_epsilon`` are honoured, and ``activation_function`` if it
-        is GPT-2's tanh GELU or the exact one (``gelu``); ``n_inner`` must be 4 x ``n_embd``, ``scale_attn_weights``
-        true, the LM head tied, and ``scale_attn_by_inverse_layer_idx`` and
-        ``add_cross_attention`` off. ``reorder_and_upcast_attn`` only changes
+        tested against the reference): the five shape fields,
+        ``layer_norm_epsilon`` and ``activation_function``, if it is GPT-2's
+        tanh GELU or the exact one (``gelu``), are honoured; ``n_inner`` must
+        be 4 x ``n_embd``, ``scale_attn_weights`` true, the LM head tied, and
+        ``scale_attn_by_inverse_layer_idx`` and ``add_cross_attention`` off. ``reorder_and_upcast_attn`` only changes
         the precision the reference computes attention in (fp32 here anyway),
         and dropout acts only in training, so both are accepted. The rest
         (token ids, the double-heads model's ``summary_*``, output switches)
@@ -103,8 +103,8 @@ class GPTConfig:
         return {
             "model_type": "gpt2", "vocab_size": self.vocab_size, "n_positions": self.n_ctx, "n_embd": self.n_embd,
             "n_layer": self.n_layer, "n_head": self.n_head, "layer_norm_epsilon": self.layer_norm_eps,
-            "activation_function": "gelu_new" if self.gelu == "tanh" else "gelu", "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-            "tie_word_embeddings": True,
+            "activation_function": "gelu_new" if self.gelu == "tanh" else "gelu",
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": True,
         }  # fmt: skip
 
 

@@ -285,9 +285,9 @@ def checkpoint_state(state, path: str | os.PathLike) -> dict:
     if not isinstance(state, dict) or not {"params", "config", "train_config"} <= set(state):
         held = f"keys {', '.join(map(str, list(state)[:6]))}" if isinstance(state, dict) else type(state).__name__
         project = other_project(state)
-        nanogpt = f" ({project}'s checkpoint: --model and load_pretrained read its weights, but train.py resumes " \
+        whose = f" ({project}'s checkpoint: --model and load_pretrained read its weights, but train.py resumes " \
             "only its own checkpoints)" if project else ""  # fmt: skip
-        raise GPT2FnError(f"{path} is not a gpt2fn training checkpoint: it holds {held}{nanogpt}, not params, config "
+        raise GPT2FnError(f"{path} is not a gpt2fn training checkpoint: it holds {held}{whose}, not params, config "
                           "and train_config; pass one that train.py wrote, or the weights as .safetensors")  # fmt: skip
     state["config"] = GPTConfig.from_dict(state["config"])
     state["train_config"] = TrainConfig(**state["train_config"])
