@@ -39,19 +39,20 @@ def passages(small_ref):
             out.append(context + chosen)
         out.append(context + " elephant")
     assert 2 <= len(out) - len(CONTEXTS) < len(CONTEXTS)  # some greedy words, not all
-    return out
+    return out + [" ".join(CONTEXTS) * 3 + " sea"]  # longer than the model's 128 positions: cut on the left
 
 
 def reference(model, tokenizer, texts):
     """lm-evaluation-harness's lambada_openai: context = the text before the
     last space, continuation = " " + the last word, its tokens those of the
-    whole after the context's; is_greedy and the summed log-likelihood."""
+    whole after the context's, the input cut to the model's last max_length
+    tokens; is_greedy and the summed log-likelihood."""
     greedy, total = [], 0.0
     for text in texts:
         context, word = text.rsplit(" ", 1)
         context_enc = tokenizer.encode_ordinary(context)
         continuation = tokenizer.encode_ordinary(context + " " + word)[len(context_enc):]
-        inp = torch.tensor([(context_enc + continuation)[:-1]])
+        inp = torch.tensor([(context_enc + continuation)[-(model.config.n_positions + 1):][:-1]])
         with torch.no_grad():
             logprobs = model(inp).logits[0, -len(continuation):].log_softmax(-1)
         target = torch.tensor(continuation)
