@@ -274,21 +274,23 @@ def _is_conv1d(name: str) -> bool:
     return name.endswith(".w")
 
 
-def params_from_hf(state: dict[str, torch.Tensor], config: GPTConfig) -> Params:
+def params_from_hf(state: dict[str, torch.Tensor], config: GPTConfig, conv1d: bool = True) -> Params:
     """Map a Hugging Face GPT-2 state dict (``GPT2LMHeadModel`` or
     ``GPT2Model`` names, with or without the ``transformer.`` prefix, with or
-    without the attention-mask buffers) to the params dict."""
+    without the attention-mask buffers) to the params dict. Its linear
+    weights are Conv1D's ``[in, out]``; with ``conv1d=False``, ``nn.Linear``'s
+    ``[out, in]`` (nanoGPT's GPT, which takes the same names)."""
     state = {k.removeprefix("transformer."): v for k, v in state.items() if not _hf_is_buffer(k)}
     lm_head = state.pop("lm_head.weight", None)
     shapes = param_shapes(config)
-    expected = {hf_name(n): (s[::-1] if _is_conv1d(n) else s) for n, s in shapes.items()}
-    _check_names_and_shapes(state, expected)
+    transposed = {n for n in shapes if conv1d and _is_conv1d(n)}
+    _check_names_and_shapes(state, {hf_name(n): (s[::-1] if n in transposed else s) for n, s in shapes.items()})
     if lm_head is not None and not torch.equal(lm_head, state["wte.weight"]):
         raise GPT2FnError("the checkpoint's lm_head differs from wte (untied); gpt2fn's LM head is tied to wte")
     flat = {}
     for name in shapes:
         t = state[hf_name(name)]
-        flat[name] = t.T.contiguous() if _is_conv1d(name) else t
+        flat[name] = t.T.contiguous() if name in transposed else t
     return unflatten_params(flat)
 
 
@@ -428,15 +430,9 @@ def params_from_nanogpt(checkpoint: dict) -> tuple[Params, GPTConfig]:
         raise GPT2FnError(f"the checkpoint's model arguments {args!r} lack the model's shape (vocab_size, block_size, "
                           "n_embd, n_layer, n_head)") from None  # fmt: skip
     state = {k.removeprefix("_orig_mod.").removeprefix("transformer."): v for k, v in checkpoint["model"].items()}
-    state = {k: v for k, v in state.items() if not _hf_is_buffer(k)}
-    lm_head = state.pop("lm_head.weight", None)
-    shapes = param_shapes(config)
     if args.get("bias") is False:  # nanoGPT's LayerNorm and Linear without bias: zero ones compute the same
-        state.update({hf_name(n): torch.zeros(s) for n, s in shapes.items() if n.endswith(".b")})
-    _check_names_and_shapes(state, {hf_name(n): s for n, s in shapes.items()})
-    if lm_head is not None and not torch.equal(lm_head, state["wte.weight"]):
-        raise GPT2FnError("the checkpoint's lm_head differs from wte (untied); gpt2fn's LM head is tied to wte")
-    return unflatten_params({name: state[hf_name(name)] for name in shapes}), config
+        state.update({hf_name(n): torch.zeros(s) for n, s in param_shapes(config).items() if n.endswith(".b")})
+    return params_from_hf(state, config, conv1d=False), config
 
 
 # ----------------------------------------------------------------------------- llm.c's model files
