@@ -55,6 +55,21 @@ def token_logprobs(params: Params, config: GPTConfig, tokens: torch.Tensor) -> t
     return -nll.view(tokens.shape[0], -1)
 
 
+def scored_rows(rows: list[tuple[list[int], int]], n_ctx: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of token ids, each scored on its last ``n`` tokens, as one batch:
+    (tokens [B, W] right-padded with 0, each row cut to its last ``n_ctx`` +
+    1 tokens; scored [B, W - 1], True at the targets ``tokens[:, 1:]`` that
+    are a row's last ``n``). A continuation's scores in a batch of them."""
+    rows = [(row[-n_ctx - 1 :], n) for row, n in rows]
+    width = max(len(row) for row, _ in rows)
+    tokens = torch.zeros(len(rows), width, dtype=torch.int64)
+    scored = torch.zeros(len(rows), width - 1, dtype=torch.bool)
+    for i, (row, n) in enumerate(rows):
+        tokens[i, : len(row)] = torch.tensor(row)
+        scored[i, len(row) - 1 - n : len(row) - 1] = True
+    return tokens.to(device), scored.to(device)
+
+
 @torch.inference_mode()
 def continuation_logprobs(params: Params, config: GPTConfig, prompt: list[int], continuation: list[int]) -> list[float]:
     """log p(each token of ``continuation`` | the prompt and the tokens

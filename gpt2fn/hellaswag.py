@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from gpt2fn.config import GPTConfig
 from gpt2fn.errors import GPT2FnError, check_input
-from gpt2fn.evaluation import token_logprobs
+from gpt2fn.evaluation import scored_rows, token_logprobs
 from gpt2fn.params import Params, params_device
 from gpt2fn.tasks import Task
 from gpt2fn.tokenizer import check_vocabulary
@@ -108,14 +108,7 @@ def ending_logprobs(
     padded; a row longer than the context keeps its last ``n_ctx`` tokens."""
     context = tokenizer.encode_ordinary(example.ctx)
     endings = [tokenizer.encode_ordinary(" " + e) for e in example.endings]
-    rows = [(context + e)[-config.n_ctx - 1 :] for e in endings]
-    width = max(len(r) for r in rows)
-    tokens = torch.zeros(len(rows), width, dtype=torch.int64)
-    scored = torch.zeros(len(rows), width - 1, dtype=torch.bool)  # targets that are ending tokens
-    for i, (row, ending) in enumerate(zip(rows, endings)):
-        tokens[i, : len(row)] = torch.tensor(row)
-        scored[i, len(row) - 1 - len(ending) : len(row) - 1] = True
-    tokens, scored = tokens.to(params_device(params)), scored.to(params_device(params))
+    tokens, scored = scored_rows([(context + e, len(e)) for e in endings], config.n_ctx, params_device(params))
     total = (token_logprobs(params, config, tokens) * scored).sum(1)  # [4, width - 1] masked to the endings
     return total, total / scored.sum(1)
 

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from gpt2fn.config import GPTConfig
 from gpt2fn.errors import GPT2FnError, check_input
+from gpt2fn.evaluation import scored_rows
 from gpt2fn.model import forward
 from gpt2fn.params import Params, params_device
 from gpt2fn.steps import eager_kernels
@@ -105,17 +106,8 @@ def last_word_scores(params: Params, config: GPTConfig, tokenizer: tiktoken.Enco
     the greedy choice): two [N] tensors, one forward over the passages,
     right-padded; a passage longer than the context keeps its last ``n_ctx``
     + 1 tokens."""
-    rows = []
-    for text in passages:
-        context, word = split_passage(tokenizer, text)
-        rows.append(((context + word)[-config.n_ctx - 1 :], len(word)))
-    width = max(len(row) for row, _ in rows)
-    tokens = torch.zeros(len(rows), width, dtype=torch.int64)
-    scored = torch.zeros(len(rows), width - 1, dtype=torch.bool)  # targets that are the last word's tokens
-    for i, (row, n) in enumerate(rows):
-        tokens[i, : len(row)] = torch.tensor(row)
-        scored[i, len(row) - 1 - n : len(row) - 1] = True
-    tokens, scored = tokens.to(params_device(params)), scored.to(params_device(params))
+    rows = [(context + word, len(word)) for context, word in (split_passage(tokenizer, text) for text in passages)]
+    tokens, scored = scored_rows(rows, config.n_ctx, params_device(params))  # scored: the last word's targets
     logprobs = forward(params, config, tokens[:, :-1], kernels=eager_kernels()).float().log_softmax(-1)
     targets = tokens[:, 1:]
     picked = logprobs.gather(-1, targets[..., None])[..., 0]
