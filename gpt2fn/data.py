@@ -375,10 +375,11 @@ def load_split(data_dir: str | os.PathLike, split: str) -> torch.Tensor | TokenS
         return shards[0] if len(shards) == 1 else TokenStream(shards)
     if (d / "train.bin").exists() or (d / "val.bin").exists():  # the format before shards
         return load_tokens(d / f"{split}.bin")
-    foreign = {p.name: p for p in d.iterdir() if FOREIGN_SHARD.fullmatch(p.name) and _foreign_magic(p)}
+    foreign = sorted((p.name, m[1], p) for p in d.iterdir()
+                     if (m := FOREIGN_SHARD.fullmatch(p.name)) and _foreign_magic(p))  # (name, split, path)
     if foreign:  # a directory of llm.c's or build-nanogpt's shards
         shards = [load_llmc_tokens(p) if p.suffix == ".bin" else load_npy_tokens(p)
-                  for name, p in sorted(foreign.items()) if FOREIGN_SHARD.fullmatch(name)[1] == split]  # fmt: skip
+                  for _, shard_split, p in foreign if shard_split == split]  # fmt: skip
         if not shards:
             raise GPT2FnError(f"{d} holds token shards but none of the {split} split (NAME_{split}_000000.bin or "
                               ".npy); add them, or prepare the data with scripts/prepare_data.py")  # fmt: skip
@@ -411,11 +412,7 @@ def load_llmc_tokens(path: str | os.PathLike) -> torch.Tensor:
     if version != 1:
         raise GPT2FnError(f"{path} is an llm.c token shard of version {version}, not 1 (GPT-2's uint16 tokens): "
                           "version 2 holds LLaMA 3's tokens, which no GPT-2 reads")  # fmt: skip
-    if path.stat().st_size != LLMC_DATA_HEADER + 2 * n:
-        raise GPT2FnError(f"llm.c token shard {path} holds {path.stat().st_size} bytes, but its header's {n} tokens "
-                          f"take {LLMC_DATA_HEADER + 2 * n}: it is truncated or corrupt; write or download it again")  # fmt: skip
-    whole = torch.from_file(str(path), shared=True, size=LLMC_DATA_HEADER // 2 + n, dtype=torch.uint16)
-    return whole[LLMC_DATA_HEADER // 2 :]
+    return _tokens_after_header(path, LLMC_DATA_HEADER, n, "llm.c token shard")
 
 
 def load_npy_tokens(path: str | os.PathLike) -> torch.Tensor:
@@ -438,11 +435,16 @@ def load_npy_tokens(path: str | os.PathLike) -> torch.Tensor:
     if not ok:
         raise GPT2FnError(f"{path} is not a .npy file of GPT-2 tokens (one dimension of little-endian uint16, as "
                           "build-nanogpt's fineweb.py saves them)")  # fmt: skip
-    offset = 8 + width + length
-    if path.stat().st_size != offset + 2 * n or offset % 2:
-        raise GPT2FnError(f"token file {path} holds {path.stat().st_size} bytes, but its header's {n} tokens take "
-                          f"{offset + 2 * n}: it is truncated or corrupt; write or download it again")  # fmt: skip
-    return torch.from_file(str(path), shared=True, size=offset // 2 + n, dtype=torch.uint16)[offset // 2 :]
+    return _tokens_after_header(path, 8 + width + length, n, "token file")
+
+
+def _tokens_after_header(path: Path, header: int, n: int, what: str) -> torch.Tensor:
+    """The ``n`` uint16 tokens after a file's ``header`` bytes, memory-mapped,
+    once the file's size is the header's and theirs (an even header)."""
+    if path.stat().st_size != header + 2 * n or header % 2:
+        raise GPT2FnError(f"{what} {path} holds {path.stat().st_size} bytes, but its header's {n} tokens take "
+                          f"{header + 2 * n}: it is truncated or corrupt; write or download it again")  # fmt: skip
+    return torch.from_file(str(path), shared=True, size=header // 2 + n, dtype=torch.uint16)[header // 2 :]
 
 
 def load_tokens(path: str | os.PathLike) -> torch.Tensor:
